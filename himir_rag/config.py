@@ -1,0 +1,142 @@
+"""HiMIRConfig: every tunable of indexing and search, validated, saved with the index as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from himir_rag.errors import ConfigError
+
+__all__ = ["HiMIRConfig", "Layout", "parse_layout"]
+
+_LAYOUT_RE = re.compile(r"^\s*1\s*\+\s*(\d+)\s*\+\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The 1+M+N hierarchy: one global view, M regions, N fine segments.
+
+    For the grid decomposer M and N must be perfect squares (2x2, 4x4...).
+    """
+
+    regions: int = 4
+    segments: int = 16
+
+    def __str__(self) -> str:
+        return f"1+{self.regions}+{self.segments}"
+
+    @property
+    def total(self) -> int:
+        """Number of regions of one image, all levels together."""
+        return 1 + self.regions + self.segments
+
+
+def parse_layout(text: str | Layout) -> Layout:
+    """Parse a layout string such as ``"1+4+16"``.
+
+    Parameters
+    ----------
+    text : str or Layout
+        ``"1+M+N"`` with M >= 1 and N >= M.
+
+    Returns
+    -------
+    Layout
+
+    Raises
+    ------
+    ConfigError
+        If the text is not of the form ``1+M+N`` or the counts are out of range.
+
+    Example
+    -------
+    >>> parse_layout("1+4+16")
+    Layout(regions=4, segments=16)
+    """
+    if isinstance(text, Layout):
+        return text
+    match = _LAYOUT_RE.match(str(text))
+    if not match:
+        raise ConfigError(
+            f"layout {text!r} is not of the form '1+M+N' (e.g. '1+4+16'); "
+            "the first level is always the single global view"
+        )
+    regions, segments = int(match.group(1)), int(match.group(2))
+    if not 1 <= regions <= 64 or not regions <= segments <= 1024:
+        raise ConfigError(
+            f"layout {text!r}: need 1 <= M <= 64 and M <= N <= 1024, got M={regions}, N={segments}"
+        )
+    return Layout(regions=regions, segments=segments)
+
+
+@dataclass(frozen=True)
+class HiMIRConfig:
+    """All tunables. Saved in the index manifest; ``search`` uses the saved values.
+
+    Parameters
+    ----------
+    layout : str
+        ``"1+M+N"`` hierarchy layout.
+    decomposer : str
+        Image decomposer: ``"grid"`` or ``"segments"``.
+    region_overlap : float
+        Fraction by which grid regions grow beyond their cell (0 = no overlap).
+    max_image_pixels : int
+        Images with more pixels are rejected (decompression-bomb guard).
+    min_region_frac : float
+        Segments whose area is below this fraction of the image are not stored.
+    prune_cosine : float
+        Segments whose embedding has cosine above this with their parent's are not
+        stored (offline granularity pruning). 1.0 disables.
+    batch_size : int
+        Crops encoded per batch.
+    scheduler : dict
+        Parameters of the scheduled pruning pass (see ``scheduler.py``).
+    """
+
+    layout: str = "1+4+16"
+    decomposer: str = "grid"
+    region_overlap: float = 0.15
+    max_image_pixels: int = 50_000_000
+    min_region_frac: float = 0.002
+    prune_cosine: float = 1.0
+    batch_size: int = 32
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_layout(self.layout)
+        if self.decomposer not in ("grid", "segments"):
+            raise ConfigError(f"decomposer {self.decomposer!r} is unknown; use 'grid' or 'segments'")
+        _check_range("region_overlap", self.region_overlap, 0.0, 0.5)
+        _check_range("min_region_frac", self.min_region_frac, 0.0, 0.5)
+        _check_range("prune_cosine", self.prune_cosine, 0.0, 1.0)
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def parsed_layout(self) -> Layout:
+        """The layout as a :class:`Layout`."""
+        return parse_layout(self.layout)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable view."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HiMIRConfig:
+        """Build from a dict, ignoring unknown keys written by newer versions."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes: Any) -> HiMIRConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")

@@ -1,0 +1,48 @@
+"""Encoders: images and texts into one L2-normalised float32 space."""
+
+from __future__ import annotations
+
+from himir_rag.encoders.base import Encoder, l2_normalize
+from himir_rag.errors import ConfigError
+
+__all__ = ["Encoder", "l2_normalize", "get_encoder", "ClipEncoder", "OfflineEncoder"]
+
+
+def get_encoder(spec: str = "offline", *, device: str = "cpu") -> Encoder:
+    """Build an encoder from a CLI-style spec.
+
+    Parameters
+    ----------
+    spec : str
+        ``"offline"``, ``"offline:lite2"``, ``"clip"`` (default checkpoint) or
+        ``"clip:MODEL_ID_OR_PATH"``.
+    device : str
+        torch device (``"cpu"``, ``"cuda"``, ``"auto"``).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown spec.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "offline":
+        from himir_rag.encoders.offline import OfflineEncoder
+
+        return OfflineEncoder(arg or "lite0", device=device)
+    if kind == "clip":
+        from himir_rag.encoders.clip import DEFAULT_CLIP_MODEL, ClipEncoder
+
+        return ClipEncoder(arg or DEFAULT_CLIP_MODEL, device=device)
+    raise ConfigError(f"encoder {spec!r} is unknown; use 'offline', 'offline:lite2', 'clip' or 'clip:MODEL_OR_PATH'")
+
+
+def __getattr__(name: str):
+    if name == "ClipEncoder":
+        from himir_rag.encoders.clip import ClipEncoder
+
+        return ClipEncoder
+    if name == "OfflineEncoder":
+        from himir_rag.encoders.offline import OfflineEncoder
+
+        return OfflineEncoder
+    raise AttributeError(name)

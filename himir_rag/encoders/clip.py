@@ -1,0 +1,108 @@
+"""CLIP-family encoders through transformers (CLIP, SigLIP...), from a local directory or the HF cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+from PIL import Image
+
+from himir_rag.encoders.base import l2_normalize
+from himir_rag.errors import EncoderUnavailableError
+
+__all__ = ["ClipEncoder", "DEFAULT_CLIP_MODEL"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"``/None -> ``"cuda"`` when available, else ``"cpu"``; a ``cuda`` request without one fails."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderUnavailableError(f"device {device!r} was asked for but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+class ClipEncoder:
+    """A transformers CLIP-family dual encoder.
+
+    Parameters
+    ----------
+    model : str
+        Hub id (resolved from the local HF cache only, unless ``allow_download``) or a
+        local directory holding the model and processor files.
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``. fp16 is used on GPU.
+    allow_download : bool
+        Let transformers fetch missing files from the hub (needs network).
+
+    Raises
+    ------
+    EncoderUnavailableError
+        When the checkpoint is neither a local directory nor in the HF cache.
+
+    Example
+    -------
+    >>> enc = ClipEncoder("openai/clip-vit-base-patch32")  # doctest: +SKIP
+    >>> enc.embed_texts(["a dog"]).shape  # doctest: +SKIP
+    (1, 512)
+    """
+
+    def __init__(self, model: str = DEFAULT_CLIP_MODEL, *, device: str = "cpu", allow_download: bool = False) -> None:
+        import torch
+        from transformers import AutoModel, AutoProcessor
+
+        self.device = resolve_device(device)
+        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        local_only = not allow_download and not os.path.isdir(model)
+        try:
+            self._model = AutoModel.from_pretrained(model, dtype=dtype, local_files_only=local_only)
+            self._processor = AutoProcessor.from_pretrained(model, local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            raise EncoderUnavailableError(
+                f"cannot load CLIP checkpoint {model!r} ({exc}); pass a local directory "
+                "(--encoder clip:/path/to/model) or put the model in the Hugging Face cache first"
+            ) from exc
+        self._model.eval().to(self.device)
+        self._dtype = dtype
+        self._lock = threading.Lock()
+        basename = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+        self.name = f"clip:{basename}"
+        self.dim = int(self._model.config.projection_dim)
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Embed RGB images -> (n, dim) float32, L2-normalised."""
+        import torch
+
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        inputs = self._processor(images=[img.convert("RGB") for img in images], return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.device, dtype=self._dtype)
+        with self._lock, torch.inference_mode():
+            features = self._model.get_image_features(pixel_values=pixels)
+        return _to_numpy(features)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed texts -> (n, dim) float32, L2-normalised (truncated to the model's max length)."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        inputs = self._processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with self._lock, torch.inference_mode():
+            features = self._model.get_text_features(**inputs)
+        return _to_numpy(features)
+
+
+def _to_numpy(features) -> np.ndarray:
+    """transformers 4 returns a tensor, 5 a ModelOutput whose pooler_output is projected."""
+    tensor = features if hasattr(features, "float") else features.pooler_output
+    return l2_normalize(tensor.float().cpu().numpy())

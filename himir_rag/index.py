@@ -1,0 +1,688 @@
+"""HiMIRIndex: build / add / delete / save / load / search over a photo collection.
+
+On disk an index is a directory::
+
+    INDEX_DIR/
+      CURRENT                 name of the live version directory (replaced atomically)
+      v<stamp>/manifest.json  format version, encoder name and dim, config, file sizes
+      v<stamp>/catalog.sqlite images, regions (bbox, level, parent), skipped files
+      v<stamp>/vectors.npy    (n_regions, dim) float32, rows grouped by image
+      v<stamp>/level*.faiss   FAISS stores of the coarse levels (candidate generation)
+
+``save`` writes a new version beside the live one and then swaps ``CURRENT``, so a
+crash at any point leaves the previous index loadable. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from himir_rag.catalog import ImageRecord, Snapshot
+from himir_rag.config import HiMIRConfig
+from himir_rag.encoders import Encoder, get_encoder
+from himir_rag.errors import ConfigError, EmptyIndexError, ImageLoadError, IncompatibleIndexError, IndexFormatError
+from himir_rag.hierarchy import Level, RegionTree, get_decomposer
+from himir_rag.images import iter_image_files, load_image
+from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
+
+__all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatch", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MetadataSource = Mapping[str, Mapping[str, Any]] | Callable[[Path], Mapping[str, Any]] | None
+Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
+_CROP_MAX_SIDE = 1024  # crops are cut from a copy at most this large: encoders see <= 260 px
+
+
+@dataclass(frozen=True)
+class RegionMatch:
+    """The best region of an image for one sub-query."""
+
+    subquery: str
+    level: str
+    bbox: tuple[int, int, int, int]
+    score: float
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One ranked image."""
+
+    image_id: int
+    key: str
+    path: str
+    score: float
+    metadata: dict[str, Any]
+    regions: tuple[RegionMatch, ...]
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Ranked hits for one query, with the sub-queries used and the search's cost."""
+
+    query: str
+    subqueries: tuple[str, ...]
+    hits: tuple[SearchHit, ...]
+    stats: SearchStats
+
+
+@dataclass
+class BuildReport:
+    """What one ``add`` did. ``skipped`` lists ``(path, reason)``."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    regions_stored: int = 0
+    regions_pruned: int = 0
+    crops_encoded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.__dict__.items() if k != "skipped"},
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
+
+
+@dataclass
+class _Prepared:
+    """An image decoded and decomposed, waiting for its crops to be encoded."""
+
+    record: ImageRecord
+    tree: RegionTree
+    crops: list[Image.Image]
+    replaces: int | None
+
+
+class HiMIRIndex:
+    """A hierarchical multi-vector image index.
+
+    Parameters
+    ----------
+    encoder : Encoder or str
+        An encoder object, or a spec for :func:`himir_rag.encoders.get_encoder`
+        (``"offline"``, ``"clip"``, ``"clip:/path"``).
+    config : HiMIRConfig, optional
+        Layout, decomposer, pruning and scheduler settings.
+    device : str
+        torch device when ``encoder`` is a spec.
+
+    Example
+    -------
+    >>> index = HiMIRIndex("offline")  # doctest: +SKIP
+    >>> index.add("photos/")  # doctest: +SKIP
+    >>> index.search("a dog next to a red bicycle", k=5).hits[0].path  # doctest: +SKIP
+    """
+
+    def __init__(self, encoder: Encoder | str = "offline", config: HiMIRConfig | None = None, *,
+                 device: str = "cpu") -> None:
+        self.config = config or HiMIRConfig()
+        self.encoder_spec = encoder if isinstance(encoder, str) else getattr(encoder, "name", "custom")
+        self._encoder: Encoder | None = None if isinstance(encoder, str) else encoder
+        self._device = device
+        self._decomposer = get_decomposer(self.config.decomposer, self.config.layout, overlap=self.config.region_overlap)
+        self._dim: int | None = None if self._encoder is None else int(self._encoder.dim)
+        self._encoder_name: str | None = None if self._encoder is None else self._encoder.name
+        self._snapshot: Snapshot | None = None
+        self._skipped: list[tuple[str, str]] = []
+        self._next_id = 1
+        self._write_lock = threading.RLock()
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder, loaded on first use."""
+        if self._encoder is None:
+            self._encoder = get_encoder(self.encoder_spec, device=self._device)
+            self._check_encoder(self._encoder)
+        return self._encoder
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current immutable view of the collection."""
+        if self._snapshot is None:
+            self._snapshot = Snapshot.empty(self.encoder.dim)
+        return self._snapshot
+
+    @property
+    def images(self) -> list[ImageRecord]:
+        """Indexed images, in insertion order."""
+        return list(self.snapshot.images.values())
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Files that could not be indexed, with the reason (the build report)."""
+        return list(self._skipped)
+
+    def __len__(self) -> int:
+        return 0 if self._snapshot is None else len(self._snapshot)
+
+    def __repr__(self) -> str:
+        return f"HiMIRIndex(images={len(self)}, encoder={self._encoder_name or self.encoder_spec!r}, layout={self.config.layout!r})"
+
+    def _check_encoder(self, encoder: Encoder) -> None:
+        if self._encoder_name is not None and encoder.name != self._encoder_name:
+            raise IncompatibleIndexError(
+                f"index was built with encoder {self._encoder_name!r} (dim={self._dim}) but the encoder "
+                f"given is {encoder.name!r} (dim={encoder.dim}); load with the same encoder or rebuild with --encoder"
+            )
+        if self._dim is not None and encoder.dim != self._dim:
+            raise IncompatibleIndexError(
+                f"index dim={self._dim} but the encoder gives {encoder.dim}; rebuild the index with this encoder"
+            )
+        self._encoder_name, self._dim = encoder.name, int(encoder.dim)
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
+              encoder: Encoder | str = "offline", config: HiMIRConfig | None = None,
+              metadata: MetadataSource = None, progress: bool = True, device: str = "cpu") -> HiMIRIndex:
+        """Create an index and add ``source`` (a directory, searched recursively, or paths)."""
+        index = cls(encoder, config, device=device)
+        index.add(source, metadata=metadata, progress=progress)
+        return index
+
+    def add(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
+            metadata: MetadataSource = None, progress: bool = True, chunk_images: int = 16,
+            on_chunk: Callable[[BuildReport], None] | None = None) -> BuildReport:
+        """Index new or changed images; unchanged ones (same path, size, mtime) are kept.
+
+        Unreadable or non-image files are skipped with a warning and listed in the
+        report, never abort the run.
+
+        Parameters
+        ----------
+        source : path or iterable of paths
+            A directory (recursive) or image files.
+        metadata : mapping or callable, optional
+            User metadata per image: ``{path: {...}}`` or ``fn(path) -> {...}``; JSON values.
+        chunk_images : int
+            Images decoded, encoded and committed together; ``on_chunk`` runs after each.
+
+        Returns
+        -------
+        BuildReport
+        """
+        started = time.perf_counter()
+        report = BuildReport()
+        paths = self._collect_paths(source, report)
+        bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images), self._prepare_chunk, metadata, report):
+                self._commit(self._encode_chunk(chunk, report), report)
+                bar.update(n_files)
+                if on_chunk is not None:
+                    on_chunk(report)
+        bar.close()
+        report.seconds = time.perf_counter() - started
+        self._skipped = _merge_skipped(self._skipped, report.skipped)
+        for path, reason in report.skipped:
+            logger.warning("skipped %s: %s", path, reason)
+        return report
+
+    def _collect_paths(self, source: Any, report: BuildReport) -> list[tuple[Path, int | None]]:
+        """Files to (re)index, each with the id of the image it replaces (changed files)."""
+        if isinstance(source, (str, os.PathLike)):
+            candidates: Iterable[Path] = iter_image_files(source)
+        else:
+            candidates = (Path(p) for p in source)
+        by_path = {r.path: r for r in self.snapshot.images.values()}
+        todo: list[tuple[Path, int | None]] = []
+        seen: set[str] = set()
+        for path in candidates:
+            absolute = str(Path(path).absolute())
+            if absolute in seen:
+                continue
+            seen.add(absolute)
+            try:
+                stat = os.stat(absolute)
+            except OSError as exc:
+                report.skipped.append((absolute, f"cannot stat: {exc.strerror or exc}"))
+                continue
+            old = by_path.get(absolute)
+            if old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                report.unchanged += 1
+            else:
+                todo.append((Path(absolute), None if old is None else old.image_id))
+        return todo
+
+    def _prepare_chunk(self, chunk: list[tuple[Path, int | None]], metadata: MetadataSource,
+                       report: BuildReport) -> tuple[int, list[_Prepared]]:
+        prepared = []
+        for path, replaces in chunk:
+            try:
+                prepared.append(self._prepare_one(path, replaces, metadata))
+            except ImageLoadError as exc:
+                report.skipped.append((str(path), str(exc).removeprefix(f"{path}: ")))
+        return len(chunk), prepared
+
+    def _prepare_one(self, path: Path, replaces: int | None, metadata: MetadataSource) -> _Prepared:
+        image = load_image(path, max_pixels=self.config.max_image_pixels)
+        stat = path.stat()
+        user_meta = _metadata_for(path, metadata)
+        record = ImageRecord(0, str(path), image.width, image.height, stat.st_size, stat.st_mtime_ns, user_meta)
+        tree = self._decomposer.decompose(image)
+        tree = tree.select(_area_keep(tree, self.config.min_region_frac))
+        scale = min(1.0, _CROP_MAX_SIDE / max(image.size))
+        work = image if scale == 1.0 else image.resize((round(image.width * scale), round(image.height * scale)))
+        crops = [work.crop(tuple(int(round(v * scale)) for v in box)) for box in tree.boxes]
+        return _Prepared(record, tree, crops, replaces)
+
+    def _encode_chunk(self, chunk: list[_Prepared], report: BuildReport) -> list[tuple[_Prepared, np.ndarray]]:
+        crops = [crop for item in chunk for crop in item.crops]
+        if not crops:
+            return []
+        batch = self.config.batch_size
+        vectors = np.concatenate([self.encoder.embed_images(crops[i : i + batch]) for i in range(0, len(crops), batch)])
+        report.crops_encoded += len(crops)
+        bounds = np.cumsum([0] + [len(item.crops) for item in chunk])
+        return [(item, vectors[bounds[i] : bounds[i + 1]]) for i, item in enumerate(chunk)]
+
+    def _commit(self, encoded: list[tuple[_Prepared, np.ndarray]], report: BuildReport) -> None:
+        records, trees, vectors, replaced = [], [], [], set()
+        with self._write_lock:
+            for item, vecs in encoded:
+                keep = _granularity_keep(item.tree, vecs, self.config.prune_cosine)
+                report.regions_pruned += int((~keep).sum())
+                report.regions_stored += int(keep.sum())
+                records.append(_with_id(item.record, self._next_id))
+                self._next_id += 1
+                trees.append(item.tree.select(keep))
+                vectors.append(vecs[keep])
+                if item.replaces is not None:
+                    replaced.add(item.replaces)
+            report.updated += len(replaced)
+            report.added += len(records) - len(replaced)
+            self._snapshot = self.snapshot.without_images(replaced).with_images(records, trees, vectors)
+
+    def delete(self, targets: int | str | os.PathLike[str] | Iterable[int | str | os.PathLike[str]]) -> int:
+        """Remove images by id or path; returns how many were removed (unknown ones are ignored)."""
+        if isinstance(targets, (int, str, os.PathLike)):
+            targets = [targets]
+        with self._write_lock:
+            snapshot = self.snapshot
+            by_path = {r.path: r.image_id for r in snapshot.images.values()}
+            ids = set()
+            for target in targets:
+                if isinstance(target, (int, np.integer)):
+                    ids.add(int(target)) if int(target) in snapshot.images else None
+                elif str(Path(target).absolute()) in by_path:
+                    ids.add(by_path[str(Path(target).absolute())])
+            self._snapshot = snapshot.without_images(ids)
+        return len(ids)
+
+    # -- search --------------------------------------------------------------------------------
+    def search(self, query: str, *, k: int = 10, mode: str | RetrievalMode = RetrievalMode.HIMIR_FULL,
+               subqueries: Sequence[str] | None = None, decomposer: Any = None,
+               filters: Filters = None) -> SearchResult:
+        """Rank images for ``query``.
+
+        Parameters
+        ----------
+        query : str
+            The question or description.
+        k : int
+            Hits to return (clamped to the collection size with a warning).
+        mode : str
+            ``"himir"``, ``"himir-full"``, ``"mvr"`` or ``"single"``.
+        subqueries : list of str, optional
+            Sub-queries to match; by default the decomposer splits ``query``.
+        decomposer : QueryDecomposer, optional
+            Defaults to the offline rule-based one.
+        filters : mapping or callable, optional
+            ``{key: value}`` (value may be a list of allowed values) or ``fn(metadata) -> bool``.
+
+        Returns
+        -------
+        SearchResult
+
+        Raises
+        ------
+        ValueError
+            Empty query or k <= 0.
+        EmptyIndexError
+            The index holds no image.
+        """
+        started = time.perf_counter()
+        mode = parse_mode(mode)
+        k = self._check_query(query, k)
+        stats = SearchStats(mode=mode.value)
+        subs = self._subqueries(query, subqueries, decomposer, stats)
+        return self._search_vectors(query, subs, self._embed_queries(query, subs, mode, stats), k=k, mode=mode,
+                                    filters=filters, stats=stats, started=started)
+
+    async def asearch(self, query: str, **kwargs: Any) -> SearchResult:
+        """:meth:`search` in a worker thread, so the event loop is not blocked."""
+        return await asyncio.to_thread(self.search, query, **kwargs)
+
+    def _check_query(self, query: str, k: int) -> int:
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("query is empty; pass a non-empty description of the photo to find")
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        n = len(self)
+        if n == 0:
+            raise EmptyIndexError("the index holds no image; add photos first (himir index DIR --index INDEX)")
+        if k > n:
+            logger.warning("k=%d is larger than the collection (%d images); returning %d", k, n, n)
+        return min(int(k), n)
+
+    def _subqueries(self, query: str, given: Sequence[str] | None, decomposer: Any, stats: SearchStats) -> list[str]:
+        tick = time.perf_counter()
+        if given is not None:
+            subs = [s.strip() for s in given if isinstance(s, str) and s.strip()]
+        else:
+            if decomposer is None:
+                from himir_rag.decompose import RuleDecomposer
+
+                decomposer = RuleDecomposer()
+            subs = list(decomposer.decompose(query))
+        stats.latency_ms["decompose"] = (time.perf_counter() - tick) * 1000
+        return subs or [query.strip()]
+
+    def _embed_queries(self, query: str, subs: list[str], mode: RetrievalMode, stats: SearchStats) -> np.ndarray:
+        tick = time.perf_counter()
+        vectors = self.encoder.embed_texts([query] if mode is RetrievalMode.SINGLE else subs)
+        stats.latency_ms["encode"] = (time.perf_counter() - tick) * 1000
+        return vectors
+
+    def _search_vectors(self, query: str, subs: list[str], vectors: np.ndarray, *, k: int, mode: RetrievalMode,
+                        filters: Filters, stats: SearchStats, started: float) -> SearchResult:
+        tick = time.perf_counter()
+        snapshot = self.snapshot
+        row_mask = _filter_rows(snapshot, filters)
+        if mode is RetrievalMode.HIMIR:
+            from himir_rag.scheduler import scheduled_search
+
+            scored = scheduled_search(snapshot, vectors, k=k, row_mask=row_mask, params=self.config.scheduler,
+                                      stats=stats)
+        else:
+            from himir_rag.scheduler import MODE_LEVELS
+
+            scored = score_exhaustive(snapshot, vectors, levels=MODE_LEVELS[mode], row_mask=row_mask)
+            stats.dot_products += scored.dot_products
+            stats.images_scored = len(scored.image_ids)
+        labels = [query] if mode is RetrievalMode.SINGLE else subs
+        hits = tuple(_hit(snapshot, scored, pos, labels) for pos in top_k(scored.scores, k))
+        stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
+        stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
+        return SearchResult(query, tuple(subs), hits, stats)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the index atomically into ``directory`` (see module docstring); returns the version dir."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._write_lock:
+            snapshot, skipped, next_id = self.snapshot, list(self._skipped), self._next_id
+        version = f"v{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+        staging = directory / f".{version}.tmp"
+        staging.mkdir()
+        try:
+            self._write_version(staging, snapshot, skipped, next_id)
+            os.rename(staging, directory / version)
+            _fsync_dir(directory)
+            _atomic_write_text(directory / "CURRENT", version + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _remove_old_versions(directory, keep=version)
+        return directory / version
+
+    def _write_version(self, target: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int) -> None:
+        with open(target / "vectors.npy", "wb") as fh:
+            np.save(fh, snapshot.vectors, allow_pickle=False)
+            _fsync(fh)
+        snapshot.write_catalog(target / "catalog.sqlite", skipped=skipped)
+        for level, store in snapshot._stores.items():  # only those built: the rest are rebuilt on demand
+            if len(store):
+                store.save(target / f"level{int(level)}.faiss")
+        files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
+        manifest = {
+            "format": "himir-rag index", "format_version": FORMAT_VERSION,
+            "encoder": {"name": self._encoder_name or self.encoder.name, "dim": snapshot.dim,
+                        "spec": self.encoder_spec},
+            "config": self.config.to_dict(), "next_image_id": next_id,
+            "counts": {"images": len(snapshot), "regions": int(len(snapshot.levels)), **snapshot.level_counts()},
+            "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _atomic_write_text(target / "manifest.json", json.dumps(manifest, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, encoder: Encoder | str | None = None,
+             device: str = "cpu") -> HiMIRIndex:
+        """Open an index written by :meth:`save`.
+
+        Parameters
+        ----------
+        encoder : Encoder or str, optional
+            Defaults to the encoder recorded in the manifest. Another encoder raises.
+
+        Raises
+        ------
+        IndexFormatError
+            Missing or truncated files.
+        IncompatibleIndexError
+            Another format version, encoder or dimension.
+        """
+        version_dir = _current_version(Path(directory))
+        manifest = _read_manifest(version_dir)
+        dim = int(manifest["encoder"]["dim"])
+        index = cls(encoder if encoder is not None else manifest["encoder"].get("spec", "offline"),
+                    HiMIRConfig.from_dict(manifest.get("config", {})), device=device)
+        index._encoder_name, index._dim = manifest["encoder"]["name"], dim
+        if index._encoder is not None:
+            index._check_encoder(index._encoder)
+        vectors = _read_vectors(version_dir / "vectors.npy", dim)
+        try:
+            snapshot, skipped = Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors)
+        except Exception as exc:  # sqlite3.DatabaseError, ValueError, json errors...
+            raise IndexFormatError(f"{version_dir / 'catalog.sqlite'}: unreadable catalog ({exc}); rebuild the index") from exc
+        _load_level_stores(snapshot, version_dir)
+        index._snapshot, index._skipped = snapshot, skipped
+        index._next_id = int(manifest.get("next_image_id", max(snapshot.images, default=0) + 1))
+        return index
+
+    @staticmethod
+    def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """The manifest of the live version of an index directory."""
+        return _read_manifest(_current_version(Path(directory)))
+
+    def set_config(self, config: HiMIRConfig) -> None:
+        """Replace the search-time configuration (e.g. the tuner's choice); index-time fields must match."""
+        if (config.layout, config.decomposer) != (self.config.layout, self.config.decomposer):
+            raise ConfigError("layout and decomposer are fixed at index time; rebuild the index to change them")
+        self.config = config
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _prefetch(pool: ThreadPoolExecutor, chunks: Iterator[list[Any]], prepare: Callable[..., Any],
+              *args: Any) -> Iterator[Any]:
+    """Decode and crop the next chunk in a worker while the current one is encoded."""
+    pending = None
+    for chunk in chunks:
+        future = pool.submit(prepare, chunk, *args)
+        if pending is not None:
+            yield pending.result()
+        pending = future
+    if pending is not None:
+        yield pending.result()
+
+
+def _metadata_for(path: Path, metadata: MetadataSource) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    value = metadata(path) if callable(metadata) else (metadata.get(str(path)) or metadata.get(path.name) or {})
+    value = dict(value or {})
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"metadata of {path} is not JSON-serialisable ({exc}); use str/int/float/bool/list/dict values") from exc
+    return value
+
+
+def _with_id(record: ImageRecord, image_id: int) -> ImageRecord:
+    return ImageRecord(image_id, record.path, record.width, record.height, record.size, record.mtime_ns, record.metadata)
+
+
+def _area_keep(tree: RegionTree, min_frac: float) -> np.ndarray:
+    """Keep every non-segment; keep segments whose area is at least ``min_frac`` of the image."""
+    areas = (tree.boxes[:, 2] - tree.boxes[:, 0]) * (tree.boxes[:, 3] - tree.boxes[:, 1])
+    return (tree.levels != Level.SEGMENT) | (areas >= min_frac * tree.width * tree.height)
+
+
+def _granularity_keep(tree: RegionTree, vectors: np.ndarray, prune_cosine: float) -> np.ndarray:
+    """Offline granularity pruning: drop segments near-identical to their parent region."""
+    keep = np.ones(len(tree), dtype=bool)
+    if prune_cosine >= 1.0:
+        return keep
+    segments = np.flatnonzero(tree.levels == Level.SEGMENT)
+    cosine = np.einsum("ij,ij->i", vectors[segments], vectors[tree.parents[segments]])
+    keep[segments[cosine > prune_cosine]] = False
+    return keep
+
+
+def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    merged = {p: r for p, r in old}
+    merged.update(new)
+    return list(merged.items())
+
+
+def _filter_rows(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+    """Row mask of the images whose metadata passes ``filters`` (None = all)."""
+    if filters is None:
+        return None
+    allowed = np.fromiter((i for i, r in snapshot.images.items() if _passes(r.metadata, filters)), np.int64)
+    return np.isin(snapshot.region_image, allowed)
+
+
+def _passes(metadata: Mapping[str, Any], filters: Filters) -> bool:
+    if callable(filters):
+        return bool(filters(metadata))
+    for key, wanted in filters.items():  # type: ignore[union-attr]
+        if key not in metadata:
+            return False
+        value = metadata[key]
+        if isinstance(wanted, (list, tuple, set, frozenset)):
+            if value not in wanted:
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
+def _hit(snapshot: Snapshot, scored: Any, pos: int, labels: list[str]) -> SearchHit:
+    record = snapshot.images[int(scored.image_ids[pos])]
+    regions = tuple(
+        RegionMatch(label, Level(int(snapshot.levels[row])).name.lower(),
+                    tuple(int(v) for v in snapshot.boxes[row]), float(scored.best[s, pos]))  # type: ignore[arg-type]
+        for s, (label, row) in enumerate(zip(labels, scored.best_rows[:, pos]))
+    )
+    return SearchHit(record.image_id, record.key, record.path, float(scored.scores[pos]), dict(record.metadata),
+                     regions, record.width, record.height)
+
+
+def _fsync(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        _fsync(fh)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove_old_versions(directory: Path, *, keep: str) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir() and entry.name != keep and (entry.name.startswith("v") or entry.name.endswith(".tmp")):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _current_version(directory: Path) -> Path:
+    pointer = directory / "CURRENT"
+    if not directory.is_dir():
+        raise IndexFormatError(f"{directory}: no such index directory; build one with `himir index`")
+    if not pointer.is_file():
+        raise IndexFormatError(f"{directory}: not a himir index (no CURRENT file); build one with `himir index`")
+    version_dir = directory / pointer.read_text(encoding="utf-8").strip()
+    if not version_dir.is_dir() or version_dir.parent != directory:
+        raise IndexFormatError(f"{directory}: CURRENT names {version_dir.name!r}, which is missing")
+    return version_dir
+
+
+def _read_manifest(version_dir: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise IndexFormatError(f"{version_dir}: manifest.json is missing; the index is incomplete") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{version_dir}/manifest.json: not valid JSON ({exc})") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IncompatibleIndexError(
+            f"{version_dir}: index format version {version!r}, this himir-rag reads version {FORMAT_VERSION}; "
+            "upgrade himir-rag or rebuild the index"
+        )
+    for name, size in manifest.get("files", {}).items():
+        actual = (version_dir / name).stat().st_size if (version_dir / name).exists() else None
+        if actual != size:
+            raise IndexFormatError(
+                f"{version_dir}/{name}: expected {size} bytes, found {actual}; the index is truncated or damaged"
+            )
+    return manifest
+
+
+def _read_vectors(path: Path, dim: int) -> np.ndarray:
+    try:
+        vectors = np.load(path, allow_pickle=False, mmap_mode=None)
+    except (OSError, ValueError, EOFError) as exc:
+        raise IndexFormatError(f"{path}: unreadable vector file ({exc}); rebuild the index") from exc
+    if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.float32:
+        raise IncompatibleIndexError(f"{path}: vectors {vectors.shape} {vectors.dtype}, manifest says (n, {dim}) float32")
+    return vectors
+
+
+def _load_level_stores(snapshot: Snapshot, version_dir: Path) -> None:
+    from himir_rag.store.faiss import FaissStore, auto_index_kind
+
+    for level in Level:
+        path = version_dir / f"level{int(level)}.faiss"
+        if path.exists():
+            n = int((snapshot.levels == level).sum())
+            snapshot._stores[level] = FaissStore.load(path, dim=snapshot.dim, kind=auto_index_kind(n))
