@@ -1,0 +1,211 @@
+"""The ``himir`` command: index, search, demo (and the benchmark/tuning commands)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from himir_rag.config import HiMIRConfig
+from himir_rag.errors import HiMIRError
+from himir_rag.index import BuildReport, HiMIRIndex, SearchResult
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="HiMIR: hierarchical multi-vector image retrieval for multimodal RAG.")
+logger = logging.getLogger("himir_rag.cli")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command("index")
+def index_command(
+    images_dir: Path = typer.Argument(..., help="Folder of photos (searched recursively) or one image file."),
+    index_dir: Path = typer.Option(..., "--index", help="Index directory (created, or updated when it exists)."),
+    encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
+    layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
+    decomposer: str = typer.Option("grid", help="Image decomposer: grid | segments."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per encoder batch."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    prune_cosine: Optional[float] = typer.Option(None, help="Drop segments this similar to their parent (0-1)."),
+    checkpoint_every: int = typer.Option(256, min=1, help="Save the index every N images (resumable)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Index a photo folder. Re-running indexes only new or changed files."""
+    _setup_logging(verbose)
+    try:
+        index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
+                                batch_size=batch_size, device=device, prune_cosine=prune_cosine)
+        saved_at = [0]
+
+        def checkpoint(report: BuildReport) -> None:
+            done = report.added + report.updated + len(report.skipped)
+            if done - saved_at[0] >= checkpoint_every:
+                index.save(index_dir)
+                saved_at[0] = done
+
+        report = index.add(images_dir, progress=progress, on_chunk=checkpoint)
+        index.save(index_dir)
+    except (HiMIRError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    for path, reason in report.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    typer.echo(
+        f"indexed {report.added} new, {report.updated} changed, {report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped; {len(index)} images, {report.regions_stored} regions stored "
+        f"({report.regions_pruned} pruned) in {report.seconds:.1f}s -> {index_dir}"
+    )
+
+
+def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: str, batch_size: int,
+                    device: str, prune_cosine: float | None) -> HiMIRIndex:
+    if (index_dir / "CURRENT").exists():
+        index = HiMIRIndex.load(index_dir, device=device)
+        wanted = HiMIRConfig(layout=layout, decomposer=decomposer)
+        if (index.config.layout, index.config.decomposer) != (wanted.layout, wanted.decomposer):
+            raise HiMIRError(
+                f"{index_dir} was built with layout {index.config.layout} / {index.config.decomposer}, "
+                f"asked for {layout} / {decomposer}; use another --index to build a new one"
+            )
+        if encoder != index.encoder_spec and not index.encoder_spec.startswith(encoder):
+            raise HiMIRError(f"{index_dir} was built with encoder {index.encoder_spec!r}, asked for {encoder!r}")
+        index.config = index.config.replace(batch_size=batch_size)
+        return index
+    config = HiMIRConfig(layout=layout, decomposer=decomposer, batch_size=batch_size,
+                         **({} if prune_cosine is None else {"prune_cosine": prune_cosine}))
+    return HiMIRIndex(encoder, config, device=device)
+
+
+def _result_json(result: SearchResult, query_id: Any = None) -> dict[str, Any]:
+    payload: dict[str, Any] = {} if query_id is None else {"id": query_id}
+    payload.update({
+        "query": result.query,
+        "subqueries": list(result.subqueries),
+        "results": [
+            {"path": hit.path, "score": round(hit.score, 6), "image_id": hit.image_id, "metadata": hit.metadata,
+             "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6)}
+                         for m in hit.regions]}
+            for hit in result.hits
+        ],
+        "stats": {"dot_products": int(result.stats.dot_products),
+                  "latency_ms": round(result.stats.latency_ms.get("total", 0.0), 3),
+                  "latency_breakdown_ms": {k: round(v, 3) for k, v in result.stats.latency_ms.items()},
+                  **{k: v for k, v in result.stats.extra.items()}},
+    })
+    return payload
+
+
+def _print_result(result: SearchResult) -> None:
+    typer.echo(f"query: {result.query}")
+    typer.echo(f"sub-queries: {', '.join(result.subqueries)}")
+    for rank, hit in enumerate(result.hits, 1):
+        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.path}")
+        for match in hit.regions:
+            typer.echo(f"       {match.subquery!r}: {match.level} {list(match.bbox)} sim {match.score:.3f}")
+    typer.echo(f"({result.stats.dot_products} dot products, {result.stats.latency_ms.get('total', 0):.1f} ms)")
+
+
+def _get_decomposer(name: str) -> Any:
+    from himir_rag.decompose import get_decomposer
+
+    return get_decomposer(name)
+
+
+@app.command("search")
+def search_command(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    query: Optional[str] = typer.Argument(None, help="The question (or use --queries)."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of photos to return."),
+    mode: str = typer.Option("himir-full", help="himir | himir-full | mvr | single"),
+    queries: Optional[Path] = typer.Option(None, "--queries", help='JSONL file of {"id", "query"} lines.'),
+    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+    decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Search an index with one query, or a JSONL file of queries (model loaded once)."""
+    _setup_logging(verbose)
+    if (query is None) == (queries is None):
+        _fail("give either a QUERY argument or --queries FILE.jsonl, not both or neither")
+    try:
+        index = HiMIRIndex.load(index_dir, device=device)
+        splitter = _get_decomposer(decomposer)
+        if queries is None:
+            result = index.search(query, k=k, mode=mode, decomposer=splitter)
+            if as_json:
+                typer.echo(json.dumps(_result_json(result)))
+            else:
+                _print_result(result)
+            return
+        for query_id, text in _read_queries(queries):
+            result = index.search(text, k=k, mode=mode, decomposer=splitter)
+            if as_json:
+                typer.echo(json.dumps(_result_json(result, query_id)))
+            else:
+                _print_result(result)
+    except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(str(exc))
+
+
+def _read_queries(path: Path):
+    """Yield (id, query) from a JSONL file; a bad line is an error naming its number."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                yield item.get("id", number), str(item["query"])
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{path}:{number}: expected a JSON object with a 'query' field ({exc})") from exc
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("himir-demo"), help="Folder for the photos, the index and the picture."),
+    k: int = typer.Option(3, "-k", help="Photos per question."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Index bundled sample photos (no download), answer example questions, draw the matches."""
+    _setup_logging(verbose)
+    from himir_rag.demo import DEMO_QUESTIONS, write_demo_photos
+    from himir_rag.viz import plot_results
+
+    started = time.perf_counter()
+    photos = write_demo_photos(out / "photos")
+    typer.echo(f"{len(photos)} sample photos in {out / 'photos'}; loading the offline encoder and indexing...")
+    index = HiMIRIndex.build(out / "photos", encoder="offline", progress=True)
+    index.save(out / "index")
+    results = []
+    for question in DEMO_QUESTIONS:
+        result = index.search(question, k=k, mode="himir-full")
+        results.append(result)
+        typer.echo("")
+        _print_result(result)
+    picture = out / "matches.png"
+    plot_results(results, top=k, path=picture)
+    typer.echo(f"\nmatched regions drawn in {picture}; index saved in {out / 'index'} "
+               f"({time.perf_counter() - started:.0f}s). Try: himir search {out / 'index'} \"a cat\"")
+
+
+def main() -> None:
+    """Entry point of the ``himir`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
