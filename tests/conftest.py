@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny deterministic colour encoder and small synthetic photo sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+    "white": (250, 250, 250),
+    "black": (5, 5, 5),
+}
+_NAMES = list(COLORS)
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
+
+
+class ColorEncoder:
+    """Fast, deterministic stand-in encoder: a crop embeds as its colour histogram over
+    eight named colours; a text embeds as the colour words it names. Same space, so
+    "a red square and a blue square" finds the photo holding both."""
+
+    name = "test:color"
+    dim = len(COLORS) + 1
+
+    def __init__(self) -> None:
+        self.image_calls = 0
+        self.text_calls = 0
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        self.image_calls += 1
+        out = np.zeros((len(images), self.dim), np.float32)
+        for i, img in enumerate(images):
+            pixels = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.float32).reshape(-1, 3)
+            nearest = np.linalg.norm(pixels[:, None, :] - _PALETTE[None], axis=-1).argmin(axis=1)
+            out[i, : len(COLORS)] = np.bincount(nearest, minlength=len(COLORS)) / len(pixels)
+            out[i, -1] = 0.05
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        self.text_calls += 1
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, text in enumerate(texts):
+            for j, name in enumerate(_NAMES):
+                if name in text.lower():
+                    out[i, j] = 1.0
+            out[i, -1] = 0.05
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def make_scene(path: Path, squares: list[tuple[str, tuple[int, int, int, int]]], *, size=(160, 120),
+               background: str = "white") -> Path:
+    """Save a PNG of coloured rectangles ``(colour, (x0, y0, x1, y1))`` on a background."""
+    img = Image.new("RGB", size, COLORS[background])
+    for colour, box in squares:
+        img.paste(COLORS[colour], box)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def color_encoder() -> ColorEncoder:
+    return ColorEncoder()
+
+
+@pytest.fixture
+def scene_dir(tmp_path: Path) -> Path:
+    """Six photos: single colours and two-object scenes in different corners."""
+    root = tmp_path / "photos"
+    make_scene(root / "red_blue.png", [("red", (5, 5, 50, 45)), ("blue", (100, 70, 150, 115))])
+    make_scene(root / "red_green.png", [("red", (100, 5, 150, 45)), ("green", (5, 70, 55, 115))])
+    make_scene(root / "all_red.png", [("red", (0, 0, 160, 120))])
+    make_scene(root / "all_blue.png", [("blue", (0, 0, 160, 120))])
+    make_scene(root / "sub" / "yellow_purple.png", [("yellow", (10, 10, 60, 60)), ("purple", (90, 60, 150, 110))])
+    make_scene(root / "sub" / "orange.png", [("orange", (40, 30, 120, 90))])
+    return root
+
+
+@pytest.fixture(scope="session")
+def offline_encoder():
+    """The real offline encoder (loaded once per test session; ~15 s)."""
+    from himir_rag.encoders.offline import OfflineEncoder
+
+    return OfflineEncoder()

@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from himir_rag.config import HiMIRConfig
+from himir_rag.errors import EmptyIndexError, IncompatibleIndexError, IndexFormatError
+from himir_rag.index import FORMAT_VERSION, HiMIRIndex
+from himir_rag.scheduler import maxsim, score_exhaustive
+from himir_rag.hierarchy import Level
+from tests.conftest import ColorEncoder, make_scene
+
+
+def names(result):
+    return [Path(h.path).name for h in result.hits]
+
+
+@pytest.fixture
+def index(scene_dir, color_encoder):
+    return HiMIRIndex.build(scene_dir, encoder=color_encoder, progress=False)
+
+
+def test_build_recursive_and_search_ranks_two_object_scene_first(index):
+    assert len(index) == 6
+    result = index.search("a red square and a blue square", k=3)
+    assert result.subqueries == ("a red square", "a blue square")
+    assert names(result)[0] == "red_blue.png"
+    hit = result.hits[0]
+    assert hit.score == pytest.approx(np.mean([m.score for m in hit.regions]))
+    by_sub = {m.subquery: m for m in hit.regions}
+    # the best region for "red" lies in the top-left, for "blue" in the bottom-right
+    assert by_sub["a red square"].bbox[0] < 80 and by_sub["a blue square"].bbox[2] > 80
+    assert all(m.level in ("global", "region", "segment") for m in hit.regions)
+
+
+def test_modes_differ_in_levels_and_cost(index):
+    full = index.search("a red square and a blue square", k=6, mode="himir-full")
+    mvr = index.search("a red square and a blue square", k=6, mode="mvr")
+    single = index.search("a red square and a blue square", k=6, mode="single")
+    assert full.stats.dot_products == 2 * 6 * 21
+    assert mvr.stats.dot_products == 2 * 6 * 17
+    assert single.stats.dot_products == 1 * 6
+    assert all(m.level != "region" for h in mvr.hits for m in h.regions)
+    assert all(m.level == "global" for h in single.hits for m in h.regions)
+    assert len(single.hits[0].regions) == 1
+
+
+def test_himir_full_beats_single_on_two_object_scenes(index):
+    full = index.search("a red square and a blue square", k=6, mode="himir-full")
+    single = index.search("a red square and a blue square", k=6, mode="single")
+    assert names(full)[0] == "red_blue.png"
+    assert names(single)[0] != "red_blue.png"  # the whole-photo view is diluted by the white background
+
+
+def test_explicit_subqueries(index):
+    result = index.search("anything", subqueries=["green", "red"], k=1)
+    assert result.subqueries == ("green", "red") and names(result) == ["red_green.png"]
+
+
+def test_metadata_and_filters(scene_dir, color_encoder):
+    meta = {"red_blue.png": {"album": "a", "year": 2020}, "red_green.png": {"album": "b", "year": 2021}}
+    index = HiMIRIndex.build(scene_dir, encoder=color_encoder, metadata=meta, progress=False)
+    assert names(index.search("red", k=6, filters={"album": "b"})) == ["red_green.png"]
+    assert set(names(index.search("red", k=6, filters={"year": [2020, 2021]}))) == {"red_blue.png", "red_green.png"}
+    assert names(index.search("red", k=6, filters=lambda m: m.get("year", 0) > 2020)) == ["red_green.png"]
+    assert index.search("red", k=6, filters={"no_such_key": 1}).hits == ()
+    hit = index.search("red", k=1, filters={"album": "a"}).hits[0]
+    assert hit.metadata == {"album": "a", "year": 2020}
+
+
+def test_filter_reduces_work(index):
+    assert index.search("red", k=1, filters={"x": 1}).stats.dot_products == 0
+
+
+def test_save_load_roundtrip_identical(index, tmp_path, color_encoder):
+    queries = ["a red square and a blue square", "green", "yellow next to purple", "orange"]
+    before = {(q, m): index.search(q, k=6, mode=m) for q in queries for m in ("himir-full", "mvr", "single")}
+    index.save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
+    assert len(loaded) == len(index)
+    for (q, m), result in before.items():
+        again = loaded.search(q, k=6, mode=m)
+        assert [h.path for h in again.hits] == [h.path for h in result.hits]
+        np.testing.assert_allclose([h.score for h in again.hits], [h.score for h in result.hits], rtol=1e-6)
+        assert [h.regions for h in again.hits] == [h.regions for h in result.hits]
+
+
+def test_add_and_delete(index, tmp_path, color_encoder):
+    extra = make_scene(tmp_path / "more" / "green_blue.png", [("green", (0, 0, 60, 60)), ("blue", (90, 60, 160, 120))])
+    report = index.add([extra], progress=False)
+    assert report.added == 1 and len(index) == 7
+    assert names(index.search("a green square and a blue square", k=1)) == ["green_blue.png"]
+    assert index.delete(extra) == 1
+    assert "green_blue.png" not in names(index.search("a green square and a blue square", k=6))
+    first = index.images[0]
+    assert index.delete(first.image_id) == 1 and index.delete(first.image_id) == 0
+    assert len(index) == 5
+    # the tree of the remaining images is intact (parents point inside the same image)
+    snap = index.snapshot
+    has_parent = snap.parents >= 0
+    assert (snap.region_image[snap.parents[has_parent]] == snap.region_image[has_parent]).all()
+    index.save(tmp_path / "idx")
+    assert len(HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)) == 5
+
+
+def test_reindex_only_new_or_changed(scene_dir, color_encoder):
+    index = HiMIRIndex.build(scene_dir, encoder=color_encoder, progress=False)
+    calls = color_encoder.image_calls
+    report = index.add(scene_dir, progress=False)
+    assert (report.added, report.updated, report.unchanged) == (0, 0, 6)
+    assert color_encoder.image_calls == calls
+    target = scene_dir / "all_red.png"
+    make_scene(target, [("green", (0, 0, 160, 120))])
+    os.utime(target, ns=(1, 1))  # a different mtime for sure
+    report = index.add(scene_dir, progress=False)
+    assert (report.added, report.updated, report.unchanged) == (0, 1, 5)
+    assert len(index) == 6
+    assert names(index.search("green", k=1)) == ["all_red.png"]
+
+
+def test_bad_files_skipped_rest_indexed(scene_dir, color_encoder):
+    (scene_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (scene_dir / "empty.png").write_bytes(b"")
+    (scene_dir / "notes.png").write_text("hello")
+    (scene_dir / "readme.txt").write_text("ignored: not an image extension")
+    index = HiMIRIndex.build(scene_dir, encoder=color_encoder, progress=False)
+    assert len(index) == 6
+    skipped = dict(index.skipped)
+    assert {Path(p).name for p in skipped} == {"broken.jpg", "empty.png", "notes.png"}
+    assert all(reason for reason in skipped.values())
+
+
+def test_empty_index_and_bad_queries(color_encoder, index):
+    with pytest.raises(EmptyIndexError, match="no image"):
+        HiMIRIndex(color_encoder).search("red")
+    with pytest.raises(ValueError, match="query is empty"):
+        index.search("   ")
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        index.search("red", k=0)
+    with pytest.raises(ValueError, match="mode 'dense' is unknown; valid modes: single, mvr, himir-full"):
+        index.search("red", mode="dense")
+    assert len(index.search("red", k=1000).hits) == 6
+
+
+def test_load_errors(index, tmp_path, color_encoder):
+    with pytest.raises(IndexFormatError, match="no such index directory"):
+        HiMIRIndex.load(tmp_path / "missing", encoder=color_encoder)
+    version = index.save(tmp_path / "idx")
+    manifest = json.loads((version / "manifest.json").read_text())
+
+    class OtherEncoder(ColorEncoder):
+        name = "test:other"
+
+    with pytest.raises(IncompatibleIndexError, match="built with encoder 'test:color'"):
+        HiMIRIndex.load(tmp_path / "idx", encoder=OtherEncoder())
+
+    class WiderEncoder(ColorEncoder):
+        dim = 12
+
+    with pytest.raises(IncompatibleIndexError, match="dim=9"):
+        HiMIRIndex.load(tmp_path / "idx", encoder=WiderEncoder())
+    (version / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(IncompatibleIndexError, match="format version 2"):
+        HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    vectors = version / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:-40])
+    with pytest.raises(IndexFormatError, match="truncated"):
+        HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
+
+
+def test_save_is_atomic_and_replaces_old_version(index, tmp_path, color_encoder):
+    first = index.save(tmp_path / "idx")
+    second = index.save(tmp_path / "idx")
+    assert first != second and not first.exists() and second.exists()
+    assert (tmp_path / "idx" / "CURRENT").read_text().strip() == second.name
+    # a crashed save leaves a staging directory behind: the live version is unaffected
+    (tmp_path / "idx" / ".v999.tmp").mkdir()
+    assert len(HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)) == 6
+
+
+def test_nothing_pickled_on_disk(index, tmp_path):
+    version = index.save(tmp_path / "idx")
+    assert sorted(p.name for p in version.iterdir()) == ["catalog.sqlite", "manifest.json", "vectors.npy"]
+    np.load(version / "vectors.npy", allow_pickle=False)
+
+
+def test_granularity_pruning_drops_redundant_segments(scene_dir, color_encoder):
+    plain = HiMIRIndex.build(scene_dir, encoder=color_encoder, progress=False)
+    pruned_index = HiMIRIndex(color_encoder, HiMIRConfig(prune_cosine=0.98))
+    report = pruned_index.add(scene_dir, progress=False)
+    assert report.regions_pruned > 0
+    assert report.regions_stored + report.regions_pruned == len(plain.snapshot.levels)
+    assert (pruned_index.snapshot.levels == Level.GLOBAL).sum() == 6
+    assert names(pruned_index.search("a red square and a blue square", k=1)) == ["red_blue.png"]
+
+
+def test_maxsim_matches_brute_force():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    groups = np.sort(rng.integers(0, 7, size=50))
+    queries = rng.normal(size=(3, 8)).astype(np.float32)
+    best, arg = maxsim(queries, vectors, groups)
+    for g_pos, g in enumerate(np.unique(groups)):
+        rows = np.flatnonzero(groups == g)
+        sims = queries @ vectors[rows].T
+        np.testing.assert_allclose(best[:, g_pos], sims.max(axis=1), rtol=1e-5)
+        assert (arg[:, g_pos] == rows[sims.argmax(axis=1)]).all()
+
+
+def test_score_exhaustive_level_mask(index):
+    snap = index.snapshot
+    q = index.encoder.embed_texts(["red"])
+    scored = score_exhaustive(snap, q, levels=(Level.GLOBAL,))
+    assert scored.dot_products == len(snap)
+    assert (snap.levels[scored.best_rows] == Level.GLOBAL).all()
