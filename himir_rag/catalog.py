@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import numpy as np
 from himir_rag.hierarchy import Level, RegionTree
 
 __all__ = ["ImageRecord", "Snapshot"]
+
+_CACHE_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -117,22 +120,40 @@ class Snapshot:
         """Rows of one image's regions."""
         return np.flatnonzero(self.region_image == image_id)
 
-    def level_store(self, level: Level, *, kind: str = "auto"):
+    def level_store(self, level: Level, *, kind: str = "flat"):
         """A FAISS store over this snapshot's regions at ``level`` (ids = snapshot rows).
 
-        Built on first use and cached for the snapshot's life (snapshots never change).
+        Built on first use and cached for the snapshot's life (snapshots never change);
+        ``kind`` is ``"flat"``, ``"ivf"`` or ``"hnsw"``.
         """
-        from himir_rag.store.faiss import FaissStore, auto_index_kind
+        from himir_rag.store.faiss import FaissStore
 
-        level = Level(level)
-        cached = self._stores.get(level)
-        if cached is None:
-            rows = np.flatnonzero(self.levels == level)
-            cached = FaissStore(self.dim, kind=auto_index_kind(len(rows)) if kind == "auto" else kind)
-            if len(rows):
-                cached.add(rows, self.vectors[rows])
-            self._stores[level] = cached
+        key = (Level(level), kind)
+        with _CACHE_LOCK:
+            cached = self._stores.get(key)
+            if cached is None:
+                rows = np.flatnonzero(self.levels == key[0])
+                cached = FaissStore(self.dim, kind=kind)
+                if len(rows):
+                    cached.add(rows, self.vectors[rows])
+                self._stores[key] = cached
         return cached
+
+    def parent_radius(self) -> np.ndarray:
+        """(n_regions,) float32 ``||v - v_parent||`` per row (0 for global views).
+
+        For unit vectors, ``q . v <= q . v_parent + radius``: the exact bound the
+        scheduler uses to skip segments. Query-independent, computed once per snapshot.
+        """
+        with _CACHE_LOCK:
+            radius = self._stores.get("parent_radius")
+            if radius is None:
+                has_parent = self.parents >= 0
+                radius = np.zeros(len(self.parents), np.float32)
+                diff = self.vectors[has_parent] - self.vectors[self.parents[has_parent]]
+                radius[has_parent] = np.linalg.norm(diff, axis=1)
+                self._stores["parent_radius"] = radius
+        return radius
 
     def level_counts(self) -> dict[str, int]:
         """Stored regions per level."""
@@ -172,9 +193,37 @@ class Snapshot:
             db.close()
         if len(rows) != len(vectors):
             raise ValueError(f"catalog lists {len(rows)} regions but the vector file holds {len(vectors)}")
+        if len(rows) and not (rows[:, 0] == np.arange(len(rows))).all():
+            raise ValueError("region rows are not numbered 0..n-1")
         snapshot = cls(images, vectors, rows[:, 1].copy(), rows[:, 2].astype(np.int8), rows[:, 3].copy(),
                        rows[:, 4:8].astype(np.int32))
+        snapshot.check_integrity()
         return snapshot, skipped  # type: ignore[return-value]
+
+    def check_integrity(self) -> None:
+        """Raise ValueError unless every image owns one contiguous run of rows, global view first,
+        with valid levels, boxes and parents inside the same image (a damaged catalog never reaches search).
+        """
+        n = len(self.levels)
+        if not (len(self.region_image) == len(self.parents) == len(self.boxes) == self.vectors.shape[0] == n):
+            raise ValueError("region arrays differ in length")
+        if not np.isin(self.levels, [int(lv) for lv in Level]).all():
+            raise ValueError("a region has an unknown level")
+        starts = np.flatnonzero(np.r_[True, self.region_image[1:] != self.region_image[:-1]]) if n else np.zeros(0, int)
+        owners = self.region_image[starts]
+        if len(set(owners.tolist())) != len(owners) or set(owners.tolist()) != set(self.images):
+            raise ValueError("images and region rows do not match (every image needs one contiguous run of rows)")
+        if (self.levels[starts] != Level.GLOBAL).any() or (self.parents[starts] != -1).any():
+            raise ValueError("an image's first region is not its global view")
+        has_parent = self.parents >= 0
+        if (self.parents >= n).any() or (has_parent != (self.levels != Level.GLOBAL)).any():
+            raise ValueError("a region's parent row is out of range or missing")
+        parent_rows = self.parents[has_parent]
+        if (self.region_image[parent_rows] != self.region_image[has_parent]).any() or \
+                (self.levels[parent_rows] >= self.levels[has_parent]).any():
+            raise ValueError("a region's parent belongs to another image or is not a coarser level")
+        if n and ((self.boxes[:, 2] <= self.boxes[:, 0]) | (self.boxes[:, 3] <= self.boxes[:, 1])).any():
+            raise ValueError("a region has an empty box")
 
 
 _SCHEMA = """

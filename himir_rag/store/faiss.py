@@ -31,9 +31,9 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def auto_index_kind(n_vectors: int) -> str:
-    """Exact search for small stores, IVF for large ones (where exact costs too much)."""
-    return "flat" if n_vectors < 200_000 else "ivf"
+def auto_index_kind(n_vectors: int, *, flat_max: int = 256) -> str:
+    """Exact search for small stores, IVF above ``flat_max`` vectors (where exact costs too much)."""
+    return "flat" if n_vectors <= flat_max else "ivf"
 
 
 class FaissStore:
@@ -77,7 +77,8 @@ class FaissStore:
         elif self.kind == "hnsw":
             inner = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
         else:
-            nlist = self.nlist or max(1, min(4096, int(4 * np.sqrt(max(n_train, 1)))))
+            # ~4 sqrt(n) lists, but at least 39 training points per list (k-means needs them)
+            nlist = self.nlist or max(1, min(4096, int(4 * np.sqrt(max(n_train, 1))), n_train // 39))
             inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         return faiss.IndexIDMap2(inner)
 
