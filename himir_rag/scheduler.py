@@ -239,7 +239,7 @@ class SchedulerParams:
     @classmethod
     def exact(cls) -> SchedulerParams:
         """Settings that never prune: the pass then ranks exactly as ``himir-full``."""
-        return cls(candidate_k=-1, consistency_overlap=2.0, bound_scale=1.0, sparsity_margin=float("inf"))
+        return cls(candidate_k=-1, consistency_overlap=2.0, bound_scale=1e6, sparsity_margin=float("inf"))
 
 
 def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, row_mask: np.ndarray | None,

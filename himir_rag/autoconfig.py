@@ -1,0 +1,262 @@
+"""The tuner: scheduler parameters with the best accuracy under a compute or latency budget.
+
+Sub-queries are decomposed and encoded once; every trial re-runs only the scheduled
+pass on the same vectors, so a trial costs milliseconds per query. The target is
+Recall@k against relevance labels when given, otherwise agreement (overlap@k) with the
+exhaustive ``himir-full`` ranking. The search is coordinate descent over a grid of
+values per parameter, starting from the current configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from himir_rag.index import HiMIRIndex
+from himir_rag.scheduler import (
+    MODE_LEVELS,
+    RetrievalMode,
+    SchedulerParams,
+    SearchStats,
+    scheduled_search,
+    score_exhaustive,
+    top_k,
+)
+
+__all__ = ["tune", "apply", "TuneReport", "Trial", "SEARCH_SPACE", "read_qrels"]
+
+logger = logging.getLogger(__name__)
+
+SEARCH_SPACE: dict[str, list[Any]] = {
+    "candidate_levels": [("segment",), ("region", "segment"), ("global", "region", "segment"), ("global", "region")],
+    "candidate_k": [8, 16, 32, 64, 128],
+    "nprobe": [2, 4, 8, 16, 32, 64],
+    "bound_scale": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "sparsity_margin": [0.0, 0.05, 0.1, 0.2, float("inf")],
+    "consistency_overlap": [0.8, 1.0, 2.0],
+    "consistency_margin": [0.0, 0.02, 0.05, 0.1],
+}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One evaluated configuration: accuracy, median dot products and p50 latency per query."""
+
+    params: dict[str, Any]
+    accuracy: float
+    dot_products: float
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": _jsonable(self.params), "accuracy": self.accuracy, "dot_products": self.dot_products,
+                "latency_ms": self.latency_ms}
+
+
+@dataclass
+class TuneReport:
+    """What the tuner tried and chose; ``baselines`` holds mvr / himir-full on the same queries."""
+
+    chosen: Trial
+    target: str
+    k: int
+    budget_dot_products: float | None
+    budget_ms: float | None
+    trials: list[Trial] = field(default_factory=list)
+    baselines: dict[str, Trial] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen.to_dict(), "target": self.target, "k": self.k,
+                "budget_dot_products": self.budget_dot_products, "budget_ms": self.budget_ms,
+                "trials": [t.to_dict() for t in self.trials],
+                "baselines": {m: t.to_dict() for m, t in self.baselines.items()}, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class _Workload:
+    vectors: list[np.ndarray]  # per query (s, dim)
+    reference: list[set[int]]  # per query: relevant image ids (labels) or himir-full top-k
+
+
+def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[str]] | None = None, k: int = 10,
+         budget_dot_products: float | None = None, budget_ms: float | None = None, decomposer: Any = None,
+         passes: int = 2) -> TuneReport:
+    """Search scheduler parameters for the best accuracy within a budget.
+
+    Parameters
+    ----------
+    index : HiMIRIndex
+        A built index (its config is not changed: apply ``report.chosen.params`` with
+        :meth:`HiMIRIndex.set_config`, as ``himir tune`` does).
+    queries : sequence of str
+        Sample questions.
+    relevant : sequence of set of str, optional
+        Per query, the paths of the relevant images; without it the target is
+        agreement with the exhaustive ``himir-full`` top-k.
+    budget_dot_products, budget_ms : float, optional
+        Median dot products / p50 search latency per query allowed. Without a budget
+        the cheapest configuration within one point of the best accuracy is chosen.
+
+    Returns
+    -------
+    TuneReport
+
+    Example
+    -------
+    >>> report = tune(index, ["a cat next to a cup"], budget_dot_products=5000)  # doctest: +SKIP
+    """
+    if not queries:
+        raise ValueError("tune needs at least one query")
+    if relevant is not None and len(relevant) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(relevant)} relevance sets")
+    started = time.perf_counter()
+    k = min(k, len(index))
+    workload = _workload(index, queries, relevant, k=k, decomposer=decomposer)
+    report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall" if relevant else "agreement-with-himir-full",
+                        k=k, budget_dot_products=budget_dot_products, budget_ms=budget_ms)
+    report.baselines = {mode.value: _evaluate_exhaustive(index, workload, mode, k)
+                        for mode in (RetrievalMode.MVR, RetrievalMode.HIMIR_FULL)}
+    current = dataclasses.asdict(SchedulerParams.from_dict(index.config.scheduler))
+    best = _run(index, workload, current, k, report)
+    for _ in range(passes):
+        for name, values in SEARCH_SPACE.items():
+            for value in values:
+                candidate = _run(index, workload, {**best.params, name: value}, k, report)
+                if _better(candidate, best, budget_dot_products, budget_ms):
+                    best = candidate
+    report.chosen = _choose(report.trials, budget_dot_products, budget_ms) or best
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _workload(index: HiMIRIndex, queries: Sequence[str], relevant: Sequence[set[str]] | None, *, k: int,
+              decomposer: Any) -> _Workload:
+    if decomposer is None:
+        from himir_rag.decompose import RuleDecomposer
+
+        decomposer = RuleDecomposer()
+    snapshot = index.snapshot
+    vectors = [index.encoder.embed_texts(decomposer.decompose(q) or [q]) for q in queries]
+    if relevant is not None:
+        by_path = {r.path: r.image_id for r in snapshot.images.values()}
+        reference = [{by_path[p] for p in paths if p in by_path} for paths in relevant]
+    else:
+        reference = []
+        for vecs in vectors:
+            scored = score_exhaustive(snapshot, vecs, levels=MODE_LEVELS[RetrievalMode.HIMIR_FULL])
+            reference.append(set(scored.image_ids[top_k(scored.scores, k)].tolist()))
+    return _Workload(vectors, reference)
+
+
+def _accuracy(found: np.ndarray, reference: set[int]) -> float:
+    if not reference:
+        return 0.0
+    return len(set(found.tolist()) & reference) / len(reference)
+
+
+def _evaluate_exhaustive(index: HiMIRIndex, workload: _Workload, mode: RetrievalMode, k: int) -> Trial:
+    accuracy, cost, latency = [], [], []
+    for vecs, reference in zip(workload.vectors, workload.reference):
+        tick = time.perf_counter()
+        scored = score_exhaustive(index.snapshot, vecs, levels=MODE_LEVELS[mode])
+        found = scored.image_ids[top_k(scored.scores, k)]
+        latency.append((time.perf_counter() - tick) * 1000)
+        accuracy.append(_accuracy(found, reference))
+        cost.append(scored.dot_products)
+    return Trial({"mode": mode.value}, float(np.mean(accuracy)), float(np.median(cost)), float(np.median(latency)))
+
+
+def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int, report: TuneReport) -> Trial:
+    for trial in report.trials:
+        if trial.params == params:
+            return trial
+    parsed = SchedulerParams.from_dict(params)
+    accuracy, cost, latency = [], [], []
+    for vecs, reference in zip(workload.vectors, workload.reference):
+        stats = SearchStats(mode="himir")
+        tick = time.perf_counter()
+        scored = scheduled_search(index.snapshot, vecs, k=k, row_mask=None, params=parsed, stats=stats)
+        found = scored.image_ids[top_k(scored.scores, k)]
+        latency.append((time.perf_counter() - tick) * 1000)
+        accuracy.append(_accuracy(found, reference))
+        cost.append(stats.dot_products)
+    trial = Trial(dict(params), float(np.mean(accuracy)), float(np.median(cost)), float(np.median(latency)))
+    report.trials.append(trial)
+    logger.info("trial %s -> accuracy %.3f, %.0f dot products", params, trial.accuracy, trial.dot_products)
+    return trial
+
+
+def _fits(trial: Trial, budget_dot_products: float | None, budget_ms: float | None) -> bool:
+    return (budget_dot_products is None or trial.dot_products <= budget_dot_products) and (
+        budget_ms is None or trial.latency_ms <= budget_ms)
+
+
+def _better(candidate: Trial, best: Trial, budget_dot_products: float | None, budget_ms: float | None) -> bool:
+    fits, best_fits = _fits(candidate, budget_dot_products, budget_ms), _fits(best, budget_dot_products, budget_ms)
+    if fits != best_fits:
+        return fits
+    if not fits:  # neither fits: move towards the budget
+        return candidate.dot_products < best.dot_products
+    if abs(candidate.accuracy - best.accuracy) > 1e-9:
+        return candidate.accuracy > best.accuracy
+    return candidate.dot_products < best.dot_products
+
+
+def _choose(trials: list[Trial], budget_dot_products: float | None, budget_ms: float | None) -> Trial | None:
+    """Best accuracy within the budget; without one, the cheapest within 1 point of the best."""
+    feasible = [t for t in trials if _fits(t, budget_dot_products, budget_ms)]
+    if not feasible:
+        return None
+    top = max(t.accuracy for t in feasible)
+    slack = 0.01 if budget_dot_products is None and budget_ms is None else 1e-9
+    return min((t for t in feasible if t.accuracy >= top - slack), key=lambda t: (t.dot_products, -t.accuracy))
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists and infinity as a large number, so the config is plain JSON."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, float) and not np.isfinite(value):
+            value = 1e9
+        out[key] = value
+    return out
+
+
+def apply(index: HiMIRIndex, report: TuneReport) -> None:
+    """Write the chosen scheduler parameters into the index's config (in memory; save to persist)."""
+    index.set_config(index.config.replace(scheduler=_jsonable(report.chosen.params)))
+
+
+
+def read_qrels(path: str, queries: Sequence[dict[str, Any]]) -> list[set[str]]:
+    """Relevant image paths per query from a JSONL file of ``{"query_id", "paths": [...]}``.
+
+    Relative paths are resolved against the qrels file's folder (the benchmark layout).
+    """
+    import json
+    from pathlib import Path
+
+    base = Path(path).parent
+    by_id: dict[Any, set[str]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                paths = item.get("paths", item.get("relevant"))
+                by_id[item["query_id"]] = {str((base / p).absolute()) for p in paths}
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: expected {{'query_id', 'paths': [...]}} ({exc})") from exc
+    missing = [q["id"] for q in queries if q["id"] not in by_id]
+    if missing:
+        raise ValueError(f"{path}: no relevance labels for query ids {missing[:5]}")
+    return [by_id[q["id"]] for q in queries]
