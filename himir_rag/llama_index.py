@@ -1,0 +1,438 @@
+"""LlamaIndex adapter: :class:`HiMIRRetriever`, a ``BaseRetriever`` returning image nodes.
+
+Each ranked photo becomes a ``NodeWithScore`` around an :class:`HiMIRImageNode` (an
+``ImageNode``): ``image_path`` and ``image_mimetype`` point at the photo, ``id_`` is the
+photo's stable key, ``text`` says which region matched which sub-query, and ``metadata``
+holds the user's metadata plus the keys listed in :mod:`himir_rag.retriever`.
+
+How the photos reach the generator: with
+``RetrieverQueryEngine.from_args(retriever, llm=chat_llm, multimodal=True)`` the response
+synthesizer turns every node into a ``ChatMessage`` of
+``node.get_content_blocks(MetadataMode.LLM)``. An ``ImageNode`` gives its metadata text
+and an ``ImageBlock(path=image_path)``; :class:`HiMIRImageNode` adds its description text
+between the two, so the chat model receives, per photo, the user's metadata, why it
+matched, and the image itself. Plain ``ImageNode`` drops the text, hence the subclass; it
+serialises as an ``ImageNode``.
+
+Install with ``pip install 'himir-rag[llama-index]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import operator
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from PIL import Image
+
+try:
+    import llama_index.core.instrumentation as instrument
+    from llama_index.core.base.base_retriever import BaseRetriever
+    from llama_index.core.base.llms.types import TextBlock
+    from llama_index.core.callbacks import CallbackManager
+    from llama_index.core.instrumentation.events import BaseEvent
+    from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
+    from llama_index.core.prompts.mixin import PromptDictType
+    from llama_index.core.schema import (
+        ImageNode,
+        MetadataMode,
+        NodeRelationship,
+        NodeWithScore,
+        QueryBundle,
+        RelatedNodeInfo,
+    )
+    from llama_index.core.vector_stores.types import FilterCondition, FilterOperator, MetadataFilter, MetadataFilters
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "himir_rag.llama_index needs llama-index-core; install it with: pip install 'himir-rag[llama-index]'"
+    ) from exc
+
+from himir_rag import retriever as shared
+from himir_rag.decompose import DEFAULT_DECOMPOSE_PROMPT, LLMDecomposer, QueryDecomposer
+from himir_rag.errors import ConfigError
+from himir_rag.images import load_image
+from himir_rag.index import HiMIRIndex, RegionMatch, SearchHit, SearchResult
+from himir_rag.scheduler import RetrievalMode, SearchStats
+
+__all__ = [
+    "HiMIRRetriever",
+    "HiMIRImageNode",
+    "HiMIRStageEvent",
+    "metadata_filters_to_callable",
+    "DEFAULT_SIMILARITY_TOP_K",
+]
+
+logger = logging.getLogger(__name__)
+dispatcher = instrument.get_dispatcher(__name__)
+
+DEFAULT_SIMILARITY_TOP_K = 4
+PROMPT_KEY = "decompose_prompt"
+# Kept out of the LLM's and the embedder's view: structured or local-only values. The LLM
+# sees the user's metadata, the file name and the node text (the match description).
+_HIDDEN_KEYS = [key for key in shared.HIMIR_METADATA_KEYS if key != "file_name"] + ["bbox"]
+
+
+class HiMIRImageNode(ImageNode):
+    """An ``ImageNode`` whose content blocks include its text (the match description).
+
+    ``ImageNode.get_content_blocks`` returns the metadata text and the image only; a
+    multimodal synthesizer would then never see why the photo matched.
+    """
+
+    def get_content_blocks(self, metadata_mode: MetadataMode = MetadataMode.NONE) -> list[Any]:
+        """Metadata text, then the description text, then the image block."""
+        blocks = super().get_content_blocks(metadata_mode)
+        if self.text:
+            blocks.insert(len(blocks) - 1, TextBlock(text=self.text))
+        return blocks
+
+
+class HiMIRStageEvent(BaseEvent):
+    """One stage of a HiMIR search (``decompose``, ``encode``, ``search``...) and its wall time."""
+
+    query: str
+    stage: str
+    latency_ms: float
+    mode: str = ""
+    dot_products: int = 0
+
+    @classmethod
+    def class_name(cls) -> str:
+        """Class name."""
+        return "HiMIRStageEvent"
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == "" or value == []
+
+
+def _text_match(value: Any, wanted: Any, *, fold: bool = False) -> bool:
+    if not isinstance(value, str) or not isinstance(wanted, str):
+        return False
+    return wanted.lower() in value.lower() if fold else wanted in value
+
+
+_OPERATORS: dict[FilterOperator, Callable[[Any, Any], bool]] = {
+    FilterOperator.EQ: operator.eq,
+    FilterOperator.NE: operator.ne,
+    FilterOperator.GT: operator.gt,
+    FilterOperator.GTE: operator.ge,
+    FilterOperator.LT: operator.lt,
+    FilterOperator.LTE: operator.le,
+    FilterOperator.IN: lambda value, wanted: value in wanted,
+    FilterOperator.NIN: lambda value, wanted: value not in wanted,
+    FilterOperator.CONTAINS: lambda value, wanted: wanted in value,
+    FilterOperator.ANY: lambda value, wanted: any(item in value for item in wanted),
+    FilterOperator.ALL: lambda value, wanted: all(item in value for item in wanted),
+    FilterOperator.TEXT_MATCH: _text_match,
+    FilterOperator.TEXT_MATCH_INSENSITIVE: lambda value, wanted: _text_match(value, wanted, fold=True),
+}
+
+
+def _check_filters(filters: MetadataFilters) -> None:
+    for item in filters.filters:
+        if isinstance(item, MetadataFilters):
+            _check_filters(item)
+        elif item.operator not in _OPERATORS and item.operator is not FilterOperator.IS_EMPTY:
+            raise ConfigError(f"filter operator {item.operator!r} on {item.key!r} is not supported; "
+                              f"use one of {', '.join(op.value for op in FilterOperator)}")
+
+
+def _leaf_matches(item: MetadataFilter, metadata: Mapping[str, Any]) -> bool:
+    value = metadata.get(item.key)
+    if item.operator is FilterOperator.IS_EMPTY:
+        return _is_empty(value)
+    if value is None:  # a missing key only passes "not equal" tests, as in SimpleVectorStore
+        return item.operator in (FilterOperator.NE, FilterOperator.NIN)
+    try:
+        return bool(_OPERATORS[item.operator](value, item.value))
+    except TypeError:  # e.g. "3" > 2: values that cannot be compared do not match
+        return False
+
+
+def _filters_match(filters: MetadataFilters, metadata: Mapping[str, Any]) -> bool:
+    results = [_filters_match(item, metadata) if isinstance(item, MetadataFilters) else _leaf_matches(item, metadata)
+               for item in filters.filters]
+    condition = filters.condition or FilterCondition.AND
+    if condition is FilterCondition.OR:
+        return any(results)
+    if condition is FilterCondition.NOT:
+        return not any(results)
+    return all(results)
+
+
+def metadata_filters_to_callable(filters: MetadataFilters) -> Callable[[Mapping[str, Any]], bool]:
+    """Translate LlamaIndex ``MetadataFilters`` into a predicate over one photo's metadata.
+
+    Supports every ``FilterOperator`` (EQ, NE, GT, GTE, LT, LTE, IN, NIN, CONTAINS, ANY,
+    ALL, TEXT_MATCH, TEXT_MATCH_INSENSITIVE, IS_EMPTY), the AND / OR / NOT conditions and
+    nested ``MetadataFilters``. A missing key only passes NE and NIN (and IS_EMPTY);
+    values that cannot be compared (``"3" > 2``) do not match.
+
+    Parameters
+    ----------
+    filters : MetadataFilters
+        The filters.
+
+    Returns
+    -------
+    callable
+        ``predicate(metadata) -> bool``, as accepted by ``HiMIRIndex.search(filters=...)``.
+
+    Raises
+    ------
+    ConfigError
+        If an operator is unknown.
+
+    Example
+    -------
+    >>> from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
+    >>> keep = metadata_filters_to_callable(MetadataFilters(filters=[
+    ...     MetadataFilter(key="year", value=2020, operator=">=")]))
+    >>> keep({"year": 2021}), keep({"year": 2019}), keep({})
+    (True, False, False)
+    """
+    _check_filters(filters)
+    return lambda metadata: _filters_match(filters, metadata)
+
+
+def _core_filters(filters: Any) -> Any:
+    """What ``HiMIRIndex.search`` takes: MetadataFilters translated, dicts and callables as they are."""
+    if filters is None or isinstance(filters, Mapping) or callable(filters):
+        return filters
+    if isinstance(filters, MetadataFilters):
+        return metadata_filters_to_callable(filters)
+    raise TypeError(f"filters must be llama_index MetadataFilters, a dict or a callable, got {type(filters).__name__}")
+
+
+def _template_text(prompt: str | BasePromptTemplate) -> str:
+    """The template string of a prompt, checked for the decomposer's placeholders."""
+    text = prompt.get_template() if isinstance(prompt, BasePromptTemplate) else prompt
+    if not isinstance(text, str):
+        raise TypeError(f"{PROMPT_KEY} must be a str or a PromptTemplate, got {type(prompt).__name__}")
+    variables = set(PromptTemplate(text).template_vars)
+    if "query" not in variables or not variables <= {"query", "max_subqueries"}:
+        raise ConfigError(f"{PROMPT_KEY} must use {{query}} (and may use {{max_subqueries}}), found "
+                          f"placeholders {sorted(variables)}; double literal braces as {{{{ }}}}")
+    return text
+
+
+class HiMIRRetriever(BaseRetriever):
+    """LlamaIndex retriever over a :class:`~himir_rag.index.HiMIRIndex` of photos.
+
+    Parameters
+    ----------
+    index : HiMIRIndex or path-like
+        An index, or an index directory (loaded with :meth:`HiMIRIndex.load`).
+    encoder : Encoder or str, optional
+        Encoder used to load a directory (defaults to the one in its manifest).
+    similarity_top_k : int, default 4
+        Photos returned per query (clamped to the collection size).
+    mode : str, optional
+        ``"himir"``, ``"himir-full"``, ``"mvr"`` or ``"single"``; None keeps the index's
+        default. ``single`` skips decomposition.
+    filters : MetadataFilters, dict or callable, optional
+        Only photos whose user metadata passes are ranked (see
+        :func:`metadata_filters_to_callable`).
+    llm : llama_index.core.llms.LLM, optional
+        Splits queries into sub-queries (an :class:`~himir_rag.decompose.LLMDecomposer`,
+        falling back to rules when the model fails). Without it, the offline rules split.
+    decomposer : QueryDecomposer, optional
+        Any decomposer instead of ``llm``.
+    decompose_prompt : str or PromptTemplate, optional
+        The LLM's prompt (``{query}``, ``{max_subqueries}``); also reachable as
+        ``get_prompts()["decompose_prompt"]`` / ``update_prompts``.
+    return_region_nodes : bool, default False
+        Also return, after each photo, one node per matched region other than the whole
+        photo: an :class:`HiMIRImageNode` holding the crop as a base64 PNG in ``image``
+        (nothing is written to disk), ``id_`` ``"<photo key>#x0,y0,x1,y1"``, score the
+        region's similarity and a ``PARENT`` relationship to the photo's node.
+    region_max_side : int, default 512
+        Longer side of region crops, in pixels (larger crops are downscaled).
+    callback_manager : CallbackManager, optional
+        LlamaIndex callbacks.
+
+    Attributes
+    ----------
+    index : HiMIRIndex
+    last_stats : SearchStats or None
+        Cost of the latest search (decompose / encode / search latencies, dot products);
+        with concurrent queries read ``node.metadata["search_stats"]`` instead.
+
+    Raises
+    ------
+    ValueError
+        If ``similarity_top_k`` is not a positive int, or both ``llm`` and ``decomposer``
+        are given.
+    ConfigError
+        If ``mode``, a filter operator or the prompt is invalid.
+
+    Example
+    -------
+    >>> retriever = HiMIRRetriever("my_index/", similarity_top_k=3)  # doctest: +SKIP
+    >>> nodes = retriever.retrieve("a dog on a beach next to a red bicycle")  # doctest: +SKIP
+    >>> nodes[0].node.image_path, nodes[0].score  # doctest: +SKIP
+    """
+
+    def __init__(self, index: HiMIRIndex | str | os.PathLike[str], *, encoder: Any = None,
+                 similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K, mode: str | RetrievalMode | None = None,
+                 filters: MetadataFilters | Mapping[str, Any] | Callable[..., bool] | None = None,
+                 llm: Any = None, decomposer: QueryDecomposer | None = None,
+                 decompose_prompt: str | BasePromptTemplate | None = None, return_region_nodes: bool = False,
+                 region_max_side: int = 512, callback_manager: CallbackManager | None = None,
+                 verbose: bool = False) -> None:
+        self.index = shared.resolve_index(index, encoder=encoder)
+        self.similarity_top_k = shared.check_k(similarity_top_k, name="similarity_top_k")
+        self.mode = shared.check_mode(mode)
+        self.filters = filters
+        prompt = _template_text(decompose_prompt) if decompose_prompt is not None else None
+        self._decomposer = shared.make_decomposer(llm, decomposer, prompt=prompt)
+        self._decompose_prompt = prompt or DEFAULT_DECOMPOSE_PROMPT  # kept for a later llm-less round trip
+        self.return_region_nodes = return_region_nodes
+        self.region_max_side = shared.check_k(region_max_side, name="region_max_side")
+        self.last_stats: SearchStats | None = None
+        super().__init__(callback_manager=callback_manager, verbose=verbose)
+
+    def __repr__(self) -> str:
+        return (f"HiMIRRetriever(index={self.index!r}, similarity_top_k={self.similarity_top_k}, "
+                f"mode={self.mode!r}, decomposer={self._decomposer!r})")
+
+    @property
+    def filters(self) -> Any:
+        """The metadata filters as given (MetadataFilters, dict, callable or None); settable."""
+        return self._filters
+
+    @filters.setter
+    def filters(self, filters: Any) -> None:
+        self._core_filters = _core_filters(filters)
+        self._filters = filters
+
+    @property
+    def decomposer(self) -> QueryDecomposer:
+        """The query decomposer in use."""
+        return self._decomposer
+
+    # -- prompt mixin -----------------------------------------------------------------------
+    def _get_prompts(self) -> PromptDictType:
+        """``{"decompose_prompt": PromptTemplate}``, the LLM's decomposition prompt."""
+        prompt = getattr(self._decomposer, "prompt", None)  # LLMDecomposer.prompt is public and may change
+        return {PROMPT_KEY: PromptTemplate(prompt if isinstance(prompt, str) else self._decompose_prompt)}
+
+    def _update_prompts(self, prompts: PromptDictType) -> None:
+        """Replace the decomposition prompt (a PromptTemplate or str); clears the LLM's cache."""
+        if PROMPT_KEY not in prompts:
+            return
+        text = _template_text(prompts[PROMPT_KEY])
+        self._decompose_prompt = text
+        if isinstance(self._decomposer, LLMDecomposer):
+            self._decomposer.prompt = text
+            self._decomposer.cache_clear()  # answers cached under the old prompt must not be reused
+        else:
+            logger.info("decompose_prompt stored; it is used only with an LLM decomposer (llm=)")
+
+    # -- retrieval --------------------------------------------------------------------------
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        """Decompose, search, and build the nodes (blocking)."""
+        query = query_bundle.query_str
+        started = time.perf_counter()
+        subqueries = self._decompose(query)
+        decompose_ms = (time.perf_counter() - started) * 1000
+        return self._finish(self._search(query, subqueries), decompose_ms)
+
+    @dispatcher.span
+    async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        """Async retrieval: the LLM's async API, then the search and crops in worker threads."""
+        query = query_bundle.query_str
+        started = time.perf_counter()
+        subqueries = await self._adecompose(query)
+        decompose_ms = (time.perf_counter() - started) * 1000
+        result = await self._asearch(query, subqueries)
+        if self.return_region_nodes:
+            return await asyncio.to_thread(self._finish, result, decompose_ms)
+        return self._finish(result, decompose_ms)
+
+    @dispatcher.span
+    def _decompose(self, query: str) -> list[str]:
+        """Sub-queries of ``query`` (span: decomposition, with the LLM call nested)."""
+        return shared.decompose(self._decomposer, query, mode=self.mode)
+
+    @dispatcher.span
+    async def _adecompose(self, query: str) -> list[str]:
+        """Async variant of :meth:`_decompose` (``adecompose``: the LLM's ``acomplete``)."""
+        return await shared.adecompose(self._decomposer, query, mode=self.mode)
+
+    def _search_kwargs(self, subqueries: list[str]) -> dict[str, Any]:
+        return shared.search_kwargs(k=self.similarity_top_k, mode=self.mode, subqueries=subqueries,
+                                    filters=self._core_filters)
+
+    @dispatcher.span
+    def _search(self, query: str, subqueries: list[str]) -> SearchResult:
+        """Encode the sub-queries and run the matching (span: encoding + scheduling)."""
+        return self.index.search(query, **self._search_kwargs(subqueries))
+
+    @dispatcher.span
+    async def _asearch(self, query: str, subqueries: list[str]) -> SearchResult:
+        """Async variant of :meth:`_search` (in a worker thread, the event loop stays free)."""
+        return await self.index.asearch(query, **self._search_kwargs(subqueries))
+
+    def _finish(self, result: SearchResult, decompose_ms: float) -> list[NodeWithScore]:
+        shared.record_decompose_latency(result, decompose_ms)
+        self.last_stats = result.stats
+        self._emit_stage_events(result)
+        return self._build_nodes(result)
+
+    def _emit_stage_events(self, result: SearchResult) -> None:
+        stats = result.stats
+        for stage, latency in stats.latency_ms.items():
+            if stage != "total":
+                dispatcher.event(HiMIRStageEvent(query=result.query, stage=stage, latency_ms=float(latency),
+                                                 mode=stats.mode, dot_products=int(stats.dot_products)))
+
+    @dispatcher.span
+    def _build_nodes(self, result: SearchResult) -> list[NodeWithScore]:
+        """One node per photo, each followed by its region nodes when asked (span: crops)."""
+        nodes: list[NodeWithScore] = []
+        for hit in shared.present_hits(result.hits):
+            nodes.append(NodeWithScore(node=_photo_node(hit, result), score=float(hit.score)))
+            if self.return_region_nodes:
+                nodes.extend(self._region_nodes(hit, result))
+        return nodes
+
+    def _region_nodes(self, hit: SearchHit, result: SearchResult) -> list[NodeWithScore]:
+        by_box: dict[tuple[int, ...], list[RegionMatch]] = {}
+        for region in hit.regions:
+            if region.level != "global":
+                by_box.setdefault(tuple(region.bbox), []).append(region)
+        if not by_box:
+            return []
+        photo = load_image(hit.path, max_pixels=self.index.config.max_image_pixels)
+        return [NodeWithScore(node=self._region_node(hit, result, photo.crop(box), box, regions),
+                              score=max(float(r.score) for r in regions))
+                for box, regions in by_box.items()]
+
+    def _region_node(self, hit: SearchHit, result: SearchResult, crop: Image.Image, box: tuple[int, ...],
+                     regions: Sequence[RegionMatch]) -> HiMIRImageNode:
+        data, mime = shared.image_to_base64(crop, max_side=self.region_max_side)
+        metadata = {**shared.hit_metadata(hit, result), "mime_type": mime, "bbox": list(box),
+                    "width": crop.width, "height": crop.height,
+                    "score": max(float(r.score) for r in regions),
+                    "regions": [shared.region_dict(r) for r in regions]}
+        matched = ", ".join(f'"{r.subquery}" ({r.score:.3f})' for r in regions)
+        text = f'{regions[0].level.capitalize()} {box} of photo "{metadata["file_name"]}", matching {matched}.'
+        return HiMIRImageNode(id_=f"{hit.key}#{','.join(str(v) for v in box)}", text=text, image=data,
+                              image_mimetype=mime, metadata=metadata, excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
+                              excluded_embed_metadata_keys=list(_HIDDEN_KEYS),
+                              relationships={NodeRelationship.PARENT: RelatedNodeInfo(node_id=hit.key)})
+
+
+def _photo_node(hit: SearchHit, result: SearchResult) -> HiMIRImageNode:
+    """The node of one ranked photo."""
+    metadata = shared.hit_metadata(hit, result)
+    return HiMIRImageNode(id_=hit.key, text=shared.hit_text(hit, result.query), image_path=hit.path,
+                          image_mimetype=metadata["mime_type"], metadata=metadata,
+                          excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
+                          excluded_embed_metadata_keys=list(_HIDDEN_KEYS))
