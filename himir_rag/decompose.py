@@ -866,8 +866,13 @@ class LLMDecomposer:
 
     @prompt.setter
     def prompt(self, template: str) -> None:
-        self._prompt = template
-        self.format_prompt("check")
+        previous, self._prompt = getattr(self, "_prompt", None), template
+        try:
+            self.format_prompt("check")
+        except ConfigError:
+            if previous is not None:  # a rejected template leaves the working one in place
+                self._prompt = previous
+            raise
         self._cache.clear()
 
     def format_prompt(self, query: str) -> str:

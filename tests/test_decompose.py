@@ -720,3 +720,14 @@ def test_get_decomposer_llm_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "langchain_ollama", fake)
     monkeypatch.setenv("HIMIR_LLM", "ollama:llama3.2")
     assert get_decomposer("llm").decompose(QUERY) == ["llama3.2"]
+
+
+def test_rejected_prompt_keeps_previous_template() -> None:
+    from himir_rag.decompose import LLMDecomposer
+    from himir_rag.errors import ConfigError
+
+    decomposer = LLMDecomposer(lambda prompt: '["a cat"]')
+    good = decomposer.prompt
+    with pytest.raises(ConfigError, match="query"):
+        decomposer.prompt = "no placeholder here"
+    assert decomposer.prompt == good
