@@ -49,16 +49,9 @@ def index_command(
     try:
         index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
                                 batch_size=batch_size, device=device, prune_cosine=prune_cosine)
-        saved_at = [0]
-
-        def checkpoint(report: BuildReport) -> None:
-            done = report.added + report.updated + len(report.skipped)
-            if done - saved_at[0] >= checkpoint_every:
-                index.save(index_dir)
-                saved_at[0] = done
-
-        report = index.add(images_dir, progress=progress, on_chunk=checkpoint)
-        index.save(index_dir)
+        # checkpoints and the final save happen inside add (crash-safe, resumable)
+        report = index.add(images_dir, progress=progress, checkpoint_dir=index_dir,
+                           checkpoint_every=checkpoint_every)
     except (HiMIRError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
@@ -202,10 +195,62 @@ def demo_command(
                f"({time.perf_counter() - started:.0f}s). Try: himir search {out / 'index'} \"a cat\"")
 
 
+@app.command("tune")
+def tune_command(
+    index_dir: Path = typer.Argument(..., help="Index directory (the chosen config is written into it)."),
+    queries: Path = typer.Option(..., "--queries", help='JSONL of {"id", "query"} sample queries.'),
+    qrels: Optional[Path] = typer.Option(None, "--qrels", help='JSONL of {"query_id", "paths": [...]} labels.'),
+    budget_dot_products: Optional[float] = typer.Option(None, "--budget-dot-products", help="Median per query."),
+    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="p50 search latency per query."),
+    k: int = typer.Option(10, "-k", "--k", min=1),
+    limit: int = typer.Option(200, help="Use at most this many queries."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report only; do not write the config."),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Tune the scheduler for the best Recall@k (or agreement with himir-full) under a budget."""
+    _setup_logging(verbose)
+    from himir_rag.autoconfig import apply, read_qrels, tune
+
+    if budget_dot_products is not None and budget_ms is not None:
+        _fail("give --budget-dot-products or --budget-ms, not both")
+    try:
+        index = HiMIRIndex.load(index_dir)
+        items = [{"id": qid, "query": text} for qid, text in _read_queries(queries)][:limit]
+        relevant = read_qrels(str(qrels), items) if qrels is not None else None
+        report = tune(index, [q["query"] for q in items], relevant=relevant, k=k,
+                      budget_dot_products=budget_dot_products, budget_ms=budget_ms)
+        if not dry_run:
+            apply(index, report)
+            index.save(index_dir)
+    except (HiMIRError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines["himir-full"]
+    typer.echo(f"target: {report.target}@{report.k} on {len(items)} queries; {len(report.trials)} trials "
+               f"in {report.seconds:.1f}s")
+    for name, trial in (("mvr", mvr), ("himir-full", full), ("himir (chosen)", chosen)):
+        typer.echo(f"  {name:<15} accuracy {trial.accuracy:.3f}  dot products {trial.dot_products:>10.0f}  "
+                   f"p50 {trial.latency_ms:.2f} ms")
+    typer.echo(f"  {mvr.dot_products / max(chosen.dot_products, 1):.1f}x fewer dot products than mvr")
+    typer.echo(f"chosen: {json.dumps(chosen.to_dict()['params'])}" + ("" if dry_run else f" -> written to {index_dir}"))
+
+
+def _mount_subcommands() -> None:
+    from himir_rag.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench", help="Benchmarks: composite photos, all modes side by side, scale.")
+
+
 def main() -> None:
     """Entry point of the ``himir`` console script."""
     app()
 
+
+_mount_subcommands()
 
 if __name__ == "__main__":
     main()

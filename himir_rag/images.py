@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from stat import S_ISREG
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -40,32 +42,64 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 50_000_000) ->
     Raises
     ------
     ImageLoadError
-        If the file is missing, unreadable, not an image, truncated or too large.
+        If the file is missing, empty, unreadable, not an image, truncated or has more
+        than ``max_pixels`` pixels (checked from the header, before decoding).
 
     Example
     -------
     >>> img = load_image("photo.jpg")  # doctest: +SKIP
     """
     path = Path(path)
+    _check_readable_file(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from ~89 Mpx on; our own max_pixels check below is the one that decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise ImageLoadError(
-                        f"{path}: {width}x{height} = {width * height} pixels exceeds "
-                        f"max_image_pixels={max_pixels}; raise the limit to index it"
-                    )
+                    raise ImageLoadError(_too_large(path, f"{width}x{height} = {width * height} pixels", max_pixels))
                 img.seek(0)
                 img.load()
                 return _to_rgb(ImageOps.exif_transpose(img))
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"{path}: not a readable image ({exc})") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageLoadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's hard limit (2x MAX_IMAGE_PIXELS), hit before ours
+        declared = _BOMB_PIXELS.search(str(exc))
+        size = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow allows"
+        raise ImageLoadError(_too_large(path, size, max_pixels)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{path}: not an image file Pillow can decode (unknown format or not an image); "
+                             "remove it or give it its real extension") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # a filesystem error (permission denied, I/O error), not a decoding one
+            hint = "; check its permissions" if isinstance(exc, PermissionError) else ""
+            raise ImageLoadError(f"{path}: cannot read file ({exc.strerror or exc}){hint}") from exc
+        raise ImageLoadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc}); "
+                             "the file is truncated or corrupt") from exc
+    except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise ImageLoadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc}); "
+                             "the file is truncated or corrupt") from exc
+
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _too_large(path: Path, size: str, max_pixels: int) -> str:
+    return (f"{path}: image of {size} exceeds max_image_pixels={max_pixels} (decompression-bomb guard); "
+            "raise max_image_pixels in HiMIRConfig to index it")
+
+
+def _check_readable_file(path: Path) -> None:
+    """Reject missing, non-regular and empty files with a message naming the problem."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise ImageLoadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    if not S_ISREG(stat.st_mode):
+        raise ImageLoadError(f"{path}: not a regular file")
+    if stat.st_size == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes); nothing to index")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -93,20 +127,30 @@ def _scaled_to_uint8(img: Image.Image):  # -> np.ndarray
     return ((arr - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
+def iter_image_files(root: str | os.PathLike[str], *,
+                     on_skip: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
     """Yield image files under ``root`` recursively, sorted, following symlinks safely.
 
-    Directory symlinks are followed once; loops are detected by real path and skipped.
-    Files are recognised by extension; whether they decode is checked later.
+    Directory symlinks are followed once; loops are detected by real path and not
+    walked again (each file is yielded once). Files are recognised by extension;
+    whether they decode is checked later.
 
     Parameters
     ----------
     root : path-like
         A directory, or a single image file.
+    on_skip : callable, optional
+        ``on_skip(path, reason)`` for what cannot be walked: unlistable directories,
+        broken or looping symlinks with an image extension. Always logged as well.
 
     Yields
     ------
     pathlib.Path
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``root`` is neither a file nor a directory.
     """
     root = Path(root)
     if root.is_file():
@@ -115,26 +159,36 @@ def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
     seen: set[str] = set()
-    yield from _walk(root, seen)
+    yield from _walk(root, seen, on_skip or (lambda path, reason: None))
 
 
-def _walk(directory: Path, seen: set[str]) -> Iterator[Path]:
+def _walk(directory: Path, seen: set[str], on_skip: Callable[[Path, str], None]) -> Iterator[Path]:
     real = os.path.realpath(directory)
     if real in seen:
-        logger.warning("%s: directory already visited (symlink loop?), skipped", directory)
+        # not a loss: the directory's files are (or will be) yielded under their first path
+        logger.warning("%s: directory already visited (symlink loop?), not walked again", directory)
         return
     seen.add(real)
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as exc:
-        logger.warning("%s: cannot list directory (%s), skipped", directory, exc)
+        _skip(on_skip, directory, f"cannot list directory ({exc.strerror or exc})")
         return
     for entry in entries:
         path = Path(entry.path)
+        is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
         try:
             if entry.is_dir(follow_symlinks=True):
-                yield from _walk(path, seen)
-            elif entry.is_file(follow_symlinks=True) and path.suffix.lower() in IMAGE_EXTENSIONS:
+                yield from _walk(path, seen, on_skip)
+            elif entry.is_file(follow_symlinks=True) and is_image_name:
                 yield path
+            elif is_image_name and entry.is_symlink():
+                _skip(on_skip, path, f"broken symlink (target {os.readlink(path)!r} does not exist)")
         except OSError as exc:
-            logger.warning("%s: cannot stat (%s), skipped", path, exc)
+            if is_image_name or entry.is_symlink():
+                _skip(on_skip, path, f"cannot stat ({exc.strerror or exc})")
+
+
+def _skip(on_skip: Callable[[Path, str], None], path: Path, reason: str) -> None:
+    logger.warning("%s: %s, skipped", path, reason)
+    on_skip(path, reason)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -36,7 +37,8 @@ from tqdm.auto import tqdm
 from himir_rag.catalog import ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder
-from himir_rag.errors import ConfigError, EmptyIndexError, ImageLoadError, IncompatibleIndexError, IndexFormatError
+from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
+                              IndexFormatError)
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
 from himir_rag.images import iter_image_files, load_image
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
@@ -203,11 +205,12 @@ class HiMIRIndex:
 
     def add(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
             metadata: MetadataSource = None, progress: bool = True, chunk_images: int = 16,
-            on_chunk: Callable[[BuildReport], None] | None = None) -> BuildReport:
+            on_chunk: Callable[[BuildReport], None] | None = None,
+            checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 256) -> BuildReport:
         """Index new or changed images; unchanged ones (same path, size, mtime) are kept.
 
         Unreadable or non-image files are skipped with a warning and listed in the
-        report, never abort the run.
+        report (and in :attr:`skipped`), never abort the run.
 
         Parameters
         ----------
@@ -217,32 +220,60 @@ class HiMIRIndex:
             User metadata per image: ``{path: {...}}`` or ``fn(path) -> {...}``; JSON values.
         chunk_images : int
             Images decoded, encoded and committed together; ``on_chunk`` runs after each.
+        checkpoint_dir : path-like, optional
+            Save the index there (atomically, see :meth:`save`) whenever ``checkpoint_every``
+            more files were processed, and once at the end. A run killed at any point
+            leaves the last checkpoint loadable; running ``add`` again on the loaded
+            index resumes (files already indexed are unchanged and not re-encoded).
+        checkpoint_every : int
+            Files (indexed or skipped) between checkpoints; checked after each chunk.
 
         Returns
         -------
         BuildReport
+
+        Example
+        -------
+        >>> index.add("photos/", checkpoint_dir="index/", checkpoint_every=500)  # doctest: +SKIP
         """
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
         started = time.perf_counter()
         report = BuildReport()
         paths = self._collect_paths(source, report)
+        saved_at = 0
         bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)
         with ThreadPoolExecutor(max_workers=2) as pool:
             for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images), self._prepare_chunk, metadata, report):
                 self._commit(self._encode_chunk(chunk, report), report)
                 bar.update(n_files)
+                if checkpoint_dir is not None and _processed(report) - saved_at >= checkpoint_every:
+                    self._record_skipped(report)
+                    self.save(checkpoint_dir)
+                    saved_at = _processed(report)
                 if on_chunk is not None:
                     on_chunk(report)
         bar.close()
+        self._record_skipped(report)
+        if checkpoint_dir is not None and (saved_at == 0 or saved_at != _processed(report)):
+            self.save(checkpoint_dir)  # unless the last checkpoint already holds everything
         report.seconds = time.perf_counter() - started
-        self._skipped = _merge_skipped(self._skipped, report.skipped)
         for path, reason in report.skipped:
             logger.warning("skipped %s: %s", path, reason)
         return report
 
+    def _record_skipped(self, report: BuildReport) -> None:
+        """Merge the report's skipped files into :attr:`skipped`; earlier entries indexed since are dropped."""
+        with self._write_lock:
+            indexed = {r.path for r in self.snapshot.images.values()}
+            earlier = [(path, reason) for path, reason in self._skipped if path not in indexed]
+            self._skipped = _merge_skipped(earlier, report.skipped)
+
     def _collect_paths(self, source: Any, report: BuildReport) -> list[tuple[Path, int | None]]:
         """Files to (re)index, each with the id of the image it replaces (changed files)."""
         if isinstance(source, (str, os.PathLike)):
-            candidates: Iterable[Path] = iter_image_files(source)
+            candidates: Iterable[Path] = iter_image_files(
+                source, on_skip=lambda path, reason: report.skipped.append((str(path.absolute()), reason)))
         else:
             candidates = (Path(p) for p in source)
         by_path = {r.path: r for r in self.snapshot.images.values()}
@@ -273,6 +304,13 @@ class HiMIRIndex:
                 prepared.append(self._prepare_one(path, replaces, metadata))
             except ImageLoadError as exc:
                 report.skipped.append((str(path), str(exc).removeprefix(f"{path}: ")))
+            except OSError as exc:  # e.g. the file vanished between listing and reading
+                report.skipped.append((str(path), f"cannot read file ({exc.strerror or exc})"))
+            except HiMIRError:  # the caller's mistake (e.g. metadata that is not JSON): stop the run
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug on one odd image must not lose the collection
+                logger.exception("unexpected error while preparing %s", path)
+                report.skipped.append((str(path), f"unexpected error ({type(exc).__name__}: {exc}); please report it"))
         return len(chunk), prepared
 
     def _prepare_one(self, path: Path, replaces: int | None, metadata: MetadataSource) -> _Prepared:
@@ -283,8 +321,10 @@ class HiMIRIndex:
         tree = self._decomposer.decompose(image)
         tree = tree.select(_area_keep(tree, self.config.min_region_frac))
         scale = min(1.0, _CROP_MAX_SIDE / max(image.size))
-        work = image if scale == 1.0 else image.resize((round(image.width * scale), round(image.height * scale)))
-        crops = [work.crop(tuple(int(round(v * scale)) for v in box)) for box in tree.boxes]
+        # max(1, ...): a 10000x3 strip must not shrink to a 0-px-high working copy
+        work = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
+                                                        max(1, round(image.height * scale))))
+        crops = [work.crop(_crop_box(box, image.size, work.size)) for box in tree.boxes]
         return _Prepared(record, tree, crops, replaces)
 
     def _encode_chunk(self, chunk: list[_Prepared], report: BuildReport) -> list[tuple[_Prepared, np.ndarray]]:
@@ -377,7 +417,7 @@ class HiMIRIndex:
     def _check_query(self, query: str, k: int) -> int:
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query is empty; pass a non-empty description of the photo to find")
-        if not isinstance(k, (int, np.integer)) or k <= 0:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         n = len(self)
         if n == 0:
@@ -439,6 +479,7 @@ class HiMIRIndex:
         staging.mkdir()
         try:
             self._write_version(staging, snapshot, skipped, next_id)
+            _fsync_dir(staging)  # the files' directory entries are durable before the version is published
             os.rename(staging, directory / version)
             _fsync_dir(directory)
             _atomic_write_text(directory / "CURRENT", version + "\n")
@@ -453,9 +494,9 @@ class HiMIRIndex:
             np.save(fh, snapshot.vectors, allow_pickle=False)
             _fsync(fh)
         snapshot.write_catalog(target / "catalog.sqlite", skipped=skipped)
-        for level, store in snapshot._stores.items():  # only those built: the rest are rebuilt on demand
-            if len(store):
-                store.save(target / f"level{int(level)}.faiss")
+        for key, store in list(snapshot._stores.items()):  # FAISS stores built so far; others rebuilt on demand
+            if isinstance(key, tuple) and len(store):
+                store.save(target / f"level{int(key[0])}.{key[1]}.faiss")
         files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
         manifest = {
             "format": "himir-rag index", "format_version": FORMAT_VERSION,
@@ -533,6 +574,11 @@ def _prefetch(pool: ThreadPoolExecutor, chunks: Iterator[list[Any]], prepare: Ca
         yield pending.result()
 
 
+def _processed(report: BuildReport) -> int:
+    """Files this ``add`` has dealt with so far (indexed or skipped)."""
+    return report.added + report.updated + len(report.skipped)
+
+
 def _metadata_for(path: Path, metadata: MetadataSource) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -543,6 +589,17 @@ def _metadata_for(path: Path, metadata: MetadataSource) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"metadata of {path} is not JSON-serialisable ({exc}); use str/int/float/bool/list/dict values") from exc
     return value
+
+
+def _crop_box(box: Sequence[int], size: tuple[int, int], work_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) in original pixels -> the same box on the working copy, >= 1 px each side."""
+    (width, height), (work_w, work_h) = size, work_size
+    sx, sy = work_w / width, work_h / height
+    x0 = min(int(math.floor(box[0] * sx)), work_w - 1)
+    y0 = min(int(math.floor(box[1] * sy)), work_h - 1)
+    x1 = min(max(int(math.ceil(box[2] * sx)), x0 + 1), work_w)
+    y1 = min(max(int(math.ceil(box[3] * sy)), y0 + 1), work_h)
+    return x0, y0, x1, y1
 
 
 def _with_id(record: ImageRecord, image_id: int) -> ImageRecord:
@@ -629,9 +686,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _remove_old_versions(directory: Path, *, keep: str) -> None:
+    """Remove older versions and what killed saves left behind (staging dirs, CURRENT temp files)."""
     for entry in directory.iterdir():
         if entry.is_dir() and entry.name != keep and (entry.name.startswith("v") or entry.name.endswith(".tmp")):
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file() and entry.name.startswith(".CURRENT.") and entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
 
 
 def _current_version(directory: Path) -> Path:
@@ -653,14 +713,29 @@ def _read_manifest(version_dir: Path) -> dict[str, Any]:
         raise IndexFormatError(f"{version_dir}: manifest.json is missing; the index is incomplete") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IndexFormatError(f"{version_dir}/manifest.json: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{version_dir}/manifest.json: not a himir-rag index manifest; rebuild the index")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise IncompatibleIndexError(
             f"{version_dir}: index format version {version!r}, this himir-rag reads version {FORMAT_VERSION}; "
             "upgrade himir-rag or rebuild the index"
         )
-    for name, size in manifest.get("files", {}).items():
-        actual = (version_dir / name).stat().st_size if (version_dir / name).exists() else None
+    if manifest.get("format") != "himir-rag index":
+        raise IndexFormatError(f"{version_dir}/manifest.json: not a himir-rag index manifest; rebuild the index")
+    encoder = manifest.get("encoder")
+    if not (isinstance(encoder, dict) and isinstance(encoder.get("name"), str) and isinstance(encoder.get("dim"), int)):
+        raise IndexFormatError(f"{version_dir}/manifest.json: no encoder name and dim recorded; rebuild the index")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {"vectors.npy", "catalog.sqlite"} <= set(files):
+        raise IndexFormatError(f"{version_dir}/manifest.json: does not list vectors.npy and catalog.sqlite; "
+                               "rebuild the index")
+    for name, size in files.items():
+        if Path(name).name != name:
+            raise IndexFormatError(f"{version_dir}/manifest.json: file name {name!r} points outside the index")
+        if not (version_dir / name).is_file():
+            raise IndexFormatError(f"{version_dir}/{name}: missing; the index is incomplete, rebuild it")
+        actual = (version_dir / name).stat().st_size
         if actual != size:
             raise IndexFormatError(
                 f"{version_dir}/{name}: expected {size} bytes, found {actual}; the index is truncated or damaged"
@@ -670,19 +745,28 @@ def _read_manifest(version_dir: Path) -> dict[str, Any]:
 
 def _read_vectors(path: Path, dim: int) -> np.ndarray:
     try:
+        # allow_pickle=False: an object array (a pickle) is refused, never unpickled
         vectors = np.load(path, allow_pickle=False, mmap_mode=None)
     except (OSError, ValueError, EOFError) as exc:
         raise IndexFormatError(f"{path}: unreadable vector file ({exc}); rebuild the index") from exc
+    if not isinstance(vectors, np.ndarray):  # an .npz archive under the .npy name
+        vectors.close()
+        raise IndexFormatError(f"{path}: not a single .npy array; rebuild the index")
     if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.float32:
         raise IncompatibleIndexError(f"{path}: vectors {vectors.shape} {vectors.dtype}, manifest says (n, {dim}) float32")
+    if not np.isfinite(vectors).all():
+        raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
     return vectors
 
 
 def _load_level_stores(snapshot: Snapshot, version_dir: Path) -> None:
-    from himir_rag.store.faiss import FaissStore, auto_index_kind
+    from himir_rag.store.faiss import INDEX_KINDS, FaissStore
 
-    for level in Level:
-        path = version_dir / f"level{int(level)}.faiss"
-        if path.exists():
-            n = int((snapshot.levels == level).sum())
-            snapshot._stores[level] = FaissStore.load(path, dim=snapshot.dim, kind=auto_index_kind(n))
+    for path in sorted(version_dir.glob("level*.faiss")):
+        level_text, _, kind = path.stem.removeprefix("level").partition(".")
+        if not level_text.isdigit() or int(level_text) not in {int(lv) for lv in Level} or kind not in INDEX_KINDS:
+            raise IndexFormatError(f"{path}: unexpected FAISS file name; the index directory is damaged")
+        store = FaissStore.load(path, dim=snapshot.dim, kind=kind)
+        if len(store) != int((snapshot.levels == int(level_text)).sum()):
+            raise IndexFormatError(f"{path}: holds {len(store)} vectors, the catalog has a different count")
+        snapshot._stores[(Level(int(level_text)), kind)] = store

@@ -85,11 +85,17 @@ class OfflineEncoder:
         return _encode_sentences(self._sentence_model, texts)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """Embed texts with the sentence model -> (n, 384) float32."""
+        """Embed texts with the sentence model -> (n, 384) float32.
+
+        Texts longer than the model's ``max_seq_length`` tokens (256) are truncated by
+        sentence-transformers; a warning says so.
+        """
         self._ensure_loaded()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self._encode_sentences(list(texts))
+        texts = list(texts)
+        _warn_if_truncated(self._sentence_model, texts)
+        return self._encode_sentences(texts)
 
     def class_probabilities(self, images: list[Image.Image]) -> np.ndarray:
         """ImageNet class probabilities -> (n, 1000) float32."""
@@ -129,6 +135,26 @@ def _shared_models(variant: str, device: str) -> tuple[Any, Any, np.ndarray]:
     """Models loaded once per process and shared by every OfflineEncoder (they are read-only)."""
     with _MODELS_LOCK:
         return _cached_models(variant, device)
+
+
+def _warn_if_truncated(model: Any, texts: list[str]) -> None:
+    """Log a warning for each text the sentence model will cut at ``max_seq_length`` tokens.
+
+    sentence-transformers truncates silently; a long query would lose its end unnoticed.
+    """
+    limit = getattr(model, "max_seq_length", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    # a token spans at least one UTF-8 byte, plus 2 special tokens: short texts need no tokenizing
+    long_texts = [t for t in texts if len(t.encode("utf-8")) + 2 > (limit or 0)]
+    if not limit or tokenizer is None or not long_texts:
+        return
+    token_ids = tokenizer(long_texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    for text, ids in zip(long_texts, token_ids):
+        if len(ids) > limit:
+            logger.warning(
+                "text of %d tokens exceeds the offline encoder's max_seq_length=%d; only its first %d tokens are "
+                "embedded (%.60r...); shorten the query or split it into sub-queries", len(ids), limit, limit, text,
+            )
 
 
 def _encode_sentences(model: Any, texts: list[str]) -> np.ndarray:
