@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -612,12 +613,20 @@ def _items_from_json(text: str) -> list[str] | None:
     return None
 
 
+def _is_json_without_list(text: str) -> bool:
+    """True when the whole answer (fences aside) is valid JSON that holds no list."""
+    body = _FENCE.sub(lambda m: m.group(1), text).strip()
+    try:
+        json.loads(body)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _item_text(item: Any) -> str:
-    """Text of one JSON list item: a string, a number, or an object's first string."""
+    """Text of one JSON list item: a string, or an object's first string (numbers are no sub-query)."""
     if isinstance(item, str):
         return item
-    if isinstance(item, (int, float)) and not isinstance(item, bool):
-        return str(item)
     if isinstance(item, dict):
         return next((v for v in item.values() if isinstance(v, str)), "")
     return ""
@@ -639,9 +648,11 @@ def _items_from_lines(text: str) -> list[str]:
 
 def _clean_item(item: str) -> str:
     """Strip quotes, markup and trailing punctuation; "" if no word is left or too long."""
+    if any(unicodedata.category(ch) == "Cc" for ch in item if ch not in "\t\n\r"):
+        return ""  # control characters: binary garbage, not a description
     item = " ".join(item.split()).strip(_ITEM_EDGES)
-    if not re.search(r"\w", item) or len(item.split()) > _MAX_WORDS:
-        return ""
+    if not re.search(r"[^\W\d_]", item) or len(item.split()) > _MAX_WORDS:
+        return ""  # needs a letter: "42" or "-" is no sub-query
     return item
 
 
@@ -678,6 +689,8 @@ def parse_subqueries(
         return []
     items = _items_from_json(text)
     if items is None:
+        if _is_json_without_list(text):
+            return []  # e.g. {"subqueries": 5} or 42: structured, but no list of descriptions
         items = _items_from_lines(text)
     return _dedup([_clean_item(item) for item in items], max_subqueries=max_subqueries)
 

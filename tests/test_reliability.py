@@ -722,8 +722,6 @@ def test_llm_structured_garbage_never_breaks_retrieval(shared_index, answer):
     assert all(-1.0 - 1e-5 <= h.score <= 1.0 + 1e-5 for h in result.hits)
 
 
-@pytest.mark.xfail(strict=True, reason="decompose.parse_subqueries accepts JSON scalars/objects and numbers as "
-                                       "sub-queries (e.g. '[1, 2, null]' -> ['1', '2']) instead of falling back")
 @pytest.mark.parametrize("answer", STRUCTURED_GARBAGE)
 def test_llm_structured_garbage_falls_back(shared_index, answer, caplog):
     with caplog.at_level(logging.WARNING, logger="himir_rag.decompose"):
