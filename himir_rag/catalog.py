@@ -7,6 +7,7 @@ one snapshot and never sees a half-applied add or delete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -116,6 +117,12 @@ class Snapshot:
         return Snapshot(images, self.vectors[keep], self.region_image[keep], self.levels[keep],
                         parents[keep], self.boxes[keep])
 
+    def with_records(self, records: list[ImageRecord]) -> Snapshot:
+        """A new snapshot with catalog records only (their regions live in an external store)."""
+        images = dict(self.images)
+        images.update({r.image_id: r for r in records})
+        return dataclasses.replace(self, images=images, _stores={})
+
     def image_rows(self, image_id: int) -> np.ndarray:
         """Rows of one image's regions."""
         return np.flatnonzero(self.region_image == image_id)
@@ -179,8 +186,12 @@ class Snapshot:
         db.close()
 
     @classmethod
-    def read_catalog(cls, path: Path, vectors: np.ndarray) -> tuple[Snapshot, list[tuple[str, str]]]:
-        """Read a catalog written by :meth:`write_catalog` with its (n_regions, dim) vectors."""
+    def read_catalog(cls, path: Path, vectors: np.ndarray, *,
+                     records_only: bool = False) -> tuple[Snapshot, list[tuple[str, str]]]:
+        """Read a catalog written by :meth:`write_catalog` with its (n_regions, dim) vectors.
+
+        ``records_only``: the regions live in an external store (Qdrant); only images are read.
+        """
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             images = {
@@ -197,7 +208,8 @@ class Snapshot:
             raise ValueError("region rows are not numbered 0..n-1")
         snapshot = cls(images, vectors, rows[:, 1].copy(), rows[:, 2].astype(np.int8), rows[:, 3].copy(),
                        rows[:, 4:8].astype(np.int32))
-        snapshot.check_integrity()
+        if not records_only:
+            snapshot.check_integrity()
         return snapshot, skipped  # type: ignore[return-value]
 
     def check_integrity(self) -> None:

@@ -13,7 +13,7 @@ import typer
 
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
-from himir_rag.index import BuildReport, HiMIRIndex, SearchResult
+from himir_rag.index import HiMIRIndex, SearchResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HiMIR: hierarchical multi-vector image retrieval for multimodal RAG.")
@@ -41,6 +41,11 @@ def index_command(
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     prune_cosine: Optional[float] = typer.Option(None, help="Drop segments this similar to their parent (0-1)."),
     checkpoint_every: int = typer.Option(256, min=1, help="Save the index every N images (resumable)."),
+    store: str = typer.Option("faiss", help="Where region vectors live: faiss (in memory) | qdrant."),
+    qdrant_url: Optional[str] = typer.Option(None, help="Qdrant server/cluster URL (with --store qdrant)."),
+    qdrant_path: Optional[Path] = typer.Option(None, help="Qdrant embedded local folder (with --store qdrant)."),
+    collection: Optional[str] = typer.Option(None, help="Qdrant collection (default: the index folder's name)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: local | auto | ray://HOST:PORT."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -49,9 +54,12 @@ def index_command(
     try:
         index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
                                 batch_size=batch_size, device=device, prune_cosine=prune_cosine)
+        if index.store is None and store != "faiss":
+            index.store = _make_store(store, index, qdrant_url=qdrant_url, qdrant_path=qdrant_path,
+                                      collection=collection or index_dir.name)
         # checkpoints and the final save happen inside add (crash-safe, resumable)
         report = index.add(images_dir, progress=progress, checkpoint_dir=index_dir,
-                           checkpoint_every=checkpoint_every)
+                           checkpoint_every=checkpoint_every, ray_address=ray)
     except (HiMIRError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
@@ -62,6 +70,21 @@ def index_command(
         f"{len(report.skipped)} skipped; {len(index)} images, {report.regions_stored} regions stored "
         f"({report.regions_pruned} pruned) in {report.seconds:.1f}s -> {index_dir}"
     )
+
+
+def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_path: Path | None,
+                collection: str) -> Any:
+    """The external store of a new index (``--store qdrant``)."""
+    if kind != "qdrant":
+        raise HiMIRError(f"store {kind!r} is unknown; use faiss or qdrant")
+    if len(index):
+        raise HiMIRError("this index already keeps its vectors in FAISS; build a new one to use Qdrant")
+    if (qdrant_url is None) == (qdrant_path is None):
+        raise HiMIRError("--store qdrant needs exactly one of --qdrant-url URL or --qdrant-path FOLDER")
+    from himir_rag.store.qdrant import QdrantImageStore
+
+    path = None if qdrant_path is None else str(qdrant_path.absolute())
+    return QdrantImageStore.open(collection, dim=index.encoder.dim, url=qdrant_url, path=path)
 
 
 def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: str, batch_size: int,

@@ -136,8 +136,10 @@ class HiMIRIndex:
     """
 
     def __init__(self, encoder: Encoder | str = "offline", config: HiMIRConfig | None = None, *,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", store: Any = None) -> None:
         self.config = config or HiMIRConfig()
+        # None: regions in memory + FAISS (default); a QdrantImageStore: regions in Qdrant
+        self.store = store
         self.encoder_spec = encoder if isinstance(encoder, str) else getattr(encoder, "name", "custom")
         self._encoder: Encoder | None = None if isinstance(encoder, str) else encoder
         self._device = device
@@ -206,7 +208,8 @@ class HiMIRIndex:
     def add(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
             metadata: MetadataSource = None, progress: bool = True, chunk_images: int = 16,
             on_chunk: Callable[[BuildReport], None] | None = None,
-            checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 256) -> BuildReport:
+            checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 256,
+            ray_address: str | None = None) -> BuildReport:
         """Index new or changed images; unchanged ones (same path, size, mtime) are kept.
 
         Unreadable or non-image files are skipped with a warning and listed in the
@@ -227,6 +230,10 @@ class HiMIRIndex:
             index resumes (files already indexed are unchanged and not re-encoded).
         checkpoint_every : int
             Files (indexed or skipped) between checkpoints; checked after each chunk.
+        ray_address : str, optional
+            Spread decoding, cropping and encoding over a Ray cluster (``"auto"``, an
+            address such as ``"ray://head:10001"``, or ``"local"`` for a local Ray);
+            the results are committed here exactly as a single-process build would.
 
         Returns
         -------
@@ -243,16 +250,22 @@ class HiMIRIndex:
         paths = self._collect_paths(source, report)
         saved_at = 0
         bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images), self._prepare_chunk, metadata, report):
-                self._commit(self._encode_chunk(chunk, report), report)
-                bar.update(n_files)
-                if checkpoint_dir is not None and _processed(report) - saved_at >= checkpoint_every:
-                    self._record_skipped(report)
-                    self.save(checkpoint_dir)
-                    saved_at = _processed(report)
-                if on_chunk is not None:
-                    on_chunk(report)
+        if ray_address is None:
+            batches = self._encode_locally(paths, metadata, report, chunk_images)
+        else:
+            from himir_rag.distributed import encode_with_ray
+
+            batches = encode_with_ray(self, paths, metadata=metadata, report=report, address=ray_address,
+                                      chunk_images=chunk_images)
+        for n_files, encoded in batches:
+            self._commit(encoded, report)
+            bar.update(n_files)
+            if checkpoint_dir is not None and _processed(report) - saved_at >= checkpoint_every:
+                self._record_skipped(report)
+                self.save(checkpoint_dir)
+                saved_at = _processed(report)
+            if on_chunk is not None:
+                on_chunk(report)
         bar.close()
         self._record_skipped(report)
         if checkpoint_dir is not None and (saved_at == 0 or saved_at != _processed(report)):
@@ -261,6 +274,13 @@ class HiMIRIndex:
         for path, reason in report.skipped:
             logger.warning("skipped %s: %s", path, reason)
         return report
+
+    def _encode_locally(self, paths: list[tuple[Path, int | None]], metadata: MetadataSource, report: BuildReport,
+                        chunk_images: int) -> Iterator[tuple[int, list[tuple[_Prepared, np.ndarray]]]]:
+        """Decode and crop the next chunk in a worker thread while this one is encoded."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images), self._prepare_chunk, metadata, report):
+                yield n_files, self._encode_chunk(chunk, report)
 
     def _record_skipped(self, report: BuildReport) -> None:
         """Merge the report's skipped files into :attr:`skipped`; earlier entries indexed since are dropped."""
@@ -352,6 +372,11 @@ class HiMIRIndex:
                     replaced.add(item.replaces)
             report.updated += len(replaced)
             report.added += len(records) - len(replaced)
+            if self.store is not None:
+                self.store.delete_images(sorted(replaced))
+                self.store.add_images(records, trees, vectors)
+                self._snapshot = self.snapshot.without_images(replaced).with_records(records)
+                return
             self._snapshot = self.snapshot.without_images(replaced).with_images(records, trees, vectors)
 
     def delete(self, targets: int | str | os.PathLike[str] | Iterable[int | str | os.PathLike[str]]) -> int:
@@ -367,6 +392,8 @@ class HiMIRIndex:
                     ids.add(int(target)) if int(target) in snapshot.images else None
                 elif str(Path(target).absolute()) in by_path:
                     ids.add(by_path[str(Path(target).absolute())])
+            if self.store is not None:
+                self.store.delete_images(sorted(ids))
             self._snapshot = snapshot.without_images(ids)
         return len(ids)
 
@@ -448,6 +475,12 @@ class HiMIRIndex:
     def _search_vectors(self, query: str, subs: list[str], vectors: np.ndarray, *, k: int, mode: RetrievalMode,
                         filters: Filters, stats: SearchStats, started: float) -> SearchResult:
         tick = time.perf_counter()
+        if self.store is not None:
+            hits = self._search_store(vectors, subs if mode is not RetrievalMode.SINGLE else [query], k=k, mode=mode,
+                                      filters=filters, stats=stats)
+            stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
+            stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
+            return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
         row_mask = _filter_rows(snapshot, filters)
         if mode is RetrievalMode.HIMIR:
@@ -466,6 +499,28 @@ class HiMIRIndex:
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
         return SearchResult(query, tuple(subs), hits, stats)
+
+    def _search_store(self, vectors: np.ndarray, labels: list[str], *, k: int, mode: RetrievalMode,
+                      filters: Filters, stats: SearchStats) -> tuple[SearchHit, ...]:
+        """Search an external store (Qdrant); its work counters go into ``stats``."""
+        candidate_k = int(self.config.scheduler.get("candidate_k", 0) or 0)
+        image_ids = None
+        if callable(filters):  # evaluated here on the catalog, sent to Qdrant as an id filter
+            image_ids = [i for i, r in self.snapshot.images.items() if _passes(r.metadata, filters)]
+            filters = None
+        found, work = self.store.search(vectors, mode=mode.value, k=k, filters=filters, image_ids=image_ids,
+                                        candidate_k=max(candidate_k, 0))
+        stats.dot_products += sum(work.values())
+        stats.images_scored = len(self)
+        stats.extra.update(work)
+        hits = []
+        for item in found:
+            record = item["record"]
+            regions = tuple(RegionMatch(label, Level(int(level)).name.lower(), tuple(int(v) for v in box), float(sim))
+                            for label, level, box, sim in zip(labels, item["levels"], item["boxes"], item["best"]))
+            hits.append(SearchHit(record.image_id, record.key, record.path, item["score"], dict(record.metadata),
+                                  regions, record.width, record.height))  # type: ignore[arg-type]
+        return tuple(hits)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -505,6 +560,7 @@ class HiMIRIndex:
             "config": self.config.to_dict(), "next_image_id": next_id,
             "counts": {"images": len(snapshot), "regions": int(len(snapshot.levels)), **snapshot.level_counts()},
             "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "store": {"kind": "faiss"} if self.store is None else self.store.describe(),
         }
         _atomic_write_text(target / "manifest.json", json.dumps(manifest, indent=2))
 
@@ -533,11 +589,19 @@ class HiMIRIndex:
         index._encoder_name, index._dim = manifest["encoder"]["name"], dim
         if index._encoder is not None:
             index._check_encoder(index._encoder)
+        store_info = manifest.get("store") or {"kind": "faiss"}
+        if store_info.get("kind") == "qdrant":
+            index.store = _open_qdrant(store_info, dim)
+        elif store_info.get("kind") != "faiss":
+            raise IncompatibleIndexError(f"{version_dir}: unknown store kind {store_info.get('kind')!r}")
         vectors = _read_vectors(version_dir / "vectors.npy", dim)
         try:
-            snapshot, skipped = Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors)
+            snapshot, skipped = Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors,
+                                                      records_only=index.store is not None)
         except Exception as exc:  # sqlite3.DatabaseError, ValueError, json errors...
             raise IndexFormatError(f"{version_dir / 'catalog.sqlite'}: unreadable catalog ({exc}); rebuild the index") from exc
+        if index.store is not None:  # the store's payloads are the catalog of record
+            snapshot = Snapshot.empty(dim).with_records(sorted(index.store.records(), key=lambda r: r.image_id))
         _load_level_stores(snapshot, version_dir)
         index._snapshot, index._skipped = snapshot, skipped
         index._next_id = int(manifest.get("next_image_id", max(snapshot.images, default=0) + 1))
@@ -556,6 +620,16 @@ class HiMIRIndex:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _open_qdrant(info: Mapping[str, Any], dim: int) -> Any:
+    """Reopen the Qdrant collection a manifest names (local folder or server URL)."""
+    from himir_rag.store.qdrant import QdrantImageStore
+
+    try:
+        return QdrantImageStore.open(info["collection"], dim=dim, url=info.get("url"), path=info.get("path"))
+    except KeyError as exc:
+        raise IndexFormatError(f"the manifest's Qdrant store lacks {exc}; rebuild the index") from exc
+
+
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -94,3 +94,21 @@ def offline_encoder():
     from himir_rag.encoders.offline import OfflineEncoder
 
     return OfflineEncoder()
+
+
+STORE_KINDS = ["faiss", "qdrant"]
+
+
+def make_store(kind: str, dim: int, folder: Path):
+    """None for the default in-memory/FAISS store; a Qdrant store in embedded local mode."""
+    if kind == "faiss":
+        return None
+    from himir_rag.store.qdrant import QdrantImageStore
+
+    return QdrantImageStore.open(f"photos-{folder.name}", dim=dim, path=str(folder / "qdrant"))
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request) -> str:
+    """Runs a test once per store backend (the same retrieval contract for each)."""
+    return request.param

@@ -25,7 +25,7 @@ from himir_rag.decompose import LLMDecomposer, RuleDecomposer
 from himir_rag.errors import ConfigError
 from himir_rag.index import HiMIRIndex
 from himir_rag.langchain import HiMIRRetriever, documents_to_content_blocks, format_images, image_prompt
-from tests.conftest import ColorEncoder, make_scene
+from tests.conftest import make_store, ColorEncoder, make_scene
 
 # asyncio's event loop opens a socketpair: keep these tests runnable under pytest-socket's
 # --disable-socket (pytest-socket comes with langchain-tests). Nothing here uses the network.
@@ -44,8 +44,8 @@ META = {
 
 
 @pytest.fixture
-def photo_index(color_encoder: ColorEncoder, scene_dir: Path) -> HiMIRIndex:
-    index = HiMIRIndex(color_encoder)
+def photo_index(color_encoder: ColorEncoder, scene_dir: Path, store_kind: str, tmp_path: Path) -> HiMIRIndex:
+    index = HiMIRIndex(color_encoder, store=make_store(store_kind, color_encoder.dim, tmp_path))
     index.add(scene_dir, metadata=lambda path: {"name": path.stem, **META[path.stem]}, progress=False)
     return index
 

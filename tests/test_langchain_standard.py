@@ -15,7 +15,7 @@ from langchain_tests.integration_tests import RetrieversIntegrationTests
 
 from himir_rag.index import HiMIRIndex
 from himir_rag.langchain import HiMIRRetriever
-from tests.conftest import ColorEncoder, make_scene
+from tests.conftest import ColorEncoder, make_scene, make_store
 
 # Nothing here opens a network connection; say so in case pytest-socket (installed with
 # langchain-tests) is run with --disable-socket.
@@ -35,6 +35,9 @@ def _photo_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HiMIRInde
     index = HiMIRIndex(ColorEncoder())
     index.add(root, metadata=lambda path: {"name": path.stem}, progress=False)
     _COLLECTION["index"] = index
+    on_qdrant = HiMIRIndex(ColorEncoder(), store=make_store("qdrant", ColorEncoder.dim, root.parent))
+    on_qdrant.add(root, metadata=lambda path: {"name": path.stem}, progress=False)
+    _COLLECTION["qdrant"] = on_qdrant
     yield index
     _COLLECTION.clear()
 
@@ -47,6 +50,22 @@ class TestHiMIRRetrieverStandard(RetrieversIntegrationTests):
     @property
     def retriever_constructor_params(self) -> dict[str, Any]:
         return {"index": _COLLECTION["index"], "k": 2}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return "a red square and a blue square"
+
+
+class TestHiMIRRetrieverStandardOnQdrant(RetrieversIntegrationTests):
+    """The same suite with the region vectors in Qdrant (embedded local mode)."""
+
+    @property
+    def retriever_constructor(self) -> type[HiMIRRetriever]:
+        return HiMIRRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict[str, Any]:
+        return {"index": _COLLECTION["qdrant"], "k": 2}
 
     @property
     def retriever_query_example(self) -> str:

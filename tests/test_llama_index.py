@@ -31,7 +31,7 @@ from himir_rag.decompose import DEFAULT_DECOMPOSE_PROMPT, LLMDecomposer, RuleDec
 from himir_rag.errors import ConfigError
 from himir_rag.index import HiMIRIndex
 from himir_rag.llama_index import HiMIRImageNode, HiMIRRetriever, HiMIRStageEvent, metadata_filters_to_callable
-from tests.conftest import ColorEncoder
+from tests.conftest import make_store, ColorEncoder
 
 # asyncio's event loop opens a socketpair: keep these tests runnable under pytest-socket's
 # --disable-socket (pytest-socket comes with langchain-tests). Nothing here uses the network.
@@ -56,8 +56,8 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def photo_index(color_encoder: ColorEncoder, scene_dir: Path) -> HiMIRIndex:
-    index = HiMIRIndex(color_encoder)
+def photo_index(color_encoder: ColorEncoder, scene_dir: Path, store_kind: str, tmp_path: Path) -> HiMIRIndex:
+    index = HiMIRIndex(color_encoder, store=make_store(store_kind, color_encoder.dim, tmp_path))
     index.add(scene_dir, metadata=_metadata, progress=False)
     return index
 

@@ -103,6 +103,9 @@ class FaissStore:
         """Delete ``ids``; returns how many were present."""
         if self._index is None:
             return 0
+        if self.kind == "hnsw":
+            raise NotImplementedError("FAISS HNSW indexes cannot delete vectors; rebuild the store without them "
+                                      "(HiMIRIndex rebuilds its candidate stores per snapshot)")
         faiss = _faiss()
         with self._lock:
             removed = int(self._index.remove_ids(faiss.IDSelectorArray(np.ascontiguousarray(ids, dtype=np.int64))))

@@ -1,0 +1,144 @@
+"""One retrieval contract over every store backend (FAISS in memory, Qdrant local mode), and Ray indexing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from himir_rag.errors import ConfigError
+from himir_rag.index import HiMIRIndex
+from himir_rag.store import FaissStore
+from tests.conftest import ColorEncoder, make_scene, make_store
+
+MODES = ["single", "mvr", "himir-full", "himir"]
+QUERIES = ["a red square and a blue square", "green", "yellow next to purple", "orange"]
+
+
+def ranking(result):
+    """(name, score) best first; equal scores (ties) in name order, so backends compare exactly."""
+    return sorted(((Path(h.path).name, round(h.score, 5)) for h in result.hits), key=lambda x: (-x[1], x[0]))
+
+
+@pytest.fixture
+def built(scene_dir, store_kind, tmp_path):
+    encoder = ColorEncoder()
+    index = HiMIRIndex(encoder, store=make_store(store_kind, encoder.dim, tmp_path))
+    meta = {"red_blue.png": {"album": "a"}, "red_green.png": {"album": "b"}}
+    index.add(scene_dir, metadata=meta, progress=False)
+    return index
+
+
+@pytest.fixture
+def reference(scene_dir):
+    index = HiMIRIndex(ColorEncoder())
+    index.add(scene_dir, metadata={"red_blue.png": {"album": "a"}, "red_green.png": {"album": "b"}}, progress=False)
+    return index
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_ranking_as_faiss_reference(built, reference, mode):
+    for query in QUERIES:
+        got, want = built.search(query, k=6, mode=mode), reference.search(query, k=6, mode=mode)
+        exhaustive = mode != "himir" or built.store is None
+        if exhaustive:
+            assert ranking(got) == ranking(want)
+        else:  # Qdrant's himir = coarse prefetch + full rescoring: same top hit on this collection
+            assert ranking(got)[0] == ranking(want)[0]
+        assert [m.subquery for m in got.hits[0].regions] == [m.subquery for m in want.hits[0].regions]
+        assert got.stats.dot_products > 0
+
+
+def test_filters_dict_callable_and_unknown_key(built):
+    assert [Path(h.path).name for h in built.search("red", k=6, filters={"album": "b"}).hits] == ["red_green.png"]
+    found = built.search("red", k=6, filters={"album": ["a", "b"]}).hits
+    assert {Path(h.path).name for h in found} == {"red_blue.png", "red_green.png"}
+    picked = built.search("red", k=6, filters=lambda m: m.get("album") == "a").hits
+    assert [Path(h.path).name for h in picked] == ["red_blue.png"]
+    assert built.search("red", k=6, filters={"nope": 1}).hits == ()
+    assert built.search("red", k=1).hits[0].metadata in ({}, {"album": "a"}, {"album": "b"})
+
+
+def test_delete_and_reindex(built, scene_dir):
+    assert built.delete(scene_dir / "all_red.png") == 1
+    assert "all_red.png" not in [Path(h.path).name for h in built.search("red", k=6).hits]
+    if built.store is not None:
+        assert len(built.store) == 5
+    report = built.add(scene_dir, progress=False)
+    assert (report.added, report.unchanged) == (1, 5)
+    assert len(built) == 6
+
+
+def test_save_load_roundtrip(built, tmp_path):
+    before = {q: ranking(built.search(q, k=6)) for q in QUERIES}
+    built.save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=built.encoder)
+    assert type(loaded.store) is type(built.store) and len(loaded) == 6
+    assert {q: ranking(loaded.search(q, k=6)) for q in QUERIES} == before
+    assert HiMIRIndex.read_manifest(tmp_path / "idx")["store"]["kind"] in ("faiss", "qdrant")
+
+
+def test_qdrant_store_needs_one_location():
+    from himir_rag.store.qdrant import QdrantImageStore, qdrant_filter
+
+    with pytest.raises(ConfigError, match="exactly one of url= .* or path="):
+        QdrantImageStore("x", dim=4)
+    with pytest.raises(ConfigError, match="callable filter"):
+        qdrant_filter(lambda m: True)
+
+
+def test_faiss_store_contract():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # unit vectors: each is its own best match
+    for kind in ("flat", "hnsw"):
+        store = FaissStore(8, kind=kind)
+        store.add(np.arange(100, 150), vectors)
+        scores, ids = store.search(vectors[:3], 1)
+        assert ids[:, 0].tolist() == [100, 101, 102]
+        assert store.distance_computations > 0
+        np.testing.assert_allclose(store.get(np.array([120])), vectors[20:21])
+        if kind == "hnsw":
+            with pytest.raises(NotImplementedError, match="cannot delete"):
+                store.remove(np.array([100]))
+        else:
+            assert store.remove(np.array([100, 999])) == 1 and len(store) == 49
+    ivf = FaissStore(8, kind="ivf", nprobe=4)
+    ivf.add(np.arange(2000), rng.normal(size=(2000, 8)).astype(np.float32))
+    assert ivf.search(vectors[:2], 5)[1].shape == (2, 5) and ivf.distance_computations < 2 * 2000
+
+
+def test_ray_build_equals_single_process(scene_dir):
+    pytest.importorskip("ray")
+    (scene_dir / "broken.png").write_text("not an image")
+    local, distributed = HiMIRIndex(ColorEncoder()), HiMIRIndex(ColorEncoder())
+    local_report = local.add(scene_dir, progress=False)
+    ray_report = distributed.add(scene_dir, progress=False, ray_address="local", chunk_images=2)
+    assert (ray_report.added, len(ray_report.skipped)) == (local_report.added, len(local_report.skipped)) == (6, 1)
+    a, b = local.snapshot, distributed.snapshot
+    assert [r.path for r in a.images.values()] == [r.path for r in b.images.values()]
+    for attr in ("vectors", "levels", "parents", "boxes"):
+        np.testing.assert_array_equal(getattr(a, attr), getattr(b, attr))
+    assert ranking(local.search("green", k=3)) == ranking(distributed.search("green", k=3))
+
+
+def test_cli_index_into_qdrant(tmp_path):
+    from himir_rag.cli import app
+    from himir_rag.demo import write_demo_photos
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in write_demo_photos(tmp_path / "all"):
+        if path.stem in ("cat", "coffee", "motorcycle"):
+            (photos / path.name).write_bytes(path.read_bytes())
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx"), "--store", "qdrant",
+                                 "--qdrant-path", str(tmp_path / "qdrant"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["search", str(tmp_path / "idx"), "a cat", "-k", "1", "--mode", "himir"])
+    assert result.exit_code == 0, result.output
+    assert "cat.jpg" in result.stdout.splitlines()[2]
+    result = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx2"), "--store", "qdrant"])
+    assert result.exit_code == 1 and "exactly one of --qdrant-url" in result.stderr
