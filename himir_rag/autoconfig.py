@@ -146,6 +146,13 @@ def _workload(index: HiMIRIndex, queries: Sequence[str], relevant: Sequence[set[
     if relevant is not None:
         by_path = {r.path: r.image_id for r in snapshot.images.values()}
         reference = [{by_path[p] for p in paths if p in by_path} for paths in relevant]
+        unknown = sorted({p for paths in relevant for p in paths if p not in by_path})
+        if unknown and not any(reference):
+            raise ValueError(f"none of the labelled images is in the index (e.g. {unknown[0]}); "
+                             "qrels paths must name indexed files (relative to the qrels file's folder)")
+        if unknown:
+            logger.warning("%d labelled images are not in the index and count as misses (e.g. %s)",
+                           len(unknown), unknown[0])
     else:
         reference = []
         for vecs in vectors:

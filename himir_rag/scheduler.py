@@ -286,6 +286,21 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, row_mas
     return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims), mask=mask, k=k, params=p, stats=stats)
 
 
+def _candidate_plan(snapshot: Snapshot, params: SchedulerParams) -> list[tuple[Level, str, float]]:
+    """(level, FAISS kind, estimated inner products per sub-query) for each candidate level."""
+    plan = []
+    for level in (Level[name.upper()] for name in params.candidate_levels):
+        n_level = int((snapshot.levels == level).sum())
+        kind = params.index_kind if params.index_kind != "auto" else ("flat" if n_level <= params.flat_max else "ivf")
+        if kind == "ivf":
+            nlist = max(1, min(4096, int(4 * np.sqrt(max(n_level, 1))), n_level // 39))
+            cost = nlist + min(params.nprobe, nlist) * n_level / nlist
+        else:
+            cost = n_level  # flat scans everything; HNSW is counted as its upper estimate too
+        plan.append((level, kind, float(cost)))
+    return plan
+
+
 def _coarse_scores(snapshot: Snapshot, rows: np.ndarray, sims: np.ndarray) -> tuple[MaxSimScores, MaxSimScores]:
     """Global-only and global+region MaxSim of the candidates, from one (s, n_rows) product."""
     n_queries = sims.shape[0]
@@ -310,10 +325,15 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, row_mask: np
         return allowed
     # a metadata filter hides rows from FAISS: fetch more hits, in proportion to what is hidden
     fetch = int(want * max(1.0, len(snapshot) / max(len(allowed), 1)))
+    plan = _candidate_plan(snapshot, params)
+    coarse_rows = snapshot.levels <= Level.REGION
+    coarse_all = int((coarse_rows if row_mask is None else coarse_rows & row_mask).sum())
+    if sum(cost for _, _, cost in plan) >= coarse_all:  # small collection: scoring everything is cheaper
+        stats.extra["candidates"] = len(allowed)
+        return allowed
     found, spent = [], 0
-    for level in (Level[name.upper()] for name in params.candidate_levels):
+    for level, kind, _ in plan:
         n_level = int((snapshot.levels == level).sum())
-        kind = params.index_kind if params.index_kind != "auto" else ("flat" if n_level <= params.flat_max else "ivf")
         store = snapshot.level_store(level, kind=kind)
         store.nprobe = params.nprobe
         before = store.distance_computations

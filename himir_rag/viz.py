@@ -57,8 +57,9 @@ def plot_results(results: Sequence[SearchResult], *, top: int = 3, path: str | P
                 ax.text(x0 + 3, y0 + 3, f"{match.level} {match.score:.2f}", color="white", fontsize=7, va="top",
                         bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
             ax.set_title(f"#{col + 1} {Path(hit.path).name}  score {hit.score:.3f}", fontsize=8)
-        handles = [Patch(color=SUBQUERY_COLORS[i % len(SUBQUERY_COLORS)], label=s)
-                   for i, s in enumerate(result.hits[0].regions and [m.subquery for m in result.hits[0].regions] or [])]
+        labels = [m.subquery for m in result.hits[0].regions] if result.hits else list(result.subqueries)
+        handles = [Patch(color=SUBQUERY_COLORS[i % len(SUBQUERY_COLORS)], label=label)
+                   for i, label in enumerate(labels)]
         axes[row][0].legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.02), fontsize=7, frameon=False,
                             title=f"\u201c{result.query}\u201d", title_fontsize=8, ncol=min(3, max(1, len(handles))))
     fig.tight_layout()
