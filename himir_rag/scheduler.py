@@ -293,7 +293,7 @@ def _candidate_plan(snapshot: Snapshot, params: SchedulerParams) -> list[tuple[L
         n_level = int((snapshot.levels == level).sum())
         kind = params.index_kind if params.index_kind != "auto" else ("flat" if n_level <= params.flat_max else "ivf")
         if kind == "ivf":
-            nlist = max(1, min(4096, int(4 * np.sqrt(max(n_level, 1))), n_level // 39))
+            nlist = max(1, min(4096, int(2 * np.sqrt(max(n_level, 1))), n_level // 39))
             cost = nlist + min(params.nprobe, nlist) * n_level / nlist
         else:
             cost = n_level  # flat scans everything; HNSW is counted as its upper estimate too

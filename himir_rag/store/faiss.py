@@ -36,6 +36,23 @@ def auto_index_kind(n_vectors: int, *, flat_max: int = 256) -> str:
     return "flat" if n_vectors <= flat_max else "ivf"
 
 
+_TRAIN_POINTS_PER_LIST = 64
+
+
+def _training_sample(vectors: np.ndarray, index) -> np.ndarray:
+    """A fixed random subset large enough for k-means (64 points per IVF list): training on
+    millions of vectors costs minutes and buys no recall."""
+    inner = _faiss().extract_index_ivf(index) if hasattr(index, "index") and "IVF" in type(
+        _faiss().downcast_index(index.index)).__name__ else None
+    if inner is None:
+        return vectors
+    limit = _TRAIN_POINTS_PER_LIST * inner.nlist
+    if len(vectors) <= limit:
+        return vectors
+    rows = np.sort(np.random.default_rng(0).choice(len(vectors), limit, replace=False))
+    return vectors[rows]
+
+
 class FaissStore:
     """Vectors in a FAISS ``IndexIDMap2``.
 
@@ -77,8 +94,8 @@ class FaissStore:
         elif self.kind == "hnsw":
             inner = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
         else:
-            # ~4 sqrt(n) lists, but at least 39 training points per list (k-means needs them)
-            nlist = self.nlist or max(1, min(4096, int(4 * np.sqrt(max(n_train, 1))), n_train // 39))
+            # ~2 sqrt(n) lists, but at least 39 training points per list (k-means needs them)
+            nlist = self.nlist or max(1, min(4096, int(2 * np.sqrt(max(n_train, 1))), n_train // 39))
             inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         return faiss.IndexIDMap2(inner)
 
@@ -95,7 +112,7 @@ class FaissStore:
         with self._lock:
             if self._index is None:
                 self._index = self._new_index(n)
-                self._index.train(vectors)
+                self._index.train(_training_sample(vectors, self._index))
             self._index.add_with_ids(vectors, ids)
             self._gpu_index = None
 
