@@ -1,0 +1,153 @@
+"""`himir bench ...` commands: build the composite benchmark, run every mode on it, scale test."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from himir_rag.errors import HiMIRError
+
+bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                        help="Benchmarks: composite photos, all modes side by side, scale.")
+
+_MODES_HELP = "Comma-separated modes: single, mvr, himir-full, himir."
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def _parse_scheduler(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{text!r} is not JSON ({exc}); e.g. '{{\"index_kind\": \"flat\"}}'") from exc
+    if not isinstance(values, dict):
+        raise typer.BadParameter(f"{text!r} is not a JSON object of scheduler parameters")
+    return values
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise typer.BadParameter(f"{text!r} is not WIDTHxHEIGHT, e.g. 640x480")
+    return int(width), int(height)
+
+
+@bench_app.command("build")
+def build_command(
+    out_dir: Path = typer.Argument(..., help="Output directory (images/, scenes.jsonl, queries.jsonl, qrels.jsonl)."),
+    scenes: int = typer.Option(400, min=1, help="Number of scene images."),
+    queries: int = typer.Option(150, min=1, help="Number of queries (2-3 objects each)."),
+    seed: int = typer.Option(0, help="Seed of every random choice (same seed: same benchmark)."),
+    size: str = typer.Option("640x480", help="Scene size WIDTHxHEIGHT."),
+    stamps_dir: Optional[Path] = typer.Option(None, help="Tux Paint stamps folder (default: the installed package)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Build the composite photo benchmark from Debian's tuxpaint-stamps-default cut-outs."""
+    from himir_rag.bench.scenes import StampsNotInstalledError, build_composite_benchmark
+
+    _setup_logging(verbose)
+    try:
+        summary = build_composite_benchmark(out_dir, scenes=scenes, queries=queries, seed=seed,
+                                            image_size=_parse_size(size), stamps_dir=stamps_dir, progress=progress)
+    except StampsNotInstalledError as exc:
+        _fail(f"{exc}\nThe benchmark needs the photo cut-outs of Debian's tuxpaint-stamps-default (GPL-2, not "
+              "shipped with himir-rag). Install them with:\n    sudo apt-get install tuxpaint-stamps-default\n"
+              "or run benchmarks/install_stamps.sh, or pass --stamps-dir.")
+        return
+    except (HiMIRError, ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"wrote {summary.n_scenes} scenes ({summary.n_objects} objects from {summary.n_stamps} stamps) and "
+               f"{summary.n_queries} queries to {summary.out_dir}. Next: himir bench run {summary.out_dir}")
+
+
+@bench_app.command("run")
+def run_command(
+    out_dir: Path = typer.Argument(..., help="A directory written by `himir bench build`."),
+    modes: str = typer.Option("single,mvr,himir-full,himir", help=_MODES_HELP),
+    encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
+    decomposer: str = typer.Option("rule", help="rule | oracle (ground-truth object names) | llm (HIMIR_LLM) | none"),
+    layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N (when the index is built)."),
+    k: int = typer.Option(10, min=1, help="Hits per query (at least 10 are retrieved for Recall@10)."),
+    limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Run only the first N queries."),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Reuse an existing index of OUT_DIR/images."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto (encoder device)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per encoder batch (new index)."),
+    throughput_images: int = typer.Option(20, min=0, help="Images whose crops time the encoder alone (0: skip)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes (default OUT_DIR)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help='Scheduler parameters of mode himir as JSON, e.g. \'{"nprobe": 32}\'.'),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Index OUT_DIR/images once, run every mode on the same queries, write OUT_DIR/report.{md,json} and plots."""
+    from himir_rag.bench.runner import run_benchmark
+
+    _setup_logging(verbose)
+    try:
+        report = run_benchmark(out_dir, modes=modes, encoder=encoder, decomposer=decomposer, layout=layout, k=k,
+                               limit_queries=limit_queries, index_dir=index_dir, device=device, batch_size=batch_size,
+                               throughput_images=throughput_images, plots=plots, report_dir=report_dir,
+                               scheduler=_parse_scheduler(scheduler), progress=progress)
+    except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(str(exc))
+        return
+    _print_report(report, report_dir or out_dir)
+
+
+@bench_app.command("scale")
+def scale_command(
+    images: int = typer.Option(100_000, min=1, help="Collection size (synthetic vectors)."),
+    dim: int = typer.Option(384, min=8, help="Vector dimension."),
+    layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
+    queries: int = typer.Option(200, min=1, help="Queries (2-3 planted sub-queries each)."),
+    seed: int = typer.Option(0, help="Seed."),
+    modes: str = typer.Option("single,mvr,himir-full,himir", help=_MODES_HELP),
+    k: int = typer.Option(10, min=1, help="Hits per query."),
+    distractors: int = typer.Option(30, min=0, help="Hard negatives per query (hold some of its sub-queries)."),
+    signal: float = typer.Option(2.0, min=0.01, help="Strength of a planted sub-query in a region that holds it."),
+    out: Path = typer.Option(Path("himir-bench-scale"), "--out", help="Report directory."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help='Scheduler parameters of mode himir as JSON, e.g. \'{"nprobe": 32}\'.'),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Matching engine at scale: synthetic vectors with planted multi-object targets (no encoder)."""
+    from himir_rag.bench.scale import run_scale_benchmark
+
+    _setup_logging(verbose)
+    try:
+        report = run_scale_benchmark(out, images=images, dim=dim, layout=layout, queries=queries, seed=seed,
+                                     modes=modes, k=k, signal=signal, distractors=distractors, plots=plots,
+                                     scheduler=_parse_scheduler(scheduler), progress=progress)
+    except (HiMIRError, ValueError, MemoryError) as exc:
+        _fail(str(exc))
+        return
+    _print_report(report, out)
+
+
+def _print_report(report: dict, out_dir: Path) -> None:
+    from himir_rag.bench.report import summary_tables
+
+    for mode, reason in report.get("skipped_modes", {}).items():
+        typer.secho(f"mode {mode} skipped: {reason}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(summary_tables(report))
+    typer.echo(f"report: {Path(out_dir) / 'report.md'} (and report.json, *.png)")

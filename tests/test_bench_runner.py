@@ -1,0 +1,306 @@
+"""Benchmark runner and scale benchmark: report fields and files, metric aggregation, planted targets.
+
+Everything runs on a tiny synthetic benchmark (coloured squares, the colour-histogram test
+encoder) or a tiny synthetic-vector collection; no model is loaded, nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from himir_rag.bench.runner import (
+    OracleDecomposer,
+    aggregate_mode,
+    compare_modes,
+    match_objects,
+    parse_modes,
+    ranking_metrics,
+    run_benchmark,
+    summarize_grounding,
+    target_checks,
+)
+from himir_rag.bench.scale import build_synthetic_collection, run_scale_benchmark
+from himir_rag.errors import ConfigError
+from himir_rag.scheduler import RetrievalMode
+from tests.conftest import ColorEncoder, make_scene
+
+SIZE = (160, 120)
+_SQUARE_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+_BOXES = [(4, 4, 60, 50), (90, 8, 150, 56), (10, 66, 70, 114), (96, 70, 156, 116), (50, 30, 110, 90)]
+
+
+def write_tiny_benchmark(root: Path, *, scenes: int = 10, queries: int = 5, seed: int = 0) -> Path:
+    """A benchmark directory in the ``himir bench build`` format: coloured squares on white.
+
+    Objects are named ``"a <colour> square"``; each query names 2 objects of one scene and
+    its qrels list every scene holding both.
+    """
+    rng = np.random.default_rng(seed)
+    scene_rows = []
+    for i in range(scenes):
+        n = 1 + i % 3
+        colours = rng.choice(_SQUARE_COLOURS, size=n, replace=False)
+        boxes = [_BOXES[j] for j in rng.choice(len(_BOXES), size=n, replace=False)]
+        path = make_scene(root / "images" / f"scene_{i:05d}.png", list(zip(colours, boxes)), size=SIZE)
+        scene_rows.append({
+            "scene_id": f"scene_{i:05d}", "path": str(path.relative_to(root)), "width": SIZE[0], "height": SIZE[1],
+            "objects": [{"name": f"a {c} square", "bbox": list(b),
+                         "area_frac": (b[2] - b[0]) * (b[3] - b[1]) / (SIZE[0] * SIZE[1])} for c, b in zip(colours, boxes)],
+        })
+    query_rows, qrel_rows = [], []
+    sources = [s for s in scene_rows if len(s["objects"]) >= 2][:queries]
+    for q, scene in enumerate(sources):
+        names = [o["name"] for o in scene["objects"][:2]]
+        relevant = sorted(s["scene_id"] for s in scene_rows if set(names) <= {o["name"] for o in s["objects"]})
+        query_rows.append({"id": f"q{q:05d}", "query": f"a photo with {names[0]} and {names[1]}", "objects": names,
+                           "scene_id": scene["scene_id"]})
+        qrel_rows.append({"query_id": f"q{q:05d}", "scene_ids": relevant,
+                          "paths": [f"images/{sid}.png" for sid in relevant]})
+    for name, rows in (("scenes", scene_rows), ("queries", query_rows), ("qrels", qrel_rows)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def tiny_bench(tmp_path: Path) -> Path:
+    return write_tiny_benchmark(tmp_path / "bench")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory) -> tuple[Path, dict]:
+    """One full run (all modes, plots) shared by the read-only tests below."""
+    bench = write_tiny_benchmark(tmp_path_factory.mktemp("tiny") / "bench")
+    report = run_benchmark(bench, modes="single,mvr,himir-full,himir", encoder=ColorEncoder(),
+                           decomposer="oracle", throughput_images=3, progress=False)
+    return bench, report
+
+
+def _quick_run(bench: Path, **kwargs) -> dict:
+    options = {"modes": "mvr", "encoder": ColorEncoder(), "throughput_images": 0, "plots": False,
+               "progress": False, **kwargs}
+    return run_benchmark(bench, **options)
+
+
+# -- the composite runner ----------------------------------------------------------------------
+def test_report_fields(tiny_report):
+    bench, report = tiny_report
+    saved = json.loads((bench / "report.json").read_text())
+    assert saved["kind"] == "composite" and saved["benchmark"]["queries"] == 5
+    ran = set(saved["modes"])
+    assert {"single", "mvr", "himir-full"} <= ran
+    assert ran | set(saved["skipped_modes"]) == {"single", "mvr", "himir-full", "himir"}
+    for summary in saved["modes"].values():
+        for name in ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr"):
+            assert 0.0 <= summary[name] <= 1.0
+        assert summary["dot_products"]["median"] > 0 and summary["n_queries"] == 5
+        for stage in ("decompose", "encode", "search", "total"):
+            assert summary["latency_ms"][stage]["p95"] >= summary["latency_ms"][stage]["p50"] >= 0
+    assert saved["comparison"]["dot_products_ratio"]["mvr/himir-full"]["mean"] == pytest.approx(17 / 21)
+    assert {t["target"] for t in saved["targets"]} >= {"dot products mvr/himir >= 3.5"}
+    assert len(saved["per_query"]) == 5 * len(ran)
+
+
+def test_indexing_throughput_size_and_memory(tiny_report):
+    bench, report = tiny_report
+    indexing, alone = report["indexing"], report["encoder_throughput"]
+    assert indexing["measured"] and not indexing["reused"] and indexing["images"] == 10
+    assert indexing["crops_encoded"] == 10 * 21 and indexing["crops_per_s"] > 0
+    assert alone["images"] == 3 and alone["crops"] == 3 * 21 and alone["crops_per_s"] > 0
+    assert report["index"]["bytes_on_disk"] > report["index"]["vector_bytes"] > 0
+    assert report["memory"]["search"]["peak_rss_mb"] > 0 and report["memory"]["process_peak_rss_mb"] > 0
+    assert (bench / "index" / "CURRENT").is_file() and (bench / "index_build.json").is_file()
+
+
+def test_markdown_and_plots(tiny_report):
+    bench, report = tiny_report
+    text = (bench / "report.md").read_text()
+    for heading in ("Recall@10", "Dot products per query", "Latency per query", "## Indexing",
+                    "Region grounding", "Targets"):
+        assert heading in text
+    for name in ("quality", "compute", "latency", "tradeoff", "grounding"):
+        path = bench / f"{name}.png"
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert report["plots"][name] == path.name
+
+
+def test_oracle_grounding_covers_every_named_object(tiny_report):
+    _, report = tiny_report
+    grounding = report["grounding"]
+    assert grounding["n_subqueries"] == 10  # 5 queries x 2 exact object names
+    assert set(grounding["hit_rate"]) == {"global", "region", "segment", "mvr", "himir-full"}
+    assert all(0.0 <= v <= 1.0 for v in grounding["hit_rate"].values())
+    rows = report["grounding_rows"]
+    assert {r["object"] for r in rows} <= {f"a {c} square" for c in _SQUARE_COLOURS}
+    # the global view's IoU with an object is the object's area fraction
+    assert all(r["iou"]["global"] == pytest.approx(r["area_frac"]) for r in rows)
+    assert all(r["iou_ceiling"][n] >= r["iou"][n] for r in rows for n in r["iou"])
+    assert all(grounding["reachable_rate"][n] >= grounding["hit_rate"][n] for n in grounding["hit_rate"])
+
+
+def test_rerun_reuses_saved_index(tiny_bench):
+    _quick_run(tiny_bench)
+    version = (tiny_bench / "index" / "CURRENT").read_text()
+    encoder = ColorEncoder()
+    second = _quick_run(tiny_bench, encoder=encoder, decomposer="rule")
+    assert (tiny_bench / "index" / "CURRENT").read_text() == version
+    assert encoder.image_calls == 0
+    assert second["indexing"]["reused"] and second["indexing"]["images"] == 10
+    assert list(second["modes"]) == ["mvr"]
+
+
+def test_layout_change_rebuilds_index(tiny_bench):
+    _quick_run(tiny_bench)
+    report = _quick_run(tiny_bench, layout="1+4+4")
+    assert not report["indexing"]["reused"] and report["config"]["layout"] == "1+4+4"
+    assert report["index"]["segment"] == 10 * 4
+
+
+def test_unavailable_mode_is_skipped_not_faked(tiny_bench, monkeypatch, caplog):
+    import himir_rag.scheduler
+
+    monkeypatch.delattr(himir_rag.scheduler, "scheduled_search", raising=False)
+    report = _quick_run(tiny_bench, modes="mvr,himir", decomposer="oracle")
+    assert list(report["modes"]) == ["mvr"] and "himir" in report["skipped_modes"]
+    assert "not available" in caplog.text
+    assert "Skipped modes" in (tiny_bench / "report.md").read_text()
+    assert [t["met"] for t in report["targets"] if "himir " in t["target"] or "mvr/himir" in t["target"]] == [None] * 3
+
+
+def test_index_dir_without_the_scenes_is_rejected(tiny_bench, tmp_path, scene_dir, color_encoder):
+    from himir_rag.index import HiMIRIndex
+
+    other = HiMIRIndex.build(scene_dir, encoder=color_encoder, progress=False)
+    other.save(tmp_path / "other")
+    with pytest.raises(ConfigError, match="lacks 5 source scenes"):
+        _quick_run(tiny_bench, encoder=color_encoder, index_dir=tmp_path / "other")
+
+
+def test_missing_benchmark_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="himir bench build"):
+        run_benchmark(tmp_path, encoder=ColorEncoder(), progress=False)
+
+
+def test_limit_queries(tiny_bench):
+    report = _quick_run(tiny_bench, modes="single", limit_queries=2)
+    assert report["modes"]["single"]["n_queries"] == 2
+
+
+# -- pieces ------------------------------------------------------------------------------------
+def test_parse_modes():
+    assert parse_modes("single, mvr,mvr,himir") == [RetrievalMode.SINGLE, RetrievalMode.MVR, RetrievalMode.HIMIR]
+    with pytest.raises(ConfigError, match="unknown"):
+        parse_modes("single,colbert")
+    with pytest.raises(ConfigError, match="no mode"):
+        parse_modes(" , ")
+
+
+def test_oracle_decomposer():
+    oracle = OracleDecomposer({"a cat and a dog": ["a cat", "a dog"]})
+    assert oracle.decompose("a cat and a dog") == ["a cat", "a dog"]
+    with pytest.raises(KeyError, match="not in the benchmark"):
+        oracle.decompose("a bird")
+
+
+def test_match_objects_by_containment():
+    objects = ["a spiny lobster", "a red apple", "an apple pie"]
+    assert match_objects(["spiny lobster", "a red apple", "a cat"], objects) == [
+        ("spiny lobster", "a spiny lobster"), ("a red apple", "a red apple")]
+    # the longest contained name wins, each object is used once
+    assert match_objects(["an apple pie with a red apple"], objects) == [("an apple pie with a red apple", "an apple pie")]
+
+
+def test_ranking_metrics():
+    row = ranking_metrics(["x", "a", "y", "b"], {"a", "b"})
+    assert row["recall@1"] == 0.0 and row["recall@5"] == 1.0 and row["mrr"] == 0.5
+    assert row["ndcg@10"] == pytest.approx((1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3)))
+
+
+def _row(query_id, mode, recall, dots, search_ms):
+    return {"query_id": query_id, "mode": mode, "recall@1": recall, "recall@5": recall, "recall@10": recall,
+            "ndcg@10": recall, "mrr": recall, "dot_products": dots, "images_scored": 3,
+            "latency_ms": {"encode": 1.0, "search": search_ms, "total": 1.0 + search_ms}}
+
+
+def test_aggregate_and_compare_modes():
+    rows = [_row("q1", "mvr", 0.5, 400, 2.0), _row("q2", "mvr", 1.0, 600, 4.0),
+            _row("q1", "himir", 1.0, 100, 1.0), _row("q2", "himir", 1.0, 100, 3.0),
+            _row("q1", "single", 0.0, 10, 0.5), _row("q2", "single", 0.5, 10, 0.5)]
+    modes = {m: aggregate_mode([r for r in rows if r["mode"] == m]) for m in ("single", "mvr", "himir")}
+    assert modes["mvr"]["recall@10"] == 0.75
+    assert modes["mvr"]["dot_products"] == {"median": 500.0, "mean": 500.0, "min": 400.0, "max": 600.0}
+    assert modes["mvr"]["latency_ms"]["search"]["p50"] == 3.0
+    assert modes["mvr"]["latency_ms"]["search"]["p95"] == pytest.approx(3.9)
+    comparison = compare_modes(modes, rows)
+    assert comparison["dot_products_ratio"]["mvr/himir"] == {"mean": 5.0, "median": 5.0, "per_query_median": 5.0}
+    assert comparison["recall@10_points"]["himir - mvr"] == pytest.approx(25.0)
+    assert comparison["recall@10_points"]["himir - single"] == pytest.approx(75.0)
+    met = {t["target"]: t["met"] for t in target_checks(comparison, modes)}
+    assert met["Recall@10 himir >= mvr + 5 points"] and met["dot products mvr/himir >= 3.5"]
+    assert met["Recall@10 himir-full >= mvr + 5 points"] is None
+    with pytest.raises(ValueError, match="no per-query rows"):
+        aggregate_mode([])
+
+
+def test_summarize_grounding():
+    rows = [{"iou": {"global": 0.1, "segment": 0.5}, "iou_ceiling": {"global": 0.1, "segment": 0.6},
+             "area_frac": 0.03, "himir_full_level": "segment"},
+            {"iou": {"global": 0.4, "segment": 0.2}, "iou_ceiling": {"global": 0.4, "segment": 0.35},
+             "area_frac": 0.4, "himir_full_level": "global"}]
+    summary = summarize_grounding(rows, threshold=0.3)
+    assert summary["hit_rate"] == {"global": 0.5, "segment": 0.5}
+    assert summary["reachable_rate"] == {"global": 0.5, "segment": 1.0}
+    assert summary["by_size"]["small (<5%)"] == {"n": 1, "global": 0.0, "segment": 1.0}
+    assert summary["himir_full_level_share"]["segment"] == 0.5
+    assert summarize_grounding([])["n_subqueries"] == 0
+
+
+# -- scale -------------------------------------------------------------------------------------
+def test_synthetic_collection_plants_targets():
+    # signal/distractors of the planted model set explicitly: the defaults are sized for dim 384
+    collection = build_synthetic_collection(images=500, dim=32, queries=10, seed=1, signal=3.0, distractors=10,
+                                            progress=False)
+    snapshot = collection.index.snapshot
+    assert len(snapshot) == 500 and snapshot.vectors.shape == (500 * 21, 32)
+    assert np.allclose(np.linalg.norm(snapshot.vectors, axis=1), 1.0, atol=1e-5)
+    for query in collection.queries:
+        assert 2 <= len(query.subquery_vectors) <= 3 and 1 <= len(query.relevant) <= 3
+        assert not set(query.relevant) & set(query.distractors)
+        for image_id in query.relevant:  # every sub-query is planted somewhere in each target
+            rows = snapshot.image_rows(image_id)
+            assert (query.subquery_vectors @ snapshot.vectors[rows].T).max(axis=1).min() > 0.4
+
+
+def test_scale_benchmark_finds_planted_targets(tmp_path):
+    report = run_scale_benchmark(tmp_path / "scale", images=500, dim=32, queries=10, seed=0, signal=3.0,
+                                 distractors=10, modes="single,mvr,himir-full,himir", plots=False, progress=False)
+    assert report["kind"] == "scale"
+    assert report["modes"]["himir-full"]["recall@10"] >= 0.9
+    per_query = {}
+    for row in report["per_query"]:
+        per_query.setdefault(row["query_id"], {})[row["mode"]] = row["dot_products"]
+    for dots in per_query.values():
+        assert dots["single"] == 500
+        n_subs = dots["mvr"] // (500 * 17)
+        assert dots["mvr"] == n_subs * 500 * 17 and dots["himir-full"] == n_subs * 500 * 21
+        assert dots["single"] < dots["mvr"] < dots["himir-full"]
+    for name in ("report.json", "report.md"):
+        assert (tmp_path / "scale" / name).is_file()
+    assert "encode" not in report["modes"]["mvr"]["latency_ms"]
+
+
+def test_scale_rejects_too_small_collection():
+    with pytest.raises(ConfigError, match="too small"):
+        build_synthetic_collection(images=50, dim=16, queries=10, progress=False)
+
+
+def test_scheduler_parameters_apply_to_this_run_only(tiny_bench):
+    report = _quick_run(tiny_bench, modes="himir", scheduler={"candidate_k": -1})
+    assert report["config"]["scheduler"] == {"candidate_k": -1}
+    assert report["modes"]["himir"]["images_scored"] == 10  # no candidate generation: every image scored
+    from himir_rag.index import HiMIRIndex
+
+    assert HiMIRIndex.read_manifest(tiny_bench / "index")["config"]["scheduler"] == {}
