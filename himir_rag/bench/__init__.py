@@ -8,13 +8,6 @@ plots. The harness is imported lazily (it pulls in the index and matplotlib).
 """
 
 from himir_rag.bench.metrics import box_iou, hit_at_k, mrr, ndcg_at_k, percentile, recall_at_k, summarize
-from himir_rag.bench.scenes import (
-    BenchmarkSummary,
-    StampsNotInstalledError,
-    build_composite_benchmark,
-    load_stamp_catalog,
-    read_jsonl,
-)
 
 __all__ = [
     "BenchmarkSummary",
@@ -34,7 +27,12 @@ __all__ = [
     "write_report",
 ]
 
-_LAZY = {
+_LAZY = {  # scenes pulls in scipy: imported on first use, so `himir --help` stays fast
+    "BenchmarkSummary": "himir_rag.bench.scenes",
+    "StampsNotInstalledError": "himir_rag.bench.scenes",
+    "build_composite_benchmark": "himir_rag.bench.scenes",
+    "load_stamp_catalog": "himir_rag.bench.scenes",
+    "read_jsonl": "himir_rag.bench.scenes",
     "run_benchmark": "himir_rag.bench.runner",
     "run_scale_benchmark": "himir_rag.bench.scale",
     "write_report": "himir_rag.bench.report",
