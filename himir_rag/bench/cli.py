@@ -92,6 +92,8 @@ def run_command(
     throughput_images: int = typer.Option(20, min=0, help="Images whose crops time the encoder alone (0: skip)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes (default OUT_DIR)."),
+    torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1,
+                                                help="torch threads of the encoder (default: torch's choice)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
                                             help='Scheduler parameters of mode himir as JSON, e.g. \'{"nprobe": 32}\'.'),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
@@ -105,7 +107,8 @@ def run_command(
         report = run_benchmark(out_dir, modes=modes, encoder=encoder, decomposer=decomposer, layout=layout, k=k,
                                limit_queries=limit_queries, index_dir=index_dir, device=device, batch_size=batch_size,
                                throughput_images=throughput_images, plots=plots, report_dir=report_dir,
-                               scheduler=_parse_scheduler(scheduler), progress=progress)
+                               scheduler=_parse_scheduler(scheduler), torch_threads=torch_threads,
+                               progress=progress)
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
         return

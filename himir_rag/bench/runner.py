@@ -652,7 +652,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   k: int = 10, limit_queries: int | None = None, index_dir: str | os.PathLike[str] | None = None,
                   device: str = "cpu", batch_size: int = 32, throughput_images: int = 20,
                   plots: bool = True, report_dir: str | os.PathLike[str] | None = None,
-                  scheduler: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                  scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
     Parameters
@@ -683,6 +684,9 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
     scheduler : dict, optional
         ``HiMIRConfig.scheduler`` parameters for mode ``himir`` in this run (the saved
         index keeps its own).
+    torch_threads : int, optional
+        ``torch.set_num_threads`` for this process (encoder threads); default: torch's.
+        On a CPU shared with other jobs, 1 thread avoids OpenMP oversubscription stalls.
 
     Returns
     -------
@@ -698,6 +702,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
     """
     bench_dir = Path(bench_dir)
     mode_list = parse_modes(modes)
+    if torch_threads is not None:
+        _set_torch_threads(torch_threads)
     queries, scenes = _load_benchmark(bench_dir, limit_queries)
     decomposer_obj = _make_decomposer(decomposer, queries)
     started = time.perf_counter()
@@ -731,6 +737,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         "config": {"modes": [m.value for m in mode_list], "encoder": index.encoder.name,
                    "encoder_spec": index.encoder_spec, "decomposer": decomposer, "layout": index.config.layout,
                    "k": k, "search_k": search_k, "scheduler": dict(index.config.scheduler),
+                   "torch_threads": torch_threads,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
         "skipped_modes": runs.skipped, **summarize_run(runs.per_query, mode_list, runs.skipped),
         "first_query_ms": runs.first_query_ms,
@@ -745,6 +752,14 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
 
     write_report(report, bench_dir if report_dir is None else Path(report_dir), plots=plots)
     return report
+
+
+def _set_torch_threads(count: int) -> None:
+    if count < 1:
+        raise ConfigError(f"torch_threads={count}; expected at least 1")
+    import torch
+
+    torch.set_num_threads(count)
 
 
 def _spread_sample(bench_dir: Path, scenes: Mapping[str, dict[str, Any]], count: int) -> list[Path]:
