@@ -36,12 +36,16 @@ logger = logging.getLogger(__name__)
 SEARCH_SPACE: dict[str, list[Any]] = {
     "candidate_levels": [("segment",), ("region", "segment"), ("global", "region", "segment"), ("global", "region")],
     "candidate_k": [8, 16, 32, 64, 128],
-    "nprobe": [2, 4, 8, 16, 32, 64],
+    "index_kind": ["auto", "ivf", "ivfpq"],
+    "probe_share": [0.02, 0.05, 0.1, 0.2, 0.4],
     "bound_scale": [0.0, 0.25, 0.5, 0.75, 1.0],
     "sparsity_margin": [0.0, 0.05, 0.1, 0.2, float("inf")],
     "consistency_overlap": [0.8, 1.0, 2.0],
     "consistency_margin": [0.0, 0.02, 0.05, 0.1],
 }
+
+
+_STEP_LOSS = 0.02  # accuracy one step may give up while the budget is not met yet
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[st
                         k=k, budget_dot_products=budget_dot_products, budget_ms=budget_ms)
     report.baselines = {mode.value: _evaluate_exhaustive(index, workload, mode, k)
                         for mode in (RetrievalMode.MVR, RetrievalMode.HIMIR_FULL)}
-    current = dataclasses.asdict(SchedulerParams.from_dict(index.config.scheduler))
+    current = dataclasses.asdict(index.config.scheduler_params)
     best = _run(index, workload, current, k, report)
     for _ in range(passes):
         for name, values in SEARCH_SPACE.items():
@@ -188,7 +192,8 @@ def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int,
     for vecs, reference in zip(workload.vectors, workload.reference):
         stats = SearchStats(mode="himir")
         tick = time.perf_counter()
-        scored = scheduled_search(index.snapshot, vecs, k=k, row_mask=None, params=parsed, stats=stats)
+        scored = scheduled_search(index.snapshot, vecs, k=k, params=parsed, stats=stats,
+                                  stores=index.candidate_stores)
         found = scored.image_ids[top_k(scored.scores, k)]
         latency.append((time.perf_counter() - tick) * 1000)
         accuracy.append(_accuracy(found, reference))
@@ -208,8 +213,10 @@ def _better(candidate: Trial, best: Trial, budget_dot_products: float | None, bu
     fits, best_fits = _fits(candidate, budget_dot_products, budget_ms), _fits(best, budget_dot_products, budget_ms)
     if fits != best_fits:
         return fits
-    if not fits:  # neither fits: move towards the budget
-        return candidate.dot_products < best.dot_products
+    if not fits:  # neither fits: move towards the budget, giving up little accuracy on the way
+        if candidate.accuracy >= best.accuracy - _STEP_LOSS:
+            return candidate.dot_products < best.dot_products
+        return False
     if abs(candidate.accuracy - best.accuracy) > 1e-9:
         return candidate.accuracy > best.accuracy
     return candidate.dot_products < best.dot_products

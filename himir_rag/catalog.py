@@ -3,6 +3,12 @@
 Region rows are grouped by image (root, regions, segments of image 1, then image 2...)
 so that MaxSim over one image's regions is one slice of ``vectors``. A search takes
 one snapshot and never sees a half-applied add or delete.
+
+Everything a search needs that is proportional to the collection (image ids in row
+order, per-image row offsets, level counts, parent radii) is computed once per
+snapshot and cached; appending images writes into capacity-doubling buffers shared
+with the previous snapshot (which only ever reads its own prefix), so a build that
+commits many small chunks is linear, not quadratic.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import numpy as np
 
 from himir_rag.hierarchy import Level, RegionTree
 
-__all__ = ["ImageRecord", "Snapshot"]
+__all__ = ["ImageRecord", "Snapshot", "VECTOR_DTYPES"]
 
 _CACHE_LOCK = threading.RLock()
+VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
+_RADIUS_BLOCK = 65_536  # rows per block when computing parent radii (bounded temporary memory)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,41 @@ class ImageRecord:
         return "himir-" + hashlib.sha1(self.path.encode("utf-8")).hexdigest()[:20]
 
 
+class _Buffers:
+    """Growable row buffers behind a chain of snapshots: ``filled`` rows are in use.
+
+    Only the snapshot whose length equals ``filled`` may append in place; any other
+    (an older snapshot) gets fresh buffers, so no snapshot ever sees its rows change.
+    """
+
+    names = ("vectors", "region_image", "levels", "parents", "boxes")
+
+    def __init__(self, arrays: dict[str, np.ndarray], capacity: int) -> None:
+        self.arrays = {}
+        for name in self.names:
+            source = arrays[name]
+            buffer = np.empty((capacity, *source.shape[1:]), dtype=source.dtype)
+            buffer[: len(source)] = source
+            self.arrays[name] = buffer
+        self.filled = len(arrays["region_image"])
+        self.lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return len(self.arrays["region_image"])
+
+    def append(self, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Write ``parts`` after the filled rows; None when full (the caller regrows)."""
+        n_new = len(parts["region_image"])
+        if self.filled + n_new > self.capacity:
+            return None
+        start, stop = self.filled, self.filled + n_new
+        for name in self.names:
+            self.arrays[name][start:stop] = parts[name]
+        self.filled = stop
+        return {name: self.arrays[name][:stop] for name in self.names}
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Immutable view of the whole collection.
@@ -53,7 +96,8 @@ class Snapshot:
     images : dict[int, ImageRecord]
         By image id.
     vectors : np.ndarray
-        (n_regions, dim) float32, grouped by image.
+        (n_regions, dim) float32 or float16 (see ``HiMIRConfig.precision``), grouped by image;
+        possibly a read-only memory map of the index's vector file.
     region_image : np.ndarray
         (n_regions,) int64 image id of each row.
     levels : np.ndarray
@@ -70,12 +114,13 @@ class Snapshot:
     levels: np.ndarray
     parents: np.ndarray
     boxes: np.ndarray
-    _stores: dict = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _buffers: _Buffers | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def empty(cls, dim: int) -> Snapshot:
-        """A snapshot holding nothing."""
-        return cls({}, np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int8),
+    def empty(cls, dim: int, *, dtype: Any = np.float32) -> Snapshot:
+        """A snapshot holding nothing; ``dtype`` is the storage type of its vectors."""
+        return cls({}, np.zeros((0, dim), dtype), np.zeros(0, np.int64), np.zeros(0, np.int8),
                    np.zeros(0, np.int64), np.zeros((0, 4), np.int32))
 
     @property
@@ -86,7 +131,10 @@ class Snapshot:
         return len(self.images)
 
     def with_images(self, records: list[ImageRecord], trees: list[RegionTree], vectors: list[np.ndarray]) -> Snapshot:
-        """A new snapshot with images appended (``vectors[i]`` is (len(trees[i]), dim))."""
+        """A new snapshot with images appended (``vectors[i]`` is (len(trees[i]), dim)).
+
+        Amortised O(new rows): the rows go into buffers shared with this snapshot.
+        """
         if not records:
             return self
         offset = len(self.region_image)
@@ -95,76 +143,131 @@ class Snapshot:
             parts_parent.append(np.where(tree.parents >= 0, tree.parents.astype(np.int64) + offset, -1))
             parts_image.append(np.full(len(tree), record.image_id, np.int64))
             offset += len(tree)
+        parts = {"vectors": np.concatenate(vectors).astype(self.vectors.dtype, copy=False),
+                 "region_image": np.concatenate(parts_image), "parents": np.concatenate(parts_parent),
+                 "levels": np.concatenate([t.levels for t in trees]).astype(np.int8),
+                 "boxes": np.concatenate([t.boxes for t in trees]).astype(np.int32)}
+        buffers, arrays = self._buffers, None
+        if buffers is not None:
+            with buffers.lock:
+                if buffers.filled == len(self.region_image):
+                    arrays = buffers.append(parts)
+        if arrays is None:
+            current = {name: getattr(self, name) for name in _Buffers.names}
+            buffers = _Buffers(current, max(2 * (len(self.region_image) + len(parts["region_image"])), 1024))
+            arrays = buffers.append(parts)
         images = dict(self.images)
         images.update({r.image_id: r for r in records})
-        return Snapshot(
-            images,
-            np.concatenate([self.vectors, *vectors]).astype(np.float32, copy=False),
-            np.concatenate([self.region_image, *parts_image]),
-            np.concatenate([self.levels, *[t.levels for t in trees]]).astype(np.int8),
-            np.concatenate([self.parents, *parts_parent]),
-            np.concatenate([self.boxes, *[t.boxes for t in trees]]).astype(np.int32),
-        )
+        grown = Snapshot(images, **arrays, _buffers=buffers)  # type: ignore[arg-type]
+        radius = self._cache.get("parent_radius")
+        if radius is not None:  # extend the parent's radii instead of recomputing them all
+            grown._cache["parent_radius"] = np.concatenate(
+                [radius, _radius_rows(grown.vectors, grown.parents, len(self.region_image), len(grown.region_image))])
+        return grown
 
     def without_images(self, image_ids: set[int]) -> Snapshot:
         """A new snapshot with the given images (and their regions) removed."""
+        image_ids = {i for i in image_ids if i in self.images}
         if not image_ids:
             return self
         keep = ~np.isin(self.region_image, np.fromiter(image_ids, np.int64))
         new_row = np.cumsum(keep) - 1
         parents = np.where(self.parents >= 0, new_row[np.maximum(self.parents, 0)], -1)
         images = {i: r for i, r in self.images.items() if i not in image_ids}
-        return Snapshot(images, self.vectors[keep], self.region_image[keep], self.levels[keep],
+        return Snapshot(images, np.ascontiguousarray(self.vectors[keep]), self.region_image[keep], self.levels[keep],
                         parents[keep], self.boxes[keep])
 
     def with_records(self, records: list[ImageRecord]) -> Snapshot:
         """A new snapshot with catalog records only (their regions live in an external store)."""
         images = dict(self.images)
         images.update({r.image_id: r for r in records})
-        return dataclasses.replace(self, images=images, _stores={})
+        return dataclasses.replace(self, images=images, _cache={}, _buffers=None)
+
+    # -- per-snapshot caches: computed once, read by every search ---------------------------------
+    def _cached(self, key: str, compute: Any) -> Any:
+        with _CACHE_LOCK:
+            value = self._cache.get(key)
+            if value is None:
+                value = self._cache[key] = compute()
+        return value
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """(n_images,) int64 image ids in row order (position ``p`` owns rows ``image_starts[p]:[p+1]``)."""
+        return self._cached("image_ids", lambda: self.region_image[self.image_starts[:-1]]
+                            if len(self.region_image) else np.zeros(0, np.int64))
+
+    @property
+    def image_starts(self) -> np.ndarray:
+        """(n_images + 1,) int64 first row of each image position, then the row count."""
+        def compute() -> np.ndarray:
+            n = len(self.region_image)
+            if n == 0:
+                return np.zeros(1, np.int64)
+            starts = np.flatnonzero(np.r_[True, self.region_image[1:] != self.region_image[:-1]])
+            return np.r_[starts, n].astype(np.int64)
+        return self._cached("image_starts", compute)
+
+    def positions_of(self, image_ids: np.ndarray) -> np.ndarray:
+        """Image positions of ``image_ids`` (any shape); -1 where an id is not in this snapshot."""
+        ids = self.image_ids
+        order = self._cached("image_order", lambda: np.argsort(ids, kind="stable"))
+        wanted = np.asarray(image_ids, dtype=np.int64)
+        if len(ids) == 0:
+            return np.full(wanted.shape, -1, np.int64)
+        at = np.minimum(np.searchsorted(ids, wanted, sorter=order), len(ids) - 1)
+        pos = order[at]
+        return np.where(ids[pos] == wanted, pos, -1)
+
+    def rows_of(self, positions: np.ndarray) -> np.ndarray:
+        """All rows of the images at ``positions`` (sorted), concatenated in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts = self.image_starts[positions]
+        counts = self.image_starts[positions + 1] - starts
+        if len(positions) == 0:
+            return np.zeros(0, np.int64)
+        offsets = np.repeat(starts - np.r_[0, np.cumsum(counts)[:-1]], counts)
+        return np.arange(int(counts.sum()), dtype=np.int64) + offsets
 
     def image_rows(self, image_id: int) -> np.ndarray:
         """Rows of one image's regions."""
-        return np.flatnonzero(self.region_image == image_id)
+        pos = int(self.positions_of(np.array([image_id]))[0])
+        if pos < 0:
+            return np.zeros(0, np.int64)
+        return np.arange(self.image_starts[pos], self.image_starts[pos + 1], dtype=np.int64)
 
-    def level_store(self, level: Level, *, kind: str = "flat"):
-        """A FAISS store over this snapshot's regions at ``level`` (ids = snapshot rows).
-
-        Built on first use and cached for the snapshot's life (snapshots never change);
-        ``kind`` is ``"flat"``, ``"ivf"`` or ``"hnsw"``.
-        """
-        from himir_rag.store.faiss import FaissStore
-
-        key = (Level(level), kind)
-        with _CACHE_LOCK:
-            cached = self._stores.get(key)
-            if cached is None:
-                rows = np.flatnonzero(self.levels == key[0])
-                cached = FaissStore(self.dim, kind=kind)
-                if len(rows):
-                    cached.add(rows, self.vectors[rows])
-                self._stores[key] = cached
-        return cached
-
-    def parent_radius(self) -> np.ndarray:
-        """(n_regions,) float32 ``||v - v_parent||`` per row (0 for global views).
+    def parent_radius(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """``||v - v_parent||`` (float32, 0 for global views) of ``rows``, or of every row when None.
 
         For unit vectors, ``q . v <= q . v_parent + radius``: the exact bound the
-        scheduler uses to skip segments. Query-independent, computed once per snapshot.
+        scheduler uses to skip segments. Query-independent; the scheduler asks for its
+        candidates' rows only (as cheap as scoring them once), the full array is computed
+        once per snapshot in blocks of rows and extended on append.
         """
-        with _CACHE_LOCK:
-            radius = self._stores.get("parent_radius")
-            if radius is None:
-                has_parent = self.parents >= 0
-                radius = np.zeros(len(self.parents), np.float32)
-                diff = self.vectors[has_parent] - self.vectors[self.parents[has_parent]]
-                radius[has_parent] = np.linalg.norm(diff, axis=1)
-                self._stores["parent_radius"] = radius
+        if rows is None:
+            return self._cached("parent_radius",
+                                lambda: _radius_rows(self.vectors, self.parents, 0, len(self.region_image)))
+        cached = self._cache.get("parent_radius")
+        if cached is not None:
+            return cached[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        radius = np.zeros(len(rows), np.float32)
+        has_parent = np.flatnonzero(self.parents[rows] >= 0)
+        if len(has_parent):
+            diff = self.region_vectors(rows[has_parent]) - self.region_vectors(self.parents[rows[has_parent]])
+            radius[has_parent] = np.linalg.norm(diff, axis=1)
         return radius
 
     def level_counts(self) -> dict[str, int]:
         """Stored regions per level."""
-        return {Level(lv).name.lower(): int((self.levels == lv).sum()) for lv in Level}
+        def compute() -> dict[str, int]:
+            counts = np.bincount(self.levels.astype(np.int64), minlength=len(Level))
+            return {Level(lv).name.lower(): int(counts[int(lv)]) for lv in Level}
+        return dict(self._cached("level_counts", compute))
+
+    def region_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), dim) float32 vectors of ``rows`` (converted from float16 storage)."""
+        return np.asarray(self.vectors[rows], dtype=np.float32)
 
     # -- persistence -------------------------------------------------------------------------
     def write_catalog(self, path: Path, *, skipped: list[tuple[str, str]]) -> None:
@@ -236,6 +339,20 @@ class Snapshot:
             raise ValueError("a region's parent belongs to another image or is not a coarser level")
         if n and ((self.boxes[:, 2] <= self.boxes[:, 0]) | (self.boxes[:, 3] <= self.boxes[:, 1])).any():
             raise ValueError("a region has an empty box")
+
+
+def _radius_rows(vectors: np.ndarray, parents: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``||v - v_parent||`` for rows ``start:stop`` (0 for global views), in blocks of rows."""
+    radius = np.zeros(stop - start, np.float32)
+    for lo in range(start, stop, _RADIUS_BLOCK):
+        hi = min(stop, lo + _RADIUS_BLOCK)
+        block_parents = parents[lo:hi]
+        has_parent = np.flatnonzero(block_parents >= 0)
+        if len(has_parent):
+            diff = (np.asarray(vectors[lo + has_parent], np.float32)
+                    - np.asarray(vectors[block_parents[has_parent]], np.float32))
+            radius[lo - start + has_parent] = np.linalg.norm(diff, axis=1)
+    return radius
 
 
 _SCHEMA = """

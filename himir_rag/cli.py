@@ -40,6 +40,7 @@ def index_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per encoder batch."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     prune_cosine: Optional[float] = typer.Option(None, help="Drop segments this similar to their parent (0-1)."),
+    precision: str = typer.Option("float32", help="Stored vector type of a new index: float32 | float16 (half size)."),
     checkpoint_every: int = typer.Option(256, min=1, help="Save the index every N images (resumable)."),
     store: str = typer.Option("faiss", help="Where region vectors live: faiss (in memory) | qdrant."),
     qdrant_url: Optional[str] = typer.Option(None, help="Qdrant server/cluster URL (with --store qdrant)."),
@@ -53,7 +54,8 @@ def index_command(
     _setup_logging(verbose)
     try:
         index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
-                                batch_size=batch_size, device=device, prune_cosine=prune_cosine)
+                                batch_size=batch_size, device=device, prune_cosine=prune_cosine,
+                                precision=precision)
         if index.store is None and store != "faiss":
             index.store = _make_store(store, index, qdrant_url=qdrant_url, qdrant_path=qdrant_path,
                                       collection=collection or index_dir.name)
@@ -88,7 +90,7 @@ def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_
 
 
 def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: str, batch_size: int,
-                    device: str, prune_cosine: float | None) -> HiMIRIndex:
+                    device: str, prune_cosine: float | None, precision: str = "float32") -> HiMIRIndex:
     if (index_dir / "CURRENT").exists():
         index = HiMIRIndex.load(index_dir, device=device)
         wanted = HiMIRConfig(layout=layout, decomposer=decomposer)
@@ -101,7 +103,7 @@ def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: s
             raise HiMIRError(f"{index_dir} was built with encoder {index.encoder_spec!r}, asked for {encoder!r}")
         index.config = index.config.replace(batch_size=batch_size)
         return index
-    config = HiMIRConfig(layout=layout, decomposer=decomposer, batch_size=batch_size,
+    config = HiMIRConfig(layout=layout, decomposer=decomposer, batch_size=batch_size, precision=precision,
                          **({} if prune_cosine is None else {"prune_cosine": prune_cosine}))
     return HiMIRIndex(encoder, config, device=device)
 
@@ -146,7 +148,8 @@ def search_command(
     index_dir: Path = typer.Argument(..., help="Index directory."),
     query: Optional[str] = typer.Argument(None, help="The question (or use --queries)."),
     k: int = typer.Option(10, "-k", "--k", help="Number of photos to return."),
-    mode: str = typer.Option("himir-full", help="himir | himir-full | mvr | single"),
+    mode: Optional[str] = typer.Option(None, help="himir | himir-full | mvr | single "
+                                       "[default: the index's default_mode, himir]"),
     queries: Optional[Path] = typer.Option(None, "--queries", help='JSONL file of {"id", "query"} lines.'),
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
     decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
@@ -208,7 +211,7 @@ def demo_command(
     index.save(out / "index")
     results = []
     for question in DEMO_QUESTIONS:
-        result = index.search(question, k=k, mode="himir-full")
+        result = index.search(question, k=k)
         results.append(result)
         typer.echo("")
         _print_result(result)

@@ -93,7 +93,16 @@ class HiMIRConfig:
     batch_size : int
         Crops encoded per batch.
     scheduler : dict
-        Parameters of the scheduled pruning pass (see ``scheduler.py``).
+        Parameters of the scheduled pruning pass (see :class:`~himir_rag.scheduler.SchedulerParams`);
+        validated here, parsed once (:attr:`scheduler_params`).
+    default_mode : str
+        Mode of ``search`` when none is given: ``"himir"`` (the scheduled pass), or
+        ``"himir-full"`` (its exact reference), ``"mvr"``, ``"single"``.
+    search_threads : int
+        Threads for query-time FAISS and torch work (1 is fastest on small or shared machines).
+    precision : str
+        Storage type of the region vectors: ``"float32"`` or ``"float16"`` (half the memory
+        and disk; scores are computed in float32 either way).
     """
 
     layout: str = "1+4+16"
@@ -104,8 +113,21 @@ class HiMIRConfig:
     prune_cosine: float = 1.0
     batch_size: int = 32
     scheduler: dict[str, Any] = field(default_factory=dict)
+    default_mode: str = "himir"
+    search_threads: int = 1
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        from himir_rag.scheduler import SchedulerParams, parse_mode
+
+        if not isinstance(self.scheduler, dict):
+            raise ConfigError(f"scheduler must be a JSON object of parameters, got {type(self.scheduler).__name__}")
+        object.__setattr__(self, "_scheduler_params", SchedulerParams.from_dict(self.scheduler))
+        parse_mode(self.default_mode)
+        if self.precision not in ("float32", "float16"):
+            raise ConfigError(f"precision {self.precision!r} is unknown; use 'float32' or 'float16'")
+        if isinstance(self.search_threads, bool) or not isinstance(self.search_threads, int) or self.search_threads < 1:
+            raise ConfigError(f"search_threads must be an int >= 1, got {self.search_threads!r}")
         parse_layout(self.layout)
         if self.decomposer not in ("grid", "segments"):
             raise ConfigError(f"decomposer {self.decomposer!r} is unknown; use 'grid' or 'segments'")
@@ -116,6 +138,11 @@ class HiMIRConfig:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def scheduler_params(self) -> Any:
+        """The scheduler parameters as a validated :class:`~himir_rag.scheduler.SchedulerParams` (parsed once)."""
+        return self._scheduler_params  # type: ignore[attr-defined]
 
     @property
     def parsed_layout(self) -> Layout:

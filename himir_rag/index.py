@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from himir_rag.catalog import ImageRecord, Snapshot
+from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
@@ -42,6 +42,7 @@ from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoa
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
 from himir_rag.images import iter_image_files, load_image
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
+from himir_rag.threads import limit_threads
 
 __all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatch", "FORMAT_VERSION"]
 
@@ -150,6 +151,7 @@ class HiMIRIndex:
         self._skipped: list[tuple[str, str]] = []
         self._next_id = 1
         self._write_lock = threading.RLock()
+        self._candidate_stores: Any = None  # CandidateStores, created with the first snapshot
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -164,8 +166,25 @@ class HiMIRIndex:
     def snapshot(self) -> Snapshot:
         """The current immutable view of the collection."""
         if self._snapshot is None:
-            self._snapshot = Snapshot.empty(self.encoder.dim)
+            self._snapshot = Snapshot.empty(self.encoder.dim, dtype=VECTOR_DTYPES[self.config.precision])
         return self._snapshot
+
+    @property
+    def candidate_stores(self) -> Any:
+        """The :class:`~himir_rag.store.candidates.CandidateStores` the scheduler searches for candidates."""
+        if self._candidate_stores is None:
+            from himir_rag.store.candidates import CandidateStores
+
+            self._candidate_stores = CandidateStores(self.snapshot.dim, threads=self.config.search_threads)
+        return self._candidate_stores
+
+    def sync_candidate_stores(self) -> None:
+        """Bring the candidate stores up to date with the collection (incremental; done after add/delete)."""
+        if self.store is not None or self._snapshot is None:
+            return
+        params = self.config.scheduler_params
+        self.candidate_stores.sync(self.snapshot, [Level[name.upper()] for name in params.candidate_levels],
+                                   index_kind=params.index_kind, flat_max=params.flat_max, pq_min=params.pq_min)
 
     @property
     def images(self) -> list[ImageRecord]:
@@ -268,6 +287,7 @@ class HiMIRIndex:
                 on_chunk(report)
         bar.close()
         self._record_skipped(report)
+        self.sync_candidate_stores()
         if checkpoint_dir is not None and (saved_at == 0 or saved_at != _processed(report)):
             self.save(checkpoint_dir)  # unless the last checkpoint already holds everything
         report.seconds = time.perf_counter() - started
@@ -395,10 +415,12 @@ class HiMIRIndex:
             if self.store is not None:
                 self.store.delete_images(sorted(ids))
             self._snapshot = snapshot.without_images(ids)
+        if ids:
+            self.sync_candidate_stores()
         return len(ids)
 
     # -- search --------------------------------------------------------------------------------
-    def search(self, query: str, *, k: int = 10, mode: str | RetrievalMode = RetrievalMode.HIMIR_FULL,
+    def search(self, query: str, *, k: int = 10, mode: str | RetrievalMode | None = None,
                subqueries: Sequence[str] | None = None, decomposer: Any = None,
                filters: Filters = None) -> SearchResult:
         """Rank images for ``query``.
@@ -409,8 +431,9 @@ class HiMIRIndex:
             The question or description.
         k : int
             Hits to return (clamped to the collection size with a warning).
-        mode : str
-            ``"himir"``, ``"himir-full"``, ``"mvr"`` or ``"single"``.
+        mode : str, optional
+            ``"himir"``, ``"himir-full"``, ``"mvr"`` or ``"single"``; default
+            ``config.default_mode`` (``"himir"``, the scheduled pass).
         subqueries : list of str, optional
             Sub-queries to match; by default the decomposer splits ``query``.
         decomposer : QueryDecomposer, optional
@@ -430,12 +453,45 @@ class HiMIRIndex:
             The index holds no image.
         """
         started = time.perf_counter()
-        mode = parse_mode(mode)
+        mode = parse_mode(self.config.default_mode if mode is None else mode)
         k = self._check_query(query, k)
         stats = SearchStats(mode=mode.value)
         subs = self._subqueries(query, subqueries, decomposer, stats)
         return self._search_vectors(query, subs, self._embed_queries(query, subs, mode, stats), k=k, mode=mode,
                                     filters=filters, stats=stats, started=started)
+
+    def search_vectors(self, vectors: np.ndarray, *, k: int = 10, mode: str | RetrievalMode | None = None,
+                       labels: Sequence[str] | None = None, filters: Filters = None,
+                       query: str = "") -> SearchResult:
+        """Rank images for query vectors already embedded (sub-queries, or one vector for ``single``).
+
+        Parameters
+        ----------
+        vectors : np.ndarray
+            (s, dim) L2-normalised float32 sub-query vectors.
+        labels : list of str, optional
+            One name per vector, reported in each hit's regions (default ``"q0"``, ``"q1"``...).
+
+        Returns
+        -------
+        SearchResult
+
+        Example
+        -------
+        >>> index.search_vectors(index.encoder.embed_texts(["a cat", "a cup"]), k=5)  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        mode = parse_mode(self.config.default_mode if mode is None else mode)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.snapshot.dim or len(vectors) == 0:
+            raise ValueError(f"vectors must be (s, {self.snapshot.dim}) with s >= 1, got {vectors.shape}")
+        k = self._check_query(query or "vectors", k)
+        labels = list(labels) if labels is not None else [f"q{i}" for i in range(len(vectors))]
+        if len(labels) != len(vectors):
+            raise ValueError(f"{len(labels)} labels for {len(vectors)} vectors")
+        stats = SearchStats(mode=mode.value)
+        return self._search_vectors(query, labels, vectors, k=k, mode=mode, filters=filters, stats=stats,
+                                    started=started)
 
     async def asearch(self, query: str, **kwargs: Any) -> SearchResult:
         """:meth:`search` in a worker thread, so the event loop is not blocked."""
@@ -468,7 +524,8 @@ class HiMIRIndex:
 
     def _embed_queries(self, query: str, subs: list[str], mode: RetrievalMode, stats: SearchStats) -> np.ndarray:
         tick = time.perf_counter()
-        vectors = self.encoder.embed_texts([query] if mode is RetrievalMode.SINGLE else subs)
+        with limit_threads(self.config.search_threads, torch=True):
+            vectors = self.encoder.embed_texts([query] if mode is RetrievalMode.SINGLE else subs)
         stats.latency_ms["encode"] = (time.perf_counter() - tick) * 1000
         return vectors
 
@@ -482,16 +539,16 @@ class HiMIRIndex:
             stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
             return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
-        row_mask = _filter_rows(snapshot, filters)
+        allowed = _allowed_positions(snapshot, filters)
         if mode is RetrievalMode.HIMIR:
             from himir_rag.scheduler import scheduled_search
 
-            scored = scheduled_search(snapshot, vectors, k=k, row_mask=row_mask, params=self.config.scheduler,
-                                      stats=stats)
+            scored = scheduled_search(snapshot, vectors, k=k, allowed=allowed, params=self.config.scheduler_params,
+                                      stats=stats, stores=self.candidate_stores)
         else:
             from himir_rag.scheduler import MODE_LEVELS
 
-            scored = score_exhaustive(snapshot, vectors, levels=MODE_LEVELS[mode], row_mask=row_mask)
+            scored = score_exhaustive(snapshot, vectors, levels=MODE_LEVELS[mode], allowed=allowed)
             stats.dot_products += scored.dot_products
             stats.images_scored = len(scored.image_ids)
         labels = [query] if mode is RetrievalMode.SINGLE else subs
@@ -503,7 +560,7 @@ class HiMIRIndex:
     def _search_store(self, vectors: np.ndarray, labels: list[str], *, k: int, mode: RetrievalMode,
                       filters: Filters, stats: SearchStats) -> tuple[SearchHit, ...]:
         """Search an external store (Qdrant); its work counters go into ``stats``."""
-        candidate_k = int(self.config.scheduler.get("candidate_k", 0) or 0)
+        candidate_k = int(self.config.scheduler_params.candidate_k)
         image_ids = None
         if callable(filters):  # evaluated here on the catalog, sent to Qdrant as an id filter
             image_ids = [i for i, r in self.snapshot.images.items() if _passes(r.metadata, filters)]
@@ -549,15 +606,15 @@ class HiMIRIndex:
             np.save(fh, snapshot.vectors, allow_pickle=False)
             _fsync(fh)
         snapshot.write_catalog(target / "catalog.sqlite", skipped=skipped)
-        for key, store in list(snapshot._stores.items()):  # FAISS stores built so far; others rebuilt on demand
-            if isinstance(key, tuple) and len(store):
-                store.save(target / f"level{int(key[0])}.{key[1]}.faiss")
+        if self.store is None and len(snapshot):
+            self.candidate_stores.save(target, snapshot)  # loading them is all the first query costs
         files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
         manifest = {
             "format": "himir-rag index", "format_version": FORMAT_VERSION,
             "encoder": {"name": self._encoder_name or self.encoder.name, "dim": snapshot.dim,
                         "spec": self.encoder_spec},
             "config": self.config.to_dict(), "next_image_id": next_id,
+            "vectors": {"dtype": str(snapshot.vectors.dtype), "shape": list(snapshot.vectors.shape)},
             "counts": {"images": len(snapshot), "regions": int(len(snapshot.levels)), **snapshot.level_counts()},
             "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "store": {"kind": "faiss"} if self.store is None else self.store.describe(),
@@ -594,7 +651,7 @@ class HiMIRIndex:
             index.store = _open_qdrant(store_info, dim)
         elif store_info.get("kind") != "faiss":
             raise IncompatibleIndexError(f"{version_dir}: unknown store kind {store_info.get('kind')!r}")
-        vectors = _read_vectors(version_dir / "vectors.npy", dim)
+        vectors = _read_vectors(version_dir / "vectors.npy", dim, dtype=index.config.precision)
         try:
             snapshot, skipped = Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors,
                                                       records_only=index.store is not None)
@@ -602,7 +659,10 @@ class HiMIRIndex:
             raise IndexFormatError(f"{version_dir / 'catalog.sqlite'}: unreadable catalog ({exc}); rebuild the index") from exc
         if index.store is not None:  # the store's payloads are the catalog of record
             snapshot = Snapshot.empty(dim).with_records(sorted(index.store.records(), key=lambda r: r.image_id))
-        _load_level_stores(snapshot, version_dir)
+        if index.store is None:
+            from himir_rag.store.candidates import CandidateStores
+
+            index._candidate_stores = CandidateStores.load(version_dir, snapshot, threads=index.config.search_threads)
         index._snapshot, index._skipped = snapshot, skipped
         index._next_id = int(manifest.get("next_image_id", max(snapshot.images, default=0) + 1))
         return index
@@ -703,12 +763,13 @@ def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> li
     return list(merged.items())
 
 
-def _filter_rows(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
-    """Row mask of the images whose metadata passes ``filters`` (None = all)."""
+def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+    """Sorted image positions whose metadata passes ``filters`` (None = all)."""
     if filters is None:
         return None
     allowed = np.fromiter((i for i, r in snapshot.images.items() if _passes(r.metadata, filters)), np.int64)
-    return np.isin(snapshot.region_image, allowed)
+    positions = snapshot.positions_of(allowed)
+    return np.sort(positions[positions >= 0])
 
 
 def _passes(metadata: Mapping[str, Any], filters: Filters) -> bool:
@@ -817,30 +878,19 @@ def _read_manifest(version_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_vectors(path: Path, dim: int) -> np.ndarray:
+def _read_vectors(path: Path, dim: int, *, dtype: str = "float32") -> np.ndarray:
+    """The (n, dim) region vectors, memory-mapped read-only (pages are read as searches touch them)."""
     try:
         # allow_pickle=False: an object array (a pickle) is refused, never unpickled
-        vectors = np.load(path, allow_pickle=False, mmap_mode=None)
+        vectors = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise IndexFormatError(f"{path}: unreadable vector file ({exc}); rebuild the index") from exc
     if not isinstance(vectors, np.ndarray):  # an .npz archive under the .npy name
         vectors.close()
         raise IndexFormatError(f"{path}: not a single .npy array; rebuild the index")
-    if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.float32:
-        raise IncompatibleIndexError(f"{path}: vectors {vectors.shape} {vectors.dtype}, manifest says (n, {dim}) float32")
-    if not np.isfinite(vectors).all():
-        raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
+    if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.dtype(dtype):
+        raise IncompatibleIndexError(f"{path}: vectors {vectors.shape} {vectors.dtype}, manifest says (n, {dim}) {dtype}")
+    for start in range(0, len(vectors), 262_144):  # in blocks: no full-size temporary
+        if not np.isfinite(vectors[start : start + 262_144]).all():
+            raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
     return vectors
-
-
-def _load_level_stores(snapshot: Snapshot, version_dir: Path) -> None:
-    from himir_rag.store.faiss import INDEX_KINDS, FaissStore
-
-    for path in sorted(version_dir.glob("level*.faiss")):
-        level_text, _, kind = path.stem.removeprefix("level").partition(".")
-        if not level_text.isdigit() or int(level_text) not in {int(lv) for lv in Level} or kind not in INDEX_KINDS:
-            raise IndexFormatError(f"{path}: unexpected FAISS file name; the index directory is damaged")
-        store = FaissStore.load(path, dim=snapshot.dim, kind=kind)
-        if len(store) != int((snapshot.levels == int(level_text)).sum()):
-            raise IndexFormatError(f"{path}: holds {len(store)} vectors, the catalog has a different count")
-        snapshot._stores[(Level(int(level_text)), kind)] = store

@@ -29,7 +29,7 @@ from himir_rag.hierarchy import Level
 
 __all__ = [
     "RetrievalMode", "MaxSimScores", "SearchStats", "SchedulerParams", "maxsim", "segment_max", "score_exhaustive",
-    "scheduled_search", "parse_mode", "top_k", "MODE_LEVELS",
+    "scheduled_search", "parse_mode", "top_k", "MODE_LEVELS", "default_stores",
 ]
 
 
@@ -146,21 +146,63 @@ def segment_max(sims: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.nd
     return best, np.minimum.reduceat(rows, starts, axis=1)
 
 
-def score_exhaustive(
-    snapshot: Snapshot, queries: np.ndarray, *, levels: tuple[Level, ...], row_mask: np.ndarray | None = None
-) -> MaxSimScores:
+_BLOCK_ROWS = 32_768  # rows scored per step by the exhaustive modes (bounded temporary memory)
+
+
+def score_exhaustive(snapshot: Snapshot, queries: np.ndarray, *, levels: tuple[Level, ...],
+                     allowed: np.ndarray | None = None) -> MaxSimScores:
     """MaxSim of ``queries`` (s, dim) over every region at ``levels`` of every allowed image.
 
-    ``row_mask`` (n_regions,) bool restricts the rows (metadata filter, candidates).
+    Scores blocks of whole images straight from the stored vectors (a slice per block,
+    no copy of the collection; float16 storage is converted one block at a time).
+
+    Parameters
+    ----------
+    allowed : np.ndarray, optional
+        Sorted image positions to score (metadata filter); None = every image.
+
+    Returns
+    -------
+    MaxSimScores
+        One entry per scored image, in row order.
     """
-    mask = np.isin(snapshot.levels, [int(lv) for lv in levels])
-    if row_mask is not None:
-        mask &= row_mask
-    rows = np.flatnonzero(mask)
-    image_of_row = snapshot.region_image[rows]
-    best, arg = maxsim(queries, snapshot.vectors[rows], image_of_row)
-    starts = np.flatnonzero(np.r_[True, image_of_row[1:] != image_of_row[:-1]]) if len(rows) else rows
-    return MaxSimScores(image_of_row[starts], best.astype(np.float32), rows[arg], int(len(queries) * len(rows)))
+    queries = np.asarray(queries, dtype=np.float32)
+    wanted = np.zeros(len(Level), bool)
+    wanted[[int(lv) for lv in levels]] = True
+    starts = snapshot.image_starts
+    positions = np.arange(len(starts) - 1) if allowed is None else np.asarray(allowed, np.int64)
+    ids, bests, args, dots = [], [], [], 0
+    for block in _position_blocks(starts, positions):
+        if allowed is None:  # contiguous images: a view of the stored rows
+            rows = np.arange(starts[block[0]], starts[block[-1] + 1])
+        else:
+            rows = snapshot.rows_of(block)
+        keep = wanted[snapshot.levels[rows]]
+        if not keep.all():
+            rows = rows[keep]
+        vectors = (snapshot.vectors[rows[0] : rows[-1] + 1] if allowed is None and keep.all()
+                   else snapshot.vectors[rows])
+        best, arg = maxsim(queries, np.asarray(vectors, np.float32), snapshot.region_image[rows])
+        ids.append(snapshot.image_ids[block])
+        bests.append(best)
+        args.append(rows[arg])
+        dots += len(queries) * len(rows)
+    if not ids:
+        empty = np.zeros((len(queries), 0), np.float32)
+        return MaxSimScores(np.zeros(0, np.int64), empty, empty.astype(np.int64), 0)
+    return MaxSimScores(np.concatenate(ids), np.concatenate(bests, axis=1).astype(np.float32),
+                        np.concatenate(args, axis=1), int(dots))
+
+
+def _position_blocks(starts: np.ndarray, positions: np.ndarray):
+    """Split sorted image ``positions`` into runs of about ``_BLOCK_ROWS`` rows (whole images)."""
+    if len(positions) == 0:
+        return
+    sizes = starts[positions + 1] - starts[positions]
+    cut = np.searchsorted(np.cumsum(sizes), np.arange(_BLOCK_ROWS, int(sizes.sum()), _BLOCK_ROWS), side="right")
+    for block in np.split(positions, np.unique(cut)):
+        if len(block):
+            yield block
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -180,45 +222,59 @@ class SchedulerParams:
     Attributes
     ----------
     candidate_k : int
-        Region hits fetched per sub-query and level by FAISS; 0 = ``max(2k, 16)``;
-        -1 = every image is a candidate (no candidate generation: exact).
+        Region hits fetched per sub-query and level from the candidate stores; 0 =
+        ``max(2k, 16)``; -1 = every image is a candidate (no candidate generation: exact).
     candidate_levels : tuple of str
-        Levels searched by FAISS for candidates (``global``, ``region``, ``segment``).
+        Levels searched for candidates (``global``, ``region``, ``segment``).
         Small objects are found best at the fine level, where ANN search is also most
         accurate (a segment holding the object is close to the sub-query).
     index_kind : str
-        FAISS index for candidate generation: ``"auto"`` (flat up to ``flat_max``
-        vectors per level, IVF above), ``"flat"``, ``"ivf"`` or ``"hnsw"``.
+        Candidate store kind: ``"auto"`` (flat up to ``flat_max`` vectors per level,
+        IVF-Flat up to ``pq_min``, IVF-PQ fast-scan above), ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
+    probe_share : float
+        Share of a level's IVF lists visited per sub-query. The list count grows as
+        ~2 sqrt(n), so a fixed probe count finds ever fewer true neighbours as the
+        collection grows; a fixed share keeps the recall of the candidates.
     nprobe : int
-        IVF lists visited per sub-query.
+        A fixed count of IVF lists instead of ``probe_share`` (0 = use the share).
     consistency_overlap, consistency_margin : float
         Hierarchy-depth skipping: when the top-k by the global view and by global +
         regions overlap at least this much (fraction of k) and the k-th coarse score
         leads the next by at least the margin, the fine level is not visited.
-        ``consistency_overlap > 1`` never skips.
+        ``consistency_overlap > 1`` (the default) never skips: the heuristic is not
+        exact (on a 6-photo test collection it skipped the segments that held the only
+        evidence for the right photo); the exact per-image bounds of the descent already
+        skip the fine level of every image that cannot reach the top-k.
     bound_scale : float
         A segment can score at most ``parent sim + bound_scale * ||seg - parent||``.
-        1.0 is an exact bound (no accuracy loss); lower values prune harder.
+        1.0 (the default) is an exact bound (no accuracy loss); lower values prune harder
+        and lose accuracy (measured: 0.5 costs 2-3 points of Recall@10 on the composite
+        benchmark).
     sparsity_margin : float
         Hierarchy sparsity: for a sub-query, only segments under regions scoring within
-        this margin of the image's best region are visited (``inf`` = off).
+        this margin of the image's best region are visited (``inf``, the default, = off:
+        the pass then ranks its candidates exactly as ``himir-full`` does).
     """
 
     candidate_k: int = 0
     candidate_levels: tuple[str, ...] = ("region", "segment")
     index_kind: str = "auto"
     flat_max: int = 256
-    nprobe: int = 8
-    consistency_overlap: float = 1.0
+    pq_min: int = 50_000
+    probe_share: float = 0.1
+    nprobe: int = 0
+    consistency_overlap: float = 2.0
     consistency_margin: float = 0.05
-    bound_scale: float = 0.5
-    sparsity_margin: float = 0.1
+    bound_scale: float = 1.0
+    sparsity_margin: float = float("inf")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> SchedulerParams:
-        """Build from a dict; unknown keys raise ConfigError naming the valid ones."""
+    def from_dict(cls, values: dict[str, Any] | SchedulerParams | None) -> SchedulerParams:
+        """Build from a dict; unknown keys or out-of-range values raise ConfigError."""
         import dataclasses
 
+        if isinstance(values, SchedulerParams):
+            return values
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
@@ -226,15 +282,23 @@ class SchedulerParams:
             raise ConfigError(f"unknown scheduler parameters {sorted(unknown)}; valid: {sorted(known)}")
         if "candidate_levels" in values:
             values["candidate_levels"] = tuple(values["candidate_levels"])
-        params = cls(**values)
-        bad_levels = set(params.candidate_levels) - {lv.name.lower() for lv in Level}
-        if bad_levels or not params.candidate_levels:
-            raise ConfigError(f"candidate_levels {params.candidate_levels} must name global, region or segment")
-        if params.index_kind not in ("auto", "flat", "ivf", "hnsw"):
-            raise ConfigError(f"index_kind {params.index_kind!r} is unknown; use auto, flat, ivf or hnsw")
-        if params.bound_scale < 0 or params.nprobe < 1:
-            raise ConfigError("bound_scale must be >= 0 and nprobe >= 1")
+        try:
+            params = cls(**values)
+            params._validate()
+        except TypeError as exc:
+            raise ConfigError(f"scheduler parameters {values}: {exc}") from None
         return params
+
+    def _validate(self) -> None:
+        bad_levels = set(self.candidate_levels) - {lv.name.lower() for lv in Level}
+        if bad_levels or not self.candidate_levels:
+            raise ConfigError(f"candidate_levels {self.candidate_levels} must name global, region or segment")
+        if self.index_kind not in ("auto", "flat", "ivf", "ivfpq"):
+            raise ConfigError(f"index_kind {self.index_kind!r} is unknown; use auto, flat, ivf or ivfpq")
+        if self.bound_scale < 0 or self.nprobe < 0:
+            raise ConfigError("bound_scale and nprobe must be >= 0")
+        if not 0 < self.probe_share <= 1:
+            raise ConfigError(f"probe_share must be in (0, 1] (a share of the IVF lists), got {self.probe_share}")
 
     @classmethod
     def exact(cls) -> SchedulerParams:
@@ -242,11 +306,12 @@ class SchedulerParams:
         return cls(candidate_k=-1, consistency_overlap=2.0, bound_scale=1e6, sparsity_margin=float("inf"))
 
 
-def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, row_mask: np.ndarray | None,
-                     params: dict[str, Any] | SchedulerParams | None, stats: SearchStats) -> MaxSimScores:
+def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.ndarray | None = None,
+                     params: dict[str, Any] | SchedulerParams | None = None, stats: SearchStats,
+                     stores: Any = None) -> MaxSimScores:
     """HiMIR's scheduled pruning pass over the 1+M+N hierarchy.
 
-    1. candidate generation: FAISS over the global and region levels, per sub-query;
+    1. candidate generation: ANN search of the candidate levels, per sub-query;
     2. exact coarse MaxSim (global view, then regions) of the candidates;
     3. cross-hierarchy consistency: if the global-only and the coarse top-k agree with a
        clear margin, the fine level is skipped (hierarchy-depth skipping);
@@ -256,25 +321,30 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, row_mas
        top-k (two rounds: the first k images by upper bound set the threshold, the rest
        are pruned against it).
 
+    Nothing here is proportional to the collection: candidates are found by the stores,
+    then only their rows are touched (through the snapshot's cached offsets).
+
     Parameters
     ----------
     queries : np.ndarray
         (s, dim) sub-query vectors.
-    row_mask : np.ndarray, optional
-        (n_regions,) rows allowed by the metadata filter.
+    allowed : np.ndarray, optional
+        Sorted image positions allowed by the metadata filter (None = all).
+    stores : CandidateStores, optional
+        The index's candidate stores; default: stores cached on the snapshot.
 
     Returns
     -------
     MaxSimScores
         Scores of the candidate images (pruned images keep their coarse lower bound).
     """
-    p = params if isinstance(params, SchedulerParams) else SchedulerParams.from_dict(params)
-    candidates = _candidates(snapshot, queries, k=k, row_mask=row_mask, params=p, stats=stats)
-    mask = np.isin(snapshot.region_image, candidates)
-    if row_mask is not None:
-        mask &= row_mask
-    coarse_rows = np.flatnonzero(mask & (snapshot.levels <= Level.REGION))
-    coarse_sims = queries @ snapshot.vectors[coarse_rows].T
+    p = SchedulerParams.from_dict(params)
+    queries = np.asarray(queries, dtype=np.float32)
+    positions = _candidates(snapshot, queries, k=k, allowed=allowed, params=p, stats=stats, stores=stores)
+    rows = snapshot.rows_of(positions)
+    row_levels = snapshot.levels[rows]
+    coarse_rows = rows[row_levels <= Level.REGION]
+    coarse_sims = queries @ snapshot.region_vectors(coarse_rows).T
     on_global, coarse = _coarse_scores(snapshot, coarse_rows, coarse_sims)
     stats.dot_products += coarse.dot_products
     stats.extra["coarse_dot_products"] = coarse.dot_products
@@ -283,22 +353,18 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, row_mas
     if _consistent(on_global, coarse, k=k, params=p):
         stats.extra["levels_skipped"] = 1
         return coarse
-    return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims), mask=mask, k=k, params=p, stats=stats)
+    counts = snapshot.image_starts[positions + 1] - snapshot.image_starts[positions]
+    owner = np.repeat(np.arange(len(positions)), counts)  # candidate index of each row
+    is_segment = row_levels == Level.SEGMENT
+    segments = (rows[is_segment], owner[is_segment])
+    return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims), segments, k=k, params=p, stats=stats)
 
 
-def _candidate_plan(snapshot: Snapshot, params: SchedulerParams) -> list[tuple[Level, str, float]]:
-    """(level, FAISS kind, estimated inner products per sub-query) for each candidate level."""
-    plan = []
-    for level in (Level[name.upper()] for name in params.candidate_levels):
-        n_level = int((snapshot.levels == level).sum())
-        kind = params.index_kind if params.index_kind != "auto" else ("flat" if n_level <= params.flat_max else "ivf")
-        if kind == "ivf":
-            nlist = max(1, min(4096, int(2 * np.sqrt(max(n_level, 1))), n_level // 39))
-            cost = nlist + min(params.nprobe, nlist) * n_level / nlist
-        else:
-            cost = n_level  # flat scans everything; HNSW is counted as its upper estimate too
-        plan.append((level, kind, float(cost)))
-    return plan
+def default_stores(snapshot: Snapshot) -> Any:
+    """Candidate stores cached on ``snapshot`` (for callers that hold no index, e.g. tests)."""
+    from himir_rag.store.candidates import CandidateStores
+
+    return snapshot._cached("candidate_stores", lambda: CandidateStores(snapshot.dim))
 
 
 def _coarse_scores(snapshot: Snapshot, rows: np.ndarray, sims: np.ndarray) -> tuple[MaxSimScores, MaxSimScores]:
@@ -314,40 +380,47 @@ def _coarse_scores(snapshot: Snapshot, rows: np.ndarray, sims: np.ndarray) -> tu
     return on_global, coarse
 
 
-def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, row_mask: np.ndarray | None,
-                params: SchedulerParams, stats: SearchStats) -> np.ndarray:
-    """Image ids worth scoring, from FAISS hits at the coarse levels (sorted)."""
-    allowed = np.unique(snapshot.region_image if row_mask is None else snapshot.region_image[row_mask])
+def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.ndarray | None,
+                params: SchedulerParams, stats: SearchStats, stores: Any) -> np.ndarray:
+    """Sorted image positions worth scoring, from ANN hits at the candidate levels."""
+    n_allowed = len(snapshot) if allowed is None else len(allowed)
+    every = (lambda: np.arange(len(snapshot), dtype=np.int64)) if allowed is None else (lambda: allowed)
     want = params.candidate_k or max(2 * k, 16)
     stats.extra["candidate_dot_products"] = 0
-    if params.candidate_k < 0 or len(allowed) <= want:
-        stats.extra["candidates"] = len(allowed)
-        return allowed
-    # a metadata filter hides rows from FAISS: fetch more hits, in proportion to what is hidden
-    fetch = int(want * max(1.0, len(snapshot) / max(len(allowed), 1)))
-    plan = _candidate_plan(snapshot, params)
-    coarse_rows = snapshot.levels <= Level.REGION
-    coarse_all = int((coarse_rows if row_mask is None else coarse_rows & row_mask).sum())
-    if sum(cost for _, _, cost in plan) >= coarse_all:  # small collection: scoring everything is cheaper
-        stats.extra["candidates"] = len(allowed)
-        return allowed
+    if params.candidate_k < 0 or n_allowed <= want:
+        stats.extra["candidates"] = n_allowed
+        return every()
+    stores = stores if stores is not None else default_stores(snapshot)
+    counts = snapshot.level_counts()
+    plan = []
+    for level in (Level[name.upper()] for name in params.candidate_levels):
+        n_level = counts[level.name.lower()]
+        kind = stores.kind_for(n_level, index_kind=params.index_kind, flat_max=params.flat_max, pq_min=params.pq_min)
+        nprobe = stores.nprobe_for(n_level, probe_share=params.probe_share, nprobe=params.nprobe)
+        plan.append((level, n_level, nprobe, stores.estimate_cost(kind, n_level, nprobe)))
+    share = n_allowed / max(len(snapshot), 1)
+    if sum(cost for *_, cost in plan) >= (counts["global"] + counts["region"]) * share:
+        stats.extra["candidates"] = n_allowed  # small collection: scoring everything is cheaper
+        return every()
+    stores.sync(snapshot, [level for level, *_ in plan], index_kind=params.index_kind, flat_max=params.flat_max,
+                pq_min=params.pq_min)
+    # a metadata filter hides images from the stores: fetch more hits, in proportion to what is hidden
+    fetch = int(want / max(share, 1e-9))
     found, spent = [], 0
-    for level, kind, _ in plan:
-        n_level = int((snapshot.levels == level).sum())
-        store = snapshot.level_store(level, kind=kind)
-        store.nprobe = params.nprobe
-        before = store.distance_computations
-        _, rows = store.search(queries, min(fetch, max(n_level, 1)))
-        spent += store.distance_computations - before
-        found.append(rows[rows >= 0])
+    for level, n_level, nprobe, _ in plan:
+        ids, cost = stores.search(level, queries, min(fetch, max(n_level, 1)), nprobe=nprobe)
+        spent += cost
+        found.append(ids[ids >= 0])
     stats.dot_products += spent
     stats.extra["candidate_dot_products"] = spent
-    images = np.unique(snapshot.region_image[np.concatenate(found)])
-    images = images[np.isin(images, allowed)]
-    if len(images) < k:  # too few left after the filter: every allowed image is a candidate
-        images = allowed
-    stats.extra["candidates"] = len(images)
-    return images
+    positions = snapshot.positions_of(np.unique(np.concatenate(found)))
+    positions = np.sort(positions[positions >= 0])
+    if allowed is not None:
+        positions = positions[np.isin(positions, allowed, assume_unique=True)]
+    if len(positions) < k:  # too few left after the filter: every allowed image is a candidate
+        positions = every()
+    stats.extra["candidates"] = len(positions)
+    return positions
 
 
 def _consistent(on_global: MaxSimScores, coarse: MaxSimScores, *, k: int, params: SchedulerParams) -> bool:
@@ -362,18 +435,20 @@ def _consistent(on_global: MaxSimScores, coarse: MaxSimScores, *, k: int, params
 
 
 def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
-             coarse_sims: tuple[np.ndarray, np.ndarray], *, mask: np.ndarray, k: int,
+             coarse_sims: tuple[np.ndarray, np.ndarray], segments: tuple[np.ndarray, np.ndarray], *, k: int,
              params: SchedulerParams, stats: SearchStats) -> MaxSimScores:
-    """Score fine segments where they can still change the top-k (bounds + sparsity)."""
-    seg_rows = np.flatnonzero(mask & (snapshot.levels == Level.SEGMENT))
+    """Score fine segments where they can still change the top-k (bounds + sparsity).
+
+    ``segments`` is (segment rows, candidate index of each row's image).
+    """
+    seg_rows, image_pos = segments
     if len(seg_rows) == 0:
         return coarse
-    image_pos = np.searchsorted(coarse.image_ids, snapshot.region_image[seg_rows])
     parent_rows = snapshot.parents[seg_rows]
     rows, sims = coarse_sims  # a segment's parent is a coarse row of the same image: already scored
     parent_sim = sims[:, np.searchsorted(rows, parent_rows)]
     best_region = coarse.best[:, image_pos]  # (s, n_seg) best coarse similarity of the segment's image
-    bound = parent_sim + params.bound_scale * snapshot.parent_radius()[seg_rows][None, :]
+    bound = parent_sim + params.bound_scale * snapshot.parent_radius(seg_rows)[None, :]
     useful = (bound > best_region) & (parent_sim >= best_region - params.sparsity_margin)
     image_bound = coarse.best.copy()
     for q in range(len(queries)):  # per sub-query (a handful), never per region
@@ -392,15 +467,17 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
 
 def _visit(snapshot: Snapshot, queries: np.ndarray, scored: MaxSimScores, seg_rows: np.ndarray,
            image_pos: np.ndarray, useful: np.ndarray, images: np.ndarray, stats: SearchStats) -> MaxSimScores:
-    """Score the useful segments of ``images`` (positions) and fold them into ``scored``."""
+    """Score the useful segments of ``images`` (candidate indices) and fold them into ``scored``."""
     best, rows = scored.best.copy(), scored.best_rows.copy()
-    chosen = np.isin(image_pos, images)
+    chosen = np.zeros(len(scored.image_ids), bool)
+    chosen[images] = True
+    chosen = chosen[image_pos]
     visited = 0
     for q in range(len(queries)):
         sel = np.flatnonzero(useful[q] & chosen)
         if len(sel) == 0:
             continue
-        sims = snapshot.vectors[seg_rows[sel]] @ queries[q]
+        sims = snapshot.region_vectors(seg_rows[sel]) @ queries[q]
         visited += len(sel)
         order = np.lexsort((-sims, image_pos[sel]))  # per image, best segment first
         first = order[np.r_[True, image_pos[sel][order][1:] != image_pos[sel][order][:-1]]]

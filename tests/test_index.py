@@ -185,7 +185,10 @@ def test_save_is_atomic_and_replaces_old_version(index, tmp_path, color_encoder)
 
 def test_nothing_pickled_on_disk(index, tmp_path):
     version = index.save(tmp_path / "idx")
-    assert sorted(p.name for p in version.iterdir()) == ["catalog.sqlite", "manifest.json", "vectors.npy"]
+    # the catalog is SQLite, vectors a plain .npy, candidate stores FAISS's own binary format
+    assert sorted(p.name for p in version.iterdir()) == [
+        "candidates.level1.flat.faiss", "candidates.level2.flat.faiss", "catalog.sqlite", "manifest.json",
+        "vectors.npy"]
     np.load(version / "vectors.npy", allow_pickle=False)
 
 

@@ -60,7 +60,7 @@ def collection():
 
 def run_himir(snapshot, queries, params, k=10):
     stats = SearchStats(mode="himir")
-    scored = scheduled_search(snapshot, queries, k=k, row_mask=None, params=params, stats=stats)
+    scored = scheduled_search(snapshot, queries, k=k, params=params, stats=stats)
     return scored, stats
 
 
@@ -127,9 +127,9 @@ def test_meter_closed_form_counts(collection):
 def test_filtered_scheduled_search_only_returns_allowed(collection):
     snapshot, queries, targets = collection
     allowed = np.array(sorted(targets[0]) + list(range(200, 260)))
-    mask = np.isin(snapshot.region_image, allowed)
+    positions = np.sort(snapshot.positions_of(allowed))
     stats = SearchStats(mode="himir")
-    scored = scheduled_search(snapshot, queries[0], k=5, row_mask=mask, params=None, stats=stats)
+    scored = scheduled_search(snapshot, queries[0], k=5, allowed=positions, params=None, stats=stats)
     assert set(scored.image_ids.tolist()) <= set(allowed.tolist())
     assert set(ranked(scored, 2)) == targets[0]
 
@@ -138,7 +138,9 @@ def test_bad_scheduler_params():
     with pytest.raises(ConfigError, match="unknown scheduler parameters"):
         SchedulerParams.from_dict({"candidate_kk": 3})
     with pytest.raises(ConfigError, match="index_kind"):
-        SchedulerParams.from_dict({"index_kind": "lsh"})
+        SchedulerParams.from_dict({"index_kind": "hnsw"})
+    with pytest.raises(ConfigError, match="probe_share"):
+        SchedulerParams.from_dict({"probe_share": 0})
     with pytest.raises(ConfigError, match="candidate_levels"):
         SchedulerParams.from_dict({"candidate_levels": ["patch"]})
     assert set(SEARCH_SPACE) <= set(SchedulerParams.__dataclass_fields__)

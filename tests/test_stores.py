@@ -91,23 +91,29 @@ def test_qdrant_store_needs_one_location():
 
 def test_faiss_store_contract():
     rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    vectors = rng.normal(size=(2000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # unit vectors: each is its own best match
-    for kind in ("flat", "hnsw"):
-        store = FaissStore(8, kind=kind)
-        store.add(np.arange(100, 150), vectors)
-        scores, ids = store.search(vectors[:3], 1)
-        assert ids[:, 0].tolist() == [100, 101, 102]
+    ids = np.arange(2000) // 4 + 100  # ids repeat: one id per image, four regions each
+    for kind in ("flat", "ivf", "ivfpq"):
+        store = FaissStore(16, kind=kind, nprobe=1000)  # every list probed: each vector finds itself
+        store.add(ids, vectors)
+        _, found = store.search(vectors[:3], 1)
+        assert found[:, 0].tolist() == [100, 100, 100], kind
         assert store.distance_computations > 0
-        np.testing.assert_allclose(store.get(np.array([120])), vectors[20:21])
-        if kind == "hnsw":
-            with pytest.raises(NotImplementedError, match="cannot delete"):
-                store.remove(np.array([100]))
+        assert store.remove(np.array([100, 99999])) == 4 and len(store) == 1996
+        assert 100 not in store.search(vectors[:3], 10)[1]
+        if kind == "flat":
+            np.testing.assert_allclose(store.get(np.array([101])), vectors[7:8])
         else:
-            assert store.remove(np.array([100, 999])) == 1 and len(store) == 49
-    ivf = FaissStore(8, kind="ivf", nprobe=4)
-    ivf.add(np.arange(2000), rng.normal(size=(2000, 8)).astype(np.float32))
-    assert ivf.search(vectors[:2], 5)[1].shape == (2, 5) and ivf.distance_computations < 2 * 2000
+            with pytest.raises(NotImplementedError, match="does not return vectors"):
+                store.get(np.array([101]))
+    ivf = FaissStore(16, kind="ivf", nprobe=2)
+    ivf.add(ids, vectors)
+    before = ivf.distance_computations
+    assert ivf.search(vectors[:2], 5)[1].shape == (2, 5)
+    assert ivf.distance_computations - before < 2 * 2000  # a few lists, not the whole store
+    with pytest.raises(ConfigError, match="unknown"):
+        FaissStore(16, kind="hnsw")
 
 
 def test_ray_build_equals_single_process(scene_dir):

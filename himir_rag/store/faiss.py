@@ -1,20 +1,24 @@
-"""FAISS vector store: exact (flat), IVF or HNSW; CPU by default, GPU when faiss has one."""
+"""FAISS vector store: exact (flat), IVF-Flat, or IVF-PQ fast-scan; CPU by default, GPU when faiss has one."""
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from himir_rag.errors import ConfigError, IndexFormatError
+from himir_rag.threads import limit_threads
 
-__all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind"]
+__all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "INDEX_KINDS"]
 
 logger = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
+_TRAIN_POINTS_PER_LIST = 64
+_PQ_LUT_DOTS = 16  # 4-bit codes: 16 centroids per sub-quantizer, one dim-long table per query
 
 
 def _faiss():
@@ -31,40 +35,40 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def auto_index_kind(n_vectors: int, *, flat_max: int = 256) -> str:
-    """Exact search for small stores, IVF above ``flat_max`` vectors (where exact costs too much)."""
-    return "flat" if n_vectors <= flat_max else "ivf"
+def ivf_nlist(n_vectors: int) -> int:
+    """IVF list count for ``n_vectors``: ~2 sqrt(n), at most 4096, at least 39 training points per list."""
+    return max(1, min(4096, int(2 * math.sqrt(max(n_vectors, 1))), n_vectors // 39))
 
 
-_TRAIN_POINTS_PER_LIST = 64
+def pq_subquantizers(dim: int) -> int:
+    """Sub-quantizers of the 4-bit fast-scan PQ: one per 4 dimensions (e.g. 96 for dim 384); 0 = not possible."""
+    return dim // 4 if dim % 4 == 0 and dim >= 8 else 0
 
 
-def _training_sample(vectors: np.ndarray, index) -> np.ndarray:
-    """A fixed random subset large enough for k-means (64 points per IVF list): training on
-    millions of vectors costs minutes and buys no recall."""
-    inner = _faiss().extract_index_ivf(index) if hasattr(index, "index") and "IVF" in type(
-        _faiss().downcast_index(index.index)).__name__ else None
-    if inner is None:
-        return vectors
-    limit = _TRAIN_POINTS_PER_LIST * inner.nlist
-    if len(vectors) <= limit:
-        return vectors
-    rows = np.sort(np.random.default_rng(0).choice(len(vectors), limit, replace=False))
-    return vectors[rows]
+def auto_index_kind(n_vectors: int, *, dim: int = 384, flat_max: int = 256, pq_min: int = 50_000) -> str:
+    """Exact search up to ``flat_max`` vectors, IVF-Flat up to ``pq_min``, IVF-PQ fast-scan above
+    (4-bit codes: dim/8 bytes a vector instead of 4 dim, scanned with SIMD look-ups)."""
+    if n_vectors <= flat_max:
+        return "flat"
+    return "ivfpq" if n_vectors >= pq_min and pq_subquantizers(dim) else "ivf"
 
 
 class FaissStore:
-    """Vectors in a FAISS ``IndexIDMap2``.
+    """Vectors in a FAISS index under int64 ids (ids may repeat: e.g. one image id per region).
 
     Parameters
     ----------
     dim : int
         Vector dimension.
-    kind : {"flat", "ivf", "hnsw"}
-        ``flat`` is exact. ``ivf`` (IVF-Flat, trained on the first add) and ``hnsw``
-        are approximate, for collections where exact search is too slow.
+    kind : {"flat", "ivf", "ivfpq"}
+        ``flat`` is exact. ``ivf`` (IVF-Flat) and ``ivfpq`` (IVF with 4-bit PQ fast-scan
+        codes) are approximate and trained on the first add; rerank their hits exactly.
+    nlist : int, optional
+        IVF lists; default :func:`ivf_nlist` of the first add's size.
     nprobe : int
         IVF lists visited per query.
+    threads : int
+        OpenMP threads for search (1 is fastest for a handful of queries on small machines).
     use_gpu : bool or None
         Search on GPU; None = when a GPU build of faiss with a GPU is installed.
 
@@ -77,60 +81,73 @@ class FaissStore:
     """
 
     def __init__(self, dim: int, *, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
-                 use_gpu: bool | None = None) -> None:
+                 threads: int = 1, use_gpu: bool | None = None) -> None:
         if kind not in INDEX_KINDS:
             raise ConfigError(f"faiss index kind {kind!r} is unknown; use one of {INDEX_KINDS}")
-        self.dim, self.kind, self.nlist, self.nprobe = dim, kind, nlist, nprobe
+        if kind == "ivfpq" and not pq_subquantizers(dim):
+            raise ConfigError(f"ivfpq needs a dimension divisible by 4 (>= 8), got dim={dim}; use kind='ivf'")
+        self.dim, self.kind, self.nlist, self.nprobe, self.threads = dim, kind, nlist, nprobe, threads
         self.use_gpu = faiss_gpu_available() if use_gpu is None else use_gpu
         self.distance_computations = 0
-        self._index = None if kind == "ivf" else self._new_index(0)
+        self._index = self._new_index(0) if kind == "flat" else None
         self._gpu_index = None
         self._lock = threading.RLock()
 
     def _new_index(self, n_train: int):
         faiss = _faiss()
         if self.kind == "flat":
-            inner = faiss.IndexFlatIP(self.dim)
-        elif self.kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
-        else:
-            # ~2 sqrt(n) lists, but at least 39 training points per list (k-means needs them)
-            nlist = self.nlist or max(1, min(4096, int(2 * np.sqrt(max(n_train, 1))), n_train // 39))
-            inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        return faiss.IndexIDMap2(inner)
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        nlist = self.nlist or ivf_nlist(n_train)
+        if self.kind == "ivf":
+            return faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        return faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(self.dim), self.dim, nlist, pq_subquantizers(self.dim), 4,
+                                        faiss.METRIC_INNER_PRODUCT)
 
     def __len__(self) -> int:
         return 0 if self._index is None else int(self._index.ntotal)
 
+    @property
+    def lists(self) -> int:
+        """IVF lists (1 for flat)."""
+        return 1 if self._index is None or self.kind == "flat" else int(self._index.nlist)
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train an IVF store on a (n, dim) sample of the vectors it will hold (before the first add)."""
+        if self.kind == "flat":
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self._lock, limit_threads(None):
+            self._index = self._new_index(len(vectors))
+            self._index.train(_training_sample(vectors, int(self._index.nlist)))
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Store (n, dim) ``vectors`` under (n,) int64 ``ids``."""
+        """Store (n, dim) ``vectors`` under (n,) int64 ``ids``; an IVF store is trained on its first add."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         n, dim = vectors.shape
         if dim != self.dim or ids.shape != (n,):
             raise ValueError(f"expected ids ({n},) and vectors (n, {self.dim}), got {ids.shape} and {vectors.shape}")
-        with self._lock:
+        if n == 0:
+            return
+        with self._lock, limit_threads(None):  # building uses every core
             if self._index is None:
-                self._index = self._new_index(n)
-                self._index.train(_training_sample(vectors, self._index))
+                self.train(vectors)
             self._index.add_with_ids(vectors, ids)
             self._gpu_index = None
 
     def remove(self, ids: np.ndarray) -> int:
-        """Delete ``ids``; returns how many were present."""
-        if self._index is None:
+        """Delete every vector stored under ``ids``; returns how many were removed."""
+        if self._index is None or len(ids) == 0:
             return 0
-        if self.kind == "hnsw":
-            raise NotImplementedError("FAISS HNSW indexes cannot delete vectors; rebuild the store without them "
-                                      "(HiMIRIndex rebuilds its candidate stores per snapshot)")
         faiss = _faiss()
         with self._lock:
-            removed = int(self._index.remove_ids(faiss.IDSelectorArray(np.ascontiguousarray(ids, dtype=np.int64))))
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+            removed = int(self._index.remove_ids(selector))
             self._gpu_index = None
         return removed
 
     def _searchable(self):
-        if not self.use_gpu or self.kind == "hnsw":
+        if not self.use_gpu or self.kind == "ivfpq":
             return self._index
         if self._gpu_index is None:
             faiss = _faiss()
@@ -138,38 +155,55 @@ class FaissStore:
         return self._gpu_index
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product -> (scores (q, k) float32, ids (q, k) int64)."""
+        """Top-``k`` by inner product -> (scores (q, k) float32, ids (q, k) int64), padded with -inf / -1.
+
+        Adds the inner products spent to :attr:`distance_computations` (see :meth:`cost_per_query`).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n_queries = queries.shape[0]
         if len(self) == 0 or k <= 0:
             return np.full((n_queries, max(k, 0)), -np.inf, np.float32), np.full((n_queries, max(k, 0)), -1, np.int64)
-        with self._lock:
+        faiss = _faiss()
+        with self._lock, limit_threads(self.threads):
             index = self._searchable()
-            self._set_search_params(index)
+            if self.kind != "flat":
+                index.nprobe = min(self.nprobe, self.lists)
+                faiss.cvar.indexIVF_stats.reset()
             scores, ids = index.search(queries, k)
-            self.distance_computations += n_queries * self._cost_per_query()
+            scanned = int(faiss.cvar.indexIVF_stats.ndis) if self.kind != "flat" and index is self._index else None
+            self.distance_computations += self._cost(n_queries, scanned)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids
 
-    def _set_search_params(self, index) -> None:
-        if self.kind == "ivf":
-            _faiss().extract_index_ivf(index).nprobe = self.nprobe
+    def _cost(self, n_queries: int, scanned: int | None) -> int:
+        """Inner products (dot-product equivalents) of one search of ``n_queries``.
 
-    def _cost_per_query(self) -> int:
-        """Inner products one query costs: all vectors (flat); centroids + probed lists (IVF,
-        estimated with the mean list size); for HNSW, efSearch x M x levels as an upper estimate."""
+        flat: every vector. IVF: the ``nlist`` centroids plus the vectors of the probed
+        lists (counted by FAISS, or estimated from the mean list size on GPU). IVF-PQ: the
+        centroids, 16 look-up-table rows, and each scanned 4-bit code as ``M / dim`` of a
+        dot product (``M`` table look-ups of one byte instead of ``dim`` multiply-adds).
+        """
         n = len(self)
         if self.kind == "flat":
-            return n
-        faiss = _faiss()
-        inner = faiss.downcast_index(self._index.index)
+            return n_queries * n
+        if scanned is None:
+            scanned = n_queries * int(min(self.nprobe, self.lists) * n / self.lists)
         if self.kind == "ivf":
-            probed = min(self.nprobe, inner.nlist)
-            return int(inner.nlist + probed * n / max(inner.nlist, 1))
-        return int(min(n, inner.hnsw.efSearch * 32 * max(1, int(np.log2(max(n, 2))) // 4 + 1)))
+            return n_queries * self.lists + scanned
+        m = pq_subquantizers(self.dim)
+        return n_queries * (self.lists + _PQ_LUT_DOTS) + int(math.ceil(scanned * m / self.dim))
+
+    def cost_per_query(self) -> float:
+        """Estimated inner products of one query at the current ``nprobe`` (mean list size)."""
+        n = len(self)
+        if self.kind == "flat":
+            return float(n)
+        return float(self._cost(1, int(min(self.nprobe, self.lists) * n / self.lists)))
 
     def get(self, ids: np.ndarray) -> np.ndarray:
-        """Vectors of ``ids`` -> (n, dim) float32; unknown ids raise KeyError."""
+        """Vectors of ``ids`` -> (n, dim) float32 (flat stores only: IVF stores keep no exact copy by id)."""
+        if self.kind != "flat":
+            raise NotImplementedError(f"a {self.kind} store does not return vectors by id; read them from the snapshot")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         try:
             return self._index.reconstruct_batch(ids) if len(ids) else np.zeros((0, self.dim), np.float32)
@@ -183,15 +217,28 @@ class FaissStore:
         _faiss().write_index(self._index, str(path))
 
     @classmethod
-    def load(cls, path: Path, *, dim: int, kind: str, nprobe: int = 16, use_gpu: bool | None = None) -> FaissStore:
-        """Read a store written by :meth:`save`; a wrong dimension raises IndexFormatError."""
+    def load(cls, path: Path, *, dim: int, kind: str, nprobe: int = 16, threads: int = 1,
+             use_gpu: bool | None = None) -> FaissStore:
+        """Read a store written by :meth:`save`; a wrong dimension or kind raises IndexFormatError."""
         faiss = _faiss()
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise IndexFormatError(f"{path}: not a readable FAISS index ({exc}); rebuild the index") from exc
-        if index.d != dim:
-            raise IndexFormatError(f"{path}: FAISS index has dim={index.d}, the manifest says {dim}")
-        store = cls(dim, kind=kind, nprobe=nprobe, use_gpu=use_gpu)
+        expected = {"flat": "IndexIDMap2", "ivf": "IndexIVFFlat", "ivfpq": "IndexIVFPQFastScan"}.get(kind)
+        if index.d != dim or type(index).__name__ != expected:
+            raise IndexFormatError(f"{path}: FAISS index {type(index).__name__} dim={index.d}, expected {expected} "
+                                   f"dim={dim}; rebuild the index")
+        store = cls(dim, kind=kind, nprobe=nprobe, threads=threads, use_gpu=use_gpu)
         store._index = index
         return store
+
+
+def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
+    """A fixed random subset large enough for k-means (64 points per IVF list): training on
+    millions of vectors costs minutes and buys no recall."""
+    limit = _TRAIN_POINTS_PER_LIST * nlist
+    if len(vectors) <= limit:
+        return vectors
+    rows = np.sort(np.random.default_rng(0).choice(len(vectors), limit, replace=False))
+    return vectors[rows]

@@ -1,0 +1,173 @@
+"""Candidate stores: per-level ANN indexes over region vectors, keyed by image id.
+
+The scheduler asks them which images hold a region close to a sub-query; it then
+re-ranks those candidates exactly from the snapshot's vectors, so the stores may be
+compressed (IVF-PQ fast-scan) and only need to find the right images, not score them.
+
+The stores belong to the index, not to one snapshot: an add or delete updates them
+incrementally (new image ids added, removed ones deleted), they are written by
+``HiMIRIndex.save`` and read back by ``load``, and they are rebuilt (retrained) only
+when their kind changes or the level has grown 4x since they were trained. Hits are
+image ids, so a search on a slightly older snapshot simply drops ids it does not hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from himir_rag.errors import IndexFormatError
+from himir_rag.hierarchy import Level
+from himir_rag.store.faiss import INDEX_KINDS, FaissStore, auto_index_kind, ivf_nlist, pq_subquantizers
+
+__all__ = ["CandidateStores"]
+
+logger = logging.getLogger(__name__)
+
+_ADD_BLOCK = 65_536  # rows converted to float32 and added per step (bounded temporary memory)
+_RETRAIN_GROWTH = 4.0
+
+
+class CandidateStores:
+    """ANN stores of some levels of one collection (see module docstring).
+
+    Parameters
+    ----------
+    dim : int
+        Vector dimension.
+    threads : int
+        OpenMP threads for searches.
+    """
+
+    def __init__(self, dim: int, *, threads: int = 1) -> None:
+        self.dim, self.threads = dim, threads
+        self._stores: dict[Level, FaissStore] = {}
+        self._trained_size: dict[Level, int] = {}
+        self._images = np.zeros(0, np.int64)  # sorted image ids the stores hold
+        self._synced: weakref.ref | None = None
+        self._lock = threading.RLock()
+
+    def kind_for(self, n_level: int, *, index_kind: str = "auto", flat_max: int = 256, pq_min: int = 50_000) -> str:
+        """The store kind used for a level of ``n_level`` vectors."""
+        if index_kind != "auto":
+            if n_level < 64:  # too few vectors to train IVF lists or PQ codebooks
+                return "flat"
+            return "ivf" if index_kind == "ivfpq" and not pq_subquantizers(self.dim) else index_kind
+        return auto_index_kind(n_level, dim=self.dim, flat_max=flat_max, pq_min=pq_min)
+
+    def estimate_cost(self, kind: str, n_level: int, nprobe: int) -> float:
+        """Inner products one sub-query costs at a level of ``n_level`` vectors (mean list size)."""
+        if kind == "flat" or n_level == 0:
+            return float(n_level)
+        nlist = ivf_nlist(n_level)
+        scanned = min(nprobe, nlist) * n_level / nlist
+        if kind == "ivf":
+            return nlist + scanned
+        return nlist + 16 + scanned * pq_subquantizers(self.dim) / self.dim
+
+    @staticmethod
+    def nprobe_for(n_level: int, *, probe_share: float, nprobe: int = 0) -> int:
+        """Lists to probe: ``nprobe`` when set, else ``probe_share`` of the level's lists (at least 1)."""
+        if nprobe > 0:
+            return nprobe
+        return max(1, int(math.ceil(probe_share * ivf_nlist(n_level))))
+
+    def store(self, level: Level) -> FaissStore | None:
+        """The store of ``level``, or None when it was never built."""
+        return self._stores.get(Level(level))
+
+    def sync(self, snapshot, levels: Iterable[Level], *, index_kind: str = "auto", flat_max: int = 256,
+             pq_min: int = 50_000) -> None:
+        """Make the stores of ``levels`` (and every store already built) hold exactly ``snapshot``'s images."""
+        levels = {Level(lv) for lv in levels}
+        with self._lock:
+            if self._synced is not None and self._synced() is snapshot and levels <= set(self._stores):
+                return
+            current = np.sort(snapshot.image_ids)
+            removed = np.setdiff1d(self._images, current, assume_unique=True)
+            added = np.setdiff1d(current, self._images, assume_unique=True)
+            counts = snapshot.level_counts()
+            for level in levels | set(self._stores):
+                n_level = counts[level.name.lower()]
+                kind = self.kind_for(n_level, index_kind=index_kind, flat_max=flat_max, pq_min=pq_min)
+                store = self._stores.get(level)
+                if store is None or store.kind != kind or n_level > _RETRAIN_GROWTH * max(self._trained_size[level], 1):
+                    self._build(snapshot, level, kind)
+                else:
+                    store.remove(removed)
+                    _add_rows(store, snapshot, level, snapshot.positions_of(added))
+            self._images = current
+            self._synced = weakref.ref(snapshot)
+
+    def _build(self, snapshot, level: Level, kind: str) -> None:
+        rows_all = np.flatnonzero(snapshot.levels == level)
+        store = FaissStore(self.dim, kind=kind, threads=self.threads)
+        if kind != "flat" and len(rows_all):
+            nlist = ivf_nlist(len(rows_all))
+            store.nlist = nlist
+            sample = rows_all if len(rows_all) <= 64 * nlist else np.sort(
+                np.random.default_rng(0).choice(rows_all, 64 * nlist, replace=False))
+            store.train(snapshot.region_vectors(sample))
+        for start in range(0, len(rows_all), _ADD_BLOCK):
+            rows = rows_all[start : start + _ADD_BLOCK]
+            store.add(snapshot.region_image[rows], snapshot.region_vectors(rows))
+        logger.info("built the %s candidate store of level %s (%d vectors)", kind, level.name.lower(), len(rows_all))
+        self._stores[level] = store
+        self._trained_size[level] = len(rows_all)
+
+    def search(self, level: Level, queries: np.ndarray, k: int, *, nprobe: int) -> tuple[np.ndarray, int]:
+        """Image ids of the top-``k`` regions of ``level`` per query -> (ids (q, k) with -1 padding, inner products)."""
+        store = self._stores[Level(level)]
+        store.nprobe = nprobe
+        before = store.distance_computations
+        _, ids = store.search(queries, k)
+        return ids, store.distance_computations - before
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, directory: Path, snapshot) -> list[str]:
+        """Write the stores in sync with ``snapshot`` into ``directory``; returns the file names."""
+        names = []
+        with self._lock:
+            if self._synced is None or self._synced() is not snapshot:
+                self.sync(snapshot, list(self._stores))
+            for level, store in sorted(self._stores.items()):
+                if len(store) or store.kind == "flat":
+                    name = f"candidates.level{int(level)}.{store.kind}.faiss"
+                    store.save(directory / name)
+                    names.append(name)
+        return names
+
+    @classmethod
+    def load(cls, directory: Path, snapshot, *, threads: int = 1) -> CandidateStores:
+        """Read the stores written by :meth:`save`; counts that disagree with the catalog raise IndexFormatError."""
+        stores = cls(snapshot.dim, threads=threads)
+        counts = snapshot.level_counts()
+        for path in sorted(directory.glob("candidates.level*.faiss")):
+            level_text, _, kind = path.name.removeprefix("candidates.level").removesuffix(".faiss").partition(".")
+            if not level_text.isdigit() or int(level_text) not in {int(lv) for lv in Level} or kind not in INDEX_KINDS:
+                raise IndexFormatError(f"{path}: unexpected candidate store name; the index directory is damaged")
+            level = Level(int(level_text))
+            store = FaissStore.load(path, dim=snapshot.dim, kind=kind, threads=threads)
+            if len(store) != counts[level.name.lower()]:
+                raise IndexFormatError(f"{path}: holds {len(store)} vectors, the catalog has "
+                                       f"{counts[level.name.lower()]}; the index is damaged, rebuild it")
+            stores._stores[level] = store
+            stores._trained_size[level] = len(store)
+        stores._images = np.sort(snapshot.image_ids)
+        stores._synced = weakref.ref(snapshot)
+        return stores
+
+
+def _add_rows(store: FaissStore, snapshot, level: Level, positions: np.ndarray) -> None:
+    """Add the ``level`` rows of the images at ``positions`` to ``store``, in blocks."""
+    positions = positions[positions >= 0]
+    for start in range(0, len(positions), _ADD_BLOCK // 16):
+        rows = snapshot.rows_of(np.sort(positions[start : start + _ADD_BLOCK // 16]))
+        rows = rows[snapshot.levels[rows] == level]
+        store.add(snapshot.region_image[rows], snapshot.region_vectors(rows))
