@@ -279,14 +279,18 @@ class Snapshot:
                 [(r.image_id, r.path, r.width, r.height, r.size, r.mtime_ns, json.dumps(r.metadata))
                  for r in self.images.values()],
             )
-            db.executemany(
-                "INSERT INTO regions VALUES (?,?,?,?,?,?,?,?)",
-                zip(range(len(self.levels)), self.region_image.tolist(), self.levels.tolist(),
-                    self.parents.tolist(), *self.boxes.T.tolist()),
-            )
+            db.executemany("INSERT INTO regions VALUES (?,?,?,?,?,?,?,?)", self._region_rows())
             db.executemany("INSERT INTO skipped VALUES (?,?)", skipped)
         # the connection context manager commits; close explicitly so the file is complete
         db.close()
+
+    def _region_rows(self):
+        """The regions table's rows, converted a block at a time (no collection-sized Python lists)."""
+        for start in range(0, len(self.levels), _RADIUS_BLOCK):
+            stop = min(len(self.levels), start + _RADIUS_BLOCK)
+            yield from zip(range(start, stop), self.region_image[start:stop].tolist(),
+                           self.levels[start:stop].tolist(), self.parents[start:stop].tolist(),
+                           *self.boxes[start:stop].T.tolist())
 
     @classmethod
     def read_catalog(cls, path: Path, vectors: np.ndarray, *,
@@ -301,7 +305,7 @@ class Snapshot:
                 row[0]: ImageRecord(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]))
                 for row in db.execute("SELECT * FROM images ORDER BY image_id")
             }
-            rows = np.array(db.execute("SELECT * FROM regions ORDER BY row").fetchall(), dtype=np.int64).reshape(-1, 8)
+            rows = _read_region_rows(db)
             skipped = [tuple(r) for r in db.execute("SELECT path, reason FROM skipped")]
         finally:
             db.close()
@@ -339,6 +343,23 @@ class Snapshot:
             raise ValueError("a region's parent belongs to another image or is not a coarser level")
         if n and ((self.boxes[:, 2] <= self.boxes[:, 0]) | (self.boxes[:, 3] <= self.boxes[:, 1])).any():
             raise ValueError("a region has an empty box")
+
+
+def _read_region_rows(db: sqlite3.Connection) -> np.ndarray:
+    """(n_regions, 8) int64 rows of the regions table, fetched in blocks into one array."""
+    (count,) = db.execute("SELECT COUNT(*) FROM regions").fetchone()
+    rows = np.empty((count, 8), np.int64)
+    cursor = db.execute("SELECT * FROM regions ORDER BY row")
+    filled = 0
+    while True:
+        block = cursor.fetchmany(_RADIUS_BLOCK)
+        if not block:
+            break
+        if filled + len(block) > count:
+            raise ValueError("the regions table changed while it was read")
+        rows[filled : filled + len(block)] = block
+        filled += len(block)
+    return rows[:filled]
 
 
 def _radius_rows(vectors: np.ndarray, parents: np.ndarray, start: int, stop: int) -> np.ndarray:

@@ -119,7 +119,7 @@ def _result_json(result: SearchResult, query_id: Any = None) -> dict[str, Any]:
                          for m in hit.regions]}
             for hit in result.hits
         ],
-        "stats": {"dot_products": int(result.stats.dot_products),
+        "stats": {"mode": result.stats.mode, "dot_products": int(result.stats.dot_products),
                   "latency_ms": round(result.stats.latency_ms.get("total", 0.0), 3),
                   "latency_breakdown_ms": {k: round(v, 3) for k, v in result.stats.latency_ms.items()},
                   **{k: v for k, v in result.stats.extra.items()}},

@@ -224,6 +224,34 @@ class HiMIRIndex:
         index.add(source, metadata=metadata, progress=progress)
         return index
 
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot, *, encoder: Encoder | str, config: HiMIRConfig | None = None,
+                      device: str = "cpu") -> HiMIRIndex:
+        """An index over regions embedded elsewhere (e.g. synthetic vectors, or a pipeline of your own).
+
+        ``snapshot`` must pass :meth:`Snapshot.check_integrity`; its vectors must have the
+        encoder's dimension and the config's ``precision``.
+
+        Raises
+        ------
+        IncompatibleIndexError
+            Another dimension or storage type.
+        """
+        index = cls(encoder, config, device=device)
+        dtype = np.dtype(VECTOR_DTYPES[index.config.precision])
+        if index._dim is not None and snapshot.dim != index._dim:
+            raise IncompatibleIndexError(f"snapshot dim={snapshot.dim} but the encoder gives {index._dim}")
+        if snapshot.vectors.dtype != dtype:
+            raise IncompatibleIndexError(f"snapshot vectors are {snapshot.vectors.dtype}, the config's precision is "
+                                         f"{index.config.precision}")
+        try:
+            snapshot.check_integrity()
+        except ValueError as exc:
+            raise IndexFormatError(f"the snapshot is inconsistent: {exc}") from exc
+        index._snapshot = snapshot
+        index._next_id = max(snapshot.images, default=0) + 1
+        return index
+
     def add(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
             metadata: MetadataSource = None, progress: bool = True, chunk_images: int = 16,
             on_chunk: Callable[[BuildReport], None] | None = None,
@@ -883,7 +911,11 @@ def _read_vectors(path: Path, dim: int, *, dtype: str = "float32") -> np.ndarray
     try:
         # allow_pickle=False: an object array (a pickle) is refused, never unpickled
         vectors = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as exc:
+    except ValueError as exc:
+        if "Python objects" in str(exc):  # an object array: a pickle inside .npy
+            exc = ValueError("it holds Python objects, which are never unpickled (allow_pickle=False)")
+        raise IndexFormatError(f"{path}: unreadable vector file ({exc}); rebuild the index") from exc
+    except (OSError, EOFError) as exc:
         raise IndexFormatError(f"{path}: unreadable vector file ({exc}); rebuild the index") from exc
     if not isinstance(vectors, np.ndarray):  # an .npz archive under the .npy name
         vectors.close()

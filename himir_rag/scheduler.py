@@ -178,15 +178,19 @@ def score_exhaustive(snapshot: Snapshot, queries: np.ndarray, *, levels: tuple[L
         else:
             rows = snapshot.rows_of(block)
         keep = wanted[snapshot.levels[rows]]
-        if not keep.all():
+        contiguous = allowed is None
+        if contiguous and keep.mean() >= 0.5:  # most rows match: score the slice, mask the rest
+            sims = queries @ np.asarray(snapshot.vectors[rows[0] : rows[-1] + 1], np.float32).T
+            if not keep.all():
+                sims[:, ~keep] = -np.inf
+        else:
             rows = rows[keep]
-        vectors = (snapshot.vectors[rows[0] : rows[-1] + 1] if allowed is None and keep.all()
-                   else snapshot.vectors[rows])
-        best, arg = maxsim(queries, np.asarray(vectors, np.float32), snapshot.region_image[rows])
+            sims = queries @ np.asarray(snapshot.vectors[rows], np.float32).T
+        best, arg = segment_max(sims, snapshot.region_image[rows])
         ids.append(snapshot.image_ids[block])
         bests.append(best)
         args.append(rows[arg])
-        dots += len(queries) * len(rows)
+        dots += len(queries) * int(keep.sum())
     if not ids:
         empty = np.zeros((len(queries), 0), np.float32)
         return MaxSimScores(np.zeros(0, np.int64), empty, empty.astype(np.int64), 0)
@@ -399,7 +403,8 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
         nprobe = stores.nprobe_for(n_level, probe_share=params.probe_share, nprobe=params.nprobe)
         plan.append((level, n_level, nprobe, stores.estimate_cost(kind, n_level, nprobe)))
     share = n_allowed / max(len(snapshot), 1)
-    if sum(cost for *_, cost in plan) >= (counts["global"] + counts["region"]) * share:
+    cheaper_to_score_all = sum(cost for *_, cost in plan) >= (counts["global"] + counts["region"]) * share
+    if params.index_kind == "auto" and cheaper_to_score_all:
         stats.extra["candidates"] = n_allowed  # small collection: scoring everything is cheaper
         return every()
     stores.sync(snapshot, [level for level, *_ in plan], index_kind=params.index_kind, flat_max=params.flat_max,

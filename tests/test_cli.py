@@ -61,6 +61,7 @@ def test_search_json_contract(index_dir):
         assert region["level"] in ("global", "region", "segment") and len(region["bbox"]) == 4
         assert -1.0 <= region["score"] <= 1.0
     assert isinstance(payload["stats"]["dot_products"], int) and payload["stats"]["dot_products"] > 0
+    assert payload["stats"]["mode"] == "himir"  # the default mode: the scheduled pass
     assert isinstance(payload["stats"]["latency_ms"], float)
 
 

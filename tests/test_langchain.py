@@ -91,6 +91,12 @@ class RunRecorder(BaseCallbackHandler):
 # ---------------------------------------------------------------------------------- documents
 
 
+def test_default_mode_is_the_scheduled_pass(photo_index: HiMIRIndex) -> None:
+    documents = HiMIRRetriever(index=photo_index, k=2).invoke(QUERY)
+    assert documents[0].metadata["search_stats"]["mode"] == "himir"
+    assert names(documents)[0] == "red_blue"
+
+
 def test_invoke_returns_documents_best_first(photo_index: HiMIRIndex, scene_dir: Path) -> None:
     documents = HiMIRRetriever(index=photo_index, k=3).invoke(QUERY)
 

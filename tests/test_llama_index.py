@@ -165,6 +165,12 @@ def text_of(messages: list[Any]) -> str:
 # ------------------------------------------------------------------------------------- nodes
 
 
+def test_default_mode_is_the_scheduled_pass(photo_index: HiMIRIndex) -> None:
+    nodes = HiMIRRetriever(photo_index, similarity_top_k=2).retrieve(QUERY)
+    assert nodes[0].node.metadata["search_stats"]["mode"] == "himir"
+    assert names(nodes)[0] == "red_blue"
+
+
 def test_retrieve_returns_image_nodes_best_first(photo_index: HiMIRIndex, scene_dir: Path) -> None:
     nodes = HiMIRRetriever(photo_index, similarity_top_k=3).retrieve(QUERY)
 

@@ -416,10 +416,14 @@ def test_huge_k_is_capped_with_a_warning(shared_index, caplog):
     assert len(shared_index.search("red", k=np.int64(2)).hits) == 2
 
 
-@pytest.mark.parametrize("mode", ["dense", "", "HIMIR", None])
+@pytest.mark.parametrize("mode", ["dense", "", "HIMIR"])
 def test_unknown_mode_lists_the_valid_ones(shared_index, mode):
     with pytest.raises(ConfigError, match=r"is unknown; valid modes: single, mvr, himir-full, himir"):
         shared_index.search("red", mode=mode)  # type: ignore[arg-type]
+
+
+def test_no_mode_means_the_configured_default(shared_index):
+    assert shared_index.search("red", mode=None).stats.mode == "himir"
 
 
 @pytest.mark.parametrize("query", [
@@ -496,7 +500,7 @@ def test_offline_encoder_warns_on_a_real_long_query(offline_encoder, caplog):
 @pytest.fixture
 def saved(index, tmp_path) -> Path:
     """A saved index; returns its live version directory."""
-    index.snapshot.level_store(Level.GLOBAL)  # a built FAISS level store is saved too
+    index.sync_candidate_stores()  # the FAISS candidate stores are saved too
     return index.save(tmp_path / "idx")
 
 
@@ -669,11 +673,17 @@ def test_damaged_catalog_is_refused(saved):
 
 
 def test_damaged_faiss_store_is_refused(saved):
-    stores = sorted(saved.glob("level*.faiss"))
-    assert stores, "the fixture should have saved FAISS level stores"
+    stores = sorted(saved.glob("candidates.level*.faiss"))
+    assert stores, "the fixture should have saved FAISS candidate stores"
+    original = stores[0].read_bytes()
     stores[0].write_bytes(b"\x00garbage" * 10)
     refresh_sizes(saved)
     with pytest.raises(IndexFormatError, match="not a readable FAISS index"):
+        load(saved)
+    stores[0].write_bytes(original)  # a store of another level: a valid file, the wrong count
+    stores[1].write_bytes(original)
+    refresh_sizes(saved)
+    with pytest.raises(IndexFormatError, match="vectors, the catalog has"):
         load(saved)
 
 

@@ -95,7 +95,7 @@ def run_command(
     torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1,
                                                 help="torch threads of the encoder (default: torch's choice)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
-                                            help='Scheduler parameters of mode himir as JSON, e.g. \'{"nprobe": 32}\'.'),
+                                            help='Scheduler parameters of mode himir as JSON, e.g. \'{"probe_share": 0.2}\'.'),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -128,7 +128,10 @@ def scale_command(
     signal: float = typer.Option(2.0, min=0.01, help="Strength of a planted sub-query in a region that holds it."),
     out: Path = typer.Option(Path("himir-bench-scale"), "--out", help="Report directory."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
-                                            help='Scheduler parameters of mode himir as JSON, e.g. \'{"nprobe": 32}\'.'),
+                                            help='Scheduler parameters of mode himir as JSON, e.g. \'{"probe_share": 0.2}\'.'),
+    precision: str = typer.Option("float32", help="Stored vector type: float32 | float16 (1M images: float16)."),
+    save: bool = typer.Option(True, "--save/--no-save",
+                              help="Save the index to OUT/index and query the reloaded copy (first query after load)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -140,7 +143,8 @@ def scale_command(
     try:
         report = run_scale_benchmark(out, images=images, dim=dim, layout=layout, queries=queries, seed=seed,
                                      modes=modes, k=k, signal=signal, distractors=distractors, plots=plots,
-                                     scheduler=_parse_scheduler(scheduler), progress=progress)
+                                     scheduler=_parse_scheduler(scheduler), precision=precision, save=save,
+                                     progress=progress)
     except (HiMIRError, ValueError, MemoryError) as exc:
         _fail(str(exc))
         return

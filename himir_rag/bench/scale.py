@@ -18,9 +18,10 @@ Generative model (every image uses the same ``1+M+N`` grid tree of a 640x480 fra
 - **distractors**: ``distractors`` images per query hold a strict subset of them (hard
   negatives: they match some sub-queries very well but not all).
 
-Searching uses :meth:`HiMIRIndex._search_vectors` (private) with explicit query vectors,
-the same code path ``HiMIRIndex.search`` takes after encoding the texts; the collection is
-put into an encoder-less :class:`HiMIRIndex` through its (private) ``_snapshot``.
+Searching uses :meth:`HiMIRIndex.search_vectors` with explicit query vectors, the code
+path ``HiMIRIndex.search`` takes after encoding the texts; the collection is wrapped in an
+encoder-less :class:`HiMIRIndex` with :meth:`HiMIRIndex.from_snapshot`, saved, and read
+back with :meth:`HiMIRIndex.load` before the queries run.
 """
 
 from __future__ import annotations
@@ -40,19 +41,20 @@ from tqdm.auto import tqdm
 from himir_rag.bench.runner import (
     DEFAULT_MODES,
     PeakMemory,
+    directory_bytes,
     machine_info,
     parse_modes,
     process_max_rss_mb,
     run_modes,
     summarize_run,
 )
-from himir_rag.catalog import ImageRecord, Snapshot
+from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import l2_normalize
 from himir_rag.errors import ConfigError
-from himir_rag.hierarchy import GridDecomposer, RegionTree
+from himir_rag.hierarchy import GridDecomposer, Level, RegionTree
 from himir_rag.index import HiMIRIndex, SearchResult
-from himir_rag.scheduler import RetrievalMode, SearchStats
+from himir_rag.scheduler import RetrievalMode
 
 __all__ = ["VectorsOnlyEncoder", "PlantedQuery", "SyntheticCollection", "build_synthetic_collection",
            "run_scale_benchmark"]
@@ -171,7 +173,8 @@ def _validate(images: int, dim: int, queries: int, distractors: int, signal: flo
 
 def build_synthetic_collection(*, images: int = 100_000, dim: int = 384, layout: str = "1+4+16",
                                queries: int = 200, seed: int = 0, signal: float = 2.0, distractors: int = 30,
-                               scheduler: dict[str, Any] | None = None, progress: bool = True) -> SyntheticCollection:
+                               scheduler: dict[str, Any] | None = None, precision: str = "float32",
+                               vectors_file: str | Path | None = None, progress: bool = True) -> SyntheticCollection:
     """Draw a synthetic collection and wrap it in an encoder-less :class:`HiMIRIndex`.
 
     Parameters
@@ -179,8 +182,7 @@ def build_synthetic_collection(*, images: int = 100_000, dim: int = 384, layout:
     images : int
         Collection size.
     dim : int
-        Vector dimension (memory: ``images * (1+M+N) * dim * 4`` bytes, twice that while
-        the snapshot is assembled).
+        Vector dimension (memory: ``images * (1+M+N) * dim`` x 4 bytes, or 2 for float16).
     layout : str
         ``"1+M+N"`` grid layout.
     queries : int
@@ -189,6 +191,10 @@ def build_synthetic_collection(*, images: int = 100_000, dim: int = 384, layout:
         Weight of a planted sub-query in a region that holds it exactly (IoU 1).
     scheduler : dict, optional
         ``HiMIRConfig.scheduler`` parameters of mode ``himir`` (e.g. ``{"index_kind": "flat"}``).
+    precision : str
+        ``"float32"`` or ``"float16"``: the vectors are drawn straight into that type.
+    vectors_file : path, optional
+        Draw into a memory-mapped ``.npy`` file there instead of RAM (1M images).
 
     Returns
     -------
@@ -206,11 +212,14 @@ def build_synthetic_collection(*, images: int = 100_000, dim: int = 384, layout:
     (500, 5)
     """
     _validate(images, dim, queries, distractors, signal)
+    config = HiMIRConfig(layout=layout, scheduler=dict(scheduler or {}), precision=precision)
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     tree = GridDecomposer(layout).decompose(Image.new("RGB", FRAME))
     per_image = len(tree)
-    vectors = np.empty((images * per_image, dim), dtype=np.float32)
+    shape, dtype = (images * per_image, dim), VECTOR_DTYPES[precision]
+    vectors = (np.empty(shape, dtype) if vectors_file is None
+               else np.lib.format.open_memmap(str(vectors_file), mode="w+", dtype=dtype, shape=shape))
     for start in tqdm(range(0, images, _CHUNK_IMAGES), desc="drawing vectors", unit="chunk", disable=not progress):
         stop = min(images, start + _CHUNK_IMAGES)
         block = rng.standard_normal(((stop - start) * per_image, dim), dtype=np.float32)
@@ -219,12 +228,16 @@ def build_synthetic_collection(*, images: int = 100_000, dim: int = 384, layout:
     planted = rng.permutation(images)[: queries * (3 + distractors)]
     planted_queries = _plant_queries(vectors, tree, planted, queries=queries, distractors=distractors,
                                      signal=signal, rng=rng)
-    index = HiMIRIndex(VectorsOnlyEncoder(dim), HiMIRConfig(layout=layout, scheduler=dict(scheduler or {})))
-    records = [ImageRecord(i + 1, f"synthetic://image/{i + 1:07d}", *FRAME) for i in range(images)]
-    views = [vectors[i * per_image : (i + 1) * per_image] for i in range(images)]
-    index._snapshot = Snapshot.empty(dim).with_images(records, [tree] * images, views)  # documented private use
-    index._next_id = images + 1
-    del views, vectors
+    ids = np.arange(1, images + 1, dtype=np.int64)
+    offsets = np.repeat(np.arange(images, dtype=np.int64) * per_image, per_image)
+    snapshot = Snapshot(
+        {int(i): ImageRecord(int(i), f"synthetic://image/{int(i):07d}", *FRAME) for i in ids}, vectors,
+        np.repeat(ids, per_image), np.tile(tree.levels.astype(np.int8), images),
+        np.where(np.tile(tree.parents, images) >= 0, np.tile(tree.parents.astype(np.int64), images) + offsets, -1),
+        np.tile(tree.boxes.astype(np.int32), (images, 1)))
+    del offsets
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=VectorsOnlyEncoder(dim), config=config)
+    index.sync_candidate_stores()  # what HiMIRIndex.add does when it finishes
     used = sum(len(q.relevant) + len(q.distractors) for q in planted_queries)
     return SyntheticCollection(index, planted_queries, tree, time.perf_counter() - started, used)
 
@@ -233,6 +246,12 @@ def _plant_queries(vectors: np.ndarray, tree: RegionTree, planted: np.ndarray, *
                    signal: float, rng: np.random.Generator) -> list[PlantedQuery]:
     per_image, dim = len(tree), vectors.shape[1]
     out, cursor = [], 0
+
+    def plant(image: int, subs: np.ndarray) -> None:
+        rows = np.asarray(vectors[image * per_image : (image + 1) * per_image], np.float32)
+        _plant(rows, tree, subs, signal, rng)
+        vectors[image * per_image : (image + 1) * per_image] = rows
+
     for q in range(queries):
         n_subs, n_targets = int(rng.integers(2, 4)), int(rng.integers(1, 4))
         subs = l2_normalize(rng.standard_normal((n_subs, dim)))
@@ -240,10 +259,10 @@ def _plant_queries(vectors: np.ndarray, tree: RegionTree, planted: np.ndarray, *
         negatives = planted[cursor + n_targets : cursor + n_targets + distractors]
         cursor += n_targets + distractors
         for image in targets:
-            _plant(vectors[image * per_image : (image + 1) * per_image], tree, subs, signal, rng)
+            plant(int(image), subs)
         for image in negatives:
             keep = rng.choice(n_subs, size=int(rng.integers(1, n_subs)), replace=False)
-            _plant(vectors[image * per_image : (image + 1) * per_image], tree, subs[np.sort(keep)], signal, rng)
+            plant(int(image), subs[np.sort(keep)])
         out.append(PlantedQuery(f"q{q:05d}", f"planted query {q}", subs,
                                 l2_normalize(subs.sum(axis=0, keepdims=True)),
                                 frozenset(int(i) + 1 for i in targets), tuple(int(i) + 1 for i in negatives)))
@@ -252,19 +271,22 @@ def _plant_queries(vectors: np.ndarray, tree: RegionTree, planted: np.ndarray, *
 
 def _search(index: HiMIRIndex, mode: RetrievalMode, query: PlantedQuery, k: int) -> SearchResult:
     vectors = query.query_vector if mode is RetrievalMode.SINGLE else query.subquery_vectors
-    stats = SearchStats(mode=mode.value)
-    return index._search_vectors(query.text, query.subqueries, vectors, k=k, mode=mode, filters=None, stats=stats,
-                                 started=time.perf_counter())
+    labels = [query.text] if mode is RetrievalMode.SINGLE else query.subqueries
+    return index.search_vectors(vectors, k=k, mode=mode, labels=labels, query=query.text)
 
 
 def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int = 384, layout: str = "1+4+16",
                         queries: int = 200, seed: int = 0, modes: str | Iterable[str] = DEFAULT_MODES, k: int = 10,
                         signal: float = 2.0, distractors: int = 30, scheduler: dict[str, Any] | None = None,
-                        plots: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Build a synthetic collection, run every mode on its queries, write the report to ``out_dir``.
+                        precision: str = "float32", save: bool = True, plots: bool = True,
+                        progress: bool = True) -> dict[str, Any]:
+    """Build a synthetic collection, save and reload it, run every mode on its queries, write the report.
 
     Same report fields as the composite benchmark without encoding: quality against the
-    planted targets, dot products, search latency p50/p95, memory.
+    planted targets, agreement with ``himir-full``'s top-k, dot products, search latency
+    p50/p95, the first query after ``load``, build / save / load times, bytes on disk,
+    peak RSS. With ``save`` the queries run on the index read back from
+    ``out_dir/index`` (vectors memory-mapped, candidate stores loaded), as a user's would.
 
     Returns
     -------
@@ -278,34 +300,48 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     1.0
     """
     mode_list = parse_modes(modes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    staging = out_dir / "vectors-staging.npy" if save else None
     with PeakMemory() as build_memory:
         collection = build_synthetic_collection(images=images, dim=dim, layout=layout, queries=queries, seed=seed,
                                                 signal=signal, distractors=distractors, scheduler=scheduler,
-                                                progress=progress)
-    index, search_k = collection.index, min(max(k, 10), images)
+                                                precision=precision, vectors_file=staging, progress=progress)
+    index, search_k, persisted = collection.index, min(max(k, 10), images), {}
+    if save:
+        collection.index = None  # type: ignore[assignment]  # the in-memory copy goes before the reload
+        index, persisted = _save_and_reload(index, out_dir / "index", staging)
+        collection.index = index
     with PeakMemory() as search_memory:
+        tick = time.perf_counter()
+        _search(index, RetrievalMode(index.config.default_mode), collection.queries[0], search_k)
+        persisted["first_query_after_load_ms"] = (time.perf_counter() - tick) * 1000
         runs = run_modes(
             collection.queries, mode_list, lambda mode, query, subs: _search(index, mode, query, search_k),
             decompose=lambda query: query.subqueries, rank_ids=lambda result: [hit.image_id for hit in result.hits],
             progress=progress, time_decompose=False)
     snapshot = index.snapshot
+    summary = summarize_run(runs.per_query, mode_list, runs.skipped)
+    _add_agreement(summary, runs.per_query, k=min(k, images))
     report = {
         "kind": "scale", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
         "benchmark": {"images": images, "dim": dim, "layout": layout, "queries": queries, "seed": seed,
-                      "signal": signal, "distractors_per_query": distractors,
+                      "signal": signal, "distractors_per_query": distractors, "precision": precision,
                       "planted_images": collection.planted_images,
                       "mean_targets_per_query": float(np.mean([len(q.relevant) for q in collection.queries])),
                       "mean_subqueries": float(np.mean([len(q.subquery_vectors) for q in collection.queries]))},
         "config": {"modes": [m.value for m in mode_list], "k": k, "search_k": search_k,
-                   "scheduler": dict(scheduler or {}),
-                   "search_api": "HiMIRIndex._search_vectors (explicit vectors)"},
-        "skipped_modes": runs.skipped, **summarize_run(runs.per_query, mode_list, runs.skipped),
+                   "scheduler": dict(scheduler or {}), "search_api": "HiMIRIndex.search_vectors (explicit vectors)"},
+        "skipped_modes": runs.skipped, **summary,
         "first_query_ms": runs.first_query_ms,
-        "collection": {"build_s": collection.build_seconds},
+        "collection": {"build_s": collection.build_seconds, **persisted},
         "index": {"regions": int(len(snapshot.levels)), "vector_bytes": int(snapshot.vectors.nbytes),
+                  "vector_dtype": str(snapshot.vectors.dtype),
                   "catalog_array_bytes": int(snapshot.region_image.nbytes + snapshot.levels.nbytes
                                              + snapshot.parents.nbytes + snapshot.boxes.nbytes),
+                  "candidate_stores": {lv.name.lower(): {"kind": st.kind, "vectors": len(st), "lists": st.lists}
+                                       for lv in Level if (st := index.candidate_stores.store(lv)) is not None},
                   **snapshot.level_counts()},
         "memory": {"build": build_memory.to_dict(), "search": search_memory.to_dict(),
                    "process_peak_rss_mb": round(process_max_rss_mb(), 1)},
@@ -313,5 +349,30 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     }
     from himir_rag.bench.report import write_report
 
-    write_report(report, Path(out_dir), plots=plots)
+    write_report(report, out_dir, plots=plots)
     return report
+
+
+def _save_and_reload(index: HiMIRIndex, directory: Path, staging: Path | None) -> tuple[HiMIRIndex, dict[str, Any]]:
+    """Save ``index`` to ``directory``, drop it, and load it back; the timings and bytes on disk."""
+    tick = time.perf_counter()
+    index.save(directory)
+    save_s = time.perf_counter() - tick
+    del index
+    if staging is not None:
+        staging.unlink(missing_ok=True)
+    tick = time.perf_counter()
+    loaded = HiMIRIndex.load(directory)
+    load_s = time.perf_counter() - tick
+    return loaded, {"save_s": save_s, "load_s": load_s, "bytes_on_disk": directory_bytes(directory)}
+
+
+def _add_agreement(summary: dict[str, Any], per_query: list[dict[str, Any]], *, k: int) -> None:
+    """``recall@k_vs_himir_full`` per mode: the share of himir-full's top-k that the mode returns."""
+    reference = {r["query_id"]: r["top"][:k] for r in per_query if r["mode"] == "himir-full"}
+    if not reference:
+        return
+    for mode, aggregate in summary["modes"].items():
+        shares = [len(set(r["top"][:k]) & set(reference[r["query_id"]])) / max(len(reference[r["query_id"]]), 1)
+                  for r in per_query if r["mode"] == mode and r["query_id"] in reference]
+        aggregate[f"recall@{k}_vs_himir_full"] = float(np.mean(shares)) if shares else None

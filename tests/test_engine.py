@@ -1,0 +1,172 @@
+"""The engine at exact settings: every candidate store kind against brute force, candidate
+stores across save / load / add / delete, float16 storage, per-snapshot caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from himir_rag.catalog import ImageRecord, Snapshot
+from himir_rag.config import HiMIRConfig
+from himir_rag.errors import ConfigError, IncompatibleIndexError
+from himir_rag.hierarchy import GridDecomposer, Level
+from himir_rag.index import HiMIRIndex
+from himir_rag.scheduler import MODE_LEVELS, RetrievalMode, SchedulerParams, SearchStats, scheduled_search, \
+    score_exhaustive, top_k
+from himir_rag.store.candidates import CandidateStores
+
+DIM = 32
+N_IMAGES = 1500
+
+
+class _NoEncoder:
+    name, dim = "test:none", DIM
+
+    def embed_images(self, images):  # pragma: no cover - the index is built from arrays
+        raise NotImplementedError
+
+    def embed_texts(self, texts):  # pragma: no cover
+        raise NotImplementedError
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def planted_snapshot(n_images: int = N_IMAGES, *, seed: int = 0, n_queries: int = 8, first_id: int = 1,
+                     dtype=np.float32):
+    """Random region vectors; each query's 2 sub-queries planted in a segment of 2 target images."""
+    rng = np.random.default_rng(seed)
+    tree = GridDecomposer("1+4+16").decompose(Image.new("RGB", (64, 64)))
+    vectors = [_unit(rng.normal(size=(len(tree), DIM))) for _ in range(n_images)]
+    queries, targets = [], []
+    for _ in range(n_queries):
+        subs = _unit(rng.normal(size=(2, DIM)))
+        chosen = rng.choice(n_images, 2, replace=False)
+        for image in chosen:
+            for s, seg in enumerate(rng.choice(np.arange(5, 21), 2, replace=False)):
+                vectors[image][seg] = _unit(subs[s] + rng.normal(size=DIM) * 0.05)
+        queries.append(subs)
+        targets.append(set((chosen + first_id).tolist()))
+    records = [ImageRecord(first_id + i, f"/photos/{first_id + i}.jpg", 64, 64) for i in range(n_images)]
+    snapshot = Snapshot.empty(DIM, dtype=dtype).with_images(records, [tree] * n_images, vectors)
+    return snapshot, queries, targets, (records, tree, vectors)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_snapshot()
+
+
+def ranked(scored, k):
+    return scored.image_ids[top_k(scored.scores, k)].tolist()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_scheduled_pass_equals_brute_force_for_every_store_kind(planted, kind):
+    snapshot, queries, targets, _ = planted
+    params = SchedulerParams(index_kind=kind, probe_share=1.0)  # every list probed, exact bounds (defaults)
+    stores = CandidateStores(DIM)
+    for q, target in zip(queries, targets):
+        full = score_exhaustive(snapshot, q, levels=MODE_LEVELS[RetrievalMode.HIMIR_FULL])
+        stats = SearchStats(mode="himir")
+        scored = scheduled_search(snapshot, q, k=2, params=params, stats=stats, stores=stores)
+        assert stats.extra["candidate_dot_products"] > 0 and stats.extra["candidates"] < len(snapshot)
+        assert ranked(scored, 2) == ranked(full, 2)
+        assert set(ranked(scored, 2)) == target
+        # candidates are re-ranked exactly: the returned top-k carry the brute-force scores
+        top = top_k(scored.scores, 2)
+        pos = snapshot.positions_of(scored.image_ids[top])
+        np.testing.assert_allclose(scored.scores[top], full.scores[pos], rtol=1e-5)
+        # every score is a lower bound of the exact one (pruned images keep their coarse score)
+        all_pos = snapshot.positions_of(scored.image_ids)
+        assert (scored.scores <= full.scores[all_pos] + 1e-5).all()
+    assert stores.store(Level.SEGMENT).kind == kind
+
+
+def test_exact_stores_follow_add_and_delete_like_rebuilt_ones(planted):
+    snapshot, queries, _, _ = planted
+    params = dict(index_kind="ivf", flat_max=256, pq_min=50_000)
+    kept = CandidateStores(DIM)
+    kept.sync(snapshot, [Level.REGION, Level.SEGMENT], **params)
+    extra, extra_queries, _, (records, tree, vectors) = planted_snapshot(200, seed=1, first_id=N_IMAGES + 1)
+    removed = set(range(1, 301))
+    changed = snapshot.without_images(removed).with_images(records, [tree] * len(records), vectors)
+    kept.sync(changed, [Level.REGION, Level.SEGMENT], **params)  # incremental: no retraining
+    rebuilt = CandidateStores(DIM)
+    rebuilt.sync(changed, [Level.REGION, Level.SEGMENT], **params)
+    assert len(kept.store(Level.SEGMENT)) == len(rebuilt.store(Level.SEGMENT)) == changed.level_counts()["segment"]
+    for q in [*queries, *extra_queries]:
+        for level in (Level.REGION, Level.SEGMENT):
+            nprobe = 10_000  # all lists: both stores answer exactly
+            a, _ = kept.search(level, q, 20, nprobe=nprobe)
+            b, _ = rebuilt.search(level, q, 20, nprobe=nprobe)
+            assert sorted(a[0].tolist()) == sorted(b[0].tolist())
+            assert not set(a.ravel().tolist()) & removed
+
+
+def test_candidate_stores_survive_save_and_load(planted, tmp_path):
+    snapshot, queries, _, _ = planted
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=HiMIRConfig(scheduler={"index_kind": "ivf"}))
+    index.sync_candidate_stores()
+    before = [index.search_vectors(q, k=5) for q in queries]
+    index.save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
+    store = loaded.candidate_stores.store(Level.SEGMENT)
+    assert store is not None and store.kind == "ivf" and len(store) == snapshot.level_counts()["segment"]
+    after = [loaded.search_vectors(q, k=5) for q in queries]
+    for a, b in zip(before, after):
+        assert [h.image_id for h in a.hits] == [h.image_id for h in b.hits]
+        assert a.stats.dot_products == b.stats.dot_products
+    assert isinstance(loaded.snapshot.vectors, np.memmap)  # memory-mapped, not read into RAM
+
+
+def test_float16_storage_halves_memory_and_keeps_the_ranking(planted, tmp_path):
+    snapshot, queries, targets, (records, tree, vectors) = planted
+    half = Snapshot.empty(DIM, dtype=np.float16).with_images(records, [tree] * len(records), vectors)
+    assert half.vectors.dtype == np.float16 and half.vectors.nbytes * 2 == snapshot.vectors.nbytes
+    index = HiMIRIndex.from_snapshot(half, encoder=_NoEncoder(), config=HiMIRConfig(precision="float16"))
+    for q, target in zip(queries, targets):
+        for mode in ("himir", "himir-full"):
+            assert {h.image_id for h in index.search_vectors(q, k=2, mode=mode).hits} == target
+    index.save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
+    assert loaded.snapshot.vectors.dtype == np.float16 and loaded.config.precision == "float16"
+    with pytest.raises(IncompatibleIndexError, match="precision is float32"):
+        HiMIRIndex.from_snapshot(half, encoder=_NoEncoder())
+    with pytest.raises(ConfigError, match="precision"):
+        HiMIRConfig(precision="int8")
+
+
+def test_snapshot_caches_and_growth(planted):
+    snapshot, _, _, (records, tree, vectors) = planted
+    assert snapshot.image_starts[-1] == len(snapshot.region_image) and len(snapshot.image_ids) == len(snapshot)
+    positions = np.array([0, 7, len(snapshot) - 1])
+    rows = snapshot.rows_of(positions)
+    np.testing.assert_array_equal(rows, np.flatnonzero(np.isin(snapshot.region_image, snapshot.image_ids[positions])))
+    assert snapshot.positions_of(np.array([1, 10**9])).tolist() == [0, -1]
+    np.testing.assert_allclose(snapshot.parent_radius(rows), snapshot.parent_radius()[rows], rtol=1e-6)
+    # appending chunk by chunk shares buffers (no re-concatenation) and equals one append
+    grown = Snapshot.empty(DIM)
+    for start in range(0, 64, 16):
+        grown = grown.with_images(records[start : start + 16], [tree] * 16, vectors[start : start + 16])
+    once = Snapshot.empty(DIM).with_images(records[:64], [tree] * 64, vectors[:64])
+    np.testing.assert_array_equal(grown.vectors, once.vectors)
+    np.testing.assert_array_equal(grown.parents, once.parents)
+    older = Snapshot.empty(DIM).with_images(records[:16], [tree] * 16, vectors[:16])
+    newer = older.with_images(records[16:32], [tree] * 16, vectors[16:32])
+    other = older.with_images(records[32:48], [tree] * 16, vectors[32:48])  # a second branch copies
+    np.testing.assert_array_equal(newer.vectors[len(older.vectors):], np.concatenate(vectors[16:32]))
+    np.testing.assert_array_equal(other.vectors[len(older.vectors):], np.concatenate(vectors[32:48]))
+    assert len(older.vectors) == 16 * len(tree)
+
+
+def test_search_vectors_validates_its_input(planted):
+    snapshot, queries, _, _ = planted
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder())
+    with pytest.raises(ValueError, match=r"vectors must be \(s, 32\)"):
+        index.search_vectors(np.zeros((2, 7), np.float32))
+    with pytest.raises(ValueError, match="2 labels for 1 vectors"):
+        index.search_vectors(queries[0][:1], labels=["a", "b"])
+    assert index.search_vectors(queries[0], k=3).stats.mode == "himir"
