@@ -132,6 +132,9 @@ def scale_command(
     precision: str = typer.Option("float32", help="Stored vector type: float32 | float16 (1M images: float16)."),
     save: bool = typer.Option(True, "--save/--no-save",
                               help="Save the index to OUT/index and query the reloaded copy (first query after load)."),
+    reuse: bool = typer.Option(False, "--reuse", help="Load OUT/index saved by an earlier run of the same recipe "
+                                                      "instead of rebuilding (--scheduler then overrides its settings)."),
+    query_range: Optional[str] = typer.Option(None, "--query-range", help="Evaluate planted queries A:B only."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -144,11 +147,20 @@ def scale_command(
         report = run_scale_benchmark(out, images=images, dim=dim, layout=layout, queries=queries, seed=seed,
                                      modes=modes, k=k, signal=signal, distractors=distractors, plots=plots,
                                      scheduler=_parse_scheduler(scheduler), precision=precision, save=save,
-                                     progress=progress)
+                                     reuse=reuse, query_range=_parse_range(query_range), progress=progress)
     except (HiMIRError, ValueError, MemoryError) as exc:
         _fail(str(exc))
         return
     _print_report(report, out)
+
+
+def _parse_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    start, sep, stop = text.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit() or int(start) >= int(stop):
+        raise typer.BadParameter(f"{text!r}: expected A:B with 0 <= A < B, e.g. 0:100")
+    return int(start), int(stop)
 
 
 def _print_report(report: dict, out_dir: Path) -> None:

@@ -26,6 +26,8 @@ back with :meth:`HiMIRIndex.load` before the queries run.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -278,7 +280,8 @@ def _search(index: HiMIRIndex, mode: RetrievalMode, query: PlantedQuery, k: int)
 def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int = 384, layout: str = "1+4+16",
                         queries: int = 200, seed: int = 0, modes: str | Iterable[str] = DEFAULT_MODES, k: int = 10,
                         signal: float = 2.0, distractors: int = 30, scheduler: dict[str, Any] | None = None,
-                        precision: str = "float32", save: bool = True, plots: bool = True,
+                        precision: str = "float32", save: bool = True, reuse: bool = False,
+                        query_range: tuple[int, int] | None = None, plots: bool = True,
                         progress: bool = True) -> dict[str, Any]:
     """Build a synthetic collection, save and reload it, run every mode on its queries, write the report.
 
@@ -287,6 +290,10 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     p50/p95, the first query after ``load``, build / save / load times, bytes on disk,
     peak RSS. With ``save`` the queries run on the index read back from
     ``out_dir/index`` (vectors memory-mapped, candidate stores loaded), as a user's would.
+    With ``reuse`` an index saved by an earlier run with the same recipe (size, dim,
+    layout, queries, seed...) is loaded instead of rebuilt, and ``scheduler`` overrides its
+    parameters: a second setting costs only the queries. ``query_range=(a, b)`` evaluates
+    planted queries ``a:b`` only (e.g. tune on one range, report on another).
 
     Returns
     -------
@@ -303,22 +310,27 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    staging = out_dir / "vectors-staging.npy" if save else None
-    with PeakMemory() as build_memory:
-        collection = build_synthetic_collection(images=images, dim=dim, layout=layout, queries=queries, seed=seed,
-                                                signal=signal, distractors=distractors, scheduler=scheduler,
-                                                precision=precision, vectors_file=staging, progress=progress)
-    index, search_k, persisted = collection.index, min(max(k, 10), images), {}
-    if save:
-        collection.index = None  # type: ignore[assignment]  # the in-memory copy goes before the reload
-        index, persisted = _save_and_reload(index, out_dir / "index", staging)
-        collection.index = index
+    recipe = {"images": images, "dim": dim, "layout": layout, "queries": queries, "seed": seed, "signal": signal,
+              "distractors": distractors, "precision": precision}
+    saved = _saved_collection(out_dir, recipe) if reuse else None
+    if saved is not None:  # the same collection was built and saved before: only the queries run
+        tick = time.perf_counter()
+        index = HiMIRIndex.load(out_dir / "index")
+        planted, build = saved
+        persisted = {**build, "reused": True, "load_s": time.perf_counter() - tick}
+        if scheduler:
+            index.set_config(index.config.replace(scheduler=dict(scheduler)))
+    else:
+        index, planted, persisted, build_memory = _build_and_save(out_dir, recipe, scheduler=scheduler, save=save,
+                                                                  progress=progress)
+    search_k = min(max(k, 10), images)
+    evaluated = planted[query_range[0] : query_range[1]] if query_range else planted
     with PeakMemory() as search_memory:
         tick = time.perf_counter()
-        _search(index, RetrievalMode(index.config.default_mode), collection.queries[0], search_k)
+        _search(index, RetrievalMode(index.config.default_mode), evaluated[0], search_k)
         persisted["first_query_after_load_ms"] = (time.perf_counter() - tick) * 1000
         runs = run_modes(
-            collection.queries, mode_list, lambda mode, query, subs: _search(index, mode, query, search_k),
+            evaluated, mode_list, lambda mode, query, subs: _search(index, mode, query, search_k),
             decompose=lambda query: query.subqueries, rank_ids=lambda result: [hit.image_id for hit in result.hits],
             progress=progress, time_decompose=False)
     snapshot = index.snapshot
@@ -328,14 +340,17 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
         "kind": "scale", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
         "benchmark": {"images": images, "dim": dim, "layout": layout, "queries": queries, "seed": seed,
                       "signal": signal, "distractors_per_query": distractors, "precision": precision,
-                      "planted_images": collection.planted_images,
-                      "mean_targets_per_query": float(np.mean([len(q.relevant) for q in collection.queries])),
-                      "mean_subqueries": float(np.mean([len(q.subquery_vectors) for q in collection.queries]))},
+                      "planted_images": persisted.get("planted_images"),
+                      "evaluated_queries": [evaluated[0].query_id, evaluated[-1].query_id, len(evaluated)],
+                      "mean_targets_per_query": float(np.mean([len(q.relevant) for q in evaluated])),
+                      "mean_subqueries": float(np.mean([len(q.subquery_vectors) for q in evaluated]))},
         "config": {"modes": [m.value for m in mode_list], "k": k, "search_k": search_k,
-                   "scheduler": dict(scheduler or {}), "search_api": "HiMIRIndex.search_vectors (explicit vectors)"},
+                   "scheduler": dict(index.config.scheduler),
+                   "scheduler_params": dataclasses.asdict(index.config.scheduler_params),
+                   "search_api": "HiMIRIndex.search_vectors (explicit vectors)"},
         "skipped_modes": runs.skipped, **summary,
         "first_query_ms": runs.first_query_ms,
-        "collection": {"build_s": collection.build_seconds, **persisted},
+        "collection": persisted,
         "index": {"regions": int(len(snapshot.levels)), "vector_bytes": int(snapshot.vectors.nbytes),
                   "vector_dtype": str(snapshot.vectors.dtype),
                   "catalog_array_bytes": int(snapshot.region_image.nbytes + snapshot.levels.nbytes
@@ -343,7 +358,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
                   "candidate_stores": {lv.name.lower(): {"kind": st.kind, "vectors": len(st), "lists": st.lists}
                                        for lv in Level if (st := index.candidate_stores.store(lv)) is not None},
                   **snapshot.level_counts()},
-        "memory": {"build": build_memory.to_dict(), "search": search_memory.to_dict(),
+        "memory": {"build": persisted.get("build_memory"), "search": search_memory.to_dict(),
                    "process_peak_rss_mb": round(process_max_rss_mb(), 1)},
         "wall_s": time.perf_counter() - started, "per_query": runs.per_query,
     }
@@ -353,18 +368,55 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     return report
 
 
-def _save_and_reload(index: HiMIRIndex, directory: Path, staging: Path | None) -> tuple[HiMIRIndex, dict[str, Any]]:
-    """Save ``index`` to ``directory``, drop it, and load it back; the timings and bytes on disk."""
-    tick = time.perf_counter()
-    index.save(directory)
-    save_s = time.perf_counter() - tick
-    del index
-    if staging is not None:
-        staging.unlink(missing_ok=True)
-    tick = time.perf_counter()
-    loaded = HiMIRIndex.load(directory)
-    load_s = time.perf_counter() - tick
-    return loaded, {"save_s": save_s, "load_s": load_s, "bytes_on_disk": directory_bytes(directory)}
+def _build_and_save(out_dir: Path, recipe: dict[str, Any], *, scheduler: dict[str, Any] | None, save: bool,
+                    progress: bool) -> tuple[HiMIRIndex, list[PlantedQuery], dict[str, Any], PeakMemory]:
+    """Draw the collection, build its candidate stores, save it and load it back (``save``)."""
+    staging = out_dir / "vectors-staging.npy" if save else None
+    with PeakMemory() as build_memory:
+        collection = build_synthetic_collection(**recipe, scheduler=scheduler, vectors_file=staging,
+                                                progress=progress)
+    index, planted = collection.index, collection.queries
+    persisted: dict[str, Any] = {"build_s": collection.build_seconds, "planted_images": collection.planted_images,
+                                 "build_memory": build_memory.to_dict()}
+    if save:
+        del collection  # the built copy goes before the reload
+        tick = time.perf_counter()
+        index.save(out_dir / "index")
+        persisted["save_s"] = time.perf_counter() - tick
+        del index
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+        tick = time.perf_counter()
+        index = HiMIRIndex.load(out_dir / "index")
+        persisted.update(load_s=time.perf_counter() - tick, bytes_on_disk=directory_bytes(out_dir / "index"))
+        _write_collection(out_dir, recipe, planted, persisted)
+    return index, planted, persisted, build_memory
+
+
+def _write_collection(out_dir: Path, recipe: dict[str, Any], planted: list[PlantedQuery],
+                      build: dict[str, Any]) -> None:
+    """The recipe, build figures and planted queries (plain JSON) beside the saved index."""
+    queries = [{"query_id": q.query_id, "text": q.text, "subquery_vectors": q.subquery_vectors.tolist(),
+                "relevant": sorted(q.relevant), "distractors": list(q.distractors)} for q in planted]
+    payload = {"recipe": recipe, "build": build, "queries": queries}
+    (out_dir / "collection.json").write_text(json.dumps(payload), encoding="utf-8")
+
+
+def _saved_collection(out_dir: Path, recipe: dict[str, Any]) -> tuple[list[PlantedQuery], dict[str, Any]] | None:
+    """The planted queries and build figures of a saved collection with this recipe, else None."""
+    path = out_dir / "collection.json"
+    if not (path.is_file() and (out_dir / "index" / "CURRENT").is_file()):
+        return None
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if payload.get("recipe") != recipe:
+        logger.warning("%s was built with %s, not %s: rebuilding", path, payload.get("recipe"), recipe)
+        return None
+    planted = []
+    for item in payload["queries"]:
+        subs = np.asarray(item["subquery_vectors"], np.float32)
+        planted.append(PlantedQuery(item["query_id"], item["text"], subs, l2_normalize(subs.sum(axis=0, keepdims=True)),
+                                    frozenset(item["relevant"]), tuple(item["distractors"])))
+    return planted, dict(payload["build"])
 
 
 def _add_agreement(summary: dict[str, Any], per_query: list[dict[str, Any]], *, k: int) -> None:
