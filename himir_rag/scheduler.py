@@ -250,14 +250,18 @@ class SchedulerParams:
         evidence for the right photo); the exact per-image bounds of the descent already
         skip the fine level of every image that cannot reach the top-k.
     bound_scale : float
-        A segment can score at most ``parent sim + bound_scale * ||seg - parent||``.
-        1.0 (the default) is an exact bound (no accuracy loss); lower values prune harder
-        and lose accuracy (measured: 0.5 costs 2-3 points of Recall@10 on the composite
-        benchmark).
+        A segment's bound is ``parent sim + bound_scale * (exact bound - parent sim)``, the
+        exact bound being the angular one of :func:`_segment_bound`. 1.0 (the default) is
+        exact (no accuracy loss); lower values prune harder and lose accuracy.
     sparsity_margin : float
         Hierarchy sparsity: for a sub-query, only segments under regions scoring within
         this margin of the image's best region are visited (``inf``, the default, = off:
         the pass then ranks its candidates exactly as ``himir-full`` does).
+    ann_bound : bool
+        Cap segment bounds with what the segment-level candidate search returned (exact
+        scores only: flat and IVF-Flat stores): a candidate's segments cannot beat its
+        best hit, or the last hit when it has none. Exact for flat stores; for IVF as exact
+        as the probed lists (the approximation the candidates already make).
     """
 
     candidate_k: int = 0
@@ -271,6 +275,7 @@ class SchedulerParams:
     consistency_margin: float = 0.05
     bound_scale: float = 1.0
     sparsity_margin: float = float("inf")
+    ann_bound: bool = True
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | SchedulerParams | None) -> SchedulerParams:
@@ -344,7 +349,7 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     """
     p = SchedulerParams.from_dict(params)
     queries = np.asarray(queries, dtype=np.float32)
-    positions = _candidates(snapshot, queries, k=k, allowed=allowed, params=p, stats=stats, stores=stores)
+    positions, caps = _candidates(snapshot, queries, k=k, allowed=allowed, params=p, stats=stats, stores=stores)
     rows = snapshot.rows_of(positions)
     row_levels = snapshot.levels[rows]
     coarse_rows = rows[row_levels <= Level.REGION]
@@ -361,7 +366,9 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     owner = np.repeat(np.arange(len(positions)), counts)  # candidate index of each row
     is_segment = row_levels == Level.SEGMENT
     segments = (rows[is_segment], owner[is_segment])
-    return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims), segments, k=k, params=p, stats=stats)
+    cap = None if caps is None else _segment_caps(snapshot, positions, *caps)
+    return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims), segments, k=k, params=p, stats=stats,
+                    cap=cap)
 
 
 def default_stores(snapshot: Snapshot) -> Any:
@@ -385,15 +392,19 @@ def _coarse_scores(snapshot: Snapshot, rows: np.ndarray, sims: np.ndarray) -> tu
 
 
 def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.ndarray | None,
-                params: SchedulerParams, stats: SearchStats, stores: Any) -> np.ndarray:
-    """Sorted image positions worth scoring, from ANN hits at the candidate levels."""
+                params: SchedulerParams, stats: SearchStats, stores: Any) -> tuple[np.ndarray, Any]:
+    """Sorted image positions worth scoring, from ANN hits at the candidate levels.
+
+    Also returns the segment level's hits ``(scores, image ids)``, each (s, fetch), when
+    their scores are exact and ``ann_bound`` is on (else None): see :func:`_segment_caps`.
+    """
     n_allowed = len(snapshot) if allowed is None else len(allowed)
     every = (lambda: np.arange(len(snapshot), dtype=np.int64)) if allowed is None else (lambda: allowed)
     want = params.candidate_k or max(2 * k, 16)
     stats.extra["candidate_dot_products"] = 0
     if params.candidate_k < 0 or n_allowed <= want:
         stats.extra["candidates"] = n_allowed
-        return every()
+        return every(), None
     stores = stores if stores is not None else default_stores(snapshot)
     counts = snapshot.level_counts()
     plan = []
@@ -406,16 +417,18 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
     cheaper_to_score_all = sum(cost for *_, cost in plan) >= (counts["global"] + counts["region"]) * share
     if params.index_kind == "auto" and cheaper_to_score_all:
         stats.extra["candidates"] = n_allowed  # small collection: scoring everything is cheaper
-        return every()
+        return every(), None
     stores.sync(snapshot, [level for level, *_ in plan], index_kind=params.index_kind, flat_max=params.flat_max,
                 pq_min=params.pq_min)
     # a metadata filter hides images from the stores: fetch more hits, in proportion to what is hidden
     fetch = int(want / max(share, 1e-9))
-    found, spent = [], 0
+    found, spent, caps = [], 0, None
     for level, n_level, nprobe, _ in plan:
-        ids, cost = stores.search(level, queries, min(fetch, max(n_level, 1)), nprobe=nprobe)
+        scores, ids, cost, exact_scores = stores.search(level, queries, min(fetch, max(n_level, 1)), nprobe=nprobe)
         spent += cost
         found.append(ids[ids >= 0])
+        if level is Level.SEGMENT and exact_scores and params.ann_bound:
+            caps = (scores, ids)
     stats.dot_products += spent
     stats.extra["candidate_dot_products"] = spent
     positions = snapshot.positions_of(np.unique(np.concatenate(found)))
@@ -425,7 +438,29 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
     if len(positions) < k:  # too few left after the filter: every allowed image is a candidate
         positions = every()
     stats.extra["candidates"] = len(positions)
-    return positions
+    return positions, caps
+
+
+def _segment_caps(snapshot: Snapshot, positions: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(s, n_candidates) cap on any segment similarity of each candidate, from the segment ANN hits.
+
+    The store returned, per sub-query, the ``fetch`` most similar segments of the lists it
+    probed (exact scores): a candidate with a hit cannot have a segment above its best hit,
+    and one without cannot exceed the last hit's score. Exact for a flat store; for IVF it
+    holds for the probed lists, the same approximation as the candidates themselves.
+    """
+    n_queries = scores.shape[0]
+    valid = ids >= 0
+    tau = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), -np.inf)
+    cap = np.repeat(tau[:, None], len(positions), axis=1).astype(np.float32)
+    hit_pos = snapshot.positions_of(np.where(valid, ids, -1))
+    column = np.searchsorted(positions, hit_pos)
+    found = valid & (hit_pos >= 0) & (column < len(positions))
+    found[found] &= positions[column[found]] == hit_pos[found]
+    for q in range(n_queries):  # scores are sorted best first: keep the first (best) per image
+        cols, vals = column[q, found[q]], scores[q, found[q]]
+        np.maximum.at(cap[q], cols, vals)
+    return cap + _BOUND_SLACK
 
 
 def _consistent(on_global: MaxSimScores, coarse: MaxSimScores, *, k: int, params: SchedulerParams) -> bool:
@@ -441,7 +476,7 @@ def _consistent(on_global: MaxSimScores, coarse: MaxSimScores, *, k: int, params
 
 def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
              coarse_sims: tuple[np.ndarray, np.ndarray], segments: tuple[np.ndarray, np.ndarray], *, k: int,
-             params: SchedulerParams, stats: SearchStats) -> MaxSimScores:
+             params: SchedulerParams, stats: SearchStats, cap: np.ndarray | None = None) -> MaxSimScores:
     """Score fine segments where they can still change the top-k (bounds + sparsity).
 
     ``segments`` is (segment rows, candidate index of each row's image).
@@ -453,7 +488,10 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
     rows, sims = coarse_sims  # a segment's parent is a coarse row of the same image: already scored
     parent_sim = sims[:, np.searchsorted(rows, parent_rows)]
     best_region = coarse.best[:, image_pos]  # (s, n_seg) best coarse similarity of the segment's image
-    bound = parent_sim + params.bound_scale * snapshot.parent_radius(seg_rows)[None, :]
+    exact = _segment_bound(snapshot, queries, seg_rows, parent_rows, parent_sim)
+    if cap is not None:  # what the segment ANN search already showed (see _segment_caps)
+        exact = np.minimum(exact, cap[:, image_pos])
+    bound = parent_sim + params.bound_scale * (exact - parent_sim)
     useful = (bound > best_region) & (parent_sim >= best_region - params.sparsity_margin)
     image_bound = coarse.best.copy()
     for q in range(len(queries)):  # per sub-query (a handful), never per region
@@ -468,6 +506,30 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
     stats.extra["images_descended"] = int(min(k, len(order)) + len(rest))
     stats.extra["segments_total"] = int(len(seg_rows) * len(queries))
     return refined
+
+
+_BOUND_SLACK = 1e-4  # float32 / float16 rounding: a bound never falls below the true similarity
+
+
+def _segment_bound(snapshot: Snapshot, queries: np.ndarray, seg_rows: np.ndarray, parent_rows: np.ndarray,
+                   parent_sim: np.ndarray) -> np.ndarray:
+    """(s, n_seg) exact upper bound of ``q . v`` for each segment ``v`` from its parent ``p``.
+
+    On the sphere the angle between q and v is at least |angle(q, p) - angle(v, p)|, so
+    ``q . v <= |q| |v| cos(max(0, angle(q, p) - angle(v, p)))``; the Cauchy-Schwarz bound
+    ``q . p + |q| ||v - p||`` also holds, and the smaller of the two is used. Both need only
+    the parent's similarity (already computed) and query-independent segment geometry.
+    """
+    seg = snapshot.region_vectors(seg_rows)
+    par = snapshot.region_vectors(parent_rows)
+    seg_norm, par_norm = np.linalg.norm(seg, axis=1), np.linalg.norm(par, axis=1)
+    q_norm = np.linalg.norm(queries, axis=1)[:, None]
+    cos_vp = np.einsum("ij,ij->i", seg, par) / np.maximum(seg_norm * par_norm, 1e-12)
+    cos_qp = parent_sim / np.maximum(q_norm * par_norm[None, :], 1e-12)
+    gap = np.maximum(np.arccos(np.clip(cos_qp, -1, 1)) - np.arccos(np.clip(cos_vp, -1, 1))[None, :], 0.0)
+    angular = q_norm * seg_norm[None, :] * np.cos(gap)
+    radius = parent_sim + q_norm * np.linalg.norm(seg - par, axis=1)[None, :]
+    return (np.minimum(angular, radius) + _BOUND_SLACK).astype(np.float32)
 
 
 def _visit(snapshot: Snapshot, queries: np.ndarray, scored: MaxSimScores, seg_rows: np.ndarray,

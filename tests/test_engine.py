@@ -100,8 +100,9 @@ def test_exact_stores_follow_add_and_delete_like_rebuilt_ones(planted):
     for q in [*queries, *extra_queries]:
         for level in (Level.REGION, Level.SEGMENT):
             nprobe = 10_000  # all lists: both stores answer exactly
-            a, _ = kept.search(level, q, 20, nprobe=nprobe)
-            b, _ = rebuilt.search(level, q, 20, nprobe=nprobe)
+            _, a, _, exact = kept.search(level, q, 20, nprobe=nprobe)
+            _, b, _, _ = rebuilt.search(level, q, 20, nprobe=nprobe)
+            assert exact  # IVF-Flat scores are exact inner products
             assert sorted(a[0].tolist()) == sorted(b[0].tolist())
             assert not set(a.ravel().tolist()) & removed
 
@@ -170,3 +171,20 @@ def test_search_vectors_validates_its_input(planted):
     with pytest.raises(ValueError, match="2 labels for 1 vectors"):
         index.search_vectors(queries[0][:1], labels=["a", "b"])
     assert index.search_vectors(queries[0], k=3).stats.mode == "himir"
+
+
+def test_segment_bound_is_never_below_the_true_similarity(planted):
+    from himir_rag.scheduler import _segment_bound
+
+    snapshot, _, _, _ = planted
+    rng = np.random.default_rng(3)
+    rows = np.flatnonzero(snapshot.levels == Level.SEGMENT)[:3000]
+    parents = snapshot.parents[rows]
+    for scale in (1.0, 0.3):  # unit and non-unit query vectors
+        queries = _unit(rng.normal(size=(4, DIM))) * scale
+        parent_sim = queries @ snapshot.region_vectors(parents).T
+        bound = _segment_bound(snapshot, queries, rows, parents, parent_sim)
+        true = queries @ snapshot.region_vectors(rows).T
+        assert (bound >= true).all()
+        radius = parent_sim + np.linalg.norm(queries, axis=1)[:, None] * snapshot.parent_radius(rows)[None, :]
+        assert (bound <= radius + 1e-3).all() and (bound < radius - 1e-3).mean() > 0.5  # tighter than C-S

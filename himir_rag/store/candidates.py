@@ -121,13 +121,24 @@ class CandidateStores:
         self._stores[level] = store
         self._trained_size[level] = len(rows_all)
 
-    def search(self, level: Level, queries: np.ndarray, k: int, *, nprobe: int) -> tuple[np.ndarray, int]:
-        """Image ids of the top-``k`` regions of ``level`` per query -> (ids (q, k) with -1 padding, inner products)."""
+    def search(self, level: Level, queries: np.ndarray, k: int, *,
+               nprobe: int) -> tuple[np.ndarray, np.ndarray, int, bool]:
+        """The top-``k`` regions of ``level`` per query.
+
+        Returns
+        -------
+        scores, ids : np.ndarray
+            (q, k) similarities and image ids, padded with -inf / -1.
+        inner_products : int
+            What the search cost.
+        exact_scores : bool
+            True when ``scores`` are exact inner products (flat and IVF-Flat; PQ scores are estimates).
+        """
         store = self._stores[Level(level)]
         store.nprobe = nprobe
         before = store.distance_computations
-        _, ids = store.search(queries, k)
-        return ids, store.distance_computations - before
+        scores, ids = store.search(queries, k)
+        return scores, ids, store.distance_computations - before, store.kind in ("flat", "ivf")
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, directory: Path, snapshot) -> list[str]:
