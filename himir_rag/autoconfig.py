@@ -40,6 +40,7 @@ SEARCH_SPACE: dict[str, list[Any]] = {
     "probe_share": [0.02, 0.05, 0.1, 0.2, 0.4],
     "bound_scale": [0.0, 0.25, 0.5, 0.75, 1.0],
     "sparsity_margin": [0.0, 0.05, 0.1, 0.2, float("inf")],
+    "ann_bound": [True, False],
     "consistency_overlap": [0.8, 1.0, 2.0],
     "consistency_margin": [0.0, 0.02, 0.05, 0.1],
 }

@@ -252,6 +252,23 @@ class HiMIRIndex:
         index._next_id = max(snapshot.images, default=0) + 1
         return index
 
+    def with_precision(self, precision: str) -> HiMIRIndex:
+        """A copy of this index whose vectors are stored as ``precision`` (``"float32"`` or ``"float16"``).
+
+        Example
+        -------
+        >>> HiMIRIndex.load("photos.himir").with_precision("float16").save("photos-f16.himir")  # doctest: +SKIP
+        """
+        config = self.config.replace(precision=precision)
+        snapshot = self.snapshot
+        converted = Snapshot(dict(snapshot.images), np.asarray(snapshot.vectors, dtype=VECTOR_DTYPES[precision]),
+                             snapshot.region_image, snapshot.levels, snapshot.parents, snapshot.boxes)
+        copy = HiMIRIndex.from_snapshot(converted, encoder=self._encoder or self.encoder_spec, config=config,
+                                        device=self._device)
+        copy._encoder_name, copy._dim = self._encoder_name, self._dim
+        copy._skipped, copy._next_id = list(self._skipped), self._next_id
+        return copy
+
     def add(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
             metadata: MetadataSource = None, progress: bool = True, chunk_images: int = 16,
             on_chunk: Callable[[BuildReport], None] | None = None,

@@ -17,6 +17,7 @@ The compute meter counts query-vector x region-vector inner products.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -180,12 +181,12 @@ def score_exhaustive(snapshot: Snapshot, queries: np.ndarray, *, levels: tuple[L
         keep = wanted[snapshot.levels[rows]]
         contiguous = allowed is None
         if contiguous and keep.mean() >= 0.5:  # most rows match: score the slice, mask the rest
-            sims = queries @ np.asarray(snapshot.vectors[rows[0] : rows[-1] + 1], np.float32).T
+            sims = queries @ _float32(snapshot.vectors[rows[0] : rows[-1] + 1]).T
             if not keep.all():
                 sims[:, ~keep] = -np.inf
         else:
             rows = rows[keep]
-            sims = queries @ np.asarray(snapshot.vectors[rows], np.float32).T
+            sims = queries @ _float32(snapshot.vectors[rows]).T
         best, arg = segment_max(sims, snapshot.region_image[rows])
         ids.append(snapshot.image_ids[block])
         bests.append(best)
@@ -196,6 +197,24 @@ def score_exhaustive(snapshot: Snapshot, queries: np.ndarray, *, levels: tuple[L
         return MaxSimScores(np.zeros(0, np.int64), empty, empty.astype(np.int64), 0)
     return MaxSimScores(np.concatenate(ids), np.concatenate(bests, axis=1).astype(np.float32),
                         np.concatenate(args, axis=1), int(dots))
+
+
+def _float32(block: np.ndarray) -> np.ndarray:
+    """``block`` as float32; float16 storage is converted by torch (SIMD, ~10x numpy's cast:
+    the conversion, not the product, bounds exhaustive scans of float16 indexes)."""
+    if block.dtype == np.float32:
+        return block
+    try:
+        import torch  # a core dependency; imported only by exhaustive scans of float16 indexes
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is None or block.dtype != np.float16:
+        return np.asarray(block, np.float32)
+    out = np.empty(block.shape, np.float32)
+    with warnings.catch_warnings():  # a read-only memory map is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(out).copy_(torch.from_numpy(np.asarray(block)))
+    return out
 
 
 def _position_blocks(starts: np.ndarray, positions: np.ndarray):

@@ -188,3 +188,14 @@ def test_segment_bound_is_never_below_the_true_similarity(planted):
         assert (bound >= true).all()
         radius = parent_sim + np.linalg.norm(queries, axis=1)[:, None] * snapshot.parent_radius(rows)[None, :]
         assert (bound <= radius + 1e-3).all() and (bound < radius - 1e-3).mean() > 0.5  # tighter than C-S
+
+
+def test_with_precision_converts_and_keeps_the_catalog(planted, tmp_path):
+    snapshot, queries, targets, _ = planted
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder())
+    half = index.with_precision("float16")
+    assert half.snapshot.vectors.dtype == np.float16 and half.config.precision == "float16"
+    assert len(half) == len(index) and half.images[0] == index.images[0]
+    assert {h.image_id for h in half.search_vectors(queries[0], k=2).hits} == targets[0]
+    half.save(tmp_path / "idx")
+    assert HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder()).config.precision == "float16"
