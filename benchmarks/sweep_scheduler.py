@@ -23,6 +23,10 @@ from himir_rag import HiMIRIndex
 from himir_rag.decompose import RuleDecomposer
 
 
+_COUNTERS = ("candidates", "candidate_dot_products", "coarse_dot_products", "segments_visited", "segments_grounded",
+             "images_pruned")
+
+
 def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
     root = Path(bench_dir)
     index = HiMIRIndex.load(root / "index")
@@ -39,17 +43,20 @@ def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
     for name, mode, scheduler in [("mvr", "mvr", {}), ("himir-full", "himir-full", {}),
                                   *[(s, "himir", json.loads(s)) for s in settings]]:
         index.set_config(base.replace(scheduler=scheduler))
-        recall, dots = [], []
+        recall, dots, extra = [], [], {}
         for query_id, vectors in work:
             result = index.search_vectors(vectors, k=k, mode=mode)
             found = {hit.path for hit in result.hits}
             recall.append(len(found & qrels[query_id]) / len(qrels[query_id]))
             dots.append(result.stats.dot_products)
-        rows.append((name, float(np.mean(recall)), float(np.mean(dots))))
+            for key in _COUNTERS:
+                extra.setdefault(key, []).append(result.stats.extra.get(key, 0))
+        rows.append((name, float(np.mean(recall)), float(np.mean(dots)),
+                     " ".join(f"{key}={np.mean(values):.0f}" for key, values in extra.items())))
     mvr_dots = rows[0][2]
     print(f"{'setting':60s} Recall@{k}  mean dots  mvr/mode")
-    for name, recall, dots in rows:
-        print(f"{name:60s} {recall:8.4f} {dots:10.0f} {mvr_dots / dots:8.2f}")
+    for name, recall, dots, counters in rows:
+        print(f"{name:60s} {recall:8.4f} {dots:10.0f} {mvr_dots / dots:8.2f}  {counters}")
 
 
 if __name__ == "__main__":

@@ -377,7 +377,8 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     stats.dot_products += coarse.dot_products
     stats.extra["coarse_dot_products"] = coarse.dot_products
     stats.images_scored = len(coarse.image_ids)
-    stats.extra.update(levels_skipped=0, images_descended=0, images_pruned=0, segments_visited=0)
+    stats.extra.update(levels_skipped=0, images_descended=0, images_pruned=0, segments_visited=0,
+                       segments_grounded=0)
     if _consistent(on_global, coarse, k=k, params=p):
         stats.extra["levels_skipped"] = 1
         return coarse
@@ -460,13 +461,22 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
     return positions, caps
 
 
-def _segment_caps(snapshot: Snapshot, positions: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """(s, n_candidates) cap on any segment similarity of each candidate, from the segment ANN hits.
+def _segment_caps(snapshot: Snapshot, positions: np.ndarray, scores: np.ndarray,
+                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the segment ANN hits tell about each candidate's best segment, per sub-query.
 
     The store returned, per sub-query, the ``fetch`` most similar segments of the lists it
-    probed (exact scores): a candidate with a hit cannot have a segment above its best hit,
-    and one without cannot exceed the last hit's score. Exact for a flat store; for IVF it
-    holds for the probed lists, the same approximation as the candidates themselves.
+    probed, with exact scores. A candidate with a hit has its best segment similarity
+    known: its best hit (``known`` True). One without cannot exceed the last hit's score.
+    Exact for a flat store; for IVF it holds for the probed lists, the approximation the
+    candidates themselves already make.
+
+    Returns
+    -------
+    cap : np.ndarray
+        (s, n_candidates) float32: the best hit, or the last hit's score.
+    known : np.ndarray
+        (s, n_candidates) bool.
     """
     n_queries = scores.shape[0]
     valid = ids >= 0
@@ -476,10 +486,13 @@ def _segment_caps(snapshot: Snapshot, positions: np.ndarray, scores: np.ndarray,
     column = np.searchsorted(positions, hit_pos)
     found = valid & (hit_pos >= 0) & (column < len(positions))
     found[found] &= positions[column[found]] == hit_pos[found]
-    for q in range(n_queries):  # scores are sorted best first: keep the first (best) per image
+    known = np.zeros(cap.shape, bool)
+    for q in range(n_queries):
         cols, vals = column[q, found[q]], scores[q, found[q]]
+        cap[q, cols] = -np.inf
         np.maximum.at(cap[q], cols, vals)
-    return cap + _BOUND_SLACK
+        known[q, cols] = True
+    return cap, known
 
 
 def _consistent(on_global: MaxSimScores, coarse: MaxSimScores, *, k: int, params: SchedulerParams) -> bool:
@@ -508,10 +521,18 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
     parent_sim = sims[:, np.searchsorted(rows, parent_rows)]
     best_region = coarse.best[:, image_pos]  # (s, n_seg) best coarse similarity of the segment's image
     exact = _segment_bound(snapshot, queries, seg_rows, parent_rows, parent_sim)
+    pending = None
     if cap is not None:  # what the segment ANN search already showed (see _segment_caps)
-        exact = np.minimum(exact, cap[:, image_pos])
+        cap_values, known = cap
+        exact = np.minimum(exact, cap_values[:, image_pos] + _BOUND_SLACK)
+        hit_best = np.where(known, cap_values, -np.inf)
+        pending = known & (hit_best > coarse.best)  # best is a segment hit whose row is not looked up yet
+        coarse = MaxSimScores(coarse.image_ids, np.maximum(coarse.best, hit_best).astype(np.float32),
+                              coarse.best_rows, coarse.dot_products)
     bound = parent_sim + params.bound_scale * (exact - parent_sim)
     useful = (bound > best_region) & (parent_sim >= best_region - params.sparsity_margin)
+    if pending is not None:
+        useful &= ~known[:, image_pos]  # nothing to learn from a candidate whose best segment is known
     image_bound = coarse.best.copy()
     for q in range(len(queries)):  # per sub-query (a handful), never per region
         np.maximum.at(image_bound[q], image_pos[useful[q]], bound[q, useful[q]])
@@ -524,7 +545,28 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
     refined = _visit(snapshot, queries, refined, seg_rows, image_pos, useful, rest, stats)
     stats.extra["images_descended"] = int(min(k, len(order)) + len(rest))
     stats.extra["segments_total"] = int(len(seg_rows) * len(queries))
+    if pending is not None:
+        refined = _ground_hits(snapshot, queries, refined, segments, pending, top_k(refined.scores, k), stats)
     return refined
+
+
+def _ground_hits(snapshot: Snapshot, queries: np.ndarray, scored: MaxSimScores,
+                 segments: tuple[np.ndarray, np.ndarray], pending: np.ndarray, top: np.ndarray,
+                 stats: SearchStats) -> MaxSimScores:
+    """Find the row of each top image's best segment that is known only by its score (an ANN hit)."""
+    seg_rows, image_pos = segments
+    best, rows = scored.best.copy(), scored.best_rows.copy()
+    looked = 0
+    for q in range(len(queries)):
+        for i in top[pending[q, top]]:
+            candidate_rows = seg_rows[image_pos == i]
+            sims = snapshot.region_vectors(candidate_rows) @ queries[q]
+            looked += len(candidate_rows)
+            j = int(np.argmax(sims))
+            best[q, i], rows[q, i] = max(float(sims[j]), float(best[q, i]) - _BOUND_SLACK), candidate_rows[j]
+    stats.dot_products += looked
+    stats.extra["segments_grounded"] = looked
+    return MaxSimScores(scored.image_ids, best, rows, scored.dot_products + looked)
 
 
 _BOUND_SLACK = 1e-4  # float32 / float16 rounding: a bound never falls below the true similarity
