@@ -40,7 +40,7 @@ def index_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per encoder batch."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     prune_cosine: Optional[float] = typer.Option(None, help="Drop segments this similar to their parent (0-1)."),
-    precision: str = typer.Option("float32", help="Stored vector type of a new index: float32 | float16 (half size)."),
+    precision: str = typer.Option("float16", help="Stored vector type of a new index: float16 (default, half the size) | float32."),
     checkpoint_every: int = typer.Option(256, min=1, help="Save the index every N images (resumable)."),
     store: str = typer.Option("faiss", help="Where region vectors live: faiss (in memory) | qdrant."),
     qdrant_url: Optional[str] = typer.Option(None, help="Qdrant server/cluster URL (with --store qdrant)."),

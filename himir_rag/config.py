@@ -115,7 +115,7 @@ class HiMIRConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)
     default_mode: str = "himir"
     search_threads: int = 1
-    precision: str = "float32"
+    precision: str = "float16"
 
     def __post_init__(self) -> None:
         from himir_rag.scheduler import SchedulerParams, parse_mode
