@@ -696,7 +696,12 @@ class HiMIRIndex:
             index.store = _open_qdrant(store_info, dim)
         elif store_info.get("kind") != "faiss":
             raise IncompatibleIndexError(f"{version_dir}: unknown store kind {store_info.get('kind')!r}")
-        vectors = _read_vectors(version_dir / "vectors.npy", dim, dtype=index.config.precision)
+        vectors_info = manifest.get("vectors", {})  # what save wrote; older indexes: float32
+        dtype = vectors_info.get("dtype", "float32") if isinstance(vectors_info, dict) else None
+        if dtype not in VECTOR_DTYPES:
+            raise IndexFormatError(f"{version_dir}/manifest.json: vector type {dtype!r} is not one of "
+                                   f"{sorted(VECTOR_DTYPES)}; rebuild the index")
+        vectors = _read_vectors(version_dir / "vectors.npy", dim, dtype=dtype)
         try:
             snapshot, skipped = Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors,
                                                       records_only=index.store is not None)

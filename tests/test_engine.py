@@ -18,6 +18,7 @@ from himir_rag.store.candidates import CandidateStores
 
 DIM = 32
 N_IMAGES = 1500
+F32 = HiMIRConfig(precision="float32")  # the planted snapshots are float32 (the default storage is float16)
 
 
 class _NoEncoder:
@@ -109,7 +110,7 @@ def test_exact_stores_follow_add_and_delete_like_rebuilt_ones(planted):
 
 def test_candidate_stores_survive_save_and_load(planted, tmp_path):
     snapshot, queries, _, _ = planted
-    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=HiMIRConfig(scheduler={"index_kind": "ivf"}))
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=F32.replace(scheduler={"index_kind": "ivf"}))
     index.sync_candidate_stores()
     before = [index.search_vectors(q, k=5) for q in queries]
     index.save(tmp_path / "idx")
@@ -135,7 +136,8 @@ def test_float16_storage_halves_memory_and_keeps_the_ranking(planted, tmp_path):
     loaded = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
     assert loaded.snapshot.vectors.dtype == np.float16 and loaded.config.precision == "float16"
     with pytest.raises(IncompatibleIndexError, match="precision is float32"):
-        HiMIRIndex.from_snapshot(half, encoder=_NoEncoder())
+        HiMIRIndex.from_snapshot(half, encoder=_NoEncoder(), config=F32)
+    assert HiMIRConfig().precision == "float16"  # the default: accuracy held on the composite benchmark
     with pytest.raises(ConfigError, match="precision"):
         HiMIRConfig(precision="int8")
 
@@ -165,7 +167,7 @@ def test_snapshot_caches_and_growth(planted):
 
 def test_search_vectors_validates_its_input(planted):
     snapshot, queries, _, _ = planted
-    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder())
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=F32)
     with pytest.raises(ValueError, match=r"vectors must be \(s, 32\)"):
         index.search_vectors(np.zeros((2, 7), np.float32))
     with pytest.raises(ValueError, match="2 labels for 1 vectors"):
@@ -192,7 +194,7 @@ def test_segment_bound_is_never_below_the_true_similarity(planted):
 
 def test_with_precision_converts_and_keeps_the_catalog(planted, tmp_path):
     snapshot, queries, targets, _ = planted
-    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder())
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=F32)
     half = index.with_precision("float16")
     assert half.snapshot.vectors.dtype == np.float16 and half.config.precision == "float16"
     assert len(half) == len(index) and half.images[0] == index.images[0]

@@ -498,7 +498,7 @@ def test_spans_nest_decomposition_llm_and_search(photo_index: HiMIRIndex, instru
 
     stages = {e.stage: e for e in events.events if isinstance(e, HiMIRStageEvent)}
     assert {"decompose", "encode", "search"} <= set(stages)
-    assert stages["search"].span_id == inner and stages["search"].mode == "himir-full"
+    assert stages["search"].span_id == inner and stages["search"].mode == "himir"
     assert stages["search"].dot_products > 0
 
 

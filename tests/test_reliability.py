@@ -628,7 +628,7 @@ def test_other_vector_damage_is_refused(saved):
     good = np.load(saved / "vectors.npy")
     np.save(saved / "vectors.npy", good.astype(np.float64))
     refresh_sizes(saved)
-    with pytest.raises(IncompatibleIndexError, match=r"vectors \(\d+, 9\) float64, manifest says \(n, 9\) float32"):
+    with pytest.raises(IncompatibleIndexError, match=r"vectors \(\d+, 9\) float64, manifest says \(n, 9\) float16"):
         load(saved)
     bad = good.copy()
     bad[3, 2] = np.nan

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError
 from himir_rag.index import HiMIRIndex
 from himir_rag.store import FaissStore
@@ -25,7 +26,7 @@ def ranking(result):
 @pytest.fixture
 def built(scene_dir, store_kind, tmp_path):
     encoder = ColorEncoder()
-    index = HiMIRIndex(encoder, store=make_store(store_kind, encoder.dim, tmp_path))
+    index = HiMIRIndex(encoder, HiMIRConfig(precision="float32"), store=make_store(store_kind, encoder.dim, tmp_path))
     meta = {"red_blue.png": {"album": "a"}, "red_green.png": {"album": "b"}}
     index.add(scene_dir, metadata=meta, progress=False)
     return index
@@ -33,7 +34,7 @@ def built(scene_dir, store_kind, tmp_path):
 
 @pytest.fixture
 def reference(scene_dir):
-    index = HiMIRIndex(ColorEncoder())
+    index = HiMIRIndex(ColorEncoder(), HiMIRConfig(precision="float32"))  # Qdrant keeps float32 vectors
     index.add(scene_dir, metadata={"red_blue.png": {"album": "a"}, "red_green.png": {"album": "b"}}, progress=False)
     return index
 
