@@ -436,11 +436,10 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
     for level in (Level[name.upper()] for name in params.candidate_levels):
         n_level = counts[level.name.lower()]
         kind = stores.kind_for(n_level, index_kind=params.index_kind, flat_max=params.flat_max, pq_min=params.pq_min)
-        nprobe = stores.nprobe_for(n_level, probe_share=params.probe_share, nprobe=params.nprobe)
-        plan.append((level, n_level, nprobe, stores.estimate_cost(kind, n_level, nprobe),
-                     params.pq_refine if kind == "ivfpq" else 1))
+        cost = stores.estimate_cost(kind, n_level, probe_share=params.probe_share, nprobe=params.nprobe)
+        plan.append((level, n_level, cost, params.pq_refine if kind == "ivfpq" else 1))
     share = n_allowed / max(len(snapshot), 1)
-    cheaper_to_score_all = sum(cost for _, _, _, cost, _ in plan) >= (counts["global"] + counts["region"]) * share
+    cheaper_to_score_all = sum(cost for _, _, cost, _ in plan) >= (counts["global"] + counts["region"]) * share
     if params.index_kind == "auto" and cheaper_to_score_all:
         stats.extra["candidates"] = n_allowed  # small collection: scoring everything is cheaper
         return every(), None
@@ -449,9 +448,9 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
     # a metadata filter hides images from the stores: fetch more hits, in proportion to what is hidden
     fetch = int(want / max(share, 1e-9))
     found, spent, caps = [], 0, None
-    for level, n_level, nprobe, _, refine in plan:
+    for level, n_level, _, refine in plan:
         scores, ids, cost, exact_scores = stores.search(level, queries, min(fetch * refine, max(n_level, 1)),
-                                                        nprobe=nprobe)
+                                                        probe_share=params.probe_share, nprobe=params.nprobe)
         spent += cost
         found.append(ids[ids >= 0])
         if level is Level.SEGMENT and exact_scores and params.ann_bound:

@@ -24,7 +24,7 @@ import numpy as np
 
 from himir_rag.errors import IndexFormatError
 from himir_rag.hierarchy import Level
-from himir_rag.store.faiss import INDEX_KINDS, FaissStore, auto_index_kind, ivf_nlist, pq_subquantizers
+from himir_rag.store.faiss import INDEX_KINDS, FaissStore, auto_index_kind, ivf_nlist, pq_subquantizers, search_cost
 
 __all__ = ["CandidateStores"]
 
@@ -61,22 +61,18 @@ class CandidateStores:
             return "ivf" if index_kind == "ivfpq" and not pq_subquantizers(self.dim) else index_kind
         return auto_index_kind(n_level, dim=self.dim, flat_max=flat_max, pq_min=pq_min)
 
-    def estimate_cost(self, kind: str, n_level: int, nprobe: int) -> float:
-        """Inner products one sub-query costs at a level of ``n_level`` vectors (mean list size)."""
-        if kind == "flat" or n_level == 0:
-            return float(n_level)
+    def estimate_cost(self, kind: str, n_level: int, *, probe_share: float, nprobe: int = 0) -> float:
+        """Inner products one sub-query costs at a level of ``n_level`` vectors (before it is built)."""
         nlist = ivf_nlist(n_level)
-        scanned = min(nprobe, nlist) * n_level / nlist
-        if kind == "ivf":
-            return nlist + scanned
-        return nlist + 16 + scanned * pq_subquantizers(self.dim) / self.dim
+        return search_cost(kind, n_level, dim=self.dim, nlist=nlist,
+                           nprobe=self.nprobe_for(nlist, probe_share=probe_share, nprobe=nprobe))
 
     @staticmethod
-    def nprobe_for(n_level: int, *, probe_share: float, nprobe: int = 0) -> int:
-        """Lists to probe: ``nprobe`` when set, else ``probe_share`` of the level's lists (at least 1)."""
+    def nprobe_for(n_lists: int, *, probe_share: float, nprobe: int = 0) -> int:
+        """Lists to probe: ``nprobe`` when set, else ``probe_share`` of ``n_lists`` (at least 1)."""
         if nprobe > 0:
             return nprobe
-        return max(1, int(math.ceil(probe_share * ivf_nlist(n_level))))
+        return max(1, int(math.ceil(probe_share * n_lists)))
 
     def store(self, level: Level) -> FaissStore | None:
         """The store of ``level``, or None when it was never built."""
@@ -121,9 +117,10 @@ class CandidateStores:
         self._stores[level] = store
         self._trained_size[level] = len(rows_all)
 
-    def search(self, level: Level, queries: np.ndarray, k: int, *,
-               nprobe: int) -> tuple[np.ndarray, np.ndarray, int, bool]:
-        """The top-``k`` regions of ``level`` per query.
+    def search(self, level: Level, queries: np.ndarray, k: int, *, probe_share: float = 1.0,
+               nprobe: int = 0) -> tuple[np.ndarray, np.ndarray, int, bool]:
+        """The top-``k`` regions of ``level`` per query, probing ``probe_share`` of the store's own lists
+        (a store trained at a smaller size keeps its list count until it is retrained).
 
         Returns
         -------
@@ -135,7 +132,7 @@ class CandidateStores:
             True when ``scores`` are exact inner products (flat and IVF-Flat; PQ scores are estimates).
         """
         store = self._stores[Level(level)]
-        store.nprobe = nprobe
+        store.nprobe = self.nprobe_for(store.lists, probe_share=probe_share, nprobe=nprobe)
         before = store.distance_computations
         scores, ids = store.search(queries, k)
         return scores, ids, store.distance_computations - before, store.kind in ("flat", "ivf")

@@ -12,7 +12,7 @@ import numpy as np
 from himir_rag.errors import ConfigError, IndexFormatError
 from himir_rag.threads import limit_threads
 
-__all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "INDEX_KINDS"]
+__all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost", "INDEX_KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,24 @@ def ivf_nlist(n_vectors: int) -> int:
 def pq_subquantizers(dim: int) -> int:
     """Sub-quantizers of the 4-bit fast-scan PQ: one per 4 dimensions (e.g. 96 for dim 384); 0 = not possible."""
     return dim // 4 if dim % 4 == 0 and dim >= 8 else 0
+
+
+def search_cost(kind: str, n_vectors: int, *, dim: int, nlist: int, nprobe: int, n_queries: int = 1,
+                scanned: int | None = None) -> float:
+    """Inner products (dot-product equivalents) a search of ``n_queries`` costs.
+
+    flat: every vector. IVF: the ``nlist`` centroids plus the vectors of the probed lists
+    (``scanned``, or the mean list size times ``nprobe``). IVF-PQ: the centroids, 16
+    look-up-table rows, and each scanned 4-bit code as ``M / dim`` of a dot product (``M``
+    table look-ups of one byte instead of ``dim`` multiply-adds).
+    """
+    if kind == "flat" or n_vectors == 0:
+        return float(n_queries * n_vectors)
+    if scanned is None:
+        scanned = n_queries * min(nprobe, nlist) * n_vectors / nlist
+    if kind == "ivf":
+        return float(n_queries * nlist + scanned)
+    return n_queries * (nlist + _PQ_LUT_DOTS) + scanned * pq_subquantizers(dim) / dim
 
 
 def auto_index_kind(n_vectors: int, *, dim: int = 384, flat_max: int = 256, pq_min: int = 50_000) -> str:
@@ -157,7 +175,7 @@ class FaissStore:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product -> (scores (q, k) float32, ids (q, k) int64), padded with -inf / -1.
 
-        Adds the inner products spent to :attr:`distance_computations` (see :meth:`cost_per_query`).
+        Adds the inner products spent to :attr:`distance_computations` (see :func:`search_cost`).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n_queries = queries.shape[0]
@@ -176,29 +194,12 @@ class FaissStore:
         return scores, ids
 
     def _cost(self, n_queries: int, scanned: int | None) -> int:
-        """Inner products (dot-product equivalents) of one search of ``n_queries``.
-
-        flat: every vector. IVF: the ``nlist`` centroids plus the vectors of the probed
-        lists (counted by FAISS, or estimated from the mean list size on GPU). IVF-PQ: the
-        centroids, 16 look-up-table rows, and each scanned 4-bit code as ``M / dim`` of a
-        dot product (``M`` table look-ups of one byte instead of ``dim`` multiply-adds).
-        """
-        n = len(self)
+        """Inner products of one search of ``n_queries`` (see :func:`search_cost`); ``scanned`` as
+        counted by FAISS, or None (GPU) to estimate it from the mean list size."""
         if self.kind == "flat":
-            return n_queries * n
-        if scanned is None:
-            scanned = n_queries * int(min(self.nprobe, self.lists) * n / self.lists)
-        if self.kind == "ivf":
-            return n_queries * self.lists + scanned
-        m = pq_subquantizers(self.dim)
-        return n_queries * (self.lists + _PQ_LUT_DOTS) + int(math.ceil(scanned * m / self.dim))
-
-    def cost_per_query(self) -> float:
-        """Estimated inner products of one query at the current ``nprobe`` (mean list size)."""
-        n = len(self)
-        if self.kind == "flat":
-            return float(n)
-        return float(self._cost(1, int(min(self.nprobe, self.lists) * n / self.lists)))
+            return n_queries * len(self)
+        return int(math.ceil(search_cost(self.kind, len(self), dim=self.dim, nlist=self.lists, nprobe=self.nprobe,
+                                         n_queries=n_queries, scanned=scanned)))
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Vectors of ``ids`` -> (n, dim) float32 (flat stores only: IVF stores keep no exact copy by id)."""
