@@ -377,7 +377,8 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     rows = snapshot.rows_of(positions)
     row_levels = snapshot.levels[rows]
     coarse_rows = rows[row_levels <= Level.REGION]
-    coarse_sims = queries @ snapshot.region_vectors(coarse_rows).T
+    coarse_vectors = snapshot.region_vectors(coarse_rows)
+    coarse_sims = queries @ coarse_vectors.T
     on_global, coarse = _coarse_scores(snapshot, coarse_rows, coarse_sims)
     stats.dot_products += coarse.dot_products
     stats.extra["coarse_dot_products"] = coarse.dot_products
@@ -392,8 +393,8 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     is_segment = row_levels == Level.SEGMENT
     segments = (rows[is_segment], owner[is_segment])
     cap = None if caps is None else _segment_caps(snapshot, positions, *caps)
-    return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims), segments, k=k, params=p, stats=stats,
-                    cap=cap)
+    return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims, coarse_vectors), segments, k=k, params=p,
+                    stats=stats, cap=cap)
 
 
 def default_stores(snapshot: Snapshot) -> Any:
@@ -513,20 +514,23 @@ def _consistent(on_global: MaxSimScores, coarse: MaxSimScores, *, k: int, params
 
 
 def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
-             coarse_sims: tuple[np.ndarray, np.ndarray], segments: tuple[np.ndarray, np.ndarray], *, k: int,
-             params: SchedulerParams, stats: SearchStats, cap: np.ndarray | None = None) -> MaxSimScores:
+             coarse_scored: tuple[np.ndarray, np.ndarray, np.ndarray], segments: tuple[np.ndarray, np.ndarray], *,
+             k: int, params: SchedulerParams, stats: SearchStats, cap: np.ndarray | None = None) -> MaxSimScores:
     """Score fine segments where they can still change the top-k (bounds + sparsity).
 
-    ``segments`` is (segment rows, candidate index of each row's image).
+    ``coarse_scored`` is (coarse rows, their (s, n) similarities, their vectors);
+    ``segments`` is (segment rows, candidate index of each row's image). The segments'
+    vectors are read once, for the bounds, the visits and the grounding.
     """
     seg_rows, image_pos = segments
     if len(seg_rows) == 0:
         return coarse
-    parent_rows = snapshot.parents[seg_rows]
-    rows, sims = coarse_sims  # a segment's parent is a coarse row of the same image: already scored
-    parent_sim = sims[:, np.searchsorted(rows, parent_rows)]
+    rows, sims, coarse_vectors = coarse_scored  # a segment's parent is a coarse row of its image: already scored
+    parent_col = np.searchsorted(rows, snapshot.parents[seg_rows])
+    parent_sim = sims[:, parent_col]
     best_region = coarse.best[:, image_pos]  # (s, n_seg) best coarse similarity of the segment's image
-    exact = _segment_bound(snapshot, queries, seg_rows, parent_rows, parent_sim)
+    seg_vectors = snapshot.region_vectors(seg_rows)
+    exact = _segment_bound(queries, seg_vectors, coarse_vectors[parent_col], parent_sim)
     pending = None
     if cap is not None:  # what the segment ANN search already showed (see _segment_caps)
         cap_values, known = cap
@@ -544,29 +548,33 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
         np.maximum.at(image_bound[q], image_pos[useful[q]], bound[q, useful[q]])
     upper = image_bound.mean(axis=0)
     order = np.argsort(-upper, kind="stable")
-    refined = _visit(snapshot, queries, coarse, seg_rows, image_pos, useful, order[:k], stats)
+    segments = (seg_rows, image_pos, seg_vectors)
+    refined = _visit(queries, coarse, segments, useful, order[:k], stats)
     threshold = np.sort(refined.scores)[::-1][min(k, len(order)) - 1] if len(order) else -np.inf
     rest = order[k:][upper[order[k:]] >= threshold]
     stats.extra["images_pruned"] = int(len(order) - k - len(rest)) if len(order) > k else 0
-    refined = _visit(snapshot, queries, refined, seg_rows, image_pos, useful, rest, stats)
+    refined = _visit(queries, refined, segments, useful, rest, stats)
     stats.extra["images_descended"] = int(min(k, len(order)) + len(rest))
     stats.extra["segments_total"] = int(len(seg_rows) * len(queries))
     if pending is not None:
-        refined = _ground_hits(snapshot, queries, refined, segments, pending, top_k(refined.scores, k), stats)
+        refined = _ground_hits(queries, refined, segments, pending, top_k(refined.scores, k), stats)
     return refined
 
 
-def _ground_hits(snapshot: Snapshot, queries: np.ndarray, scored: MaxSimScores,
-                 segments: tuple[np.ndarray, np.ndarray], pending: np.ndarray, top: np.ndarray,
-                 stats: SearchStats) -> MaxSimScores:
-    """Find the row of each top image's best segment that is known only by its score (an ANN hit)."""
-    seg_rows, image_pos = segments
+def _ground_hits(queries: np.ndarray, scored: MaxSimScores, segments: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 pending: np.ndarray, top: np.ndarray, stats: SearchStats) -> MaxSimScores:
+    """Find the row of each top image's best segment that is known only by its score (an ANN hit).
+
+    ``segments`` is (rows, candidate index of each row's image, (n, dim) float32 vectors).
+    """
+    seg_rows, image_pos, seg_vectors = segments
     best, rows = scored.best.copy(), scored.best_rows.copy()
     looked = 0
     for q in range(len(queries)):
         for i in top[pending[q, top]]:
-            candidate_rows = seg_rows[image_pos == i]
-            sims = snapshot.region_vectors(candidate_rows) @ queries[q]
+            of_image = image_pos == i
+            candidate_rows = seg_rows[of_image]
+            sims = seg_vectors[of_image] @ queries[q]
             looked += len(candidate_rows)
             j = int(np.argmax(sims))
             best[q, i], rows[q, i] = max(float(sims[j]), float(best[q, i]) - _BOUND_SLACK), candidate_rows[j]
@@ -578,17 +586,15 @@ def _ground_hits(snapshot: Snapshot, queries: np.ndarray, scored: MaxSimScores,
 _BOUND_SLACK = 1e-4  # float32 / float16 rounding: a bound never falls below the true similarity
 
 
-def _segment_bound(snapshot: Snapshot, queries: np.ndarray, seg_rows: np.ndarray, parent_rows: np.ndarray,
-                   parent_sim: np.ndarray) -> np.ndarray:
+def _segment_bound(queries: np.ndarray, seg: np.ndarray, par: np.ndarray, parent_sim: np.ndarray) -> np.ndarray:
     """(s, n_seg) exact upper bound of ``q . v`` for each segment ``v`` from its parent ``p``.
 
     On the sphere the angle between q and v is at least |angle(q, p) - angle(v, p)|, so
     ``q . v <= |q| |v| cos(max(0, angle(q, p) - angle(v, p)))``; the Cauchy-Schwarz bound
     ``q . p + |q| ||v - p||`` also holds, and the smaller of the two is used. Both need only
     the parent's similarity (already computed) and query-independent segment geometry.
+    ``seg`` and ``par`` are the (n_seg, dim) vectors of the segments and of their parents.
     """
-    seg = snapshot.region_vectors(seg_rows)
-    par = snapshot.region_vectors(parent_rows)
     seg_norm, par_norm = np.linalg.norm(seg, axis=1), np.linalg.norm(par, axis=1)
     q_norm = np.linalg.norm(queries, axis=1)[:, None]
     cos_vp = np.einsum("ij,ij->i", seg, par) / np.maximum(seg_norm * par_norm, 1e-12)
@@ -599,9 +605,13 @@ def _segment_bound(snapshot: Snapshot, queries: np.ndarray, seg_rows: np.ndarray
     return (np.minimum(angular, radius) + _BOUND_SLACK).astype(np.float32)
 
 
-def _visit(snapshot: Snapshot, queries: np.ndarray, scored: MaxSimScores, seg_rows: np.ndarray,
-           image_pos: np.ndarray, useful: np.ndarray, images: np.ndarray, stats: SearchStats) -> MaxSimScores:
-    """Score the useful segments of ``images`` (candidate indices) and fold them into ``scored``."""
+def _visit(queries: np.ndarray, scored: MaxSimScores, segments: tuple[np.ndarray, np.ndarray, np.ndarray],
+           useful: np.ndarray, images: np.ndarray, stats: SearchStats) -> MaxSimScores:
+    """Score the useful segments of ``images`` (candidate indices) and fold them into ``scored``.
+
+    ``segments`` is (rows, candidate index of each row's image, (n, dim) float32 vectors).
+    """
+    seg_rows, image_pos, seg_vectors = segments
     best, rows = scored.best.copy(), scored.best_rows.copy()
     chosen = np.zeros(len(scored.image_ids), bool)
     chosen[images] = True
@@ -611,7 +621,7 @@ def _visit(snapshot: Snapshot, queries: np.ndarray, scored: MaxSimScores, seg_ro
         sel = np.flatnonzero(useful[q] & chosen)
         if len(sel) == 0:
             continue
-        sims = snapshot.region_vectors(seg_rows[sel]) @ queries[q]
+        sims = seg_vectors[sel] @ queries[q]
         visited += len(sel)
         order = np.lexsort((-sims, image_pos[sel]))  # per image, best segment first
         first = order[np.r_[True, image_pos[sel][order][1:] != image_pos[sel][order][:-1]]]

@@ -185,7 +185,7 @@ def test_segment_bound_is_never_below_the_true_similarity(planted):
     for scale in (1.0, 0.3):  # unit and non-unit query vectors
         queries = _unit(rng.normal(size=(4, DIM))) * scale
         parent_sim = queries @ snapshot.region_vectors(parents).T
-        bound = _segment_bound(snapshot, queries, rows, parents, parent_sim)
+        bound = _segment_bound(queries, snapshot.region_vectors(rows), snapshot.region_vectors(parents), parent_sim)
         true = queries @ snapshot.region_vectors(rows).T
         assert (bound >= true).all()
         radius = parent_sim + np.linalg.norm(queries, axis=1)[:, None] * snapshot.parent_radius(rows)[None, :]
