@@ -487,7 +487,8 @@ def _segment_caps(snapshot: Snapshot, positions: np.ndarray, scores: np.ndarray,
     """
     n_queries = scores.shape[0]
     valid = ids >= 0
-    tau = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), -np.inf)
+    # no hit at all (e.g. only empty lists probed) says nothing: no cap
+    tau = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), np.inf)
     cap = np.repeat(tau[:, None], len(positions), axis=1).astype(np.float32)
     hit_pos = snapshot.positions_of(np.where(valid, ids, -1))
     column = np.searchsorted(positions, hit_pos)

@@ -201,3 +201,13 @@ def test_with_precision_converts_and_keeps_the_catalog(planted, tmp_path):
     assert {h.image_id for h in half.search_vectors(queries[0], k=2).hits} == targets[0]
     half.save(tmp_path / "idx")
     assert HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder()).config.precision == "float16"
+
+
+def test_segment_caps_without_hits_cap_nothing(planted):
+    from himir_rag.scheduler import _segment_caps
+
+    snapshot, _, _, _ = planted
+    positions = np.arange(5)
+    no_hits = np.full((2, 4), -1, np.int64)
+    cap, known = _segment_caps(snapshot, positions, np.full((2, 4), -np.inf, np.float32), no_hits)
+    assert np.isinf(cap).all() and (cap > 0).all() and not known.any()
