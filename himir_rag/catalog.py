@@ -5,8 +5,7 @@ so that MaxSim over one image's regions is one slice of ``vectors``. A search ta
 one snapshot and never sees a half-applied add or delete.
 
 Everything a search needs that is proportional to the collection (image ids in row
-order, per-image row offsets, level counts, parent radii) is computed once per
-snapshot and cached; appending images writes into capacity-doubling buffers shared
+order, per-image row offsets, level counts) is computed once per snapshot and cached; appending images writes into capacity-doubling buffers shared
 with the previous snapshot (which only ever reads its own prefix), so a build that
 commits many small chunks is linear, not quadratic.
 """
@@ -29,7 +28,7 @@ __all__ = ["ImageRecord", "Snapshot", "VECTOR_DTYPES"]
 
 _CACHE_LOCK = threading.RLock()
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
-_RADIUS_BLOCK = 65_536  # rows per block when computing parent radii (bounded temporary memory)
+_ROW_BLOCK = 65_536  # rows per block for whole-collection passes (bounded temporary memory)
 
 
 @dataclass(frozen=True)
@@ -158,12 +157,7 @@ class Snapshot:
             arrays = buffers.append(parts)
         images = dict(self.images)
         images.update({r.image_id: r for r in records})
-        grown = Snapshot(images, **arrays, _buffers=buffers)  # type: ignore[arg-type]
-        radius = self._cache.get("parent_radius")
-        if radius is not None:  # extend the parent's radii instead of recomputing them all
-            grown._cache["parent_radius"] = np.concatenate(
-                [radius, _radius_rows(grown.vectors, grown.parents, len(self.region_image), len(grown.region_image))])
-        return grown
+        return Snapshot(images, **arrays, _buffers=buffers)  # type: ignore[arg-type]
 
     def without_images(self, image_ids: set[int]) -> Snapshot:
         """A new snapshot with the given images (and their regions) removed."""
@@ -236,27 +230,23 @@ class Snapshot:
             return np.zeros(0, np.int64)
         return np.arange(self.image_starts[pos], self.image_starts[pos + 1], dtype=np.int64)
 
-    def parent_radius(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """``||v - v_parent||`` (float32, 0 for global views) of ``rows``, or of every row when None.
+    def parent_radius(self) -> np.ndarray:
+        """(n_regions,) float32 ``||v - v_parent||`` per row (0 for global views).
 
-        For unit vectors, ``q . v <= q . v_parent + radius``: the exact bound the
-        scheduler uses to skip segments. Query-independent; the scheduler asks for its
-        candidates' rows only (as cheap as scoring them once), the full array is computed
-        once per snapshot in blocks of rows and extended on append.
+        For unit vectors, ``q . v <= q . v_parent + radius`` (Cauchy-Schwarz). Query-independent,
+        computed once per snapshot in blocks of rows (no full-size temporary). The scheduler
+        computes the same quantity for its candidates' segments from vectors it has read anyway.
         """
-        if rows is None:
-            return self._cached("parent_radius",
-                                lambda: _radius_rows(self.vectors, self.parents, 0, len(self.region_image)))
-        cached = self._cache.get("parent_radius")
-        if cached is not None:
-            return cached[rows]
-        rows = np.asarray(rows, dtype=np.int64)
-        radius = np.zeros(len(rows), np.float32)
-        has_parent = np.flatnonzero(self.parents[rows] >= 0)
-        if len(has_parent):
-            diff = self.region_vectors(rows[has_parent]) - self.region_vectors(self.parents[rows[has_parent]])
-            radius[has_parent] = np.linalg.norm(diff, axis=1)
-        return radius
+        def compute() -> np.ndarray:
+            radius = np.zeros(len(self.parents), np.float32)
+            for lo in range(0, len(self.parents), _ROW_BLOCK):
+                block = np.arange(lo, min(len(self.parents), lo + _ROW_BLOCK))
+                child = block[self.parents[block] >= 0]
+                if len(child):
+                    diff = self.region_vectors(child) - self.region_vectors(self.parents[child])
+                    radius[child] = np.linalg.norm(diff, axis=1)
+            return radius
+        return self._cached("parent_radius", compute)
 
     def level_counts(self) -> dict[str, int]:
         """Stored regions per level."""
@@ -286,8 +276,8 @@ class Snapshot:
 
     def _region_rows(self):
         """The regions table's rows, converted a block at a time (no collection-sized Python lists)."""
-        for start in range(0, len(self.levels), _RADIUS_BLOCK):
-            stop = min(len(self.levels), start + _RADIUS_BLOCK)
+        for start in range(0, len(self.levels), _ROW_BLOCK):
+            stop = min(len(self.levels), start + _ROW_BLOCK)
             yield from zip(range(start, stop), self.region_image[start:stop].tolist(),
                            self.levels[start:stop].tolist(), self.parents[start:stop].tolist(),
                            *self.boxes[start:stop].T.tolist())
@@ -352,7 +342,7 @@ def _read_region_rows(db: sqlite3.Connection) -> np.ndarray:
     cursor = db.execute("SELECT * FROM regions ORDER BY row")
     filled = 0
     while True:
-        block = cursor.fetchmany(_RADIUS_BLOCK)
+        block = cursor.fetchmany(_ROW_BLOCK)
         if not block:
             break
         if filled + len(block) > count:
@@ -360,20 +350,6 @@ def _read_region_rows(db: sqlite3.Connection) -> np.ndarray:
         rows[filled : filled + len(block)] = block
         filled += len(block)
     return rows[:filled]
-
-
-def _radius_rows(vectors: np.ndarray, parents: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """``||v - v_parent||`` for rows ``start:stop`` (0 for global views), in blocks of rows."""
-    radius = np.zeros(stop - start, np.float32)
-    for lo in range(start, stop, _RADIUS_BLOCK):
-        hi = min(stop, lo + _RADIUS_BLOCK)
-        block_parents = parents[lo:hi]
-        has_parent = np.flatnonzero(block_parents >= 0)
-        if len(has_parent):
-            diff = (np.asarray(vectors[lo + has_parent], np.float32)
-                    - np.asarray(vectors[block_parents[has_parent]], np.float32))
-            radius[lo - start + has_parent] = np.linalg.norm(diff, axis=1)
-    return radius
 
 
 _SCHEMA = """

@@ -3,28 +3,20 @@
 A search runs a handful of query vectors: spreading that over several OpenMP threads
 costs more in wake-ups than it saves, and on small or shared machines two threads
 stall each other (measured on 2 shared cores: 25-30 ms per FAISS search at 2 threads,
-0.3-1.4 ms at 1). So query-time work runs on ``search_threads`` threads (default 1,
-``HIMIR_SEARCH_THREADS`` or ``HiMIRConfig.search_threads`` to change it); building
+0.3-1.4 ms at 1). So query-time work runs on ``HiMIRConfig.search_threads`` threads (default 1); building
 keeps every core.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["limit_threads", "default_search_threads"]
+__all__ = ["limit_threads"]
 
 _LOCK = threading.RLock()
-
-
-def default_search_threads() -> int:
-    """``HIMIR_SEARCH_THREADS`` when set to a positive integer, else 1."""
-    text = os.environ.get("HIMIR_SEARCH_THREADS", "").strip()
-    return int(text) if text.isdigit() and int(text) > 0 else 1
 
 
 @contextlib.contextmanager
