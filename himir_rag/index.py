@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MetadataSource = Mapping[str, Mapping[str, Any]] | Callable[[Path], Mapping[str, Any]] | None
 Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
+_CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step when an index is loaded
 _CROP_MAX_SIDE = 1024  # crops are cut from a copy at most this large: encoders see <= 260 px
 
 
@@ -498,7 +499,7 @@ class HiMIRIndex:
             The index holds no image.
         """
         started = time.perf_counter()
-        mode = parse_mode(self.config.default_mode if mode is None else mode)
+        mode = self._mode(mode)
         k = self._check_query(query, k)
         stats = SearchStats(mode=mode.value)
         subs = self._subqueries(query, subqueries, decomposer, stats)
@@ -526,7 +527,7 @@ class HiMIRIndex:
         >>> index.search_vectors(index.encoder.embed_texts(["a cat", "a cup"]), k=5)  # doctest: +SKIP
         """
         started = time.perf_counter()
-        mode = parse_mode(self.config.default_mode if mode is None else mode)
+        mode = self._mode(mode)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.snapshot.dim or len(vectors) == 0:
             raise ValueError(f"vectors must be (s, {self.snapshot.dim}) with s >= 1, got {vectors.shape}")
@@ -537,6 +538,10 @@ class HiMIRIndex:
         stats = SearchStats(mode=mode.value)
         return self._search_vectors(query, labels, vectors, k=k, mode=mode, filters=filters, stats=stats,
                                     started=started)
+
+    def _mode(self, mode: str | RetrievalMode | None) -> RetrievalMode:
+        """``mode``, or the config's default mode when None (unknown names raise ConfigError)."""
+        return parse_mode(self.config.default_mode if mode is None else mode)
 
     async def asearch(self, query: str, **kwargs: Any) -> SearchResult:
         """:meth:`search` in a worker thread, so the event loop is not blocked."""
@@ -944,7 +949,7 @@ def _read_vectors(path: Path, dim: int, *, dtype: str = "float32") -> np.ndarray
         raise IndexFormatError(f"{path}: not a single .npy array; rebuild the index")
     if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.dtype(dtype):
         raise IncompatibleIndexError(f"{path}: vectors {vectors.shape} {vectors.dtype}, manifest says (n, {dim}) {dtype}")
-    for start in range(0, len(vectors), 262_144):  # in blocks: no full-size temporary
-        if not np.isfinite(vectors[start : start + 262_144]).all():
+    for start in range(0, len(vectors), _CHECK_ROWS):  # in blocks: no full-size temporary
+        if not np.isfinite(vectors[start : start + _CHECK_ROWS]).all():
             raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
     return vectors
