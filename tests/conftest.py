@@ -59,6 +59,28 @@ class ColorEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` L2-normalised, float32."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def plant_queries(vectors: list[np.ndarray], rng: np.random.Generator, *, n_queries: int, n_subs: int,
+                  noise: float, first_id: int = 1) -> tuple[list[np.ndarray], list[set[int]]]:
+    """Plant each query's ``n_subs`` random sub-queries in distinct fine segments (rows 5-20 of a
+    1+4+16 tree) of 2 target images, in place; returns the queries and their target image ids."""
+    n_images, dim = len(vectors), vectors[0].shape[1]
+    queries, targets = [], []
+    for _ in range(n_queries):
+        subs = unit(rng.normal(size=(n_subs, dim)))
+        chosen = rng.choice(n_images, 2, replace=False)
+        for image in chosen:
+            for s, seg in enumerate(rng.choice(np.arange(5, 21), n_subs, replace=False)):
+                vectors[image][seg] = unit(subs[s] + rng.normal(size=dim) * noise)
+        queries.append(subs)
+        targets.append(set((chosen + first_id).tolist()))
+    return queries, targets
+
+
 def make_scene(path: Path, squares: list[tuple[str, tuple[int, int, int, int]]], *, size=(160, 120),
                background: str = "white") -> Path:
     """Save a PNG of coloured rectangles ``(colour, (x0, y0, x1, y1))`` on a background."""

@@ -15,6 +15,7 @@ from himir_rag.index import HiMIRIndex
 from himir_rag.scheduler import MODE_LEVELS, RetrievalMode, SchedulerParams, SearchStats, scheduled_search, \
     score_exhaustive, top_k
 from himir_rag.store.candidates import CandidateStores
+from tests.conftest import plant_queries, unit
 
 DIM = 32
 N_IMAGES = 1500
@@ -31,25 +32,13 @@ class _NoEncoder:
         raise NotImplementedError
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def planted_snapshot(n_images: int = N_IMAGES, *, seed: int = 0, n_queries: int = 8, first_id: int = 1,
                      dtype=np.float32):
     """Random region vectors; each query's 2 sub-queries planted in a segment of 2 target images."""
     rng = np.random.default_rng(seed)
     tree = GridDecomposer("1+4+16").decompose(Image.new("RGB", (64, 64)))
-    vectors = [_unit(rng.normal(size=(len(tree), DIM))) for _ in range(n_images)]
-    queries, targets = [], []
-    for _ in range(n_queries):
-        subs = _unit(rng.normal(size=(2, DIM)))
-        chosen = rng.choice(n_images, 2, replace=False)
-        for image in chosen:
-            for s, seg in enumerate(rng.choice(np.arange(5, 21), 2, replace=False)):
-                vectors[image][seg] = _unit(subs[s] + rng.normal(size=DIM) * 0.05)
-        queries.append(subs)
-        targets.append(set((chosen + first_id).tolist()))
+    vectors = [unit(rng.normal(size=(len(tree), DIM))) for _ in range(n_images)]
+    queries, targets = plant_queries(vectors, rng, n_queries=n_queries, n_subs=2, noise=0.05, first_id=first_id)
     records = [ImageRecord(first_id + i, f"/photos/{first_id + i}.jpg", 64, 64) for i in range(n_images)]
     snapshot = Snapshot.empty(DIM, dtype=dtype).with_images(records, [tree] * n_images, vectors)
     return snapshot, queries, targets, (records, tree, vectors)
@@ -182,7 +171,7 @@ def test_segment_bound_is_never_below_the_true_similarity(planted):
     rows = np.flatnonzero(snapshot.levels == Level.SEGMENT)[:3000]
     parents = snapshot.parents[rows]
     for scale in (1.0, 0.3):  # unit and non-unit query vectors
-        queries = _unit(rng.normal(size=(4, DIM))) * scale
+        queries = unit(rng.normal(size=(4, DIM))) * scale
         parent_sim = queries @ snapshot.region_vectors(parents).T
         bound = _segment_bound(queries, snapshot.region_vectors(rows), snapshot.region_vectors(parents), parent_sim)
         true = queries @ snapshot.region_vectors(rows).T

@@ -21,12 +21,9 @@ from himir_rag.scheduler import (
     score_exhaustive,
     top_k,
 )
+from tests.conftest import plant_queries, unit
 
 DIM = 32
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def synthetic_snapshot(n_images: int = 300, *, seed: int = 0, n_queries: int = 12):
@@ -35,20 +32,12 @@ def synthetic_snapshot(n_images: int = 300, *, seed: int = 0, n_queries: int = 1
     rng = np.random.default_rng(seed)
     tree = GridDecomposer("1+4+16").decompose(Image.new("RGB", (64, 64)))
     centers = rng.normal(size=(20, DIM))
-    vectors = [_unit(centers[rng.integers(20)] + rng.normal(size=(len(tree), DIM))) for _ in range(n_images)]
-    queries, targets = [], []
-    for _ in range(n_queries):
-        subs = _unit(rng.normal(size=(3, DIM)))
-        chosen = rng.choice(n_images, 2, replace=False)
-        for image in chosen:
-            for s, seg in enumerate(rng.choice(np.arange(5, 21), 3, replace=False)):
-                vectors[image][seg] = _unit(subs[s] + rng.normal(size=DIM) * 0.1)
-        queries.append(subs)
-        targets.append(set((chosen + 1).tolist()))
+    vectors = [unit(centers[rng.integers(20)] + rng.normal(size=(len(tree), DIM))) for _ in range(n_images)]
+    queries, targets = plant_queries(vectors, rng, n_queries=n_queries, n_subs=3, noise=0.1)
     for vecs in vectors:
         for region in range(1, 5):
-            vecs[region] = _unit(vecs[tree.parents == region].mean(axis=0) + rng.normal(size=DIM) * 0.05)
-        vecs[0] = _unit(vecs[5:].mean(axis=0))
+            vecs[region] = unit(vecs[tree.parents == region].mean(axis=0) + rng.normal(size=DIM) * 0.05)
+        vecs[0] = unit(vecs[5:].mean(axis=0))
     records = [ImageRecord(i + 1, f"/photos/{i}.jpg", 64, 64) for i in range(n_images)]
     return Snapshot.empty(DIM).with_images(records, [tree] * n_images, vectors), queries, targets
 
