@@ -24,7 +24,8 @@ import numpy as np
 
 from himir_rag.errors import IndexFormatError
 from himir_rag.hierarchy import Level
-from himir_rag.store.faiss import INDEX_KINDS, FaissStore, auto_index_kind, ivf_nlist, pq_subquantizers, search_cost
+from himir_rag.store.faiss import (INDEX_KINDS, FaissStore, auto_index_kind, ivf_nlist, pq_subquantizers,
+                                   search_cost, training_rows)
 
 __all__ = ["CandidateStores"]
 
@@ -93,7 +94,7 @@ class CandidateStores:
                 n_level = counts[level.name.lower()]
                 kind = self.kind_for(n_level, index_kind=index_kind, flat_max=flat_max, pq_min=pq_min)
                 store = self._stores.get(level)
-                if store is None or store.kind != kind or n_level > _RETRAIN_GROWTH * max(self._trained_size[level], 1):
+                if store is None or store.kind != kind or self._outgrown(level, n_level):
                     self._build(snapshot, level, kind)
                 else:
                     store.remove(removed)
@@ -101,15 +102,17 @@ class CandidateStores:
             self._images = current
             self._synced = weakref.ref(snapshot)
 
+    def _outgrown(self, level: Level, n_level: int) -> bool:
+        """An IVF store whose level has grown 4x since training needs more lists (flat stores never do)."""
+        return self._stores[level].kind != "flat" and n_level > _RETRAIN_GROWTH * max(self._trained_size[level], 1)
+
     def _build(self, snapshot, level: Level, kind: str) -> None:
         rows_all = np.flatnonzero(snapshot.levels == level)
         store = FaissStore(self.dim, kind=kind, threads=self.threads)
         if kind != "flat" and len(rows_all):
-            nlist = ivf_nlist(len(rows_all))
-            store.nlist = nlist
-            sample = rows_all if len(rows_all) <= 64 * nlist else np.sort(
-                np.random.default_rng(0).choice(rows_all, 64 * nlist, replace=False))
-            store.train(snapshot.region_vectors(sample))
+            store.nlist = ivf_nlist(len(rows_all))
+            # sample the rows first: only the training sample is converted to float32
+            store.train(snapshot.region_vectors(rows_all[training_rows(len(rows_all), store.nlist)]))
         for start in range(0, len(rows_all), _ADD_BLOCK):
             rows = rows_all[start : start + _ADD_BLOCK]
             store.add(snapshot.region_image[rows], snapshot.region_vectors(rows))

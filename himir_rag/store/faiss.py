@@ -12,7 +12,8 @@ import numpy as np
 from himir_rag.errors import ConfigError, IndexFormatError
 from himir_rag.threads import limit_threads
 
-__all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost", "INDEX_KINDS"]
+__all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost", "training_rows",
+           "INDEX_KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -235,11 +236,16 @@ class FaissStore:
         return store
 
 
-def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
-    """A fixed random subset large enough for k-means (64 points per IVF list): training on
-    millions of vectors costs minutes and buys no recall."""
+def training_rows(n_vectors: int, nlist: int) -> np.ndarray:
+    """Sorted rows of a fixed random subset large enough for k-means (64 points per IVF list):
+    training on millions of vectors costs minutes and buys no recall."""
     limit = _TRAIN_POINTS_PER_LIST * nlist
-    if len(vectors) <= limit:
-        return vectors
-    rows = np.sort(np.random.default_rng(0).choice(len(vectors), limit, replace=False))
-    return vectors[rows]
+    if n_vectors <= limit:
+        return np.arange(n_vectors)
+    return np.sort(np.random.default_rng(0).choice(n_vectors, limit, replace=False))
+
+
+def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
+    """The rows of ``vectors`` that :func:`training_rows` picks."""
+    rows = training_rows(len(vectors), nlist)
+    return vectors if len(rows) == len(vectors) else vectors[rows]
