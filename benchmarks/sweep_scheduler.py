@@ -23,7 +23,7 @@ from himir_rag import HiMIRIndex
 from himir_rag.decompose import RuleDecomposer
 
 
-_COUNTERS = ("candidates", "candidate_dot_products", "coarse_dot_products", "segments_visited", "segments_grounded",
+_COUNTERS = ("candidates", "candidate_dot_products", "coarse_dot_products", "segments_visited",
              "images_pruned")
 
 

@@ -281,10 +281,17 @@ class SchedulerParams:
         go to the exact re-ranking). 1 by default: at 1M synthetic images, 2 and 4 gave the
         same Recall@10 on the tuning queries at 1.5x and 2.5x the latency.
     ann_bound : bool
-        Cap segment bounds with what the segment-level candidate search returned (exact
-        scores only: flat and IVF-Flat stores): a candidate's segments cannot beat its
-        best hit, or the last hit when it has none. Exact for flat stores; for IVF as exact
-        as the probed lists (the approximation the candidates already make).
+        Cap segment bounds with what the segment-level candidate search returned (its hits
+        are located by region key and, for IVF-PQ, re-scored exactly: one dot product a
+        hit): a candidate's best segment is its best hit, with that hit's row, and one
+        without a hit cannot beat the lowest hit. Exact for flat stores; for IVF as exact
+        as the probed lists and for IVF-PQ as its codes' ranking (the approximations the
+        candidates already make).
+    pq_error_quantile : float
+        IVF-PQ hits are re-scored exactly; a segment the search did not return is taken to
+        score at most the lowest hit's estimate plus this quantile of the hits' estimate
+        errors (1.0 = the largest error seen: safest, prunes least; 0 = trust the codes).
+        0.5 was chosen on the seed-1 composite tuning set (see benchmarks/README.md).
     """
 
     candidate_k: int = 0
@@ -300,6 +307,7 @@ class SchedulerParams:
     sparsity_margin: float = float("inf")
     ann_bound: bool = True
     pq_refine: int = 1
+    pq_error_quantile: float = 0.5
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | SchedulerParams | None) -> SchedulerParams:
@@ -330,6 +338,8 @@ class SchedulerParams:
             raise ConfigError(f"index_kind {self.index_kind!r} is unknown; use auto, flat, ivf or ivfpq")
         if self.bound_scale < 0 or self.nprobe < 0 or self.pq_refine < 1:
             raise ConfigError("bound_scale and nprobe must be >= 0, pq_refine >= 1")
+        if not 0 <= self.pq_error_quantile <= 1:
+            raise ConfigError(f"pq_error_quantile must be in [0, 1], got {self.pq_error_quantile}")
         if not 0 < self.probe_share <= 1:
             raise ConfigError(f"probe_share must be in (0, 1] (a share of the IVF lists), got {self.probe_share}")
 
@@ -383,8 +393,7 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     stats.dot_products += coarse.dot_products
     stats.extra["coarse_dot_products"] = coarse.dot_products
     stats.images_scored = len(coarse.image_ids)
-    stats.extra.update(levels_skipped=0, images_descended=0, images_pruned=0, segments_visited=0,
-                       segments_grounded=0)
+    stats.extra.update(levels_skipped=0, images_descended=0, images_pruned=0, segments_visited=0)
     if _consistent(on_global, coarse, k=k, params=p):
         stats.extra["levels_skipped"] = 1
         return coarse
@@ -392,7 +401,7 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     owner = np.repeat(np.arange(len(positions)), counts)  # candidate index of each row
     is_segment = row_levels == Level.SEGMENT
     segments = (rows[is_segment], owner[is_segment])
-    cap = None if caps is None else _segment_caps(snapshot, positions, *caps)
+    cap = None if caps is None else _segment_caps(positions, *caps)
     return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims, coarse_vectors), segments, k=k, params=p,
                     stats=stats, cap=cap)
 
@@ -450,16 +459,23 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
     fetch = int(want / max(share, 1e-9))
     found, spent, caps = [], 0, None
     for level, n_level, _, refine in plan:
-        scores, ids, cost, exact_scores = stores.search(level, queries, min(fetch * refine, max(n_level, 1)),
-                                                        probe_share=params.probe_share, nprobe=params.nprobe)
+        scores, keys, cost, exact_scores = stores.search(level, queries, min(fetch * refine, max(n_level, 1)),
+                                                         probe_share=params.probe_share, nprobe=params.nprobe)
+        hit_positions, hit_rows = stores.locate(snapshot, keys)
+        valid = hit_rows >= 0
+        # below the last hit: what a region the search did not return can score at most
+        last = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), np.inf)
+        if not exact_scores:  # PQ estimates: one exact dot product a hit makes them exact
+            estimates, scores = scores, _exact_hit_scores(snapshot, queries, hit_rows)
+            cost += int(valid.sum())
+            last = last + _estimate_error(scores, estimates, valid, params.pq_error_quantile)
         spent += cost
-        found.append(ids[ids >= 0])
-        if level is Level.SEGMENT and exact_scores and params.ann_bound:
-            caps = (scores, ids)
+        found.append(hit_positions[valid])
+        if level is Level.SEGMENT and params.ann_bound:
+            caps = (scores, hit_positions, hit_rows, last.astype(np.float32))
     stats.dot_products += spent
     stats.extra["candidate_dot_products"] = spent
-    positions = snapshot.positions_of(np.unique(np.concatenate(found)))
-    positions = np.sort(positions[positions >= 0])
+    positions = np.unique(np.concatenate(found))
     if allowed is not None:
         positions = positions[np.isin(positions, allowed, assume_unique=True)]
     if len(positions) < k:  # too few left after the filter: every allowed image is a candidate
@@ -468,39 +484,64 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
     return positions, caps
 
 
-def _segment_caps(snapshot: Snapshot, positions: np.ndarray, scores: np.ndarray,
-                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _estimate_error(exact: np.ndarray, estimates: np.ndarray, valid: np.ndarray, quantile: float) -> np.ndarray:
+    """(s,) the ``quantile`` of the hits' underestimates ``exact - estimate`` per sub-query (>= 0; 0 without hits)."""
+    spread = np.zeros(len(exact))
+    some = valid.any(axis=1)
+    if some.any():
+        spread[some] = np.nanquantile(np.where(valid, exact - estimates, np.nan)[some], quantile, axis=1)
+    return spread.clip(min=0.0)
+
+
+def _exact_hit_scores(snapshot: Snapshot, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(s, fetch) exact similarity of each sub-query to its hits' ``rows`` (-inf where a row is -1)."""
+    scores = np.full(rows.shape, -np.inf, np.float32)
+    held = rows >= 0
+    if held.any():
+        unique, inverse = np.unique(rows[held], return_inverse=True)
+        vectors = snapshot.region_vectors(unique)
+        scores[held] = np.einsum("ij,ij->i", vectors[inverse], np.broadcast_to(queries[:, None], (*rows.shape, queries.shape[1]))[held])
+    return scores
+
+
+def _segment_caps(positions: np.ndarray, scores: np.ndarray, hit_positions: np.ndarray, hit_rows: np.ndarray,
+                  last: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What the segment ANN hits tell about each candidate's best segment, per sub-query.
 
     The store returned, per sub-query, the ``fetch`` most similar segments of the lists it
-    probed, with exact scores. A candidate with a hit has its best segment similarity
-    known: its best hit (``known`` True). One without cannot exceed the last hit's score.
-    Exact for a flat store; for IVF it holds for the probed lists, the approximation the
+    probed, with exact ``scores``; a segment it did not return scores at most ``last``
+    (the lowest hit for exact stores; for IVF-PQ the lowest estimate plus the largest
+    estimate error seen on the hits). So a candidate's segments are capped by
+    ``max(best hit, last)``, and its best segment is *known* -- its best hit, with that
+    hit's row -- when that hit reaches ``last``. Exact for a flat store; for IVF it holds
+    for the probed lists, for IVF-PQ up to the codes' error: the approximations the
     candidates themselves already make.
 
     Returns
     -------
     cap : np.ndarray
-        (s, n_candidates) float32: the best hit, or the last hit's score.
+        (s, n_candidates) float32 upper bound of the candidate's segments.
+    hit_best, hit_rows : np.ndarray
+        (s, n_candidates) best hit's exact score (-inf: none) and row (-1: none).
     known : np.ndarray
-        (s, n_candidates) bool.
+        (s, n_candidates) bool: the best hit is the candidate's best segment.
     """
     n_queries = scores.shape[0]
-    valid = ids >= 0
+    valid = hit_rows >= 0
     # no hit at all (e.g. only empty lists probed) says nothing: no cap
-    tau = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), np.inf)
-    cap = np.repeat(tau[:, None], len(positions), axis=1).astype(np.float32)
-    hit_pos = snapshot.positions_of(np.where(valid, ids, -1))
-    column = np.searchsorted(positions, hit_pos)
-    found = valid & (hit_pos >= 0) & (column < len(positions))
-    found[found] &= positions[column[found]] == hit_pos[found]
-    known = np.zeros(cap.shape, bool)
+    last = np.where(valid.any(axis=1), last, np.inf).astype(np.float32)
+    hit_best = np.full((n_queries, len(positions)), -np.inf, np.float32)
+    best_rows = np.full(hit_best.shape, -1, np.int64)
+    column = np.minimum(np.searchsorted(positions, hit_positions), max(len(positions) - 1, 0))
+    found = valid & (len(positions) > 0)
+    found[found] &= positions[column[found]] == hit_positions[found]
     for q in range(n_queries):
-        cols, vals = column[q, found[q]], scores[q, found[q]]
-        cap[q, cols] = -np.inf
-        np.maximum.at(cap[q], cols, vals)
-        known[q, cols] = True
-    return cap, known
+        cols, vals, rows = column[q, found[q]], scores[q, found[q]], hit_rows[q, found[q]]
+        order = np.argsort(vals, kind="stable")  # ascending: each candidate's best hit is written last
+        hit_best[q, cols[order]] = vals[order]
+        best_rows[q, cols[order]] = rows[order]
+    known = hit_best >= last[:, None]
+    return np.maximum(hit_best, last[:, None]), hit_best, best_rows, known
 
 
 def _consistent(on_global: MaxSimScores, coarse: MaxSimScores, *, k: int, params: SchedulerParams) -> bool:
@@ -532,18 +573,18 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
     best_region = coarse.best[:, image_pos]  # (s, n_seg) best coarse similarity of the segment's image
     seg_vectors = snapshot.region_vectors(seg_rows)
     exact = _segment_bound(queries, seg_vectors, coarse_vectors[parent_col], parent_sim)
-    pending = None
+    bound_known = None
     if cap is not None:  # what the segment ANN search already showed (see _segment_caps)
-        cap_values, known = cap
+        cap_values, hit_best, hit_rows, known = cap
         exact = np.minimum(exact, cap_values[:, image_pos] + _BOUND_SLACK)
-        hit_best = np.where(known, cap_values, -np.inf)
-        pending = known & (hit_best > coarse.best)  # best is a segment hit whose row is not looked up yet
+        better = hit_best > coarse.best  # a hit is a real segment: its score is a lower bound
         coarse = MaxSimScores(coarse.image_ids, np.maximum(coarse.best, hit_best).astype(np.float32),
-                              coarse.best_rows, coarse.dot_products)
+                              np.where(better, hit_rows, coarse.best_rows), coarse.dot_products)
+        bound_known = known[:, image_pos]
     bound = parent_sim + params.bound_scale * (exact - parent_sim)
     useful = (bound > best_region) & (parent_sim >= best_region - params.sparsity_margin)
-    if pending is not None:
-        useful &= ~known[:, image_pos]  # nothing to learn from a candidate whose best segment is known
+    if bound_known is not None:
+        useful &= ~bound_known  # nothing to learn from a candidate whose best segment is known
     image_bound = coarse.best.copy()
     for q in range(len(queries)):  # per sub-query (a handful), never per region
         np.maximum.at(image_bound[q], image_pos[useful[q]], bound[q, useful[q]])
@@ -557,31 +598,7 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
     refined = _visit(queries, refined, segments, useful, rest, stats)
     stats.extra["images_descended"] = int(min(k, len(order)) + len(rest))
     stats.extra["segments_total"] = int(len(seg_rows) * len(queries))
-    if pending is not None:
-        refined = _ground_hits(queries, refined, segments, pending, top_k(refined.scores, k), stats)
     return refined
-
-
-def _ground_hits(queries: np.ndarray, scored: MaxSimScores, segments: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 pending: np.ndarray, top: np.ndarray, stats: SearchStats) -> MaxSimScores:
-    """Find the row of each top image's best segment that is known only by its score (an ANN hit).
-
-    ``segments`` is (rows, candidate index of each row's image, (n, dim) float32 vectors).
-    """
-    seg_rows, image_pos, seg_vectors = segments
-    best, rows = scored.best.copy(), scored.best_rows.copy()
-    looked = 0
-    for q in range(len(queries)):
-        for i in top[pending[q, top]]:
-            of_image = image_pos == i
-            candidate_rows = seg_rows[of_image]
-            sims = seg_vectors[of_image] @ queries[q]
-            looked += len(candidate_rows)
-            j = int(np.argmax(sims))
-            best[q, i], rows[q, i] = max(float(sims[j]), float(best[q, i]) - _BOUND_SLACK), candidate_rows[j]
-    stats.dot_products += looked
-    stats.extra["segments_grounded"] = looked
-    return MaxSimScores(scored.image_ids, best, rows, scored.dot_products + looked)
 
 
 _BOUND_SLACK = 1e-4  # float32 / float16 rounding: a bound never falls below the true similarity

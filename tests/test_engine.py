@@ -14,7 +14,7 @@ from himir_rag.hierarchy import GridDecomposer, Level
 from himir_rag.index import HiMIRIndex
 from himir_rag.scheduler import MODE_LEVELS, RetrievalMode, SchedulerParams, SearchStats, scheduled_search, \
     score_exhaustive, top_k
-from himir_rag.store.candidates import CandidateStores
+from himir_rag.store.candidates import KEY_SHIFT, CandidateStores
 from tests.conftest import plant_queries, unit
 
 DIM = 32
@@ -94,7 +94,30 @@ def test_exact_stores_follow_add_and_delete_like_rebuilt_ones(planted):
             _, b, _, _ = rebuilt.search(level, q, 20, nprobe=nprobe)
             assert exact  # IVF-Flat scores are exact inner products
             assert sorted(a[0].tolist()) == sorted(b[0].tolist())
-            assert not set(a.ravel().tolist()) & removed
+            assert not set((a.ravel() >> KEY_SHIFT).tolist()) & removed
+            # region keys locate the hit's own row in the changed snapshot (rows were renumbered)
+            positions, rows = kept.locate(changed, a)
+            assert (rows >= 0).all() and (changed.levels[rows] == level).all()
+            np.testing.assert_array_equal(changed.region_image[rows], a >> KEY_SHIFT)
+            np.testing.assert_array_equal(changed.image_ids[positions], a >> KEY_SHIFT)
+            scores, _, _, _ = kept.search(level, q, 20, nprobe=nprobe)
+            for sub in range(len(q)):
+                np.testing.assert_allclose(scores[sub], changed.region_vectors(rows[sub]) @ q[sub], rtol=1e-5,
+                                           atol=1e-6)
+    # keys of images the snapshot does not hold, and padding, locate nowhere
+    gone = np.array([[1 << KEY_SHIFT, -1]])
+    assert (kept.locate(changed, gone)[1] == -1).all()
+
+
+def test_stores_follow_a_change_of_kind_in_the_settings(planted):
+    snapshot, queries, _, _ = planted
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=F32.replace(scheduler={"index_kind": "ivf"}))
+    index.search_vectors(queries[0], k=5)
+    assert index.candidate_stores.store(Level.SEGMENT).kind == "ivf"
+    index.set_config(F32.replace(scheduler={"index_kind": "ivfpq"}))
+    result = index.search_vectors(queries[0], k=5)
+    assert index.candidate_stores.store(Level.SEGMENT).kind == "ivfpq"
+    assert result.stats.extra["candidates"] < len(snapshot)
 
 
 def test_candidate_stores_survive_save_and_load(planted, tmp_path):
@@ -194,8 +217,24 @@ def test_with_precision_converts_and_keeps_the_catalog(planted, tmp_path):
 def test_segment_caps_without_hits_cap_nothing(planted):
     from himir_rag.scheduler import _segment_caps
 
-    snapshot, _, _, _ = planted
     positions = np.arange(5)
     no_hits = np.full((2, 4), -1, np.int64)
-    cap, known = _segment_caps(snapshot, positions, np.full((2, 4), -np.inf, np.float32), no_hits)
-    assert np.isinf(cap).all() and (cap > 0).all() and not known.any()
+    cap, best, rows, known = _segment_caps(positions, np.full((2, 4), -np.inf, np.float32), no_hits, no_hits,
+                                           np.full(2, np.inf, np.float32))
+    assert np.isinf(cap).all() and (cap > 0).all() and not known.any() and (rows == -1).all()
+    assert np.isneginf(best).all()
+
+
+def test_segment_caps_keep_each_candidate_best_hit_and_its_row():
+    from himir_rag.scheduler import _segment_caps
+
+    positions = np.array([2, 5, 9])
+    scores = np.array([[0.9, 0.7, 0.8, 0.5]], np.float32)  # hits of one sub-query, not sorted (PQ order)
+    hit_positions = np.array([[5, 2, 5, 7]])  # position 7 is not a candidate
+    hit_rows = np.array([[51, 20, 52, 70]])
+    cap, best, rows, known = _segment_caps(positions, scores, hit_positions, hit_rows, np.array([0.75], np.float32))
+    assert rows.tolist() == [[20, 51, -1]]
+    np.testing.assert_allclose(best, [[0.7, 0.9, -np.inf]])
+    # a segment the search did not return scores <= 0.75: position 2's best hit (0.7) may be beaten
+    assert known.tolist() == [[False, True, False]]
+    np.testing.assert_allclose(cap, [[0.75, 0.9, 0.75]])

@@ -187,7 +187,7 @@ def test_nothing_pickled_on_disk(index, tmp_path):
     version = index.save(tmp_path / "idx")
     # the catalog is SQLite, vectors a plain .npy, candidate stores FAISS's own binary format
     assert sorted(p.name for p in version.iterdir()) == [
-        "candidates.level1.flat.faiss", "candidates.level2.flat.faiss", "catalog.sqlite", "manifest.json",
+        "candidates-v2.level1.flat.faiss", "candidates-v2.level2.flat.faiss", "catalog.sqlite", "manifest.json",
         "vectors.npy"]
     np.load(version / "vectors.npy", allow_pickle=False)
 

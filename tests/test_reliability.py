@@ -673,7 +673,7 @@ def test_damaged_catalog_is_refused(saved):
 
 
 def test_damaged_faiss_store_is_refused(saved):
-    stores = sorted(saved.glob("candidates.level*.faiss"))
+    stores = sorted(saved.glob("candidates-v2.level*.faiss"))
     assert stores, "the fixture should have saved FAISS candidate stores"
     original = stores[0].read_bytes()
     stores[0].write_bytes(b"\x00garbage" * 10)

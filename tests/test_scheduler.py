@@ -91,7 +91,7 @@ def test_default_schedule_prunes_finds_targets_and_reports(collection):
             assert key in stats.extra
         assert stats.extra["candidates"] < len(snapshot)
         assert stats.dot_products == (stats.extra["candidate_dot_products"] + stats.extra["coarse_dot_products"]
-                                      + stats.extra["segments_visited"] + stats.extra["segments_grounded"])
+                                      + stats.extra["segments_visited"])
     assert np.mean(recalls) == 1.0
     assert np.median(himir_costs) < np.median(mvr_costs)
 

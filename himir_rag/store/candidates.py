@@ -1,8 +1,13 @@
 """Candidate stores: per-level ANN indexes over region vectors, keyed by image id.
 
-The scheduler asks them which images hold a region close to a sub-query; it then
-re-ranks those candidates exactly from the snapshot's vectors, so the stores may be
-compressed (IVF-PQ fast-scan) and only need to find the right images, not score them.
+The scheduler asks them which regions are close to a sub-query; it then re-ranks the
+images holding them exactly from the snapshot's vectors, so the stores may be compressed
+(IVF-PQ fast-scan) and only need to find the right regions, not score them.
+
+A stored vector's id is its *region key*: ``image_id << 16 | local index`` (the region's
+row within its image). Keys survive deletes that renumber rows, and :meth:`CandidateStores.locate`
+turns a hit back into the image's position and the region's row in any snapshot holding
+the image, so a hit's exact similarity costs one dot product.
 
 The stores belong to the index, not to one snapshot: an add or delete updates them
 incrementally (new image ids added, removed ones deleted), they are written by
@@ -33,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 _ADD_BLOCK = 65_536  # rows converted to float32 and added per step (bounded temporary memory)
 _RETRAIN_GROWTH = 4.0
+KEY_SHIFT = 16  # region key = image id << KEY_SHIFT | the region's index within its image
+_FILE_PREFIX = "candidates-v2.level"  # v1 ("candidates.level") stored image ids: ignored, rebuilt on first search
 
 
 class CandidateStores:
@@ -51,6 +58,7 @@ class CandidateStores:
         self._stores: dict[Level, FaissStore] = {}
         self._trained_size: dict[Level, int] = {}
         self._images = np.zeros(0, np.int64)  # sorted image ids the stores hold
+        self._span = 0  # 1 + the largest local region index stored (bounds the keys of an image)
         self._synced: weakref.ref | None = None
         self._lock = threading.RLock()
 
@@ -83,22 +91,24 @@ class CandidateStores:
              pq_min: int = 50_000) -> None:
         """Make the stores of ``levels`` (and every store already built) hold exactly ``snapshot``'s images."""
         levels = {Level(lv) for lv in levels}
+        counts = snapshot.level_counts()
         with self._lock:
-            if self._synced is not None and self._synced() is snapshot and levels <= set(self._stores):
-                return
+            kinds = {level: self.kind_for(counts[level.name.lower()], index_kind=index_kind, flat_max=flat_max,
+                                          pq_min=pq_min) for level in levels | set(self._stores)}
+            in_sync = self._synced is not None and self._synced() is snapshot
+            if in_sync and all(lv in self._stores and self._stores[lv].kind == kinds[lv] for lv in levels):
+                return  # same snapshot, and the requested levels already have the kind these settings ask for
             current = np.sort(snapshot.image_ids)
             removed = np.setdiff1d(self._images, current, assume_unique=True)
             added = np.setdiff1d(current, self._images, assume_unique=True)
-            counts = snapshot.level_counts()
-            for level in levels | set(self._stores):
+            for level, kind in kinds.items():
                 n_level = counts[level.name.lower()]
-                kind = self.kind_for(n_level, index_kind=index_kind, flat_max=flat_max, pq_min=pq_min)
                 store = self._stores.get(level)
                 if store is None or store.kind != kind or self._outgrown(level, n_level):
                     self._build(snapshot, level, kind)
                 else:
-                    store.remove(removed)
-                    _add_rows(store, snapshot, level, snapshot.positions_of(added))
+                    store.remove(self._keys_of(removed))
+                    self._add_rows(store, snapshot, level, snapshot.positions_of(added))
             self._images = current
             self._synced = weakref.ref(snapshot)
 
@@ -115,7 +125,7 @@ class CandidateStores:
             store.train(snapshot.region_vectors(rows_all[training_rows(len(rows_all), store.nlist)]))
         for start in range(0, len(rows_all), _ADD_BLOCK):
             rows = rows_all[start : start + _ADD_BLOCK]
-            store.add(snapshot.region_image[rows], snapshot.region_vectors(rows))
+            store.add(self._region_keys(snapshot, rows), snapshot.region_vectors(rows))
         logger.info("built the %s candidate store of level %s (%d vectors)", kind, level.name.lower(), len(rows_all))
         self._stores[level] = store
         self._trained_size[level] = len(rows_all)
@@ -127,8 +137,8 @@ class CandidateStores:
 
         Returns
         -------
-        scores, ids : np.ndarray
-            (q, k) similarities and image ids, padded with -inf / -1.
+        scores, keys : np.ndarray
+            (q, k) similarities and region keys (see :meth:`locate`), padded with -inf / -1.
         inner_products : int
             What the search cost.
         exact_scores : bool
@@ -140,6 +150,41 @@ class CandidateStores:
         scores, ids = store.search(queries, k)
         return scores, ids, store.distance_computations - before, store.kind in ("flat", "ivf")
 
+    @staticmethod
+    def locate(snapshot, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image positions and rows in ``snapshot`` of region ``keys`` (any shape); -1 for padding
+        and for regions of images the snapshot does not hold."""
+        keys = np.asarray(keys, dtype=np.int64)
+        positions = snapshot.positions_of(np.where(keys >= 0, keys >> KEY_SHIFT, -1))
+        held = positions >= 0
+        safe = np.where(held, positions, 0)
+        starts = snapshot.image_starts[safe]
+        local = keys & ((1 << KEY_SHIFT) - 1)
+        held &= (keys >= 0) & (local < snapshot.image_starts[safe + 1] - starts)
+        return np.where(held, positions, -1), np.where(held, starts + local, -1)
+
+    def _region_keys(self, snapshot, rows: np.ndarray) -> np.ndarray:
+        """Region keys of snapshot ``rows``."""
+        images = snapshot.region_image[rows]
+        local = rows - snapshot.image_starts[snapshot.positions_of(images)]
+        if len(local):
+            if int(local.max()) >= 1 << KEY_SHIFT:
+                raise ValueError(f"an image holds more than {1 << KEY_SHIFT} regions")
+            self._span = max(self._span, int(local.max()) + 1)
+        return (images << KEY_SHIFT) | local
+
+    def _keys_of(self, image_ids: np.ndarray) -> np.ndarray:
+        """Every region key the stores may hold for ``image_ids``."""
+        return ((np.asarray(image_ids, np.int64)[:, None] << KEY_SHIFT) + np.arange(self._span)).ravel()
+
+    def _add_rows(self, store: FaissStore, snapshot, level: Level, positions: np.ndarray) -> None:
+        """Add the ``level`` rows of the images at ``positions`` to ``store``, in blocks."""
+        positions = positions[positions >= 0]
+        for start in range(0, len(positions), _ADD_BLOCK // 16):
+            rows = snapshot.rows_of(np.sort(positions[start : start + _ADD_BLOCK // 16]))
+            rows = rows[snapshot.levels[rows] == level]
+            store.add(self._region_keys(snapshot, rows), snapshot.region_vectors(rows))
+
     # -- persistence -------------------------------------------------------------------------------
     def save(self, directory: Path, snapshot) -> list[str]:
         """Write the stores in sync with ``snapshot`` into ``directory``; returns the file names."""
@@ -149,7 +194,7 @@ class CandidateStores:
                 self.sync(snapshot, list(self._stores))
             for level, store in sorted(self._stores.items()):
                 if len(store) or store.kind == "flat":
-                    name = f"candidates.level{int(level)}.{store.kind}.faiss"
+                    name = f"{_FILE_PREFIX}{int(level)}.{store.kind}.faiss"
                     store.save(directory / name)
                     names.append(name)
         return names
@@ -159,8 +204,8 @@ class CandidateStores:
         """Read the stores written by :meth:`save`; counts that disagree with the catalog raise IndexFormatError."""
         stores = cls(snapshot.dim, threads=threads)
         counts = snapshot.level_counts()
-        for path in sorted(directory.glob("candidates.level*.faiss")):
-            level_text, _, kind = path.name.removeprefix("candidates.level").removesuffix(".faiss").partition(".")
+        for path in sorted(directory.glob(f"{_FILE_PREFIX}*.faiss")):
+            level_text, _, kind = path.name.removeprefix(_FILE_PREFIX).removesuffix(".faiss").partition(".")
             if not level_text.isdigit() or int(level_text) not in {int(lv) for lv in Level} or kind not in INDEX_KINDS:
                 raise IndexFormatError(f"{path}: unexpected candidate store name; the index directory is damaged")
             level = Level(int(level_text))
@@ -171,14 +216,6 @@ class CandidateStores:
             stores._stores[level] = store
             stores._trained_size[level] = len(store)
         stores._images = np.sort(snapshot.image_ids)
+        stores._span = int(np.diff(snapshot.image_starts).max(initial=0))
         stores._synced = weakref.ref(snapshot)
         return stores
-
-
-def _add_rows(store: FaissStore, snapshot, level: Level, positions: np.ndarray) -> None:
-    """Add the ``level`` rows of the images at ``positions`` to ``store``, in blocks."""
-    positions = positions[positions >= 0]
-    for start in range(0, len(positions), _ADD_BLOCK // 16):
-        rows = snapshot.rows_of(np.sort(positions[start : start + _ADD_BLOCK // 16]))
-        rows = rows[snapshot.levels[rows] == level]
-        store.add(snapshot.region_image[rows], snapshot.region_vectors(rows))
