@@ -9,12 +9,20 @@ query through ``HiMIRIndex.search_vectors``. Prints Recall@10 against the qrels,
 dot products and ``mvr mean / mode mean`` for ``mvr``, ``himir-full`` and each setting.
 Use it on a collection built with another ``--seed`` than the one you report on, so the
 chosen defaults are not tuned on the evaluation queries.
+
+A directory written by ``himir bench scale`` (it holds ``collection.json``) is swept on its
+planted queries instead: ``--range A:B`` picks them (tune on 0:100, report on 100:200),
+``himir-full``'s top-k is the reference (cached in ``sweep-full-A-B.json``), ``mvr`` is
+skipped, and the median search time is printed too (indicative: one process, no warm-up)::
+
+    python benchmarks/sweep_scheduler.py /tmp/s100k --range 0:100 '{}' '{"pq_error_quantile": 1.0}'
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,5 +67,51 @@ def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
         print(f"{name:60s} {recall:8.4f} {dots:10.0f} {mvr_dots / dots:8.2f}  {counters}")
 
 
+def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 10) -> None:
+    from himir_rag.bench.scale import saved_collection
+
+    root = Path(bench_dir)
+    recipe = json.loads((root / "collection.json").read_text())["recipe"]
+    planted, _ = saved_collection(root, recipe)
+    start, stop = (int(x) for x in query_range.split(":"))
+    planted = planted[start:stop]
+    index = HiMIRIndex.load(root / "index")
+    cache = root / f"sweep-full-{start}-{stop}.json"
+    if cache.is_file():
+        full = {q: set(ids) for q, ids in json.loads(cache.read_text()).items()}
+    else:
+        full = {q.query_id: {h.image_id for h in index.search_vectors(q.subquery_vectors, k=k, mode="himir-full").hits}
+                for q in planted}
+        cache.write_text(json.dumps({q: sorted(ids) for q, ids in full.items()}))
+    truth = [len(full[q.query_id] & q.relevant) / len(q.relevant) for q in planted]
+    print(f"himir-full Recall@{k} {np.mean(truth):.4f} on queries {start}:{stop}")
+    base = index.config
+    print(f"{'setting':60s} Recall@{k}  vs-full  mean dots  p50 ms")
+    for setting in settings:
+        index.set_config(base.replace(scheduler=json.loads(setting)))
+        index.search_vectors(planted[0].subquery_vectors, k=k)  # builds stores the setting asks for
+        recall, agree, dots, times, extra = [], [], [], [], {}
+        for q in planted:
+            tick = time.perf_counter()
+            result = index.search_vectors(q.subquery_vectors, k=k)
+            times.append(time.perf_counter() - tick)
+            found = {hit.image_id for hit in result.hits}
+            recall.append(len(found & q.relevant) / len(q.relevant))
+            agree.append(len(found & full[q.query_id]) / max(len(full[q.query_id]), 1))
+            dots.append(result.stats.dot_products)
+            for key in _COUNTERS:
+                extra.setdefault(key, []).append(result.stats.extra.get(key, 0))
+        counters = " ".join(f"{key}={np.mean(values):.0f}" for key, values in extra.items())
+        print(f"{setting:60s} {np.mean(recall):8.4f} {np.mean(agree):8.4f} {np.mean(dots):10.0f} "
+              f"{1000 * np.median(times):7.1f}  {counters}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[2:]
+    if (Path(sys.argv[1]) / "collection.json").is_file():
+        chosen = "0:100"
+        if args[:1] == ["--range"]:
+            chosen, args = args[1], args[2:]
+        main_scale(sys.argv[1], args, chosen)
+    else:
+        main(sys.argv[1], args)

@@ -59,7 +59,7 @@ from himir_rag.index import HiMIRIndex, SearchResult
 from himir_rag.scheduler import RetrievalMode
 
 __all__ = ["VectorsOnlyEncoder", "PlantedQuery", "SyntheticCollection", "build_synthetic_collection",
-           "run_scale_benchmark"]
+           "run_scale_benchmark", "saved_collection"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     started = time.perf_counter()
     recipe = {"images": images, "dim": dim, "layout": layout, "queries": queries, "seed": seed, "signal": signal,
               "distractors": distractors, "precision": precision}
-    saved = _saved_collection(out_dir, recipe) if reuse else None
+    saved = saved_collection(out_dir, recipe) if reuse else None
     if saved is not None:  # the same collection was built and saved before: only the queries run
         index, load_s = _load(out_dir / "index")
         planted, build = saved
@@ -407,7 +407,7 @@ def _write_collection(out_dir: Path, recipe: dict[str, Any], planted: list[Plant
     (out_dir / "collection.json").write_text(json.dumps(payload), encoding="utf-8")
 
 
-def _saved_collection(out_dir: Path, recipe: dict[str, Any]) -> tuple[list[PlantedQuery], dict[str, Any]] | None:
+def saved_collection(out_dir: Path, recipe: dict[str, Any]) -> tuple[list[PlantedQuery], dict[str, Any]] | None:
     """The planted queries and build figures of a saved collection with this recipe, else None."""
     path = out_dir / "collection.json"
     if not (path.is_file() and (out_dir / "index" / "CURRENT").is_file()):

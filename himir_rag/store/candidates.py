@@ -29,8 +29,8 @@ import numpy as np
 
 from himir_rag.errors import IndexFormatError
 from himir_rag.hierarchy import Level
-from himir_rag.store.faiss import (INDEX_KINDS, FaissStore, auto_index_kind, ivf_nlist, pq_subquantizers,
-                                   search_cost, training_rows)
+from himir_rag.store.faiss import (FLAT_MAX, INDEX_KINDS, PQ_MIN, FaissStore, auto_index_kind, ivf_nlist,
+                                   pq_subquantizers, search_cost, training_rows)
 
 __all__ = ["CandidateStores"]
 
@@ -62,7 +62,7 @@ class CandidateStores:
         self._synced: weakref.ref | None = None
         self._lock = threading.RLock()
 
-    def kind_for(self, n_level: int, *, index_kind: str = "auto", flat_max: int = 256, pq_min: int = 50_000) -> str:
+    def kind_for(self, n_level: int, *, index_kind: str = "auto", flat_max: int = FLAT_MAX, pq_min: int = PQ_MIN) -> str:
         """The store kind used for a level of ``n_level`` vectors."""
         if index_kind != "auto":
             if n_level < 64:  # too few vectors to train IVF lists or PQ codebooks
@@ -87,8 +87,8 @@ class CandidateStores:
         """The store of ``level``, or None when it was never built."""
         return self._stores.get(Level(level))
 
-    def sync(self, snapshot, levels: Iterable[Level], *, index_kind: str = "auto", flat_max: int = 256,
-             pq_min: int = 50_000) -> None:
+    def sync(self, snapshot, levels: Iterable[Level], *, index_kind: str = "auto", flat_max: int = FLAT_MAX,
+             pq_min: int = PQ_MIN) -> None:
         """Make the stores of ``levels`` (and every store already built) hold exactly ``snapshot``'s images."""
         levels = {Level(lv) for lv in levels}
         counts = snapshot.level_counts()

@@ -13,11 +13,15 @@ from himir_rag.errors import ConfigError, IndexFormatError
 from himir_rag.threads import limit_threads
 
 __all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost", "training_rows",
-           "INDEX_KINDS"]
+           "INDEX_KINDS", "FLAT_MAX", "PQ_MIN"]
 
 logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
+FLAT_MAX = 256  # exact search up to this many vectors
+# IVF-PQ fast-scan from this many vectors on (its hits are re-scored exactly, so it replaces
+# IVF-Flat early: 3.7x fewer dot products than mvr on the composite tuning set instead of 3.0x)
+PQ_MIN = 1024
 _TRAIN_POINTS_PER_LIST = 64
 _PQ_LUT_DOTS = 16  # 4-bit codes: 16 centroids per sub-quantizer, one dim-long table per query
 
@@ -64,7 +68,7 @@ def search_cost(kind: str, n_vectors: int, *, dim: int, nlist: int, nprobe: int,
     return n_queries * (nlist + _PQ_LUT_DOTS) + scanned * pq_subquantizers(dim) / dim
 
 
-def auto_index_kind(n_vectors: int, *, dim: int = 384, flat_max: int = 256, pq_min: int = 50_000) -> str:
+def auto_index_kind(n_vectors: int, *, dim: int = 384, flat_max: int = FLAT_MAX, pq_min: int = PQ_MIN) -> str:
     """Exact search up to ``flat_max`` vectors, IVF-Flat up to ``pq_min``, IVF-PQ fast-scan above
     (4-bit codes: dim/8 bytes a vector instead of 4 dim, scanned with SIMD look-ups)."""
     if n_vectors <= flat_max:
