@@ -5,6 +5,10 @@ pass on the same vectors, so a trial costs milliseconds per query. The target is
 Recall@k against relevance labels when given, otherwise agreement (overlap@k) with the
 exhaustive ``himir-full`` ranking. The search is coordinate descent over a grid of
 values per parameter, starting from the current configuration.
+
+:func:`auto_tune` is the label-free form run when an index is built: its queries are
+probes drawn from the collection itself (:mod:`himir_rag.probes`), its reference
+``himir-full``, and it keeps the cheapest setting within a tolerance of that reference.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from himir_rag.scheduler import (
     top_k,
 )
 
-__all__ = ["tune", "apply", "TuneReport", "Trial", "SEARCH_SPACE", "read_qrels"]
+__all__ = ["tune", "auto_tune", "apply", "apply_record", "TuneReport", "Trial", "SEARCH_SPACE", "AUTO_SEARCH_SPACE", "read_qrels"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,15 @@ SEARCH_SPACE: dict[str, list[Any]] = {
 }
 
 
+# what auto_tune varies: parameters that need no other candidate store (no retraining at index time)
+AUTO_SEARCH_SPACE: dict[str, list[Any]] = {
+    "candidate_k": [0, 8, 12, 16, 32],
+    "probe_share": [0.05, 0.1, 0.2],
+    "pq_error_quantile": [0.5, 0.75, 0.9, 1.0],
+    "sparsity_margin": [0.05, 0.1, 0.2, float("inf")],
+    "consistency_overlap": [0.8, 1.0, 2.0],
+}
+
 _STEP_LOSS = 0.02  # accuracy one step may give up while the budget is not met yet
 
 
@@ -57,10 +70,11 @@ class Trial:
     accuracy: float
     dot_products: float
     latency_ms: float
+    agreement: float | None = None  # overlap@k with himir-full, when the workload holds its top-k
 
     def to_dict(self) -> dict[str, Any]:
         return {"params": _jsonable(self.params), "accuracy": self.accuracy, "dot_products": self.dot_products,
-                "latency_ms": self.latency_ms}
+                "latency_ms": self.latency_ms, "agreement": self.agreement}
 
 
 @dataclass
@@ -75,6 +89,7 @@ class TuneReport:
     trials: list[Trial] = field(default_factory=list)
     baselines: dict[str, Trial] = field(default_factory=dict)
     seconds: float = 0.0
+    queries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen.to_dict(), "target": self.target, "k": self.k,
@@ -87,6 +102,7 @@ class TuneReport:
 class _Workload:
     vectors: list[np.ndarray]  # per query (s, dim)
     reference: list[set[int]]  # per query: relevant image ids (labels) or himir-full top-k
+    full_top: list[set[int]] | None = None  # per query: himir-full top-k, to measure agreement too
 
 
 def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[str]] | None = None, k: int = 10,
@@ -124,7 +140,7 @@ def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[st
     k = min(k, len(index))
     workload = _workload(index, queries, relevant, k=k, decomposer=decomposer)
     report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall" if relevant else "agreement-with-himir-full",
-                        k=k, budget_dot_products=budget_dot_products, budget_ms=budget_ms)
+                        k=k, budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(queries))
     report.baselines = {mode.value: _evaluate_exhaustive(index, workload, mode, k)
                         for mode in (RetrievalMode.MVR, RetrievalMode.HIMIR_FULL)}
     current = dataclasses.asdict(index.config.scheduler_params)
@@ -138,6 +154,88 @@ def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[st
     report.chosen = _choose(report.trials, budget_dot_products, budget_ms) or best
     report.seconds = time.perf_counter() - started
     return report
+
+
+def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 10, tolerance: float = 0.005,
+              agreement_tolerance: float = 0.01, budget_dot_products: float | None = None,
+              budget_ms: float | None = None, passes: int = 2) -> dict[str, Any]:
+    """Label-free tuning: the cheapest scheduler setting as accurate as ``himir-full`` on probes.
+
+    ``probes`` queries are drawn from the collection (:func:`himir_rag.probes.probe_queries`,
+    deterministic for ``seed``), each with the photo it was drawn from as its answer; the
+    reference is ``himir-full``: its top-k per probe and its Recall@k of the answers.
+    Coordinate descent over :data:`AUTO_SEARCH_SPACE`, from the current setting, keeps the
+    setting with the fewest median dot products (p50 latency when ``budget_ms`` is given)
+    whose Recall@k is within ``tolerance`` of the reference's and whose agreement with the
+    reference's top-k (overlap@k) is within ``agreement_tolerance`` of the best agreement
+    any trial reached (when no trial reaches the recall, the most accurate ones compete).
+    With a budget, the most accurate setting within it wins instead. The index is not
+    changed: pass the returned record to :func:`apply_record`.
+
+    Returns
+    -------
+    dict
+        The autoconfig record (plain JSON): the chosen ``params``, its ``recall``,
+        ``agreement`` and ``dot_products``, the same for the current setting (``before``)
+        and for ``himir_full`` (the reference), the probes' count and seed, the
+        tolerances, the budget, the collection size, the trials run and the seconds spent.
+    """
+    from himir_rag.probes import probe_queries
+
+    started = time.perf_counter()
+    k = min(k, len(index))
+    drawn = probe_queries(index.snapshot, count=probes, seed=seed)
+    vectors = [p.vectors for p in drawn]
+    full_top = [set(scored.image_ids[top_k(scored.scores, k)].tolist()) for scored in (
+        score_exhaustive(index.snapshot, v, levels=MODE_LEVELS[RetrievalMode.HIMIR_FULL]) for v in vectors)]
+    workload = _Workload(vectors, [{p.source} for p in drawn], full_top)
+    report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall-of-probe-sources", k=k,
+                        budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(drawn))
+    full = _evaluate_exhaustive(index, workload, RetrievalMode.HIMIR_FULL, k)
+    before = _run(index, workload, dict(index.config.scheduler), k, report)
+    best = before
+    for _ in range(passes):
+        for name, values in AUTO_SEARCH_SPACE.items():
+            for value in values:
+                _run(index, workload, {**best.params, name: value}, k, report)
+            best = _choose_auto(report.trials, full.accuracy - tolerance, agreement_tolerance, budget_dot_products,
+                                budget_ms)
+    summary = lambda t: {"recall": t.accuracy, "agreement": t.agreement, "dot_products": t.dot_products,  # noqa: E731
+                         "latency_ms": t.latency_ms}
+    return {"source": "auto", "images": len(index), "probes": len(drawn), "seed": seed, "k": k,
+            "tolerance": tolerance, "agreement_tolerance": agreement_tolerance,
+            "budget_dot_products": budget_dot_products, "budget_ms": budget_ms,
+            "reference": "himir-full", "params": _jsonable(best.params), **summary(best),
+            "before": {"params": _jsonable(before.params), **summary(before)}, "himir_full": summary(full),
+            "trials": len(report.trials), "seconds": round(time.perf_counter() - started, 3),
+            "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _choose_auto(trials: list[Trial], floor: float, agreement_tolerance: float, budget_dot_products: float | None,
+                 budget_ms: float | None) -> Trial:
+    """See :func:`auto_tune`: the cheapest trial reaching the recall ``floor`` (when none does, the
+    most accurate) and within ``agreement_tolerance`` of the best agreement; with a budget, the
+    most accurate trial that fits it (the cheapest of those)."""
+    cost = (lambda t: (t.latency_ms, t.dot_products)) if budget_ms is not None else (lambda t: (t.dot_products,))
+    if budget_dot_products is not None or budget_ms is not None:
+        fitting = [t for t in trials if _fits(t, budget_dot_products, budget_ms)]
+        if fitting:
+            top = max(t.accuracy for t in fitting)
+            return min((t for t in fitting if t.accuracy >= top - 1e-9), key=cost)
+        return min(trials, key=cost)  # nothing fits: the cheapest there is
+    reached = [t for t in trials if t.accuracy >= floor - 1e-9]
+    if not reached:
+        top = max(t.accuracy for t in trials)
+        reached = [t for t in trials if t.accuracy >= top - 1e-9]
+    agreed = max(t.agreement or 0.0 for t in trials) - agreement_tolerance
+    return min((t for t in reached if (t.agreement or 0.0) >= agreed - 1e-9), default=None, key=cost) or max(
+        reached, key=lambda t: (t.agreement or 0.0, -t.dot_products))
+
+
+def apply_record(index: HiMIRIndex, record: dict[str, Any]) -> None:
+    """Use an :func:`auto_tune` (or ``himir tune``) record's parameters and keep the record with the index."""
+    index.set_config(index.config.replace(scheduler=dict(record["params"])))
+    index.autoconfig = record
 
 
 def _workload(index: HiMIRIndex, queries: Sequence[str], relevant: Sequence[set[str]] | None, *, k: int,
@@ -173,15 +271,22 @@ def _accuracy(found: np.ndarray, reference: set[int]) -> float:
 
 
 def _evaluate_exhaustive(index: HiMIRIndex, workload: _Workload, mode: RetrievalMode, k: int) -> Trial:
-    accuracy, cost, latency = [], [], []
-    for vecs, reference in zip(workload.vectors, workload.reference):
+    found, cost, latency = [], [], []
+    for vecs in workload.vectors:
         tick = time.perf_counter()
         scored = score_exhaustive(index.snapshot, vecs, levels=MODE_LEVELS[mode])
-        found = scored.image_ids[top_k(scored.scores, k)]
+        found.append(scored.image_ids[top_k(scored.scores, k)])
         latency.append((time.perf_counter() - tick) * 1000)
-        accuracy.append(_accuracy(found, reference))
         cost.append(scored.dot_products)
-    return Trial({"mode": mode.value}, float(np.mean(accuracy)), float(np.median(cost)), float(np.median(latency)))
+    return _trial({"mode": mode.value}, workload, found, cost, latency)
+
+
+def _trial(params: dict[str, Any], workload: _Workload, found: list[np.ndarray], cost: list[float],
+           latency: list[float]) -> Trial:
+    accuracy = np.mean([_accuracy(f, r) for f, r in zip(found, workload.reference)])
+    agreement = None if workload.full_top is None else float(
+        np.mean([_accuracy(f, r) for f, r in zip(found, workload.full_top)]))
+    return Trial(dict(params), float(accuracy), float(np.median(cost)), float(np.median(latency)), agreement)
 
 
 def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int, report: TuneReport) -> Trial:
@@ -189,17 +294,16 @@ def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int,
         if trial.params == params:
             return trial
     parsed = SchedulerParams.from_dict(params)
-    accuracy, cost, latency = [], [], []
-    for vecs, reference in zip(workload.vectors, workload.reference):
+    found, cost, latency = [], [], []
+    for vecs in workload.vectors:
         stats = SearchStats(mode="himir")
         tick = time.perf_counter()
         scored = scheduled_search(index.snapshot, vecs, k=k, params=parsed, stats=stats,
                                   stores=index.candidate_stores)
-        found = scored.image_ids[top_k(scored.scores, k)]
+        found.append(scored.image_ids[top_k(scored.scores, k)])
         latency.append((time.perf_counter() - tick) * 1000)
-        accuracy.append(_accuracy(found, reference))
         cost.append(stats.dot_products)
-    trial = Trial(dict(params), float(np.mean(accuracy)), float(np.median(cost)), float(np.median(latency)))
+    trial = _trial(params, workload, found, cost, latency)
     report.trials.append(trial)
     logger.info("trial %s -> accuracy %.3f, %.0f dot products", params, trial.accuracy, trial.dot_products)
     return trial
@@ -246,8 +350,18 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply(index: HiMIRIndex, report: TuneReport) -> None:
-    """Write the chosen scheduler parameters into the index's config (in memory; save to persist)."""
-    index.set_config(index.config.replace(scheduler=_jsonable(report.chosen.params)))
+    """Write the chosen scheduler parameters into the index's config (in memory; save to persist).
+
+    The index keeps a record of it (source ``"tune"``): automatic tuning never overrides it.
+    """
+    chosen = report.chosen
+    apply_record(index, {"source": "tune", "images": len(index), "target": report.target, "k": report.k,
+                         "queries": report.queries, "budget_dot_products": report.budget_dot_products,
+                         "budget_ms": report.budget_ms, "params": _jsonable(chosen.params),
+                         "accuracy": chosen.accuracy, "dot_products": chosen.dot_products,
+                         "latency_ms": chosen.latency_ms, "trials": len(report.trials),
+                         "seconds": round(report.seconds, 3),
+                         "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 

@@ -48,6 +48,10 @@ def index_command(
     collection: Optional[str] = typer.Option(None, help="Qdrant collection (default: the index folder's name)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: local | auto | ray://HOST:PORT."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    auto_tune: Optional[bool] = typer.Option(None, "--auto-tune/--no-auto-tune",
+                                             help="Tune the scheduler on probes drawn from the collection when "
+                                                  "indexing finishes (>= 300 photos; again after 2x growth) "
+                                                  "[default: on, or as the index was built]."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Index a photo folder. Re-running indexes only new or changed files."""
@@ -59,6 +63,8 @@ def index_command(
         if index.store is None and store != "faiss":
             index.store = _make_store(store, index, qdrant_url=qdrant_url, qdrant_path=qdrant_path,
                                       collection=collection or index_dir.name)
+        if auto_tune is not None:
+            index.set_config(index.config.replace(auto_tune=auto_tune))
         # checkpoints and the final save happen inside add (crash-safe, resumable)
         report = index.add(images_dir, progress=progress, checkpoint_dir=index_dir,
                            checkpoint_every=checkpoint_every, ray_address=ray)
@@ -72,6 +78,12 @@ def index_command(
         f"{len(report.skipped)} skipped; {len(index)} images, {report.regions_stored} regions stored "
         f"({report.regions_pruned} pruned) in {report.seconds:.1f}s -> {index_dir}"
     )
+    if report.auto_tuned and index.autoconfig is not None:
+        record = index.autoconfig
+        typer.echo(f"auto-tuned the scheduler on {record['probes']} probes in {record['seconds']:.1f}s: "
+                   f"{json.dumps(record['params'])} (probe Recall@{record['k']} {record['recall']:.3f}, "
+                   f"himir-full {record['himir_full']['recall']:.3f}; {record['dot_products']:.0f} dot products, "
+                   f"before {record['before']['dot_products']:.0f})")
 
 
 def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_path: Path | None,
@@ -263,6 +275,22 @@ def tune_command(
                    f"p50 {trial.latency_ms:.2f} ms")
     typer.echo(f"  {mvr.dot_products / max(chosen.dot_products, 1):.1f}x fewer dot products than mvr")
     typer.echo(f"chosen: {json.dumps(chosen.to_dict()['params'])}" + ("" if dry_run else f" -> written to {index_dir}"))
+
+
+@app.command("info")
+def info_command(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """What an index holds: counts, layout, encoder, store, config, autotuning record, size on disk."""
+    from himir_rag.info import describe_index, format_info
+
+    try:
+        info = describe_index(index_dir)
+    except (HiMIRError, OSError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps(info, indent=2, allow_nan=False) if as_json else format_info(info))
 
 
 def _mount_subcommands() -> None:

@@ -103,6 +103,15 @@ class HiMIRConfig:
     precision : str
         Storage type of the region vectors: ``"float32"`` or ``"float16"`` (half the memory
         and disk; scores are computed in float32 either way).
+    auto_tune : bool
+        Tune the scheduler without labels when ``add`` finishes (probes drawn from the
+        collection, ``himir-full`` as the reference; see :func:`himir_rag.autoconfig.auto_tune`).
+    auto_tune_min_images : int
+        Smallest collection tuned automatically (below it the defaults are used).
+    auto_tune_growth : float
+        Tune again when the collection has grown this many times since the last tuning.
+    auto_tune_probes : int
+        Probe queries drawn for it (each costs one exhaustive ``himir-full`` search).
     """
 
     layout: str = "1+4+16"
@@ -116,6 +125,10 @@ class HiMIRConfig:
     default_mode: str = "himir"
     search_threads: int = 1
     precision: str = "float16"
+    auto_tune: bool = True
+    auto_tune_min_images: int = 300
+    auto_tune_growth: float = 2.0
+    auto_tune_probes: int = 200
 
     def __post_init__(self) -> None:
         from himir_rag.scheduler import SchedulerParams, parse_mode
@@ -138,6 +151,10 @@ class HiMIRConfig:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.auto_tune, bool):
+            raise ConfigError(f"auto_tune must be true or false, got {self.auto_tune!r}")
+        if self.auto_tune_min_images < 1 or self.auto_tune_growth <= 1 or self.auto_tune_probes < 1:
+            raise ConfigError("auto_tune_min_images and auto_tune_probes must be >= 1, auto_tune_growth > 1")
 
     @property
     def scheduler_params(self) -> Any:

@@ -101,6 +101,7 @@ class BuildReport:
     crops_encoded: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    auto_tuned: bool = False  # the scheduler was tuned on probes when this add finished
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "skipped"},
@@ -153,6 +154,8 @@ class HiMIRIndex:
         self._next_id = 1
         self._write_lock = threading.RLock()
         self._candidate_stores: Any = None  # CandidateStores, created with the first snapshot
+        # how the scheduler parameters were chosen (auto_tune / himir tune record), saved with the index
+        self.autoconfig: dict[str, Any] | None = None
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -334,12 +337,36 @@ class HiMIRIndex:
         bar.close()
         self._record_skipped(report)
         self.sync_candidate_stores()
+        if report.added or report.updated:
+            report.auto_tuned = self._auto_tune_if_due()
         if checkpoint_dir is not None and (saved_at == 0 or saved_at != _processed(report)):
             self.save(checkpoint_dir)  # unless the last checkpoint already holds everything
         report.seconds = time.perf_counter() - started
         for path, reason in report.skipped:
             logger.warning("skipped %s: %s", path, reason)
         return report
+
+    def _auto_tune_if_due(self) -> bool:
+        """Label-free tuning of the scheduler (see :func:`himir_rag.autoconfig.auto_tune`) when the
+        collection reached ``auto_tune_min_images`` or grew ``auto_tune_growth`` x since the last
+        one; never over parameters the user set or tuned with ``himir tune``."""
+        config, record = self.config, self.autoconfig
+        if not config.auto_tune or self.store is not None or len(self) < config.auto_tune_min_images:
+            return False
+        if record is None and config.scheduler:
+            return False  # hand-set parameters
+        if record is not None and (record.get("source") != "auto" or config.scheduler != record.get("params")
+                                   or len(self) < config.auto_tune_growth * int(record.get("images", 0))):
+            return False
+        from himir_rag.autoconfig import apply_record, auto_tune
+
+        logger.info("auto-tuning the scheduler on probes drawn from %d photos", len(self))
+        record = auto_tune(self, probes=config.auto_tune_probes)
+        apply_record(self, record)
+        logger.info("auto-tuned in %.1fs: %s (probe Recall@%d %.3f, himir-full %.3f; %.0f dot products)",
+                    record["seconds"], record["params"], record["k"], record["recall"],
+                    record["himir_full"]["recall"], record["dot_products"])
+        return True
 
     def _encode_locally(self, paths: list[tuple[Path, int | None]], metadata: MetadataSource, report: BuildReport,
                         chunk_images: int) -> Iterator[tuple[int, list[tuple[_Prepared, np.ndarray]]]]:
@@ -669,6 +696,8 @@ class HiMIRIndex:
             "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "store": {"kind": "faiss"} if self.store is None else self.store.describe(),
         }
+        if self.autoconfig is not None:
+            manifest["autoconfig"] = self.autoconfig
         _atomic_write_text(target / "manifest.json", json.dumps(manifest, indent=2))
 
     @classmethod
@@ -719,6 +748,8 @@ class HiMIRIndex:
 
             index._candidate_stores = CandidateStores.load(version_dir, snapshot, threads=index.config.search_threads)
         index._snapshot, index._skipped = snapshot, skipped
+        autoconfig = manifest.get("autoconfig")
+        index.autoconfig = autoconfig if isinstance(autoconfig, dict) else None
         index._next_id = int(manifest.get("next_image_id", max(snapshot.images, default=0) + 1))
         return index
 

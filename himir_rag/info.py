@@ -1,0 +1,78 @@
+"""``himir info``: what a saved index holds, read from its manifest (no model, no vectors loaded)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from himir_rag.config import HiMIRConfig
+from himir_rag.errors import IndexFormatError
+from himir_rag.index import HiMIRIndex
+
+__all__ = ["describe_index", "format_info"]
+
+
+def describe_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts, layout, encoder, store, config (with the effective scheduler parameters), the
+    autotuning record and the bytes on disk of the index in ``directory`` (plain JSON)."""
+    directory = Path(directory)
+    manifest = HiMIRIndex.read_manifest(directory)
+    try:
+        config = HiMIRConfig.from_dict(manifest.get("config", {}))
+    except (TypeError, ValueError) as exc:
+        raise IndexFormatError(f"{directory}: the manifest's config is unreadable ({exc})") from exc
+    version = (directory / "CURRENT").read_text(encoding="utf-8").strip()
+    live = sum(int(size) for size in manifest.get("files", {}).values())
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    scheduler = {key: (list(value) if isinstance(value, tuple) else value)
+                 for key, value in dataclasses.asdict(config.scheduler_params).items()}
+    return {
+        "path": str(directory.absolute()), "version": version, "format_version": manifest.get("format_version"),
+        "saved_at": manifest.get("saved_at"), "counts": manifest.get("counts", {}),
+        "layout": config.layout, "decomposer": config.decomposer, "encoder": manifest.get("encoder", {}),
+        "vectors": manifest.get("vectors", {"dtype": "float32"}), "store": manifest.get("store", {"kind": "faiss"}),
+        "config": config.to_dict(), "scheduler_effective": scheduler,
+        "autoconfig": manifest.get("autoconfig"),
+        "bytes_on_disk": {"live_version": live, "directory": total},
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`describe_index`."""
+    counts, encoder = info["counts"], info["encoder"]
+    config = info["config"]
+    lines = [
+        f"index      {info['path']} (version {info['version']}, saved {info['saved_at']})",
+        f"images     {counts.get('images', '?')}  regions {counts.get('regions', '?')} "
+        f"(global {counts.get('global', '?')}, region {counts.get('region', '?')}, segment {counts.get('segment', '?')})",
+        f"layout     {info['layout']} ({info['decomposer']} decomposer), vectors {info['vectors'].get('dtype')}",
+        f"encoder    {encoder.get('name')} (dim {encoder.get('dim')}, spec {encoder.get('spec')!r})",
+        f"store      {json.dumps(info['store'])}",
+        f"search     default mode {config['default_mode']}, {config['search_threads']} thread(s)",
+        f"scheduler  {json.dumps(config['scheduler']) if config['scheduler'] else 'defaults'}",
+        f"size       {_mib(info['bytes_on_disk']['live_version'])} live version, "
+        f"{_mib(info['bytes_on_disk']['directory'])} directory",
+    ]
+    record = info.get("autoconfig")
+    if not record:
+        lines.append("autoconfig none (defaults, or set by hand)")
+    elif record.get("source") == "auto":
+        before, full = record.get("before", {}), record.get("himir_full", {})
+        lines.append(f"autoconfig auto-tuned {record.get('tuned_at')} at {record.get('images')} images on "
+                     f"{record.get('probes')} probes (seed {record.get('seed')}, tolerance {record.get('tolerance')}): "
+                     f"{json.dumps(record.get('params'))}, probe Recall@{record.get('k')} "
+                     f"{record.get('recall', 0):.3f} at {record.get('dot_products', 0):.0f} dot products "
+                     f"(before: {before.get('recall', 0):.3f} at {before.get('dot_products', 0):.0f}; "
+                     f"himir-full: {full.get('recall', 0):.3f} at {full.get('dot_products', 0):.0f})")
+    else:
+        lines.append(f"autoconfig himir tune {record.get('tuned_at')} on {record.get('queries')} queries: "
+                     f"{record.get('target')} {record.get('accuracy', 0):.3f}, "
+                     f"{record.get('dot_products', 0):.0f} dot products")
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,137 @@
+"""Label-free auto-configuration: probes drawn from the collection, tuning at index time, the
+record it leaves (saved, loaded, kept across adds, shown by ``himir info``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from himir_rag.autoconfig import apply, apply_record, auto_tune, tune
+from himir_rag.cli import app
+from himir_rag.config import HiMIRConfig
+from himir_rag.errors import ConfigError
+from himir_rag.hierarchy import Level
+from himir_rag.index import HiMIRIndex
+from himir_rag.probes import probe_queries
+from tests.conftest import make_scene
+from tests.test_engine import F32, _NoEncoder, planted_snapshot
+
+
+@pytest.fixture(scope="module")
+def planted_index():
+    snapshot, _, _, _ = planted_snapshot(600)
+    return HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=F32)
+
+
+def test_probes_are_deterministic_for_a_seed_and_drawn_from_the_collection(planted_index):
+    snapshot = planted_index.snapshot
+    a, b = probe_queries(snapshot, count=12, seed=3), probe_queries(snapshot, count=12, seed=3)
+    other = probe_queries(snapshot, count=12, seed=4)
+    assert len(a) == 12
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.vectors, y.vectors)
+        assert x.source == y.source
+    assert any(x.source != y.source for x, y in zip(a, other))
+    for probe in a:
+        assert 2 <= len(probe.vectors) <= 3
+        np.testing.assert_allclose(np.linalg.norm(probe.vectors, axis=1), 1.0, rtol=1e-5)
+        rows = snapshot.image_rows(probe.source)
+        rows = rows[snapshot.levels[rows] != Level.GLOBAL]
+        sims = probe.vectors @ snapshot.region_vectors(rows).T
+        # each sub-query is turned 0.6 (cosine) away from its own region of the source photo
+        assert np.allclose(sims.max(axis=1), 0.6, atol=1e-4)
+        assert len(set(sims.argmax(axis=1).tolist())) == len(probe.vectors)
+
+
+def test_auto_tune_keeps_the_cheapest_setting_as_accurate_as_himir_full(planted_index):
+    record = auto_tune(planted_index, probes=16, passes=1)
+    assert record["source"] == "auto" and record["probes"] == 16 and record["reference"] == "himir-full"
+    floor = record["himir_full"]["recall"] - record["tolerance"]
+    assert record["recall"] >= floor - 1e-9 or record["recall"] >= record["before"]["recall"]
+    assert record["dot_products"] <= record["before"]["dot_products"] or record["before"]["recall"] < floor
+    assert record["dot_products"] < record["himir_full"]["dot_products"]
+    assert record["trials"] > 5
+    json.dumps(record, allow_nan=False)  # plain JSON, as saved in the manifest
+    assert auto_tune(planted_index, probes=16, passes=1)["params"] == record["params"]  # deterministic
+
+
+def test_auto_tune_respects_a_budget(planted_index):
+    free = auto_tune(planted_index, probes=16, passes=1)
+    budget = 0.9 * free["before"]["dot_products"]
+    record = auto_tune(planted_index, probes=16, passes=1, budget_dot_products=budget)
+    assert record["dot_products"] <= budget and record["budget_dot_products"] == budget
+
+
+def _photos(root, count, start=0):
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    for i in range(start, start + count):
+        a, b = colours[i % 6], colours[(i // 6 + 1 + i) % 6]
+        make_scene(root / f"p{i:03d}.png", [(a, (5 + i % 40, 5, 60 + i % 40, 50)), (b, (90, 60, 150, 110))])
+    return root
+
+
+def test_index_time_tuning_record_survives_save_load_and_small_adds(tmp_path, color_encoder):
+    config = HiMIRConfig(auto_tune_min_images=8, auto_tune_probes=24)
+    index = HiMIRIndex(color_encoder, config)
+    report = index.add(_photos(tmp_path / "photos", 10), progress=False)
+    assert report.auto_tuned and index.autoconfig["images"] == 10
+    assert index.config.scheduler == index.autoconfig["params"]
+    index.save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
+    assert loaded.autoconfig == index.autoconfig and loaded.config.scheduler == index.config.scheduler
+    # grew by less than 2x: not tuned again
+    report = loaded.add(_photos(tmp_path / "photos", 4, start=10), progress=False)
+    assert not report.auto_tuned and loaded.autoconfig["images"] == 10
+    # 2x the size it was tuned at: tuned again
+    report = loaded.add(_photos(tmp_path / "photos", 8, start=14), progress=False)
+    assert report.auto_tuned and loaded.autoconfig["images"] == 22
+
+
+def test_no_automatic_tuning_over_hand_set_or_user_tuned_parameters(tmp_path, color_encoder):
+    hand = HiMIRIndex(color_encoder,
+                      HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24, scheduler={"candidate_k": 8}))
+    assert not hand.add(_photos(tmp_path / "a", 6), progress=False).auto_tuned
+    assert hand.autoconfig is None and hand.config.scheduler == {"candidate_k": 8}
+    off = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24, auto_tune=False))
+    assert not off.add(_photos(tmp_path / "b", 6), progress=False).auto_tuned
+    tuned = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=100, auto_tune_probes=24))
+    tuned.add(_photos(tmp_path / "c", 6), progress=False)
+    apply(tuned, tune(tuned, ["red and blue", "green"], k=3, passes=1))
+    assert tuned.autoconfig["source"] == "tune" and tuned.autoconfig["queries"] == 2
+    tuned.set_config(tuned.config.replace(auto_tune_min_images=4))
+    assert not tuned.add(_photos(tmp_path / "c", 6, start=6), progress=False).auto_tuned
+    assert tuned.autoconfig["source"] == "tune"
+
+
+def test_auto_tune_settings_are_validated():
+    with pytest.raises(ConfigError, match="auto_tune_growth"):
+        HiMIRConfig(auto_tune_growth=1.0)
+    with pytest.raises(ConfigError, match="auto_tune_probes"):
+        HiMIRConfig(auto_tune_probes=0)
+    with pytest.raises(ConfigError, match="auto_tune must be"):
+        HiMIRConfig(auto_tune="yes")
+
+
+def test_himir_info_prints_counts_and_the_autoconfig_record(tmp_path, color_encoder):
+    index = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24))
+    index.add(_photos(tmp_path / "photos", 6), progress=False)
+    index.save(tmp_path / "idx")
+    runner = CliRunner()
+    text = runner.invoke(app, ["info", str(tmp_path / "idx")])
+    assert text.exit_code == 0, text.output
+    assert "images     6" in text.output and "auto-tuned" in text.output and "1+4+16" in text.output
+    as_json = runner.invoke(app, ["info", str(tmp_path / "idx"), "--json"])
+    info = json.loads(as_json.output)
+    assert info["counts"]["images"] == 6 and info["autoconfig"] == index.autoconfig
+    assert info["bytes_on_disk"]["live_version"] > 0 and info["encoder"]["name"] == "test:color"
+    missing = runner.invoke(app, ["info", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "error:" in missing.output and "Traceback" not in missing.output
+
+
+def test_apply_record_sets_the_parameters(planted_index):
+    index = HiMIRIndex.from_snapshot(planted_index.snapshot, encoder=_NoEncoder(), config=F32)
+    apply_record(index, {"source": "auto", "params": {"candidate_k": 12}, "images": len(index)})
+    assert index.config.scheduler_params.candidate_k == 12
