@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from himir_rag.errors import ImageLoadError
 
 __all__ = ["IMAGE_EXTENSIONS", "load_image", "iter_image_files", "encode_image", "encode_image_file",
-           "encoded_mime_type"]
+           "encoded_mime_type", "image_header_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,16 @@ def encode_image(image: Image.Image, *, max_side: int | None = None,
         return buffer.getvalue(), "image/jpeg"
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "image/png"
+
+
+def image_header_problem(path: str | os.PathLike[str]) -> str | None:
+    """None when Pillow recognises ``path``'s header as an image (nothing is decoded); else why not."""
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - the header is parsed on open; size is always set for an image
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        return f"not an image file Pillow can read ({type(exc).__name__})"
+    return None
 
 
 def encoded_mime_type(path: str | os.PathLike[str]) -> str:

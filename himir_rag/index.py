@@ -41,7 +41,7 @@ from himir_rag.encoders import Encoder, get_encoder
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
                               IndexFormatError)
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
-from himir_rag.images import encode_image, iter_image_files, load_image
+from himir_rag.images import encode_image, image_header_problem, iter_image_files, load_image
 from himir_rag.paths import outside_reason, photo_base, relative_to_root
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
 from himir_rag.threads import limit_threads
@@ -730,13 +730,13 @@ class HiMIRIndex:
         return None
 
     def _photo_problem(self, record: ImageRecord) -> str | None:
-        """Why the original of ``record`` cannot be shown (missing, or outside its base), None when it can."""
+        """Why the original of ``record`` cannot be shown (missing, outside its base, not an image), None when it can."""
         if not os.path.isfile(record.path):
             return ("indexed photo is missing on disk; re-run `himir index`, or `himir relocate` "
                     "if the collection folder moved")
-        if self.config.follow_symlinks:
-            return None
-        return outside_reason(record.path, photo_base(record.path, record.relpath, self.root))
+        outside = None if self.config.follow_symlinks else outside_reason(
+            record.path, photo_base(record.path, record.relpath, self.root))
+        return outside or image_header_problem(record.path)
 
     def thumbnail_path(self, image_id: int) -> Path | None:
         """The saved JPEG thumbnail of an image (``thumbnails=True`` indexes, once saved), else None."""
