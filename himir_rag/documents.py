@@ -4,8 +4,9 @@ Neither framework is imported: a document is recognised by its attributes (``met
 plus ``image_path``, ``id_`` / ``doc_id`` or ``page_content``). Its image file is
 ``image_path`` (attribute or metadata), else metadata ``file_path``, else ``source``. The
 document's id is kept as metadata ``doc_id`` (the adapters return it as the node /
-document id) and its other metadata as the photo's user metadata, minus the path key that
-located the file (the index stores the path itself, root-relative).
+document id) and its other JSON metadata as the photo's user metadata, minus the path key
+that located the file (the index stores the path itself, root-relative) and ``file_name``
+(which the adapters set for every photo).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def documents_to_paths(source: Iterable[Any], metadata: Any) -> tuple[list[Any],
             continue
         path, path_key = _document_path(item)
         document_metadata = _json_metadata(item, path_key)
+        document_metadata.pop("file_name", None)  # himir gives every photo its file_name
         doc_id = _document_id(item)
         if doc_id is not None:
             document_metadata[DOC_ID_KEY] = doc_id

@@ -82,6 +82,7 @@ class SearchHit:
     regions: tuple[RegionMatch, ...]
     width: int = 0
     height: int = 0
+    relpath: str = ""  # path relative to the collection root ("" when the photo is stored by absolute path)
 
 
 @dataclass(frozen=True)
@@ -700,7 +701,7 @@ class HiMIRIndex:
             regions = tuple(RegionMatch(label, Level(int(level)).name.lower(), tuple(int(v) for v in box), float(sim))
                             for label, level, box, sim in zip(labels, item["levels"], item["boxes"], item["best"]))
             hits.append(SearchHit(record.image_id, record.key, record.path, item["score"], dict(record.metadata),
-                                  regions, record.width, record.height))  # type: ignore[arg-type]
+                                  regions, record.width, record.height, record.relpath))  # type: ignore[arg-type]
         return tuple(hits)
 
     # -- photos on disk: containment, thumbnails, relocation, framework retrievers -------------
@@ -1065,7 +1066,7 @@ def _hit(snapshot: Snapshot, scored: Any, pos: int, labels: list[str]) -> Search
         for s, (label, row) in enumerate(zip(labels, scored.best_rows[:, pos]))
     )
     return SearchHit(record.image_id, record.key, record.path, float(scored.scores[pos]), dict(record.metadata),
-                     regions, record.width, record.height)
+                     regions, record.width, record.height, record.relpath)
 
 
 def _fsync(fh: Any) -> None:

@@ -245,13 +245,17 @@ def photo_id(hit: SearchHit) -> str:
 
 
 def photo_text(hit: SearchHit, *, with_metadata: bool = False) -> str:
-    """A query-independent description of a photo: name, size, and (``with_metadata``) its user metadata.
+    """A query-independent description of a photo: its path, size, and (``with_metadata``) its user metadata.
+
+    The path is the root-relative one (the absolute one for photos outside the root), so
+    two photos never share a text (LangChain's ``EnsembleRetriever`` merges by text) and
+    the text does not change when the collection folder moves.
 
     Example
     -------
-    ``Photo "beach.jpg" (640x480).`` then, with metadata, one ``key: value`` line per entry.
+    ``Photo "trip/beach.jpg" (640x480).`` then, with metadata, one ``key: value`` line per entry.
     """
-    lines = [f'Photo "{Path(hit.path).name}" ({hit.width}x{hit.height}).']
+    lines = [f'Photo "{hit.relpath or hit.path}" ({hit.width}x{hit.height}).']
     if with_metadata:
         lines += [f"{key}: {value}" for key, value in hit.metadata.items() if key != DOC_ID_KEY]
     return "\n".join(lines)
