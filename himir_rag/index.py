@@ -732,6 +732,8 @@ class HiMIRIndex:
 
     def _photo_problem(self, record: ImageRecord) -> str | None:
         """Why the original of ``record`` cannot be shown (missing, outside its base, not an image), None when it can."""
+        if not os.path.isabs(record.path):  # only a tampered catalog without a root holds such a row
+            return "its stored path is relative but the index records no collection root"
         if not os.path.isfile(record.path):
             return ("indexed photo is missing on disk; re-run `himir index`, or `himir relocate` "
                     "if the collection folder moved")

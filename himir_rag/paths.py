@@ -42,17 +42,11 @@ def resolve_stored(stored: str, root: str | os.PathLike[str] | None) -> tuple[st
 
     A relative row is joined to ``root`` and normalised; a row that climbs out of the root
     (``../../etc/passwd``) keeps its relative text, so :func:`photo_base` gives the root and
-    the containment check refuses it.
-
-    Raises
-    ------
-    ValueError
-        A relative row in an index that records no root.
+    the containment check refuses it. Without a root (indexes saved before roots were
+    recorded, synthetic ``from_snapshot`` collections) a row is returned as it is.
     """
-    if os.path.isabs(stored):
+    if os.path.isabs(stored) or root is None:
         return stored, ""
-    if root is None:
-        raise ValueError(f"catalog row {stored!r} is relative but the manifest records no collection root")
     return os.path.normpath(os.path.join(root, *PurePosixPath(stored).parts)), stored
 
 

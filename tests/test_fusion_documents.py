@@ -79,6 +79,8 @@ def test_ensemble_retriever_merges_photos_without_id_key(index: HiMIRIndex) -> N
     assert len(documents) == 4 and len({d.id for d in documents}) == 4
     assert len({d.page_content for d in documents}) == 4  # two "red.png" in different folders stay apart
     assert {d.metadata["file_name"] for d in documents} == {"red.png", "red_blue.png", "green.png"}
+    by_key = EnsembleRetriever(retrievers=ensemble.retrievers, weights=[0.5, 0.5], id_key="image_key").invoke("red")
+    assert [d.id for d in by_key] == [d.id for d in documents]
 
 
 # -- building from framework documents -------------------------------------------------------------------
