@@ -41,13 +41,14 @@ from himir_rag.encoders import Encoder, get_encoder
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
                               IndexFormatError)
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
-from himir_rag.images import encode_image, image_header_problem, iter_image_files, load_image
+from himir_rag.images import image_header_problem, iter_image_files, load_image
 from himir_rag.paths import outside_reason, photo_base, relative_to_root
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
 from himir_rag.threads import limit_threads
+from himir_rag.thumbnails import ThumbnailStore, make_thumbnail
 
 __all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatch", "RelocateReport",
-           "FORMAT_VERSION", "THUMBNAIL_MAX_SIDE"]
+           "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ MetadataSource = Mapping[str, Mapping[str, Any]] | Callable[[Path], Mapping[str,
 Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
 _CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step when an index is loaded
 _CROP_MAX_SIDE = 1024  # crops are cut from a copy at most this large: encoders see <= 260 px
-THUMBNAIL_MAX_SIDE = 256  # longer side of the JPEG thumbnails kept with ``thumbnails=True``
-_THUMBNAILS = "thumbnails"  # folder of a version holding <image_id>.jpg
 
 
 @dataclass(frozen=True)
@@ -172,8 +171,7 @@ class HiMIRIndex:
         self._candidate_stores: Any = None  # CandidateStores, created with the first snapshot
         # the collection root: photos under it are stored relative to it (see himir_rag.paths)
         self.root: str | None = None
-        self._pending_thumbnails: dict[int, bytes] = {}  # image id -> JPEG, until the next save
-        self._thumbnail_dir: Path | None = None  # the live saved version's thumbnails folder
+        self._thumbnails = ThumbnailStore()  # with config.thumbnails (see himir_rag.thumbnails)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -306,8 +304,7 @@ class HiMIRIndex:
                                         device=self._device)
         copy._encoder_name, copy._dim = self._encoder_name, self._dim
         copy._skipped, copy._next_id = list(self._skipped), self._next_id
-        copy.root, copy._thumbnail_dir = self.root, self._thumbnail_dir
-        copy._pending_thumbnails = dict(self._pending_thumbnails)
+        copy.root, copy._thumbnails = self.root, self._thumbnails.copy()
         return copy
 
     def add(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
@@ -480,9 +477,7 @@ class HiMIRIndex:
         work = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
                                                         max(1, round(image.height * scale))))
         crops = [work.crop(_crop_box(box, image.size, work.size)) for box in tree.boxes]
-        thumbnail = None
-        if self.config.thumbnails:
-            thumbnail, _ = encode_image(work, max_side=THUMBNAIL_MAX_SIDE, fmt="JPEG", quality=85)
+        thumbnail = make_thumbnail(work) if self.config.thumbnails else None
         return _Prepared(record, tree, crops, replaces, thumbnail)
 
     def _encode_chunk(self, chunk: list[_Prepared], report: BuildReport) -> list[tuple[_Prepared, np.ndarray]]:
@@ -505,7 +500,7 @@ class HiMIRIndex:
                 records.append(dataclasses.replace(item.record, image_id=self._next_id,
                                                    relpath=relative_to_root(item.record.path, self.root)))
                 if item.thumbnail is not None:
-                    self._pending_thumbnails[self._next_id] = item.thumbnail
+                    self._thumbnails.keep(self._next_id, item.thumbnail)
                 self._next_id += 1
                 trees.append(item.tree.select(keep))
                 vectors.append(vecs[keep])
@@ -697,7 +692,7 @@ class HiMIRIndex:
         stats.extra.update(work)
         hits = []
         for item in found:
-            record = item["record"]
+            record = self.snapshot.images.get(item["record"].image_id) or item["record"]  # with its relpath
             regions = tuple(RegionMatch(label, Level(int(level)).name.lower(), tuple(int(v) for v in box), float(sim))
                             for label, level, box, sim in zip(labels, item["levels"], item["boxes"], item["best"]))
             hits.append(SearchHit(record.image_id, record.key, record.path, item["score"], dict(record.metadata),
@@ -708,11 +703,12 @@ class HiMIRIndex:
     def image_file(self, image_id: int) -> tuple[Path, str] | None:
         """The file to show for an image and which it is: ``(path, "original" | "thumbnail")``.
 
-        The original is used when it exists and its real path stays inside its base (the
-        collection root, or its own folder for photos outside the root), unless
-        ``config.follow_symlinks``; otherwise the saved thumbnail, when the index keeps
-        them. None (logged) when neither can be shown. Whatever is shown is decoded and
-        re-encoded before it reaches a model (:func:`himir_rag.images.encode_image_file`).
+        The original is used when it exists, its header is an image's, and its real path
+        stays inside its base (the collection root, or its own folder for photos outside
+        the root; not checked with ``config.follow_symlinks``); otherwise the saved
+        thumbnail, when the index keeps them. None (logged) when neither can be shown.
+        Whatever is shown is decoded and re-encoded before it reaches a model
+        (:func:`himir_rag.images.encode_image_file`).
 
         Raises
         ------
@@ -743,37 +739,7 @@ class HiMIRIndex:
 
     def thumbnail_path(self, image_id: int) -> Path | None:
         """The saved JPEG thumbnail of an image (``thumbnails=True`` indexes, once saved), else None."""
-        if self._thumbnail_dir is None:
-            return None
-        path = self._thumbnail_dir / f"{int(image_id)}.jpg"
-        return path if path.is_file() else None
-
-    def _write_thumbnails(self, folder: Path, snapshot: Snapshot) -> None:
-        """Thumbnails of a new version: new ones written, the live version's hard-linked (copied across devices)."""
-        pending = dict(self._pending_thumbnails)
-        if not pending and self._thumbnail_dir is None:
-            return
-        folder.mkdir()
-        for image_id in snapshot.images:
-            name = f"{image_id}.jpg"
-            if image_id in pending:
-                with open(folder / name, "wb") as fh:
-                    fh.write(pending[image_id])
-                    _fsync(fh)
-            elif self._thumbnail_dir is not None and (self._thumbnail_dir / name).is_file():
-                try:
-                    os.link(self._thumbnail_dir / name, folder / name)
-                except OSError:  # another file system, or links not supported
-                    shutil.copyfile(self._thumbnail_dir / name, folder / name)
-        _fsync_dir(folder)
-
-    def _thumbnails_saved(self, version_dir: Path, snapshot: Snapshot) -> None:
-        """After a save: thumbnails are read from the new version; those written leave memory."""
-        if (version_dir / _THUMBNAILS).is_dir():
-            self._thumbnail_dir = version_dir / _THUMBNAILS
-            with self._write_lock:
-                for image_id in snapshot.images:
-                    self._pending_thumbnails.pop(image_id, None)
+        return self._thumbnails.path(image_id)
 
     def relocate(self, new_root: str | os.PathLike[str]) -> RelocateReport:
         """Point the index at its collection folder's new place (photos stored relative to the root follow).
@@ -849,7 +815,7 @@ class HiMIRIndex:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         _remove_old_versions(directory, keep=version)
-        self._thumbnails_saved(directory / version, snapshot)
+        self._thumbnails.saved(directory / version, snapshot.images)
         return directory / version
 
     def _write_version(self, target: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int) -> None:
@@ -859,7 +825,7 @@ class HiMIRIndex:
         snapshot.write_catalog(target / "catalog.sqlite", skipped=skipped)
         if self.store is None and len(snapshot):
             self.candidate_stores.save(target, snapshot)  # loading them is all the first query costs
-        self._write_thumbnails(target / _THUMBNAILS, snapshot)
+        self._thumbnails.write(target, snapshot.images)
         files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
         manifest = {
             "format": "himir-rag index", "format_version": FORMAT_VERSION,
@@ -926,8 +892,7 @@ class HiMIRIndex:
             index._candidate_stores = CandidateStores.load(version_dir, snapshot, threads=index.config.search_threads)
         index._snapshot, index._skipped = snapshot, skipped
         index._next_id = int(manifest.get("next_image_id", max(snapshot.images, default=0) + 1))
-        if (version_dir / _THUMBNAILS).is_dir():
-            index._thumbnail_dir = version_dir / _THUMBNAILS
+        index._thumbnails = ThumbnailStore.open(version_dir)
         return index
 
     @staticmethod

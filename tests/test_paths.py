@@ -232,9 +232,9 @@ def test_moved_folder_relocate_and_search_again(built: tuple[Path, Path], tmp_pa
     moved.parent.mkdir()
     shutil.move(root, moved)
 
+    version = index_dir / (index_dir / "CURRENT").read_text().strip()
+    shutil.rmtree(version / "thumbnails")  # this test is about the originals (thumbnails: below)
     index = HiMIRIndex.load(index_dir, encoder=ColorEncoder())
-    index.config = index.config.replace(thumbnails=False)
-    index._thumbnail_dir = None  # this part checks the originals only  # noqa: SLF001
     with caplog.at_level(logging.WARNING):
         assert _retrieve(index, k=3) == []
     assert "himir relocate" in caplog.text
