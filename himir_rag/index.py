@@ -401,7 +401,7 @@ class HiMIRIndex:
             self._skipped = _merge_skipped(earlier, report.skipped)
 
     def _choose_root(self, source: Any, paths: list[tuple[Path, int | None]]) -> None:
-        """The first ``add`` of an empty index sets the collection root: its folder, or the listed files' common folder."""
+        """Set the collection root on the first ``add`` of an empty index: its folder, or the files' common folder."""
         if self.root is not None or len(self):
             return
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
@@ -727,7 +727,7 @@ class HiMIRIndex:
         return None
 
     def _photo_problem(self, record: ImageRecord) -> str | None:
-        """Why the original of ``record`` cannot be shown (missing, outside its base, not an image), None when it can."""
+        """Why the original of ``record`` cannot be shown (missing, outside its base, not an image); None if it can."""
         if not os.path.isabs(record.path):  # only a tampered catalog without a root holds such a row
             return "its stored path is relative but the index records no collection root"
         if not os.path.isfile(record.path):
