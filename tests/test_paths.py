@@ -349,3 +349,22 @@ def test_cli_index_thumbnails_and_json_image_fields(tmp_path: Path, monkeypatch:
     assert hit["image_source"] == "thumbnail" and hit["image"] == hit["thumbnail"] and Path(hit["thumbnail"]).is_file()
     text = runner.invoke(app, ["search", str(tmp_path / "index"), "red"])
     assert "(missing on disk; `himir relocate` if the folder moved)" in text.output
+
+
+def test_cli_index_follow_symlinks_is_kept_with_the_index(hostile: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if (hostile / "share").exists():
+        (hostile / "share").unlink()
+    monkeypatch.setattr("himir_rag.index.get_encoder", lambda spec, device="cpu": ColorEncoder())
+    runner = CliRunner()
+    refused = runner.invoke(app, ["index", str(hostile), "--index", str(tmp_path / "a"), "--no-progress"])
+    assert refused.exit_code == 0, refused.output
+    assert "outside the indexed folder" in refused.output and "3 images" in refused.output
+
+    followed = runner.invoke(app, ["index", str(hostile), "--index", str(tmp_path / "b"), "--no-progress",
+                                   "--follow-symlinks"])
+    assert followed.exit_code == 0, followed.output
+    assert "6 images" in followed.output
+    assert HiMIRIndex.read_manifest(tmp_path / "b")["config"]["follow_symlinks"] is True
+    again = runner.invoke(app, ["index", str(hostile), "--index", str(tmp_path / "b"), "--no-progress"])
+    assert "6 unchanged" in again.output and "6 images" in again.output  # the saved choice holds
