@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from himir_rag.hierarchy import Level, RegionTree
+from himir_rag.paths import resolve_stored
 
 __all__ = ["ImageRecord", "Snapshot", "VECTOR_DTYPES"]
 
@@ -42,13 +43,22 @@ class ImageRecord:
     size: int = 0
     mtime_ns: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    relpath: str = ""  # POSIX path relative to the index's collection root; "" when stored absolute
 
     @property
     def key(self) -> str:
-        """Stable unique id of the image, derived from its path (same path => same key)."""
+        """Stable unique id of the image, derived from its root-relative path (absolute path when outside the root).
+
+        The same photo keeps its key when the collection folder moves (see :mod:`himir_rag.paths`).
+        """
         import hashlib
 
-        return "himir-" + hashlib.sha1(self.path.encode("utf-8")).hexdigest()[:20]
+        return "himir-" + hashlib.sha1((self.relpath or self.path).encode("utf-8")).hexdigest()[:20]
+
+    @property
+    def stored_path(self) -> str:
+        """What the catalog stores: the root-relative path, or the absolute path outside the root."""
+        return self.relpath or self.path
 
 
 class _Buffers:
@@ -266,7 +276,7 @@ class Snapshot:
             db.executescript(_SCHEMA)
             db.executemany(
                 "INSERT INTO images VALUES (?,?,?,?,?,?,?)",
-                [(r.image_id, r.path, r.width, r.height, r.size, r.mtime_ns, json.dumps(r.metadata))
+                [(r.image_id, r.stored_path, r.width, r.height, r.size, r.mtime_ns, json.dumps(r.metadata))
                  for r in self.images.values()],
             )
             db.executemany("INSERT INTO regions VALUES (?,?,?,?,?,?,?,?)", self._region_rows())
@@ -283,18 +293,21 @@ class Snapshot:
                            *self.boxes[start:stop].T.tolist())
 
     @classmethod
-    def read_catalog(cls, path: Path, vectors: np.ndarray, *,
-                     records_only: bool = False) -> tuple[Snapshot, list[tuple[str, str]]]:
+    def read_catalog(cls, path: Path, vectors: np.ndarray, *, records_only: bool = False,
+                     root: str | None = None) -> tuple[Snapshot, list[tuple[str, str]]]:
         """Read a catalog written by :meth:`write_catalog` with its (n_regions, dim) vectors.
 
         ``records_only``: the regions live in an external store (Qdrant); only images are read.
+        ``root``: the collection root recorded in the manifest; relative rows are resolved
+        against it (see :func:`himir_rag.paths.resolve_stored`).
         """
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            images = {
-                row[0]: ImageRecord(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]))
-                for row in db.execute("SELECT * FROM images ORDER BY image_id")
-            }
+            images = {}
+            for row in db.execute("SELECT * FROM images ORDER BY image_id"):
+                absolute, relpath = resolve_stored(row[1], root)
+                images[row[0]] = ImageRecord(row[0], absolute, row[2], row[3], row[4], row[5], json.loads(row[6]),
+                                             relpath)
             rows = _read_region_rows(db)
             skipped = [tuple(r) for r in db.execute("SELECT path, reason FROM skipped")]
         finally:

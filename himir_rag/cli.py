@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,15 @@ logger = logging.getLogger("himir_rag.cli")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def _set_offline(offline: bool) -> None:
+    """``--offline``: no model download (Hugging Face's own switch, read by transformers and himir's clip encoder)."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+_OFFLINE_HELP = "Never download models (as HF_HUB_OFFLINE=1); clip: models then come from the HF cache or a folder."
 
 
 def _fail(message: str) -> None:
@@ -52,14 +62,24 @@ def index_command(
                                              help="Tune the scheduler on probes drawn from the collection when "
                                                   "indexing finishes (>= 300 photos; again after 2x growth) "
                                                   "[default: on, or as the index was built]."),
+    follow_symlinks: Optional[bool] = typer.Option(
+        None, "--follow-symlinks/--no-follow-symlinks",
+        help="Also index (and show) photos whose real path is outside the folder [default: no; kept per index]."),
+    thumbnails: bool = typer.Option(False, "--thumbnails", help="Keep 256-px JPEG thumbnails in the index "
+                                    "(results still show images when the originals are gone)."),
+    offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Index a photo folder. Re-running indexes only new or changed files."""
     _setup_logging(verbose)
+    _set_offline(offline)
     try:
         index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
                                 batch_size=batch_size, device=device, prune_cosine=prune_cosine,
                                 precision=precision)
+        index.config = index.config.replace(
+            thumbnails=index.config.thumbnails or thumbnails,
+            follow_symlinks=index.config.follow_symlinks if follow_symlinks is None else follow_symlinks)
         if index.store is None and store != "faiss":
             index.store = _make_store(store, index, qdrant_url=qdrant_url, qdrant_path=qdrant_path,
                                       collection=collection or index_dir.name)
@@ -120,13 +140,25 @@ def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: s
     return HiMIRIndex(encoder, config, device=device)
 
 
-def _result_json(result: SearchResult, query_id: Any = None) -> dict[str, Any]:
+def _image_fields(index: HiMIRIndex | None, image_id: int) -> dict[str, Any]:
+    """``image``: the file to show (the photo, or its thumbnail when it is gone or refused; null if neither),
+    ``image_source`` and ``thumbnail`` (the saved thumbnail or null)."""
+    if index is None or image_id not in index.snapshot.images:
+        return {}
+    shown = index.image_file(image_id)
+    thumbnail = index.thumbnail_path(image_id)
+    return {"image": None if shown is None else str(shown[0]), "image_source": None if shown is None else shown[1],
+            "thumbnail": None if thumbnail is None else str(thumbnail)}
+
+
+def _result_json(result: SearchResult, query_id: Any = None, index: HiMIRIndex | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {} if query_id is None else {"id": query_id}
     payload.update({
         "query": result.query,
         "subqueries": list(result.subqueries),
         "results": [
-            {"path": hit.path, "score": round(hit.score, 6), "image_id": hit.image_id, "metadata": hit.metadata,
+            {"path": hit.path, **_image_fields(index, hit.image_id), "score": round(hit.score, 6),
+             "image_id": hit.image_id, "metadata": hit.metadata,
              "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6)}
                          for m in hit.regions]}
             for hit in result.hits
@@ -143,7 +175,8 @@ def _print_result(result: SearchResult) -> None:
     typer.echo(f"query: {result.query}")
     typer.echo(f"sub-queries: {', '.join(result.subqueries)}")
     for rank, hit in enumerate(result.hits, 1):
-        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.path}")
+        missing = "" if os.path.isfile(hit.path) else "  (missing on disk; `himir relocate` if the folder moved)"
+        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.path}{missing}")
         for match in hit.regions:
             typer.echo(f"       {match.subquery!r}: {match.level} {list(match.bbox)} sim {match.score:.3f}")
     typer.echo(f"({result.stats.dot_products} dot products, {result.stats.latency_ms.get('total', 0):.1f} ms)")
@@ -166,10 +199,12 @@ def search_command(
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
     decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Search an index with one query, or a JSONL file of queries (model loaded once)."""
     _setup_logging(verbose)
+    _set_offline(offline)
     if (query is None) == (queries is None):
         _fail("give either a QUERY argument or --queries FILE.jsonl, not both or neither")
     try:
@@ -178,14 +213,14 @@ def search_command(
         if queries is None:
             result = index.search(query, k=k, mode=mode, decomposer=splitter)
             if as_json:
-                typer.echo(json.dumps(_result_json(result)))
+                typer.echo(json.dumps(_result_json(result, index=index)))
             else:
                 _print_result(result)
             return
         for query_id, text in _read_queries(queries):
             result = index.search(text, k=k, mode=mode, decomposer=splitter)
             if as_json:
-                typer.echo(json.dumps(_result_json(result, query_id)))
+                typer.echo(json.dumps(_result_json(result, query_id, index=index)))
             else:
                 _print_result(result)
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
@@ -203,6 +238,28 @@ def _read_queries(path: Path):
                 yield item.get("id", number), str(item["query"])
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"{path}:{number}: expected a JSON object with a 'query' field ({exc})") from exc
+
+
+@app.command("relocate")
+def relocate_command(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    root: Path = typer.Option(..., "--root", help="The photo folder's new location."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Point an index at its moved photo folder (photos are stored relative to the folder)."""
+    _setup_logging(verbose)
+    try:
+        index = HiMIRIndex.load(index_dir)
+        report = index.relocate(root)
+        if report.rebased and report.missing == report.rebased:
+            _fail(f"none of the {report.rebased} photos exist under {report.root}; index left unchanged "
+                  "(check --root: it is the folder that was indexed, at its new place)")
+        index.save(index_dir)
+    except (HiMIRError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"root -> {report.root}: {report.rebased} photos rebased ({report.missing} missing there), "
+               f"{report.outside_root} stored outside the root left as they are")
 
 
 @app.command("demo")

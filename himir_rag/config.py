@@ -112,6 +112,13 @@ class HiMIRConfig:
         Tune again when the collection has grown this many times since the last tuning.
     auto_tune_probes : int
         Probe queries drawn for it (each costs one exhaustive ``himir-full`` search).
+    follow_symlinks : bool
+        Index, and show at retrieval, photos whose real path lies outside the collection
+        folder (symlinks out of it, edited catalog rows). Off by default: they are skipped
+        at index time and left out of results (see :mod:`himir_rag.paths`).
+    thumbnails : bool
+        Keep a small JPEG of every photo (longer side 256 px) inside the saved index, so
+        results still carry an image when the originals are gone.
     """
 
     layout: str = "1+4+16"
@@ -129,6 +136,8 @@ class HiMIRConfig:
     auto_tune_min_images: int = 300
     auto_tune_growth: float = 2.0
     auto_tune_probes: int = 200
+    follow_symlinks: bool = False
+    thumbnails: bool = False
 
     def __post_init__(self) -> None:
         from himir_rag.scheduler import SchedulerParams, parse_mode
@@ -149,6 +158,9 @@ class HiMIRConfig:
         _check_range("prune_cosine", self.prune_cosine, 0.0, 1.0)
         if self.max_image_pixels < 1:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        for name in ("follow_symlinks", "thumbnails"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not isinstance(self.auto_tune, bool):

@@ -10,6 +10,7 @@ __all__ = [
     "IncompatibleIndexError",
     "EmptyIndexError",
     "EncoderUnavailableError",
+    "MissingDependencyError",
 ]
 
 
@@ -39,3 +40,7 @@ class EmptyIndexError(HiMIRError, LookupError):
 
 class EncoderUnavailableError(HiMIRError, ImportError):
     """An encoder's model or optional dependency cannot be loaded."""
+
+
+class MissingDependencyError(HiMIRError, ImportError):
+    """An optional dependency himir_rag needs for this call (e.g. faiss) is not installed."""

@@ -1,7 +1,13 @@
-"""Safe image loading: formats, EXIF orientation, RGB, size limits, folder walking."""
+"""Safe image loading: formats, EXIF orientation, RGB, size limits, folder walking, re-encoding.
+
+Nothing leaves the library as a file's raw bytes: :func:`encode_image` re-encodes a decoded
+image, so a path that does not hold an image (``/etc/shadow`` behind a symlink) can only
+fail to decode, never be shipped.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -14,7 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from himir_rag.errors import ImageLoadError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "iter_image_files"]
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "iter_image_files", "encode_image", "encode_image_file",
+           "encoded_mime_type", "image_header_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +134,15 @@ def _scaled_to_uint8(img: Image.Image):  # -> np.ndarray
     return ((arr - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def iter_image_files(root: str | os.PathLike[str], *,
-                     on_skip: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+def iter_image_files(root: str | os.PathLike[str], *, on_skip: Callable[[Path, str], None] | None = None,
+                     follow_symlinks: bool = False) -> Iterator[Path]:
     """Yield image files under ``root`` recursively, sorted, following symlinks safely.
 
-    Directory symlinks are followed once; loops are detected by real path and not
-    walked again (each file is yielded once). Files are recognised by extension;
-    whether they decode is checked later.
+    Symlinks whose target lies inside ``root`` (real paths compared) are followed;
+    directory symlinks once, loops are detected by real path and not walked again (each
+    file is yielded once). Symlinks to files or folders outside ``root`` are skipped with
+    a reason (a folder is reported once, not walked) unless ``follow_symlinks``. Files are
+    recognised by extension; whether they decode is checked later.
 
     Parameters
     ----------
@@ -141,7 +150,10 @@ def iter_image_files(root: str | os.PathLike[str], *,
         A directory, or a single image file.
     on_skip : callable, optional
         ``on_skip(path, reason)`` for what cannot be walked: unlistable directories,
-        broken or looping symlinks with an image extension. Always logged as well.
+        broken or looping symlinks with an image extension, links out of ``root``.
+        Always logged as well.
+    follow_symlinks : bool
+        Also follow symlinks whose target is outside ``root``.
 
     Yields
     ------
@@ -159,10 +171,23 @@ def iter_image_files(root: str | os.PathLike[str], *,
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
     seen: set[str] = set()
-    yield from _walk(root, seen, on_skip or (lambda path, reason: None))
+    base = None if follow_symlinks else os.path.realpath(root)
+    yield from _walk(root, seen, on_skip or (lambda path, reason: None), base)
 
 
-def _walk(directory: Path, seen: set[str], on_skip: Callable[[Path, str], None]) -> Iterator[Path]:
+def _outside(path: Path, base: str | None) -> str | None:
+    """Why ``path`` (a symlink or inside a followed one) is refused, or None when it stays inside ``base``."""
+    if base is None:
+        return None
+    real = os.path.realpath(path)
+    if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+        return None
+    return (f"symlink to {real}, outside the indexed folder {base}; not indexed "
+            "(pass follow_symlinks=True / --follow-symlinks to include it)")
+
+
+def _walk(directory: Path, seen: set[str], on_skip: Callable[[Path, str], None],
+          base: str | None) -> Iterator[Path]:
     real = os.path.realpath(directory)
     if real in seen:
         # not a loss: the directory's files are (or will be) yielded under their first path
@@ -178,8 +203,13 @@ def _walk(directory: Path, seen: set[str], on_skip: Callable[[Path, str], None])
         path = Path(entry.path)
         is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
         try:
-            if entry.is_dir(follow_symlinks=True):
-                yield from _walk(path, seen, on_skip)
+            refused = _outside(path, base) if entry.is_symlink() else None
+            if refused is not None and (is_image_name or entry.is_dir(follow_symlinks=True)):
+                _skip(on_skip, path, refused)
+            elif refused is not None:
+                continue
+            elif entry.is_dir(follow_symlinks=True):
+                yield from _walk(path, seen, on_skip, base)
             elif entry.is_file(follow_symlinks=True) and is_image_name:
                 yield path
             elif is_image_name and entry.is_symlink():
@@ -192,3 +222,64 @@ def _walk(directory: Path, seen: set[str], on_skip: Callable[[Path, str], None])
 def _skip(on_skip: Callable[[Path, str], None], path: Path, reason: str) -> None:
     logger.warning("%s: %s, skipped", path, reason)
     on_skip(path, reason)
+
+
+_JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
+
+
+def encode_image(image: Image.Image, *, max_side: int | None = None,
+                 fmt: str = "PNG", quality: int = 90) -> tuple[bytes, str]:
+    """Re-encode a decoded image as PNG or JPEG, downscaled so its longer side is at most ``max_side``.
+
+    Returns
+    -------
+    tuple[bytes, str]
+        ``(encoded bytes, mime type)``.
+
+    Example
+    -------
+    >>> data, mime = encode_image(Image.new("RGB", (800, 600)), max_side=256, fmt="JPEG")
+    >>> mime, Image.open(io.BytesIO(data)).size
+    ('image/jpeg', (256, 192))
+    """
+    if max_side is not None and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
+    if fmt.upper() not in ("PNG", "JPEG"):
+        raise ValueError(f"fmt must be 'PNG' or 'JPEG', got {fmt!r}")
+    buffer = io.BytesIO()
+    if fmt.upper() == "JPEG":
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        return buffer.getvalue(), "image/jpeg"
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"
+
+
+def image_header_problem(path: str | os.PathLike[str]) -> str | None:
+    """None when Pillow recognises ``path``'s header as an image (nothing is decoded); else why not."""
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - the header is parsed on open; size is always set for an image
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        return f"not an image file Pillow can read ({type(exc).__name__})"
+    return None
+
+
+def encoded_mime_type(path: str | os.PathLike[str]) -> str:
+    """The MIME type :func:`encode_image_file` gives ``path``: ``image/jpeg`` for JPEG names, else ``image/png``."""
+    return "image/jpeg" if Path(path).suffix.lower() in _JPEG_EXTENSIONS else "image/png"
+
+
+def encode_image_file(path: str | os.PathLike[str], *, max_side: int | None = None,
+                      max_pixels: int = 50_000_000) -> tuple[bytes, str]:
+    """Decode an image file (:func:`load_image`) and re-encode it: JPEG for ``.jpg``/``.jpeg``, else PNG.
+
+    The file's own bytes are never returned, so a file that is not an image raises.
+
+    Raises
+    ------
+    ImageLoadError
+        The file is missing, unreadable or not a decodable image.
+    """
+    fmt = "JPEG" if encoded_mime_type(path) == "image/jpeg" else "PNG"
+    return encode_image(load_image(path, max_pixels=max_pixels), max_side=max_side, fmt=fmt)

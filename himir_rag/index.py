@@ -16,6 +16,7 @@ crash at any point leaves the previous index loadable. Nothing is unpickled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,14 @@ from himir_rag.encoders import Encoder, get_encoder
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
                               IndexFormatError)
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
-from himir_rag.images import iter_image_files, load_image
+from himir_rag.images import image_header_problem, iter_image_files, load_image
+from himir_rag.paths import outside_reason, photo_base, relative_to_root
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
 from himir_rag.threads import limit_threads
+from himir_rag.thumbnails import ThumbnailStore, make_thumbnail
 
-__all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatch", "FORMAT_VERSION"]
+__all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatch", "RelocateReport",
+           "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ class SearchHit:
     regions: tuple[RegionMatch, ...]
     width: int = 0
     height: int = 0
+    relpath: str = ""  # path relative to the collection root ("" when the photo is stored by absolute path)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,16 @@ class BuildReport:
                 "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
 
 
+@dataclass(frozen=True)
+class RelocateReport:
+    """What :meth:`HiMIRIndex.relocate` did: the new root, photos rebased onto it, and how many are missing there."""
+
+    root: str
+    rebased: int
+    missing: int
+    outside_root: int
+
+
 @dataclass
 class _Prepared:
     """An image decoded and decomposed, waiting for its crops to be encoded."""
@@ -116,6 +131,7 @@ class _Prepared:
     tree: RegionTree
     crops: list[Image.Image]
     replaces: int | None
+    thumbnail: bytes | None = None  # JPEG, when the config keeps thumbnails
 
 
 class HiMIRIndex:
@@ -156,6 +172,9 @@ class HiMIRIndex:
         self._candidate_stores: Any = None  # CandidateStores, created with the first snapshot
         # how the scheduler parameters were chosen (auto_tune / himir tune record), saved with the index
         self.autoconfig: dict[str, Any] | None = None
+        # the collection root: photos under it are stored relative to it (see himir_rag.paths)
+        self.root: str | None = None
+        self._thumbnails = ThumbnailStore()  # with config.thumbnails (see himir_rag.thumbnails)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -220,11 +239,28 @@ class HiMIRIndex:
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
-    def build(cls, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
+    def build(cls, source: str | os.PathLike[str] | Iterable[Any], *,
               encoder: Encoder | str = "offline", config: HiMIRConfig | None = None,
-              metadata: MetadataSource = None, progress: bool = True, device: str = "cpu") -> HiMIRIndex:
-        """Create an index and add ``source`` (a directory, searched recursively, or paths)."""
-        index = cls(encoder, config, device=device)
+              metadata: MetadataSource = None, progress: bool = True, device: str = "cpu",
+              thumbnails: bool | None = None, follow_symlinks: bool | None = None) -> HiMIRIndex:
+        """Create an index and add ``source``: a directory (searched recursively), paths, or documents.
+
+        Documents are LlamaIndex ``ImageDocument`` / ``Document`` (e.g. from
+        ``SimpleDirectoryReader(folder).load_data()``) or LangChain ``Document`` with the
+        image path in ``image_path`` or metadata ``image_path`` / ``file_path`` / ``source``;
+        their metadata becomes the photos' metadata and their id is kept as ``doc_id``
+        (see :mod:`himir_rag.documents`). ``thumbnails`` / ``follow_symlinks`` override the
+        config's fields of the same names.
+
+        Example
+        -------
+        >>> from llama_index.core import SimpleDirectoryReader  # doctest: +SKIP
+        >>> index = HiMIRIndex.build(SimpleDirectoryReader("photos/").load_data())  # doctest: +SKIP
+        """
+        config = config or HiMIRConfig()
+        overrides = {name: value for name, value in (("thumbnails", thumbnails), ("follow_symlinks", follow_symlinks))
+                     if value is not None}
+        index = cls(encoder, config.replace(**overrides) if overrides else config, device=device)
         index.add(source, metadata=metadata, progress=progress)
         return index
 
@@ -271,6 +307,7 @@ class HiMIRIndex:
                                         device=self._device)
         copy._encoder_name, copy._dim = self._encoder_name, self._dim
         copy._skipped, copy._next_id = list(self._skipped), self._next_id
+        copy.root, copy._thumbnails, copy.autoconfig = self.root, self._thumbnails.copy(), self.autoconfig
         return copy
 
     def add(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
@@ -285,8 +322,11 @@ class HiMIRIndex:
 
         Parameters
         ----------
-        source : path or iterable of paths
-            A directory (recursive) or image files.
+        source : path or iterable of paths or documents
+            A directory (recursive), image files, or LlamaIndex / LangChain documents
+            naming image files (see :meth:`build`). In a directory, symlinks out of it
+            are skipped unless ``config.follow_symlinks``; so are listed files whose real
+            path leaves their folder (or the collection root).
         metadata : mapping or callable, optional
             User metadata per image: ``{path: {...}}`` or ``fn(path) -> {...}``; JSON values.
         chunk_images : int
@@ -315,7 +355,12 @@ class HiMIRIndex:
             raise ConfigError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
         started = time.perf_counter()
         report = BuildReport()
+        if not isinstance(source, (str, os.PathLike)):
+            from himir_rag.documents import documents_to_paths
+
+            source, metadata = documents_to_paths(source, metadata)
         paths = self._collect_paths(source, report)
+        self._choose_root(source, paths)
         saved_at = 0
         bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)
         if ray_address is None:
@@ -382,11 +427,28 @@ class HiMIRIndex:
             earlier = [(path, reason) for path, reason in self._skipped if path not in indexed]
             self._skipped = _merge_skipped(earlier, report.skipped)
 
+    def _choose_root(self, source: Any, paths: list[tuple[Path, int | None]]) -> None:
+        """Set the collection root on the first ``add`` of an empty index: its folder, or the files' common folder."""
+        if self.root is not None or len(self):
+            return
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            self.root = os.path.abspath(source)
+        elif paths:
+            self.root = os.path.commonpath([str(path.parent) for path, _ in paths])
+
+    def _refused_path(self, path: str) -> str | None:
+        """Why a listed file is not indexed: its real path leaves its base (root or folder); None when fine."""
+        if self.config.follow_symlinks:
+            return None
+        return outside_reason(path, photo_base(path, relative_to_root(path, self.root), self.root))
+
     def _collect_paths(self, source: Any, report: BuildReport) -> list[tuple[Path, int | None]]:
         """Files to (re)index, each with the id of the image it replaces (changed files)."""
-        if isinstance(source, (str, os.PathLike)):
+        listed = not isinstance(source, (str, os.PathLike))
+        if not listed:
             candidates: Iterable[Path] = iter_image_files(
-                source, on_skip=lambda path, reason: report.skipped.append((str(path.absolute()), reason)))
+                source, on_skip=lambda path, reason: report.skipped.append((str(path.absolute()), reason)),
+                follow_symlinks=self.config.follow_symlinks)
         else:
             candidates = (Path(p) for p in source)
         by_path = {r.path: r for r in self.snapshot.images.values()}
@@ -397,6 +459,10 @@ class HiMIRIndex:
             if absolute in seen:
                 continue
             seen.add(absolute)
+            refused = self._refused_path(absolute) if listed else None
+            if refused is not None:
+                report.skipped.append((absolute, refused))
+                continue
             try:
                 stat = os.stat(absolute)
             except OSError as exc:
@@ -438,7 +504,8 @@ class HiMIRIndex:
         work = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
                                                         max(1, round(image.height * scale))))
         crops = [work.crop(_crop_box(box, image.size, work.size)) for box in tree.boxes]
-        return _Prepared(record, tree, crops, replaces)
+        thumbnail = make_thumbnail(work) if self.config.thumbnails else None
+        return _Prepared(record, tree, crops, replaces, thumbnail)
 
     def _encode_chunk(self, chunk: list[_Prepared], report: BuildReport) -> list[tuple[_Prepared, np.ndarray]]:
         crops = [crop for item in chunk for crop in item.crops]
@@ -457,7 +524,10 @@ class HiMIRIndex:
                 keep = _granularity_keep(item.tree, vecs, self.config.prune_cosine)
                 report.regions_pruned += int((~keep).sum())
                 report.regions_stored += int(keep.sum())
-                records.append(_with_id(item.record, self._next_id))
+                records.append(dataclasses.replace(item.record, image_id=self._next_id,
+                                                   relpath=relative_to_root(item.record.path, self.root)))
+                if item.thumbnail is not None:
+                    self._thumbnails.keep(self._next_id, item.thumbnail)
                 self._next_id += 1
                 trees.append(item.tree.select(keep))
                 vectors.append(vecs[keep])
@@ -649,12 +719,108 @@ class HiMIRIndex:
         stats.extra.update(work)
         hits = []
         for item in found:
-            record = item["record"]
+            record = self.snapshot.images.get(item["record"].image_id) or item["record"]  # with its relpath
             regions = tuple(RegionMatch(label, Level(int(level)).name.lower(), tuple(int(v) for v in box), float(sim))
                             for label, level, box, sim in zip(labels, item["levels"], item["boxes"], item["best"]))
             hits.append(SearchHit(record.image_id, record.key, record.path, item["score"], dict(record.metadata),
-                                  regions, record.width, record.height))  # type: ignore[arg-type]
+                                  regions, record.width, record.height, record.relpath))  # type: ignore[arg-type]
         return tuple(hits)
+
+    # -- photos on disk: containment, thumbnails, relocation, framework retrievers -------------
+    def image_file(self, image_id: int) -> tuple[Path, str] | None:
+        """The file to show for an image and which it is: ``(path, "original" | "thumbnail")``.
+
+        The original is used when it exists, its header is an image's, and its real path
+        stays inside its base (the collection root, or its own folder for photos outside
+        the root; not checked with ``config.follow_symlinks``); otherwise the saved
+        thumbnail, when the index keeps them. None (logged) when neither can be shown.
+        Whatever is shown is decoded and re-encoded before it reaches a model
+        (:func:`himir_rag.images.encode_image_file`).
+
+        Raises
+        ------
+        KeyError
+            ``image_id`` is not in the index.
+        """
+        record = self.snapshot.images[image_id]
+        problem = self._photo_problem(record)
+        if problem is None:
+            return Path(record.path), "original"
+        thumbnail = self.thumbnail_path(image_id)
+        if thumbnail is not None:
+            logger.info("%s: %s; showing its thumbnail", record.path, problem)
+            return thumbnail, "thumbnail"
+        logger.warning("%s: %s; left out of the results", record.path, problem)
+        return None
+
+    def _photo_problem(self, record: ImageRecord) -> str | None:
+        """Why the original of ``record`` cannot be shown (missing, outside its base, not an image); None if it can."""
+        if not os.path.isabs(record.path):  # only a tampered catalog without a root holds such a row
+            return "its stored path is relative but the index records no collection root"
+        if not os.path.isfile(record.path):
+            return ("indexed photo is missing on disk; re-run `himir index`, or `himir relocate` "
+                    "if the collection folder moved")
+        outside = None if self.config.follow_symlinks else outside_reason(
+            record.path, photo_base(record.path, record.relpath, self.root))
+        return outside or image_header_problem(record.path)
+
+    def thumbnail_path(self, image_id: int) -> Path | None:
+        """The saved JPEG thumbnail of an image (``thumbnails=True`` indexes, once saved), else None."""
+        return self._thumbnails.path(image_id)
+
+    def relocate(self, new_root: str | os.PathLike[str]) -> RelocateReport:
+        """Point the index at its collection folder's new place (photos stored relative to the root follow).
+
+        Photos stored by absolute path (outside the root) are left as they are. For an
+        index saved before roots were recorded, the old root is the photos' common folder;
+        their keys then change once (they become root-relative). Save the index afterwards.
+
+        Returns
+        -------
+        RelocateReport
+            Photos rebased, and how many of them are missing under ``new_root``.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``new_root`` is not a directory.
+        ConfigError
+            The index keeps its catalog in Qdrant (its payloads hold absolute paths).
+
+        Example
+        -------
+        >>> index.relocate("/mnt/new-disk/photos").missing  # doctest: +SKIP
+        0
+        """
+        root = os.path.abspath(new_root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: no such directory; give the collection folder's new location")
+        if self.store is not None:
+            raise ConfigError("relocate is not supported for a Qdrant-backed index (its payloads hold absolute "
+                              "paths); re-index the moved folder instead")
+        with self._write_lock:
+            snapshot = self.snapshot
+            old_root = self.root or _common_folder([r.path for r in snapshot.images.values()])
+            records = [_rebased(r, old_root, root) for r in snapshot.images.values()]
+            self._snapshot = snapshot.with_records(records)
+            self.root = root
+        rebased = [r for r in records if r.relpath]
+        missing = sum(not os.path.isfile(r.path) for r in rebased)
+        if missing:
+            logger.warning("%d of %d photos are missing under %s", missing, len(rebased), root)
+        return RelocateReport(root, len(rebased), missing, len(records) - len(rebased))
+
+    def as_llama_index_retriever(self, **kwargs: Any) -> Any:
+        """A :class:`himir_rag.llama_index.HiMIRRetriever` over this index (needs the ``llama-index`` extra)."""
+        from himir_rag.llama_index import HiMIRRetriever
+
+        return HiMIRRetriever(self, **kwargs)
+
+    def as_langchain_retriever(self, **kwargs: Any) -> Any:
+        """A :class:`himir_rag.langchain.HiMIRRetriever` over this index (needs the ``langchain`` extra)."""
+        from himir_rag.langchain import HiMIRRetriever
+
+        return HiMIRRetriever(index=self, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -676,6 +842,7 @@ class HiMIRIndex:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         _remove_old_versions(directory, keep=version)
+        self._thumbnails.saved(directory / version, snapshot.images)
         return directory / version
 
     def _write_version(self, target: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int) -> None:
@@ -685,7 +852,8 @@ class HiMIRIndex:
         snapshot.write_catalog(target / "catalog.sqlite", skipped=skipped)
         if self.store is None and len(snapshot):
             self.candidate_stores.save(target, snapshot)  # loading them is all the first query costs
-        files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
+        self._thumbnails.write(target, snapshot.images)
+        files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
         manifest = {
             "format": "himir-rag index", "format_version": FORMAT_VERSION,
             "encoder": {"name": self._encoder_name or self.encoder.name, "dim": snapshot.dim,
@@ -695,6 +863,7 @@ class HiMIRIndex:
             "counts": {"images": len(snapshot), "regions": int(len(snapshot.levels)), **snapshot.level_counts()},
             "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "store": {"kind": "faiss"} if self.store is None else self.store.describe(),
+            "root": self.root,
         }
         if self.autoconfig is not None:
             manifest["autoconfig"] = self.autoconfig
@@ -736,13 +905,16 @@ class HiMIRIndex:
             raise IndexFormatError(f"{version_dir}/manifest.json: vector type {dtype!r} is not one of "
                                    f"{sorted(VECTOR_DTYPES)}; rebuild the index")
         vectors = _read_vectors(version_dir / "vectors.npy", dim, dtype=dtype)
+        index.root = manifest.get("root") if isinstance(manifest.get("root"), str) else None
         try:
             snapshot, skipped = Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors,
-                                                      records_only=index.store is not None)
+                                                      records_only=index.store is not None, root=index.root)
         except Exception as exc:  # sqlite3.DatabaseError, ValueError, json errors...
             raise IndexFormatError(f"{version_dir / 'catalog.sqlite'}: unreadable catalog ({exc}); rebuild the index") from exc
         if index.store is not None:  # the store's payloads are the catalog of record
-            snapshot = Snapshot.empty(dim).with_records(sorted(index.store.records(), key=lambda r: r.image_id))
+            snapshot = Snapshot.empty(dim).with_records(sorted(
+                (dataclasses.replace(r, relpath=relative_to_root(r.path, index.root)) for r in index.store.records()),
+                key=lambda r: r.image_id))
         if index.store is None:
             from himir_rag.store.candidates import CandidateStores
 
@@ -751,6 +923,7 @@ class HiMIRIndex:
         autoconfig = manifest.get("autoconfig")
         index.autoconfig = autoconfig if isinstance(autoconfig, dict) else None
         index._next_id = int(manifest.get("next_image_id", max(snapshot.images, default=0) + 1))
+        index._thumbnails = ThumbnailStore.open(version_dir)
         return index
 
     @staticmethod
@@ -822,8 +995,18 @@ def _crop_box(box: Sequence[int], size: tuple[int, int], work_size: tuple[int, i
     return x0, y0, x1, y1
 
 
-def _with_id(record: ImageRecord, image_id: int) -> ImageRecord:
-    return ImageRecord(image_id, record.path, record.width, record.height, record.size, record.mtime_ns, record.metadata)
+def _common_folder(paths: list[str]) -> str | None:
+    """The deepest folder holding all ``paths`` (None for none)."""
+    return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else None
+
+
+def _rebased(record: ImageRecord, old_root: str | None, new_root: str) -> ImageRecord:
+    """``record`` moved from ``old_root`` to ``new_root``; unchanged when stored outside the root."""
+    relpath = record.relpath or relative_to_root(record.path, old_root)
+    if not relpath:
+        return record
+    return dataclasses.replace(record, path=os.path.normpath(os.path.join(new_root, *PurePosixPath(relpath).parts)),
+                               relpath=relpath)
 
 
 def _area_keep(tree: RegionTree, min_frac: float) -> np.ndarray:
@@ -881,7 +1064,7 @@ def _hit(snapshot: Snapshot, scored: Any, pos: int, labels: list[str]) -> Search
         for s, (label, row) in enumerate(zip(labels, scored.best_rows[:, pos]))
     )
     return SearchHit(record.image_id, record.key, record.path, float(scored.scores[pos]), dict(record.metadata),
-                     regions, record.width, record.height)
+                     regions, record.width, record.height, record.relpath)
 
 
 def _fsync(fh: Any) -> None:

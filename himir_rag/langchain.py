@@ -1,9 +1,11 @@
 """LangChain adapter: :class:`HiMIRRetriever`, a ``BaseRetriever`` returning photo documents.
 
-Each ranked photo becomes a ``Document``: ``page_content`` says which region matched
-which sub-query, ``metadata`` holds the user's metadata plus the keys listed in
-:mod:`himir_rag.retriever` (``image_path``, ``mime_type``, ``score``, ``regions``...), and
-``id`` is the photo's stable key.
+Each ranked photo becomes a ``Document``: ``page_content`` is a query-independent
+description (file name, size, user metadata), ``metadata`` holds the user's metadata plus
+the keys listed in :mod:`himir_rag.retriever` (``image_path``, ``mime_type``, and the
+per-query ``score``, ``subqueries``, ``regions``...), and ``id`` is the photo's stable key
+(or the id of the document it was indexed from). Id and content depend only on the photo,
+so ``EnsembleRetriever`` merges one photo found by several retrievers without ``id_key``.
 
 :func:`documents_to_content_blocks`, :func:`format_images` and :func:`image_prompt` turn
 retrieved documents into a multimodal ``HumanMessage`` (langchain-core 1.x standard
@@ -137,7 +139,7 @@ class HiMIRRetriever(BaseRetriever):
         decompose_ms = (time.perf_counter() - started) * 1000
         result = self.index.search(query, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
                                                                  filters=filters))
-        return _documents(result, decompose_ms)
+        return _documents(self.index, result, decompose_ms)
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
                                        **kwargs: Any) -> list[Document]:
@@ -148,14 +150,15 @@ class HiMIRRetriever(BaseRetriever):
         decompose_ms = (time.perf_counter() - started) * 1000
         result = await self.index.asearch(query, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
                                                                         filters=filters))
-        return _documents(result, decompose_ms)
+        return _documents(self.index, result, decompose_ms)
 
 
-def _documents(result: SearchResult, decompose_ms: float) -> list[Document]:
+def _documents(index: Any, result: SearchResult, decompose_ms: float) -> list[Document]:
     shared.record_decompose_latency(result, decompose_ms)
-    return [Document(page_content=shared.hit_text(hit, result.query), metadata=shared.hit_metadata(hit, result),
-                     id=hit.key)
-            for hit in shared.present_hits(result.hits)]
+    return [Document(page_content=shared.photo_text(shown.hit, with_metadata=True), id=shared.photo_id(shown.hit),
+                     metadata=shared.hit_metadata(shown.hit, result, image_path=shown.image_path,
+                                                  image_source=shown.image_source))
+            for shown in shared.present_hits(index, result.hits)]
 
 
 def _image_block(document: Document, *, mode: ImageMode, max_side: int | None) -> dict[str, Any]:
@@ -165,7 +168,7 @@ def _image_block(document: Document, *, mode: ImageMode, max_side: int | None) -
                          "returned by himir_rag.langchain.HiMIRRetriever")
     if mode == "path":
         return {"type": "image", "url": Path(path).absolute().as_uri(),
-                "mime_type": document.metadata.get("mime_type") or shared.image_mime_type(path)}
+                "mime_type": shared.image_mime_type(path)}
     if mode == "base64":
         data, mime = shared.file_to_base64(path, max_side=max_side)
         return {"type": "image", "base64": data, "mime_type": mime}
@@ -182,13 +185,15 @@ def documents_to_content_blocks(documents: Sequence[Document], *, mode: ImageMod
         Documents from :class:`HiMIRRetriever` (they need ``image_path`` metadata).
     mode : {"base64", "path"}
         ``"base64"``: ``{"type": "image", "base64": ..., "mime_type": ...}`` with the
-        file's bytes (JPEG/PNG/WebP/GIF no larger than ``max_side``) or a downscaled PNG;
-        works with every multimodal chat model. ``"path"``: ``{"type": "image", "url":
-        "file:///..."}``, no bytes read; only for models or tools that open local files.
+        photo decoded, downscaled to ``max_side`` and re-encoded (JPEG for JPEG files,
+        else PNG; never the file's raw bytes); works with every multimodal chat model.
+        ``"path"``: ``{"type": "image", "url": "file:///..."}``, no bytes read; only for
+        models or tools that open local files.
     max_side : int or None, default 1024
         Longer side, in pixels, above which a photo is downscaled (base64 mode).
     include_text : bool, default True
-        Put each document's ``page_content`` (why it matched) before its image.
+        Put each document's ``page_content`` and why it matched (from its metadata:
+        query, score, regions) before its image.
 
     Returns
     -------
@@ -200,7 +205,7 @@ def documents_to_content_blocks(documents: Sequence[Document], *, mode: ImageMod
     ValueError
         If a document has no ``image_path`` or ``mode`` is unknown.
     ImageLoadError
-        If a photo must be re-encoded and cannot be read.
+        If a photo cannot be decoded (base64 mode): missing, or not an image.
 
     Example
     -------
@@ -209,7 +214,8 @@ def documents_to_content_blocks(documents: Sequence[Document], *, mode: ImageMod
     blocks: list[dict[str, Any]] = []
     for document in documents:
         if include_text:
-            blocks.append({"type": "text", "text": document.page_content})
+            text = "\n".join(part for part in (document.page_content, shared.match_text(document.metadata)) if part)
+            blocks.append({"type": "text", "text": text})
         blocks.append(_image_block(document, mode=mode, max_side=max_side))
     return blocks
 

@@ -1,18 +1,22 @@
 """LlamaIndex adapter: :class:`HiMIRRetriever`, a ``BaseRetriever`` returning image nodes.
 
 Each ranked photo becomes a ``NodeWithScore`` around an :class:`HiMIRImageNode` (an
-``ImageNode``): ``image_path`` and ``image_mimetype`` point at the photo, ``id_`` is the
-photo's stable key, ``text`` says which region matched which sub-query, and ``metadata``
-holds the user's metadata plus the keys listed in :mod:`himir_rag.retriever`.
+``ImageNode``): ``image_path`` points at the photo (or its thumbnail), ``id_`` is the
+photo's stable key (or the id of the document it was indexed from), ``text`` is a
+query-independent description (file name, size), and ``metadata`` holds the user's
+metadata plus the keys listed in :mod:`himir_rag.retriever` -- the per-query score,
+sub-queries and matched regions among them. Id, text and ``hash`` depend only on the
+photo, so ``QueryFusionRetriever`` merges one photo found by several retrievers.
 
 How the photos reach the generator: with
 ``RetrieverQueryEngine.from_args(retriever, llm=chat_llm, multimodal=True)`` the response
 synthesizer turns every node into a ``ChatMessage`` of
-``node.get_content_blocks(MetadataMode.LLM)``. An ``ImageNode`` gives its metadata text
-and an ``ImageBlock(path=image_path)``; :class:`HiMIRImageNode` adds its description text
-between the two, so the chat model receives, per photo, the user's metadata, why it
-matched, and the image itself. Plain ``ImageNode`` drops the text, hence the subclass; it
-serialises as an ``ImageNode``.
+``node.get_content_blocks(MetadataMode.LLM)``. :class:`HiMIRImageNode` gives its metadata
+text, its description, why it matched (from its metadata) and an ``ImageBlock`` holding the
+photo decoded and re-encoded (never the file's raw bytes, never a path for the framework
+to read), so the chat model receives, per photo, the user's metadata, why it matched, and
+the image itself. Plain ``ImageNode`` drops the text, hence the subclass; it serialises as
+an ``ImageNode``.
 
 Install with ``pip install 'himir-rag[llama-index]'``.
 """
@@ -20,11 +24,13 @@ Install with ``pip install 'himir-rag[llama-index]'``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import operator
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from io import BytesIO
 from typing import Any
 
 from PIL import Image
@@ -32,7 +38,7 @@ from PIL import Image
 try:
     import llama_index.core.instrumentation as instrument
     from llama_index.core.base.base_retriever import BaseRetriever
-    from llama_index.core.base.llms.types import TextBlock
+    from llama_index.core.base.llms.types import ImageBlock, TextBlock
     from llama_index.core.callbacks import CallbackManager
     from llama_index.core.instrumentation.events import BaseEvent
     from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
@@ -54,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from himir_rag import retriever as shared
 from himir_rag.decompose import DEFAULT_DECOMPOSE_PROMPT, LLMDecomposer, QueryDecomposer
 from himir_rag.errors import ConfigError
-from himir_rag.images import load_image
+from himir_rag.images import encode_image_file, load_image
 from himir_rag.index import HiMIRIndex, RegionMatch, SearchHit, SearchResult
 from himir_rag.scheduler import RetrievalMode, SearchStats
 
@@ -73,21 +79,40 @@ DEFAULT_SIMILARITY_TOP_K = 4
 PROMPT_KEY = "decompose_prompt"
 # Kept out of the LLM's and the embedder's view: structured or local-only values. The LLM
 # sees the user's metadata, the file name and the node text (the match description).
-_HIDDEN_KEYS = [key for key in shared.HIMIR_METADATA_KEYS if key != "file_name"] + ["bbox"]
+_HIDDEN_KEYS = [key for key in shared.HIMIR_METADATA_KEYS if key != "file_name"] + ["bbox", shared.DOC_ID_KEY]
 
 
 class HiMIRImageNode(ImageNode):
-    """An ``ImageNode`` whose content blocks include its text (the match description).
+    """An ``ImageNode`` whose content blocks include its text and why it matched, and a re-encoded image.
 
-    ``ImageNode.get_content_blocks`` returns the metadata text and the image only; a
-    multimodal synthesizer would then never see why the photo matched.
+    ``ImageNode.get_content_blocks`` returns the metadata text and the image only (the
+    file's raw bytes, read from ``image_path``); a multimodal synthesizer would then never
+    see why the photo matched, and would ship whatever file the path names.
     """
 
+    @property
+    def hash(self) -> str:
+        """Hash of the node's identity (id and text), the same for every query that finds the photo."""
+        return hashlib.sha256(f"{self.id_}\n{self.text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+    def resolve_image(self) -> Any:
+        """The image as PNG/JPEG bytes decoded and re-encoded from ``image_path`` (downscaled), or ``image``."""
+        if self.image is None and self.image_path is not None:
+            data, _ = encode_image_file(self.image_path, max_side=shared.IMAGE_MAX_SIDE)
+            return BytesIO(data)
+        return super().resolve_image()
+
     def get_content_blocks(self, metadata_mode: MetadataMode = MetadataMode.NONE) -> list[Any]:
-        """Metadata text, then the description text, then the image block."""
-        blocks = super().get_content_blocks(metadata_mode)
-        if self.text:
-            blocks.insert(len(blocks) - 1, TextBlock(text=self.text))
+        """Metadata text, the description, why it matched, then the re-encoded image.
+
+        Raises
+        ------
+        ImageLoadError
+            The file at ``image_path`` is no longer a decodable image.
+        """
+        blocks: list[Any] = list(self.get_metadata_content_blocks(metadata_mode))
+        blocks += [TextBlock(text=text) for text in (self.text, shared.match_text(self.metadata)) if text]
+        blocks.append(ImageBlock(image=self.resolve_image().read(), image_mimetype=self.image_mimetype))
         return blocks
 
 
@@ -396,10 +421,10 @@ class HiMIRRetriever(BaseRetriever):
     def _build_nodes(self, result: SearchResult) -> list[NodeWithScore]:
         """One node per photo, each followed by its region nodes when asked (span: crops)."""
         nodes: list[NodeWithScore] = []
-        for hit in shared.present_hits(result.hits):
-            nodes.append(NodeWithScore(node=_photo_node(hit, result), score=float(hit.score)))
-            if self.return_region_nodes:
-                nodes.extend(self._region_nodes(hit, result))
+        for shown in shared.present_hits(self.index, result.hits):
+            nodes.append(NodeWithScore(node=_photo_node(shown, result), score=float(shown.hit.score)))
+            if self.return_region_nodes and shown.image_source == "original":
+                nodes.extend(self._region_nodes(shown.hit, result))
         return nodes
 
     def _region_nodes(self, hit: SearchHit, result: SearchResult) -> list[NodeWithScore]:
@@ -423,16 +448,17 @@ class HiMIRRetriever(BaseRetriever):
                     "regions": [shared.region_dict(r) for r in regions]}
         matched = ", ".join(f'"{r.subquery}" ({r.score:.3f})' for r in regions)
         text = f'{regions[0].level.capitalize()} {box} of photo "{metadata["file_name"]}", matching {matched}.'
-        return HiMIRImageNode(id_=f"{hit.key}#{','.join(str(v) for v in box)}", text=text, image=data,
+        return HiMIRImageNode(id_=f"{shared.photo_id(hit)}#{','.join(str(v) for v in box)}", text=text, image=data,
                               image_mimetype=mime, metadata=metadata, excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
                               excluded_embed_metadata_keys=list(_HIDDEN_KEYS),
-                              relationships={NodeRelationship.PARENT: RelatedNodeInfo(node_id=hit.key)})
+                              relationships={NodeRelationship.PARENT: RelatedNodeInfo(node_id=shared.photo_id(hit))})
 
 
-def _photo_node(hit: SearchHit, result: SearchResult) -> HiMIRImageNode:
-    """The node of one ranked photo."""
-    metadata = shared.hit_metadata(hit, result)
-    return HiMIRImageNode(id_=hit.key, text=shared.hit_text(hit, result.query), image_path=hit.path,
+def _photo_node(shown: shared.ShownPhoto, result: SearchResult) -> HiMIRImageNode:
+    """The node of one ranked photo (its original, or its thumbnail when the original is gone)."""
+    hit = shown.hit
+    metadata = shared.hit_metadata(hit, result, image_path=shown.image_path, image_source=shown.image_source)
+    return HiMIRImageNode(id_=shared.photo_id(hit), text=shared.photo_text(hit), image_path=shown.image_path,
                           image_mimetype=metadata["mime_type"], metadata=metadata,
                           excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
                           excluded_embed_metadata_keys=list(_HIDDEN_KEYS))

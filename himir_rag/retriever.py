@@ -3,18 +3,28 @@
 Neither framework is imported here. Each adapter (:mod:`himir_rag.llama_index`,
 :mod:`himir_rag.langchain`) calls :func:`decompose` / :func:`adecompose` and then
 ``index.search`` / ``index.asearch``, and turns every :class:`~himir_rag.index.SearchHit`
-into its framework's type with :func:`hit_text` and :func:`hit_metadata`.
+into its framework's type with :func:`photo_text`, :func:`photo_id` and :func:`hit_metadata`.
+
+What identifies a photo's node / document (its id, text and hence LlamaIndex's ``hash``)
+depends only on the photo, never on the query: fusing two retrievers
+(``QueryFusionRetriever``, ``EnsembleRetriever``) then merges the same photo into one
+entry. The per-query parts (score, sub-queries, matched regions) are metadata, rendered
+for the chat model by :func:`match_text`.
 
 Metadata keys written by the adapters (they take precedence over user metadata with the
 same name, which is logged once per key):
 
 =================  ==========================================================================
-``image_path``     absolute path of the photo
-``image_key``      stable unique id of the photo (derived from its path)
+``image_path``     the file to show: the photo, or its thumbnail when the photo is gone
+                   (``image_source``); always decoded and re-encoded before it is sent
+``image_source``   ``"original"`` or ``"thumbnail"``
+``photo_path``     absolute path of the indexed photo
+``image_key``      stable unique id of the photo (derived from its root-relative path)
 ``file_name``      base name of the photo
-``mime_type``      e.g. ``"image/jpeg"``
+``mime_type``      of the image as sent: ``"image/jpeg"`` for JPEG files, else ``"image/png"``
 ``width``          width in pixels (displayed orientation)
 ``height``         height in pixels
+``query``          the query that retrieved the photo
 ``score``          image score (mean over sub-queries of the best region similarity)
 ``subqueries``     the sub-queries matched
 ``regions``        one dict per sub-query: ``subquery``, ``level``, ``bbox`` ``[x0, y0, x1, y1]``,
@@ -26,11 +36,11 @@ same name, which is logged once per key):
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import mimetypes
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +55,12 @@ from himir_rag.decompose import (
     decompose_query,
 )
 from himir_rag.index import HiMIRIndex, RegionMatch, SearchHit, SearchResult
-from himir_rag.images import load_image
+from himir_rag.images import encode_image, encode_image_file, encoded_mime_type
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode
 
 __all__ = [
     "HIMIR_METADATA_KEYS",
+    "IMAGE_MAX_SIDE",
     "resolve_index",
     "check_k",
     "check_mode",
@@ -58,8 +69,11 @@ __all__ = [
     "adecompose",
     "record_decompose_latency",
     "search_kwargs",
+    "ShownPhoto",
     "present_hits",
-    "hit_text",
+    "photo_id",
+    "photo_text",
+    "match_text",
     "hit_metadata",
     "region_dict",
     "stats_dict",
@@ -70,9 +84,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HIMIR_METADATA_KEYS = ("image_path", "image_key", "file_name", "mime_type", "width", "height", "score",
-                       "subqueries", "regions", "search_stats")
-_WEB_MIME_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
+HIMIR_METADATA_KEYS = ("image_path", "image_source", "photo_path", "image_key", "file_name", "mime_type", "width",
+                       "height", "query", "score", "subqueries", "regions", "search_stats")
+IMAGE_MAX_SIDE = 1024  # longer side of photos sent to a chat model by default (downscaled, re-encoded)
+DOC_ID_KEY = "doc_id"  # where HiMIRIndex.add keeps a framework document's id (himir_rag.documents)
 _warned_collisions: set[str] = set()
 
 
@@ -199,33 +214,67 @@ def search_kwargs(*, k: int, mode: str | None, subqueries: list[str], filters: A
     return kwargs
 
 
-def present_hits(hits: Iterable[SearchHit]) -> list[SearchHit]:
-    """The hits whose photo still exists; the others are logged and left out.
+@dataclass(frozen=True)
+class ShownPhoto:
+    """A hit that can be shown: the file to show (``image_path``) and whether it is the original or a thumbnail."""
 
-    A photo moved or deleted after indexing cannot be shown to a generator (LlamaIndex's
-    ``ImageBlock`` even refuses a missing path), so it is not returned.
+    hit: SearchHit
+    image_path: str
+    image_source: str
+
+
+def present_hits(index: HiMIRIndex, hits: Iterable[SearchHit]) -> list[ShownPhoto]:
+    """The hits that can be shown, each with its file (see :meth:`HiMIRIndex.image_file`).
+
+    A photo missing on disk, or whose real path has left the collection folder (a
+    symlink, an edited catalog row), is replaced by its thumbnail when the index keeps
+    them, else logged and left out.
     """
-    kept = []
+    shown = []
     for hit in hits:
-        if os.path.isfile(hit.path):
-            kept.append(hit)
-        else:
-            logger.warning("%s: indexed photo is missing on disk, left out of the results; "
-                           "re-run `himir index` to update the index", hit.path)
-    return kept
+        found = index.image_file(hit.image_id) if hit.image_id in index.snapshot.images else None
+        if found is not None:
+            shown.append(ShownPhoto(hit, str(found[0]), found[1]))
+    return shown
 
 
-def hit_text(hit: SearchHit, query: str) -> str:
-    """A short description of why ``hit`` matched ``query``: the photo, then one line per sub-query.
+def photo_id(hit: SearchHit) -> str:
+    """The node / document id of a photo: the id of the document it was indexed from, else its key."""
+    doc_id = hit.metadata.get(DOC_ID_KEY)
+    return doc_id if isinstance(doc_id, str) and doc_id else hit.key
+
+
+def photo_text(hit: SearchHit, *, with_metadata: bool = False) -> str:
+    """A query-independent description of a photo: its path, size, and (``with_metadata``) its user metadata.
+
+    The path is the root-relative one (the absolute one for photos outside the root), so
+    two photos never share a text (LangChain's ``EnsembleRetriever`` merges by text) and
+    the text does not change when the collection folder moves.
 
     Example
     -------
-    ``Photo "beach.jpg" (640x480) matches "a dog on a beach" with score 0.812.``
+    ``Photo "trip/beach.jpg" (640x480).`` then, with metadata, one ``key: value`` line per entry.
+    """
+    lines = [f'Photo "{hit.relpath or hit.path}" ({hit.width}x{hit.height}).']
+    if with_metadata:
+        lines += [f"{key}: {value}" for key, value in hit.metadata.items() if key != DOC_ID_KEY]
+    return "\n".join(lines)
+
+
+def match_text(metadata: Mapping[str, Any]) -> str:
+    """Why a photo matched, from its node's / document's metadata (``query``, ``score``, ``regions``).
+
+    Example
+    -------
+    ``Matches "a dog on a beach" with score 0.812.``
     ``- "a dog": region (120, 40, 380, 300), similarity 0.910``
     """
-    lines = [f'Photo "{Path(hit.path).name}" ({hit.width}x{hit.height}) matches "{query}" '
-             f"with score {hit.score:.3f}."]
-    lines += [_region_line(region) for region in hit.regions]
+    if "score" not in metadata:
+        return ""
+    lines = [f'Matches "{metadata.get("query", "")}" with score {float(metadata["score"]):.3f}.']
+    for region in metadata.get("regions") or []:
+        match = RegionMatch(region["subquery"], region["level"], tuple(region["bbox"]), region["similarity"])
+        lines.append(_region_line(match))
     return "\n".join(lines)
 
 
@@ -260,12 +309,18 @@ def _json_ready(value: Any) -> Any:
     return str(value)
 
 
-def hit_metadata(hit: SearchHit, result: SearchResult) -> dict[str, Any]:
-    """User metadata of ``hit`` plus the HiMIR keys (see module docstring); HiMIR keys win."""
+def hit_metadata(hit: SearchHit, result: SearchResult, *, image_path: str | None = None,
+                 image_source: str = "original") -> dict[str, Any]:
+    """User metadata of ``hit`` plus the HiMIR keys (see module docstring); HiMIR keys win.
+
+    ``image_path`` is the file to show (default: the photo itself).
+    """
+    shown = image_path or hit.path
     himir = {
-        "image_path": hit.path, "image_key": hit.key, "file_name": Path(hit.path).name,
-        "mime_type": image_mime_type(hit.path), "width": int(hit.width), "height": int(hit.height),
-        "score": float(hit.score), "subqueries": list(result.subqueries),
+        "image_path": shown, "image_source": image_source, "photo_path": hit.path, "image_key": hit.key,
+        "file_name": Path(hit.path).name, "mime_type": encoded_mime_type(shown), "width": int(hit.width),
+        "height": int(hit.height), "query": result.query, "score": float(hit.score),
+        "subqueries": list(result.subqueries),
         "regions": [region_dict(r) for r in hit.regions], "search_stats": stats_dict(result.stats),
     }
     for key in himir.keys() & hit.metadata.keys():
@@ -289,21 +344,16 @@ def image_to_base64(image: Image.Image, *, max_side: int | None = None) -> tuple
     tuple[str, str]
         ``(base64 text, "image/png")``.
     """
-    if max_side is not None and max(image.size) > max_side:
-        image = image.copy()
-        image.thumbnail((max_side, max_side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii"), "image/png"
+    data, mime = encode_image(image, max_side=max_side)
+    return base64.b64encode(data).decode("ascii"), mime
 
 
 def file_to_base64(path: str | os.PathLike[str], *, max_side: int | None = None,
                    max_pixels: int = 50_000_000) -> tuple[str, str]:
-    """Base64 of a photo for a chat model: the file's bytes when they are web-ready, else a PNG.
+    """Base64 of a photo for a chat model: decoded, oriented, downscaled to ``max_side``, re-encoded.
 
-    JPEG, PNG, WebP and GIF files no larger than ``max_side`` are sent as they are; other
-    formats (TIFF, BMP...) and larger photos are decoded, oriented, downscaled and
-    re-encoded as PNG.
+    JPEG files are re-encoded as JPEG, everything else as PNG; the file's own bytes are
+    never sent, so a path that does not hold an image raises instead of being shipped.
 
     Returns
     -------
@@ -313,17 +363,7 @@ def file_to_base64(path: str | os.PathLike[str], *, max_side: int | None = None,
     Raises
     ------
     ImageLoadError
-        If the photo must be re-encoded and cannot be read.
+        The file is missing, unreadable or not a decodable image.
     """
-    mime = image_mime_type(path)
-    if mime in _WEB_MIME_TYPES and (max_side is None or _fits(path, max_side)):
-        return base64.b64encode(Path(path).read_bytes()).decode("ascii"), mime
-    return image_to_base64(load_image(path, max_pixels=max_pixels), max_side=max_side)
-
-
-def _fits(path: str | os.PathLike[str], max_side: int) -> bool:
-    try:
-        with Image.open(path) as img:
-            return max(img.size) <= max_side
-    except (OSError, ValueError):
-        return False
+    data, mime = encode_image_file(path, max_side=max_side, max_pixels=max_pixels)
+    return base64.b64encode(data).decode("ascii"), mime

@@ -28,7 +28,9 @@ def limit_threads(threads: int | None, *, torch: bool = False) -> Iterator[None]
     if threads is None:
         yield
         return
-    import faiss
+    from himir_rag.store.faiss import import_faiss  # here: store.faiss imports this module
+
+    faiss = import_faiss()
 
     with _LOCK:  # held while switching only: a search must not wait for another to finish
         previous = faiss.omp_get_max_threads()

@@ -111,7 +111,9 @@ def test_invoke_returns_documents_best_first(photo_index: HiMIRIndex, scene_dir:
     regions = {r["subquery"]: r for r in best.metadata["regions"]}
     assert set(regions) == {"a red square", "a blue square"}
     assert set(regions["a blue square"]) == {"subquery", "level", "bbox", "similarity"}
-    assert '"a red square"' in best.page_content and "red_blue.png" in best.page_content
+    assert best.page_content.splitlines()[0] == 'Photo "red_blue.png" (160x120).'  # query-independent
+    assert "kind: scene" in best.page_content and "a red square" not in best.page_content
+    assert best.metadata["query"] == QUERY
 
 
 def test_ids_stable_across_calls_and_reload(photo_index: HiMIRIndex, index_dir: Path) -> None:
@@ -254,9 +256,11 @@ def test_content_blocks_base64(photo_index: HiMIRIndex, scene_dir: Path) -> None
     blocks = documents_to_content_blocks(documents)
 
     assert [b["type"] for b in blocks] == ["text", "image", "text", "image"]
-    assert blocks[0]["text"] == documents[0].page_content
+    assert blocks[0]["text"].startswith(documents[0].page_content + f'\nMatches "{QUERY}" with score')
     assert blocks[1]["mime_type"] == "image/png"
-    assert base64.b64decode(blocks[1]["base64"]) == (scene_dir / "red_blue.png").read_bytes()
+    shipped = Image.open(io.BytesIO(base64.b64decode(blocks[1]["base64"])))  # re-encoded, same pixels
+    assert shipped.format == "PNG" and list(shipped.convert("RGB").getdata()) == list(
+        Image.open(scene_dir / "red_blue.png").convert("RGB").getdata())
     assert len(documents_to_content_blocks(documents, include_text=False)) == 2
 
 

@@ -199,7 +199,8 @@ def test_node_metadata_and_text_describe_the_match(photo_index: HiMIRIndex) -> N
     x0, y0, x1, y1 = red["bbox"]
     assert x1 <= 80 and y1 <= 60  # the red square is in the top-left corner
     assert 0.5 < red["similarity"] <= 1.0
-    assert '"a red square"' in node.text and '"a blue square"' in node.text and "red_blue.png" in node.text
+    assert meta["query"] == QUERY and meta["image_source"] == "original"
+    assert node.text == 'Photo "red_blue.png" (160x120).'  # query-independent: the match is in metadata
     assert json.dumps(meta)  # JSON-ready
 
 
@@ -207,11 +208,16 @@ def test_llm_sees_user_metadata_and_description_not_internals(photo_index: HiMIR
     node = HiMIRRetriever(photo_index, similarity_top_k=1).retrieve(QUERY)[0].node
 
     blocks = node.get_content_blocks(MetadataMode.LLM)
-    assert [b.block_type for b in blocks] == ["text", "text", "image"]
+    assert [b.block_type for b in blocks] == ["text", "text", "text", "image"]
     assert "kind: scene" in blocks[0].text and "file_name: red_blue.png" in blocks[0].text
     assert "search_stats" not in blocks[0].text and "regions" not in blocks[0].text
     assert blocks[1].text == node.text
-    assert str(blocks[2].path) == node.image_path
+    assert blocks[2].text.startswith(f'Matches "{QUERY}" with score') and '"a red square": ' in blocks[2].text
+    # the image is decoded and re-encoded, never the file's bytes, and no path is left for the framework to read
+    assert blocks[3].path is None and blocks[3].image_mimetype == "image/png"
+    shipped = Image.open(io.BytesIO(blocks[3].resolve_image().read()))
+    assert shipped.format == "PNG" and list(shipped.convert("RGB").getdata()) == list(
+        Image.open(node.image_path).convert("RGB").getdata())
 
 
 def test_ids_are_stable_and_unique(photo_index: HiMIRIndex, index_dir: Path) -> None:

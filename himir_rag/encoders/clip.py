@@ -1,4 +1,8 @@
-"""CLIP-family encoders through transformers (CLIP, SigLIP...), from a local directory or the HF cache."""
+"""CLIP-family encoders through transformers (CLIP, SigLIP...): a local directory, or a Hugging Face hub id.
+
+Hub models download on first use like every Hugging Face tool, unless downloads are off:
+``HF_HUB_OFFLINE=1`` in the environment, ``himir ... --offline``, or ``allow_download=False``.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,19 @@ from PIL import Image
 from himir_rag.encoders.base import l2_normalize
 from himir_rag.errors import EncoderUnavailableError
 
-__all__ = ["ClipEncoder", "DEFAULT_CLIP_MODEL"]
+__all__ = ["ClipEncoder", "DEFAULT_CLIP_MODEL", "downloads_allowed"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+
+
+def downloads_allowed() -> bool:
+    """False when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value, as Hugging Face reads it."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return False
+    return True
 
 
 def resolve_device(device: str | None) -> str:
@@ -36,17 +48,19 @@ class ClipEncoder:
     Parameters
     ----------
     model : str
-        Hub id (resolved from the local HF cache only, unless ``allow_download``) or a
-        local directory holding the model and processor files.
+        Hub id (downloaded into the Hugging Face cache on first use) or a local
+        directory holding the model and processor files.
     device : str
         ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``. fp16 is used on GPU.
-    allow_download : bool
-        Let transformers fetch missing files from the hub (needs network).
+    allow_download : bool, optional
+        Let transformers fetch missing files from the hub (needs network). Default:
+        yes, unless ``HF_HUB_OFFLINE=1`` (see :func:`downloads_allowed`).
 
     Raises
     ------
     EncoderUnavailableError
-        When the checkpoint is neither a local directory nor in the HF cache.
+        When the checkpoint is neither a local directory, nor in the HF cache, nor
+        downloadable (no network, unknown id, or downloads off).
 
     Example
     -------
@@ -55,20 +69,26 @@ class ClipEncoder:
     (1, 512)
     """
 
-    def __init__(self, model: str = DEFAULT_CLIP_MODEL, *, device: str = "cpu", allow_download: bool = False) -> None:
+    def __init__(self, model: str = DEFAULT_CLIP_MODEL, *, device: str = "cpu",
+                 allow_download: bool | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoProcessor
 
         self.device = resolve_device(device)
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        local_only = not allow_download and not os.path.isdir(model)
+        if allow_download is None:
+            allow_download = downloads_allowed()
+        local_only = not allow_download or os.path.isdir(model)
         try:
             self._model = AutoModel.from_pretrained(model, dtype=dtype, local_files_only=local_only)
             self._processor = AutoProcessor.from_pretrained(model, local_files_only=local_only)
         except (OSError, ValueError) as exc:
+            how = ("downloads are off (HF_HUB_OFFLINE=1, --offline or allow_download=False): put the model in the "
+                   "Hugging Face cache first, or allow downloads" if not allow_download and not os.path.isdir(model)
+                   else "check the model id or directory and the network")
             raise EncoderUnavailableError(
-                f"cannot load CLIP checkpoint {model!r} ({exc}); pass a local directory "
-                "(--encoder clip:/path/to/model) or put the model in the Hugging Face cache first"
+                f"cannot load CLIP checkpoint {model!r} ({exc}); {how}, or pass a local directory "
+                "(--encoder clip:/path/to/model)"
             ) from exc
         self._model.eval().to(self.device)
         self._dtype = dtype

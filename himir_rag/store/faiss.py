@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from himir_rag.errors import ConfigError, IndexFormatError
+from himir_rag.errors import ConfigError, IndexFormatError, MissingDependencyError
 from himir_rag.threads import limit_threads
 
-__all__ = ["FaissStore", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost", "training_rows",
-           "INDEX_KINDS", "FLAT_MAX", "PQ_MIN"]
+__all__ = ["FaissStore", "import_faiss", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost",
+           "training_rows", "INDEX_KINDS", "FAISS_MISSING", "FLAT_MAX", "PQ_MIN"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,17 +26,23 @@ _TRAIN_POINTS_PER_LIST = 64
 _PQ_LUT_DOTS = 16  # 4-bit codes: 16 centroids per sub-quantizer, one dim-long table per query
 
 
-def _faiss():
+FAISS_MISSING = ("faiss is not installed; install himir-rag with a faiss extra: pip install 'himir-rag[cpu]' "
+                 "(faiss-cpu) or 'himir-rag[gpu]' (faiss-gpu-cu12, CUDA 12)")
+
+
+def import_faiss():
+    """The ``faiss`` module; MissingDependencyError naming the ``[cpu]`` / ``[gpu]`` extras when it is not installed."""
     try:
         import faiss
-    except ImportError as exc:  # pragma: no cover - faiss-cpu is a core dependency
-        raise ImportError("faiss is missing: pip install faiss-cpu (or a GPU build of faiss)") from exc
+    except ImportError as exc:
+        raise MissingDependencyError(FAISS_MISSING) from exc
     return faiss
+
 
 
 def faiss_gpu_available() -> bool:
     """True when the installed faiss is a GPU build and sees at least one GPU."""
-    faiss = _faiss()
+    faiss = import_faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -117,7 +123,7 @@ class FaissStore:
         self._lock = threading.RLock()
 
     def _new_index(self, n_train: int):
-        faiss = _faiss()
+        faiss = import_faiss()
         if self.kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         nlist = self.nlist or ivf_nlist(n_train)
@@ -162,7 +168,7 @@ class FaissStore:
         """Delete every vector stored under ``ids``; returns how many were removed."""
         if self._index is None or len(ids) == 0:
             return 0
-        faiss = _faiss()
+        faiss = import_faiss()
         with self._lock:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
             removed = int(self._index.remove_ids(selector))
@@ -173,7 +179,7 @@ class FaissStore:
         if not self.use_gpu or self.kind == "ivfpq":
             return self._index
         if self._gpu_index is None:
-            faiss = _faiss()
+            faiss = import_faiss()
             self._gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self._index)
         return self._gpu_index
 
@@ -186,7 +192,7 @@ class FaissStore:
         n_queries = queries.shape[0]
         if len(self) == 0 or k <= 0:
             return np.full((n_queries, max(k, 0)), -np.inf, np.float32), np.full((n_queries, max(k, 0)), -1, np.int64)
-        faiss = _faiss()
+        faiss = import_faiss()
         with self._lock, limit_threads(self.threads):
             index = self._searchable()
             if self.kind != "flat":
@@ -220,13 +226,13 @@ class FaissStore:
         """Write the CPU index to ``path`` in FAISS's own binary format."""
         if self._index is None:
             raise ValueError("cannot save an empty IVF store (it is trained on the first add)")
-        _faiss().write_index(self._index, str(path))
+        import_faiss().write_index(self._index, str(path))
 
     @classmethod
     def load(cls, path: Path, *, dim: int, kind: str, nprobe: int = 16, threads: int = 1,
              use_gpu: bool | None = None) -> FaissStore:
         """Read a store written by :meth:`save`; a wrong dimension or kind raises IndexFormatError."""
-        faiss = _faiss()
+        faiss = import_faiss()
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
