@@ -132,7 +132,7 @@ class HiMIRConfig:
     default_mode: str = "himir"
     search_threads: int = 1
     precision: str = "float16"
-    auto_tune: bool = True
+    auto_tune: bool = False
     auto_tune_min_images: int = 300
     auto_tune_growth: float = 2.0
     auto_tune_probes: int = 200
