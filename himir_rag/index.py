@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -730,9 +731,9 @@ class HiMIRIndex:
             os.rename(staging, directory / version)
             _fsync_dir(directory)
             _atomic_write_text(directory / "CURRENT", version + "\n")
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            raise IndexWriteError.from_os_error(directory, exc, needed_bytes=needed) from exc
+            raise IndexWriteError.from_os_error(directory, _as_os_error(exc), needed_bytes=needed) from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -905,6 +906,16 @@ def _live_version_name(directory: Path) -> str | None:
 def _version_bytes(snapshot: Snapshot) -> int:
     """A conservative size of the version ``save`` writes for ``snapshot`` (vectors, candidate stores, catalog)."""
     return 2 * int(snapshot.vectors.nbytes) + 64 * len(snapshot.levels) + 1024 * len(snapshot) + (256 << 10)
+
+
+def _as_os_error(exc: OSError | sqlite3.Error) -> OSError:
+    """SQLite reports a full disk or a read-only folder in words only; give them their errno."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc).lower()
+    code = errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text else errno.EACCES if \
+        "unable to open" in text else errno.EIO
+    return OSError(code, str(exc))
 
 
 def _check_free_space(directory: Path, needed: int) -> None:
