@@ -169,18 +169,28 @@ def _check_store(store: Any, where: str) -> None:
 
 def parse_config(manifest: Mapping[str, Any], *, where: str) -> HiMIRConfig:
     """The manifest's :class:`HiMIRConfig`; a field of the wrong type or range raises IndexFormatError."""
+    from himir_rag.scheduler import SchedulerParams
+
     values = manifest.get("config", {})
-    defaults = {f.name: f for f in dataclasses.fields(HiMIRConfig)}
-    for name, value in values.items():
-        if name not in defaults:
-            continue  # written by a newer version; ignored as HiMIRConfig.from_dict does
-        default = defaults[name].default if defaults[name].default is not dataclasses.MISSING else {}
-        if not _same_kind(value, default):
-            raise IndexFormatError(f"{where}: config.{name} must be {_kind(default)}, got {_kind(value)} {value!r:.60}")
+    _check_fields(values, HiMIRConfig, "config", where)
+    if isinstance(values.get("scheduler"), dict):  # unknown scheduler keys: ConfigError from SchedulerParams
+        _check_fields(values["scheduler"], SchedulerParams, "config.scheduler", where)
     try:
         return HiMIRConfig.from_dict(values)
     except (ConfigError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"{where}: config is invalid ({exc}); rebuild the index") from None
+
+
+def _check_fields(values: Mapping[str, Any], cls: type, prefix: str, where: str) -> None:
+    """Each known field of the dataclass ``cls`` in ``values`` has the JSON type of its default."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name not in fields:
+            continue  # HiMIRConfig ignores keys of newer versions; SchedulerParams refuses them itself
+        default = fields[name].default if fields[name].default is not dataclasses.MISSING else {}
+        if not _same_kind(value, default):
+            raise IndexFormatError(f"{where}: {prefix}.{name} must be {_kind(default)}, got {_kind(value)} "
+                                   f"{value!r:.60}")
 
 
 def check_catalog(manifest: Mapping[str, Any], images: Mapping[int, Any], n_regions: int | None, *,
@@ -259,11 +269,13 @@ def _same_kind(value: Any, default: Any) -> bool:
         return isinstance(value, bool)
     if isinstance(default, int):
         return _is_int(value, None, None)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, float):  # inf is legitimate (sparsity_margin), NaN never
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if isinstance(default, tuple):
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
     return isinstance(value, type(default))
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a JSON object", list: "a list", str: "a string", bool: "a boolean", int: "an int",
+    return {dict: "a JSON object", list: "a list", tuple: "a list", str: "a string", bool: "a boolean", int: "an int",
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
