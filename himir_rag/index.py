@@ -707,7 +707,8 @@ class HiMIRIndex:
         with lock_index(directory, timeout=lock_timeout, create=True):
             self._check_not_stale(directory, overwrite=overwrite)
             with self._write_lock:
-                snapshot, skipped, next_id, dirty = self.snapshot, list(self._skipped), self._next_id, self._dirty
+                snapshot, skipped, dirty = self.snapshot, list(self._skipped), self._dirty
+                next_id = max(self._next_id, max(snapshot.images, default=0) + 1)  # what load requires
                 self._dirty = False
             try:
                 version = self._publish(directory, snapshot, skipped, next_id)

@@ -76,7 +76,7 @@ def lock_index(directory: str | os.PathLike[str], *, timeout: float | None = DEF
     ...     index = HiMIRIndex.load("photos.himir"); index.add("new/"); index.save("photos.himir")
     """
     directory = Path(directory)
-    if create:
+    if create and not directory.is_dir():  # an existing (maybe read-only) directory is not touched
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -106,7 +106,7 @@ def test_simultaneous_noop_writers_keep_the_index(tmp_path):
     index_dir = tmp_path / "idx"
     build(a, index_dir)
     before = sorted(p.name for p in index_dir.iterdir())
-    for _ in range(3):
+    for _ in range(2):
         runs = [start_index(a, index_dir) for _ in range(2)]
         results = [finish(p) for p in runs]
         assert [rc for rc, _, _ in results] == [0, 0], results
@@ -206,3 +206,32 @@ def test_api_save_refuses_to_replace_a_newer_version(tmp_path):
     mine.save(index_dir, overwrite=True)  # the explicit override replaces it
     assert indexed_paths(index_dir) == paths_of(a) | paths_of(c)
     mine.save(index_dir)  # its own save is the new base: no conflict
+
+
+def test_tune_refuses_to_save_over_an_index_changed_while_tuning(tmp_path, monkeypatch):
+    import himir_rag.autoconfig as autoconfig
+    from typer.testing import CliRunner
+
+    from himir_rag.cli import app
+
+    a = photo_folder(tmp_path, "a")
+    index_dir = tmp_path / "idx"
+    build(a, index_dir)
+    (tmp_path / "q.jsonl").write_text('{"id": 1, "query": "red"}\n{"id": 2, "query": "blue"}\n')
+    real_tune = autoconfig.tune
+
+    def tune_while_another_writer_saves(index, *args, **kwargs):
+        report = real_tune(index, *args, **kwargs)
+        HiMIRIndex.load(index_dir, encoder=ColorEncoder()).save(index_dir)  # another writer, meanwhile
+        return report
+
+    monkeypatch.setattr(index_module, "get_encoder", lambda spec, device="cpu": ColorEncoder())
+    monkeypatch.setattr(autoconfig, "tune", tune_while_another_writer_saves)
+    live = (index_dir / "CURRENT").read_text()
+    result = CliRunner().invoke(app, ["tune", str(index_dir), "--queries", str(tmp_path / "q.jsonl"), "-k", "2"])
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: {index_dir} was saved by another writer")
+    assert len(result.stderr.splitlines()) == 1
+    assert (index_dir / "CURRENT").read_text() != live  # the other writer's version stays live
+    monkeypatch.setattr(autoconfig, "tune", real_tune)
+    result = CliRunner().invoke(app, ["tune", str(index_dir), "--queries", str(tmp_path / "q.jsonl"), "-k", "2"])
+    assert result.exit_code == 0, result.output
