@@ -333,15 +333,16 @@ class HiMIRIndex:
         """
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+        options = dict(metadata=metadata, progress=progress, chunk_images=chunk_images, on_chunk=on_chunk,
+                       checkpoint_every=checkpoint_every, ray_address=ray_address)
         if checkpoint_dir is None:
-            return self._add(source, metadata, progress, chunk_images, on_chunk, None, checkpoint_every, ray_address)
+            return self._add(source, checkpoint_dir=None, **options)
         checkpoint_dir = Path(checkpoint_dir)
         with lock_index(checkpoint_dir, timeout=lock_timeout, create=True):
             self._check_not_stale(checkpoint_dir)
-            return self._add(source, metadata, progress, chunk_images, on_chunk, checkpoint_dir, checkpoint_every,
-                             ray_address)
+            return self._add(source, checkpoint_dir=checkpoint_dir, **options)
 
-    def _add(self, source: Any, metadata: MetadataSource, progress: bool, chunk_images: int,
+    def _add(self, source: Any, *, metadata: MetadataSource, progress: bool, chunk_images: int,
              on_chunk: Callable[[BuildReport], None] | None, checkpoint_dir: Path | None, checkpoint_every: int,
              ray_address: str | None) -> BuildReport:
         """:meth:`add` (holding ``checkpoint_dir``'s lock when given)."""
@@ -713,7 +714,7 @@ class HiMIRIndex:
             try:
                 version = self._publish(directory, snapshot, skipped, next_id)
             except BaseException:
-                self._dirty = True if dirty else self._dirty
+                self._dirty = self._dirty or dirty
                 raise
             self._disk_version = (os.path.realpath(directory), version.name)
         return version
@@ -858,8 +859,8 @@ class HiMIRIndex:
             raise IndexFormatError(f"{version_dir / 'catalog.sqlite'}: unreadable catalog ({exc}); rebuild the index") from exc
         if index.store is not None:  # the store's payloads are the catalog of record
             snapshot = Snapshot.empty(dim).with_records(sorted(index.store.records(), key=lambda r: r.image_id))
-        manifest_schema.check_catalog(manifest, snapshot.images, None if index.store is not None else len(snapshot.levels),
-                                      where=where)
+        n_regions = None if index.store is not None else len(snapshot.levels)  # Qdrant holds the regions
+        manifest_schema.check_catalog(manifest, snapshot.images, n_regions, where=where)
         if index.store is None:
             from himir_rag.store.candidates import CandidateStores
 

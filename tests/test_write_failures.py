@@ -49,7 +49,7 @@ def himir(monkeypatch):
 
     def run(*args: str) -> tuple[int, str, list[str]]:
         result = CliRunner().invoke(app, list(args))
-        assert "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
         return result.exit_code, result.stdout, [line for line in result.stderr.splitlines()
                                                  if not line.startswith("WARNING")]
 
