@@ -171,26 +171,30 @@ def parse_config(manifest: Mapping[str, Any], *, where: str) -> HiMIRConfig:
     """The manifest's :class:`HiMIRConfig`; a field of the wrong type or range raises IndexFormatError."""
     from himir_rag.scheduler import SchedulerParams
 
-    values = manifest.get("config", {})
-    _check_fields(values, HiMIRConfig, "config", where)
+    values = _checked_fields(manifest.get("config", {}), HiMIRConfig, "config", where)
     if isinstance(values.get("scheduler"), dict):  # unknown scheduler keys: ConfigError from SchedulerParams
-        _check_fields(values["scheduler"], SchedulerParams, "config.scheduler", where)
+        values["scheduler"] = _checked_fields(values["scheduler"], SchedulerParams, "config.scheduler", where)
     try:
         return HiMIRConfig.from_dict(values)
     except (ConfigError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"{where}: config is invalid ({exc}); rebuild the index") from None
 
 
-def _check_fields(values: Mapping[str, Any], cls: type, prefix: str, where: str) -> None:
-    """Each known field of the dataclass ``cls`` in ``values`` has the JSON type of its default."""
+def _checked_fields(values: Mapping[str, Any], cls: type, prefix: str, where: str) -> dict[str, Any]:
+    """A copy of ``values`` where each known field of the dataclass ``cls`` has the JSON type of its default
+    (an integral float for an int field, e.g. ``5e7`` pixels, becomes that int)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = dict(values)
     for name, value in values.items():
         if name not in fields:
             continue  # HiMIRConfig ignores keys of newer versions; SchedulerParams refuses them itself
         default = fields[name].default if fields[name].default is not dataclasses.MISSING else {}
+        if _is_int(default, None, None) and isinstance(value, float) and value.is_integer():
+            checked[name] = value = int(value)
         if not _same_kind(value, default):
             raise IndexFormatError(f"{where}: {prefix}.{name} must be {_kind(default)}, got {_kind(value)} "
                                    f"{value!r:.60}")
+    return checked
 
 
 def check_catalog(manifest: Mapping[str, Any], images: Mapping[int, Any], n_regions: int | None, *,

@@ -63,6 +63,12 @@ def test_the_valid_manifest_loads(saved, manifest):
     assert len(load(saved)) == 4
 
 
+def test_integral_floats_of_int_fields_are_read_as_ints(saved, manifest):
+    write(saved, {**manifest, "config": {**manifest["config"], "max_image_pixels": 5e7, "batch_size": 16.0}})
+    config = load(saved).config
+    assert (config.max_image_pixels, config.batch_size) == (50_000_000, 16) and type(config.batch_size) is int
+
+
 def test_deeply_nested_json_is_one_clean_error(saved, manifest):
     (saved / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(IndexFormatError, match="nested too deeply to be a manifest"):
@@ -81,6 +87,7 @@ def test_deeply_nested_json_is_one_clean_error(saved, manifest):
     ({"encoder": {"name": "test:color", "dim": True}}, "no encoder name and dim recorded"),
     ({"config.batch_size": "32"}, "config.batch_size must be an int, got a string"),
     ({"config.batch_size": True}, "config.batch_size must be an int, got a boolean"),
+    ({"config.batch_size": 8.5}, "config.batch_size must be an int, got a number"),
     ({"config.region_overlap": "0.1"}, "config.region_overlap must be a number"),
     ({"config.region_overlap": 3.0}, r"config is invalid \(region_overlap must be in"),
     ({"config.scheduler": [1]}, "config.scheduler must be a JSON object, got a list"),
