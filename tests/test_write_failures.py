@@ -15,6 +15,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,12 @@ def test_immutable_index_directory(himir, collection):
     finally:
         subprocess.run(["chattr", "-i", str(index_dir)], capture_output=True)
     assert_intact(index_dir, before, a)
+
+
+def test_any_os_error_is_one_line_from_the_himir_command(tmp_path):
+    """Through the real entry point (``main``), even a command without its own error handling."""
+    (tmp_path / "a-file").write_text("")
+    result = subprocess.run([sys.executable, "-m", "himir_rag.cli", "demo", "--out", str(tmp_path / "a-file" / "out")],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'a-file' / 'out' / 'photos'}: Not a directory"]
