@@ -57,12 +57,13 @@ def current_version(directory: Path) -> Path:
     if not pointer.is_file():
         raise IndexFormatError(f"{directory}: not a himir index (no CURRENT file); build one with `himir index`")
     try:
-        name = pointer.read_text(encoding="utf-8").strip()
+        with open(pointer, "rb") as fh:  # a version name is ~30 bytes; never read a huge file whole
+            name = fh.read(4096).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise IndexFormatError(f"{pointer}: unreadable ({exc}); rebuild the index") from exc
     version_dir = directory / name
     if not name or not version_dir.is_dir() or version_dir.parent != directory:
-        raise IndexFormatError(f"{directory}: CURRENT names {name!r}, which is missing")
+        raise IndexFormatError(f"{directory}: CURRENT names {name!r:.80}, which is missing")
     return version_dir
 
 
@@ -107,7 +108,7 @@ def validate_manifest(manifest: Any, *, where: str) -> dict[str, Any]:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise IncompatibleIndexError(
-            f"{where}: index format version {version!r}, this himir-rag reads version {FORMAT_VERSION}; "
+            f"{where}: index format version {version!r:.40}, this himir-rag reads version {FORMAT_VERSION}; "
             "upgrade himir-rag or rebuild the index"
         )
     if manifest.get("format") != FORMAT_NAME:
@@ -129,9 +130,9 @@ def _check_files(files: Any, where: str) -> None:
         raise IndexFormatError(f"{where}: does not list vectors.npy and catalog.sqlite; rebuild the index")
     for name, size in files.items():
         if not name or Path(name).name != name or name in (".", ".."):
-            raise IndexFormatError(f"{where}: file name {name!r} points outside the index")
+            raise IndexFormatError(f"{where}: file name {name!r:.60} points outside the index")
         if not _is_int(size, 0, None):
-            raise IndexFormatError(f"{where}: size of {name!r} must be an int >= 0, got {size!r}")
+            raise IndexFormatError(f"{where}: size of {name!r:.60} must be an int >= 0, got {size!r:.40}")
 
 
 def _check_optional(manifest: Mapping[str, Any], where: str, dim: int) -> None:
@@ -139,7 +140,7 @@ def _check_optional(manifest: Mapping[str, Any], where: str, dim: int) -> None:
     if "config" in manifest and not isinstance(manifest["config"], dict):
         raise IndexFormatError(f"{where}: config must be a JSON object, got {_kind(manifest['config'])}")
     if "next_image_id" in manifest and not _is_int(manifest["next_image_id"], 1, None):
-        raise IndexFormatError(f"{where}: next_image_id must be an int >= 1, got {manifest['next_image_id']!r}")
+        raise IndexFormatError(f"{where}: next_image_id must be an int >= 1, got {manifest['next_image_id']!r:.40}")
     vectors = manifest.get("vectors", {})
     if not isinstance(vectors, dict) or not isinstance(vectors.get("dtype", "float32"), str):
         raise IndexFormatError(f"{where}: vectors must be {{dtype: str, shape: [n, dim]}}, got {vectors!r:.80}")
@@ -157,7 +158,7 @@ def _check_optional(manifest: Mapping[str, Any], where: str, dim: int) -> None:
 def _check_store(store: Any, where: str) -> None:
     if not isinstance(store, dict) or store.get("kind") not in ("faiss", "qdrant"):
         kind = store.get("kind") if isinstance(store, dict) else store
-        raise IncompatibleIndexError(f"{where}: unknown store kind {kind!r}; this himir-rag knows faiss and qdrant")
+        raise IncompatibleIndexError(f"{where}: unknown store kind {kind!r:.40}; this himir-rag knows faiss and qdrant")
     if store["kind"] == "faiss":
         return
     if not (isinstance(store.get("collection"), str) and store["collection"]):
