@@ -820,12 +820,13 @@ class HiMIRIndex:
         """
         directory = Path(directory)
         for attempt in range(1, _LOAD_ATTEMPTS + 1):
-            version_dir = manifest_schema.current_version(directory)
+            pointer = manifest_schema.read_pointer(directory) if directory.is_dir() else None
             try:
+                version_dir = manifest_schema.current_version(directory)
                 index = cls._load_version(version_dir, encoder=encoder, device=device, store_location=store_location)
             except (IndexFormatError, OSError):
-                if attempt == _LOAD_ATTEMPTS or _live_version_name(directory) == version_dir.name:
-                    raise
+                if attempt == _LOAD_ATTEMPTS or _pointer_or_none(directory) == pointer:
+                    raise  # not a writer moving CURRENT under this load: the error is real
                 logger.info("%s: a writer published a new version during the load; reading that one", directory)
                 continue
             index._disk_version = (os.path.realpath(directory), version_dir.name)
@@ -901,6 +902,14 @@ def _live_version_name(directory: Path) -> str | None:
     """The name of the version ``directory/CURRENT`` names, or None when there is no readable one."""
     try:
         return manifest_schema.current_version(directory).name
+    except IndexFormatError:
+        return None
+
+
+def _pointer_or_none(directory: Path) -> str | None:
+    """What ``CURRENT`` says now, or None when it cannot be read."""
+    try:
+        return manifest_schema.read_pointer(directory)
     except IndexFormatError:
         return None
 

@@ -32,7 +32,7 @@ from typing import Any
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError, IncompatibleIndexError, IndexFormatError, UntrustedLocationError
 
-__all__ = ["FORMAT_VERSION", "FORMAT_NAME", "STORE_LOCATION_ENV", "current_version", "read_manifest",
+__all__ = ["FORMAT_VERSION", "FORMAT_NAME", "STORE_LOCATION_ENV", "current_version", "read_pointer", "read_manifest",
            "validate_manifest", "parse_config", "check_catalog", "store_location"]
 
 FORMAT_VERSION = 1
@@ -51,20 +51,27 @@ def current_version(directory: Path) -> Path:
     IndexFormatError
         No such directory, no ``CURRENT``, or ``CURRENT`` names a missing or outside directory.
     """
-    pointer = directory / "CURRENT"
     if not directory.is_dir():
         raise IndexFormatError(f"{directory}: no such index directory; build one with `himir index`")
-    if not pointer.is_file():
+    name = read_pointer(directory)
+    if name is None:
         raise IndexFormatError(f"{directory}: not a himir index (no CURRENT file); build one with `himir index`")
-    try:
-        with open(pointer, "rb") as fh:  # a version name is ~30 bytes; never read a huge file whole
-            name = fh.read(4096).decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IndexFormatError(f"{pointer}: unreadable ({exc}); rebuild the index") from exc
     version_dir = directory / name
     if not name or not version_dir.is_dir() or version_dir.parent != directory:
         raise IndexFormatError(f"{directory}: CURRENT names {name!r:.80}, which is missing")
     return version_dir
+
+
+def read_pointer(directory: Path) -> str | None:
+    """What ``directory/CURRENT`` says (stripped), or None when there is no such file."""
+    pointer = directory / "CURRENT"
+    try:
+        with open(pointer, "rb") as fh:  # a version name is ~30 bytes; never read a huge file whole
+            return fh.read(4096).decode("utf-8").strip()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{pointer}: unreadable ({exc}); rebuild the index") from exc
 
 
 def read_manifest(version_dir: Path) -> dict[str, Any]:
