@@ -235,3 +235,26 @@ def test_tune_refuses_to_save_over_an_index_changed_while_tuning(tmp_path, monke
     monkeypatch.setattr(autoconfig, "tune", real_tune)
     result = CliRunner().invoke(app, ["tune", str(index_dir), "--queries", str(tmp_path / "q.jsonl"), "-k", "2"])
     assert result.exit_code == 0, result.output
+
+
+def test_load_retries_when_the_version_it_read_is_removed_under_it(tmp_path, monkeypatch):
+    """Deterministic form of the reader race: CURRENT read, then another writer publishes and removes it."""
+    import himir_rag.manifest as manifest_module
+
+    a = photo_folder(tmp_path, "a")
+    index_dir = tmp_path / "idx"
+    build(a, index_dir)
+    writer = HiMIRIndex.load(index_dir, encoder=ColorEncoder())
+    old = (index_dir / "CURRENT").read_text().strip()
+    real_read_pointer, calls = manifest_module.read_pointer, []
+
+    def read_pointer(directory):
+        calls.append(directory)
+        if len(calls) == 2:  # current_version's read: the other writer replaces the version right after it
+            writer.save(index_dir)
+            return old
+        return real_read_pointer(directory)
+
+    monkeypatch.setattr(manifest_module, "read_pointer", read_pointer)
+    assert len(HiMIRIndex.load(index_dir, encoder=ColorEncoder())) == 4
+    assert not (index_dir / old).exists() and len(calls) >= 4  # the first attempt failed; the second read anew
