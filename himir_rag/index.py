@@ -19,6 +19,7 @@ Nothing is unpickled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -734,10 +735,10 @@ class HiMIRIndex:
             _fsync_dir(directory)
             _atomic_write_text(directory / "CURRENT", version + "\n")
         except (OSError, sqlite3.Error) as exc:
-            shutil.rmtree(staging, ignore_errors=True)
+            _discard_unpublished(directory, staging, version)
             raise IndexWriteError.from_os_error(directory, _as_os_error(exc), needed_bytes=needed) from exc
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            _discard_unpublished(directory, staging, version)
             raise
         _remove_old_versions(directory, keep=version)
         return directory / version
@@ -1072,11 +1073,23 @@ def _fsync_dir(directory: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        _fsync(fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            _fsync(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def _discard_unpublished(directory: Path, staging: Path, version: str) -> None:
+    """After a failed save: remove its staging folder, and its version unless ``CURRENT`` already names it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if _pointer_or_none(directory) != version:
+        shutil.rmtree(directory / version, ignore_errors=True)
 
 
 def _remove_old_versions(directory: Path, *, keep: str) -> None:

@@ -82,17 +82,33 @@ def assert_intact(index_dir: Path, before: dict, photos: Path) -> None:
 
 
 # -- disk full -------------------------------------------------------------------------------------
-def test_disk_full_while_writing_vectors(himir, collection, monkeypatch):
+@pytest.mark.parametrize("failing", ["vectors.npy", "manifest.json", "CURRENT"])
+def test_disk_full_while_writing_a_file_of_the_version(himir, collection, monkeypatch, failing):
     a, b, index_dir = collection
     before = listing(index_dir)
     real_fsync = index_module._fsync
 
-    def fsync(fh) -> None:
-        if Path(fh.name).name == "vectors.npy":
+    def fsync(fh) -> None:  # CURRENT: the version is complete and renamed, only the pointer swap fails
+        if failing in Path(fh.name).name:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fh)
 
     monkeypatch.setattr(index_module, "_fsync", fsync)
+    code, _, errors = himir(*index_args(b, index_dir))
+    assert code == 1 and len(errors) == 1 and errors[0].startswith(f"error: disk full while saving {index_dir}: about")
+    assert_intact(index_dir, before, a)
+
+
+def test_disk_full_while_writing_a_faiss_store(himir, collection, monkeypatch):
+    from himir_rag.store.faiss import FaissStore
+
+    a, b, index_dir = collection
+    before = listing(index_dir)
+
+    def save(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(FaissStore, "save", save)
     code, _, errors = himir(*index_args(b, index_dir))
     assert code == 1 and len(errors) == 1 and errors[0].startswith(f"error: disk full while saving {index_dir}: about")
     assert_intact(index_dir, before, a)
