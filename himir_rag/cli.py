@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import typer
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
+from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HiMIR: hierarchical multi-vector image retrieval for multimodal RAG.")
@@ -35,9 +37,23 @@ def _set_offline(offline: bool) -> None:
 _OFFLINE_HELP = "Never download models (as HF_HUB_OFFLINE=1); clip: models then come from the HF cache or a folder."
 
 
+# expected failures: one `error: ...` line and exit 1, never a traceback
+_USER_ERRORS = (HiMIRError, OSError, ValueError)
+_WAIT_HELP = "Seconds to wait while another process writes the index (0: fail at once)."
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def _error_text(exc: BaseException) -> str:
+    """The one-line message of an expected failure; a bare OSError names the file and the cause."""
+    if isinstance(exc, OSError) and not isinstance(exc, HiMIRError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        cause = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        return f"{where}{cause}"
+    return str(exc)
 
 
 @app.command("index")
@@ -60,36 +76,40 @@ def index_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     auto_tune: Optional[bool] = typer.Option(None, "--auto-tune/--no-auto-tune",
                                              help="Tune the scheduler on probes drawn from the collection when "
-                                                  "indexing finishes (>= 300 photos; again after 2x growth) "
-                                                  "[default: on, or as the index was built]."),
+                                                  "indexing finishes (>= 300 photos; again after 2x growth; "
+                                                  "experimental) [default: off, or as the index was built]."),
     follow_symlinks: Optional[bool] = typer.Option(
         None, "--follow-symlinks/--no-follow-symlinks",
         help="Also index (and show) photos whose real path is outside the folder [default: no; kept per index]."),
     thumbnails: bool = typer.Option(False, "--thumbnails", help="Keep 256-px JPEG thumbnails in the index "
                                     "(results still show images when the originals are gone)."),
     offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
+    wait: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--wait", min=0, help=_WAIT_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Index a photo folder. Re-running indexes only new or changed files."""
     _setup_logging(verbose)
     _set_offline(offline)
+    location = qdrant_url or (None if qdrant_path is None else str(qdrant_path.absolute()))
     try:
-        index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
-                                batch_size=batch_size, device=device, prune_cosine=prune_cosine,
-                                precision=precision)
-        index.config = index.config.replace(
-            thumbnails=index.config.thumbnails or thumbnails,
-            follow_symlinks=index.config.follow_symlinks if follow_symlinks is None else follow_symlinks)
-        if index.store is None and store != "faiss":
-            index.store = _make_store(store, index, qdrant_url=qdrant_url, qdrant_path=qdrant_path,
-                                      collection=collection or index_dir.name)
-        if auto_tune is not None:
-            index.set_config(index.config.replace(auto_tune=auto_tune))
-        # checkpoints and the final save happen inside add (crash-safe, resumable)
-        report = index.add(images_dir, progress=progress, checkpoint_dir=index_dir,
-                           checkpoint_every=checkpoint_every, ray_address=ray)
-    except (HiMIRError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        # the lock is held from before the load until the last save: a concurrent writer waits, nothing is lost
+        with lock_index(index_dir, timeout=wait, create=True):
+            index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
+                                    batch_size=batch_size, device=device, prune_cosine=prune_cosine,
+                                    precision=precision, store_location=location)
+            index.config = index.config.replace(
+                thumbnails=index.config.thumbnails or thumbnails,
+                follow_symlinks=index.config.follow_symlinks if follow_symlinks is None else follow_symlinks)
+            if index.store is None and store != "faiss":
+                index.store = _make_store(store, index, qdrant_url=qdrant_url, qdrant_path=qdrant_path,
+                                          collection=collection or index_dir.name)
+            if auto_tune is not None:
+                index.set_config(index.config.replace(auto_tune=auto_tune))
+            # checkpoints and the final save happen inside add (crash-safe, resumable)
+            report = index.add(images_dir, progress=progress, checkpoint_dir=index_dir,
+                               checkpoint_every=checkpoint_every, ray_address=ray, lock_timeout=wait)
+    except _USER_ERRORS as exc:
+        _fail(_error_text(exc))
         return
     for path, reason in report.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
@@ -122,9 +142,10 @@ def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_
 
 
 def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: str, batch_size: int,
-                    device: str, prune_cosine: float | None, precision: str = "float32") -> HiMIRIndex:
+                    device: str, prune_cosine: float | None, precision: str = "float32",
+                    store_location: str | None = None) -> HiMIRIndex:
     if (index_dir / "CURRENT").exists():
-        index = HiMIRIndex.load(index_dir, device=device)
+        index = HiMIRIndex.load(index_dir, device=device, store_location=store_location)
         wanted = HiMIRConfig(layout=layout, decomposer=decomposer)
         if (index.config.layout, index.config.decomposer) != (wanted.layout, wanted.decomposer):
             raise HiMIRError(
@@ -223,8 +244,8 @@ def search_command(
                 typer.echo(json.dumps(_result_json(result, query_id, index=index)))
             else:
                 _print_result(result)
-    except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
-        _fail(str(exc))
+    except (*_USER_ERRORS, ImportError) as exc:
+        _fail(_error_text(exc))
 
 
 def _read_queries(path: Path):
@@ -300,6 +321,7 @@ def tune_command(
     k: int = typer.Option(10, "-k", "--k", min=1),
     limit: int = typer.Option(200, help="Use at most this many queries."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report only; do not write the config."),
+    wait: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--wait", min=0, help=_WAIT_HELP),
     as_json: bool = typer.Option(False, "--json"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -315,11 +337,11 @@ def tune_command(
         relevant = read_qrels(str(qrels), items) if qrels is not None else None
         report = tune(index, [q["query"] for q in items], relevant=relevant, k=k,
                       budget_dot_products=budget_dot_products, budget_ms=budget_ms)
-        if not dry_run:
+        if not dry_run:  # refused (IndexConflictError) if another process saved the index while tuning
             apply(index, report)
-            index.save(index_dir)
-    except (HiMIRError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+            index.save(index_dir, lock_timeout=wait)
+    except _USER_ERRORS as exc:
+        _fail(_error_text(exc))
         return
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
@@ -357,8 +379,12 @@ def _mount_subcommands() -> None:
 
 
 def main() -> None:
-    """Entry point of the ``himir`` console script."""
-    app()
+    """Entry point of the ``himir`` console script; an expected failure anywhere ends in one line, exit 1."""
+    try:
+        app()
+    except (HiMIRError, OSError) as exc:
+        typer.secho(f"error: {_error_text(exc)}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 _mount_subcommands()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "HiMIRError",
     "ConfigError",
@@ -11,6 +13,10 @@ __all__ = [
     "EmptyIndexError",
     "EncoderUnavailableError",
     "MissingDependencyError",
+    "UntrustedLocationError",
+    "IndexLockedError",
+    "IndexConflictError",
+    "IndexWriteError",
 ]
 
 
@@ -44,3 +50,38 @@ class EncoderUnavailableError(HiMIRError, ImportError):
 
 class MissingDependencyError(HiMIRError, ImportError):
     """An optional dependency himir_rag needs for this call (e.g. faiss) is not installed."""
+
+
+class UntrustedLocationError(IndexFormatError):
+    """A manifest names a store outside its index directory that the caller did not name again."""
+
+
+class IndexLockedError(HiMIRError, TimeoutError):
+    """Another writer held the index directory's lock for longer than the caller would wait."""
+
+
+class IndexConflictError(HiMIRError, RuntimeError):
+    """Another process saved the index after this copy was loaded; saving would lose its changes."""
+
+
+class IndexWriteError(HiMIRError, OSError):
+    """An index directory cannot be written: disk full, permission denied, read-only file system."""
+
+    @classmethod
+    def from_os_error(cls, directory: object, exc: OSError, *, needed_bytes: int | None = None) -> IndexWriteError:
+        """A one-line error for ``exc``, raised while writing the index ``directory``; keeps ``exc.errno``."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            needed = "" if needed_bytes is None else f": about {_mib(needed_bytes)} MiB needed"
+            error = cls(f"disk full while saving {directory}{needed}; free some space or save elsewhere")
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            error = cls(f"cannot write {directory}: permission denied")
+        elif exc.errno == errno.EROFS:
+            error = cls(f"cannot write {directory}: read-only file system")
+        else:
+            error = cls(f"cannot write {directory}: {exc.strerror or exc}")
+        error.errno = exc.errno  # strerror/filename stay unset: they would replace the message in str()
+        return error
+
+
+def _mib(n_bytes: int) -> int:
+    return max(1, -(-n_bytes // (1 << 20)))

@@ -9,19 +9,26 @@ On disk an index is a directory::
       v<stamp>/vectors.npy    (n_regions, dim) float32, rows grouped by image
       v<stamp>/level*.faiss   FAISS stores of the coarse levels (candidate generation)
 
-``save`` writes a new version beside the live one and then swaps ``CURRENT``, so a
-crash at any point leaves the previous index loadable. Nothing is unpickled.
+``save`` writes a new version beside the live one, verifies it and then swaps ``CURRENT``,
+so a crash at any point leaves the previous index loadable. Writers hold the directory's
+lock (``INDEX_DIR/.lock``, see :mod:`himir_rag.locking`); readers take none and retry when
+``CURRENT`` moves during a load. What a load trusts is validated by :mod:`himir_rag.manifest`.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -35,13 +42,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from himir_rag import manifest as manifest_schema
 from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
-                              IndexFormatError)
+                              IndexConflictError, IndexFormatError, IndexWriteError)
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
 from himir_rag.images import image_header_problem, iter_image_files, load_image
+from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
+from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
 from himir_rag.threads import limit_threads
@@ -52,11 +62,13 @@ __all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatc
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 MetadataSource = Mapping[str, Mapping[str, Any]] | Callable[[Path], Mapping[str, Any]] | None
 Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
 _CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step when an index is loaded
 _CROP_MAX_SIDE = 1024  # crops are cut from a copy at most this large: encoders see <= 260 px
+_LOAD_ATTEMPTS = 3  # a load that finds its version replaced mid-way (CURRENT moved) reads the new one
+_VERSION_RE = re.compile(r"^v(\d+)-\w+$")  # v<time_ns>-<random>: a published version
+_STAGING_RE = re.compile(r"^\.v\d+(-\w+)?\.tmp$")  # a version being written (or left by a killed save)
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,9 @@ class HiMIRIndex:
         self._skipped: list[tuple[str, str]] = []
         self._next_id = 1
         self._write_lock = threading.RLock()
+        # (real path of an index dir, version name) this index was loaded from or last saved to
+        self._disk_version: tuple[str, str] | None = None
+        self._dirty = False  # changed since then
         self._candidate_stores: Any = None  # CandidateStores, created with the first snapshot
         # how the scheduler parameters were chosen (auto_tune / himir tune record), saved with the index
         self.autoconfig: dict[str, Any] | None = None
@@ -314,7 +329,7 @@ class HiMIRIndex:
             metadata: MetadataSource = None, progress: bool = True, chunk_images: int = 16,
             on_chunk: Callable[[BuildReport], None] | None = None,
             checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 256,
-            ray_address: str | None = None) -> BuildReport:
+            ray_address: str | None = None, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BuildReport:
         """Index new or changed images; unchanged ones (same path, size, mtime) are kept.
 
         Unreadable or non-image files are skipped with a warning and listed in the
@@ -342,10 +357,19 @@ class HiMIRIndex:
             Spread decoding, cropping and encoding over a Ray cluster (``"auto"``, an
             address such as ``"ray://head:10001"``, or ``"local"`` for a local Ray);
             the results are committed here exactly as a single-process build would.
+        lock_timeout : float or None
+            With ``checkpoint_dir``: seconds to wait for another writer of it. The lock is held
+            for the whole run; before anything is encoded, the directory must still hold the
+            version this index came from, be writable and have room for the result.
 
         Returns
         -------
         BuildReport
+
+        Raises
+        ------
+        IndexLockedError, IndexConflictError, IndexWriteError
+            With ``checkpoint_dir``: see :meth:`save`. Raised before encoding when foreseeable.
 
         Example
         -------
@@ -353,6 +377,19 @@ class HiMIRIndex:
         """
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+        options = dict(metadata=metadata, progress=progress, chunk_images=chunk_images, on_chunk=on_chunk,
+                       checkpoint_every=checkpoint_every, ray_address=ray_address)
+        if checkpoint_dir is None:
+            return self._add(source, checkpoint_dir=None, **options)
+        checkpoint_dir = Path(checkpoint_dir)
+        with lock_index(checkpoint_dir, timeout=lock_timeout, create=True):
+            self._check_not_stale(checkpoint_dir)
+            return self._add(source, checkpoint_dir=checkpoint_dir, **options)
+
+    def _add(self, source: Any, *, metadata: MetadataSource, progress: bool, chunk_images: int,
+             on_chunk: Callable[[BuildReport], None] | None, checkpoint_dir: Path | None, checkpoint_every: int,
+             ray_address: str | None) -> BuildReport:
+        """:meth:`add` (holding ``checkpoint_dir``'s lock when given)."""
         started = time.perf_counter()
         report = BuildReport()
         if not isinstance(source, (str, os.PathLike)):
@@ -361,6 +398,8 @@ class HiMIRIndex:
             source, metadata = documents_to_paths(source, metadata)
         paths = self._collect_paths(source, report)
         self._choose_root(source, paths)
+        if checkpoint_dir is not None and paths:
+            self._preflight(checkpoint_dir, len(paths))
         saved_at = 0
         bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)
         if ray_address is None:
@@ -384,8 +423,8 @@ class HiMIRIndex:
         self.sync_candidate_stores()
         if report.added or report.updated:
             report.auto_tuned = self._auto_tune_if_due()
-        if checkpoint_dir is not None and (saved_at == 0 or saved_at != _processed(report)):
-            self.save(checkpoint_dir)  # unless the last checkpoint already holds everything
+        if checkpoint_dir is not None and self._needs_save(checkpoint_dir):
+            self.save(checkpoint_dir)  # unless the directory already holds everything (a no-op run writes nothing)
         report.seconds = time.perf_counter() - started
         for path, reason in report.skipped:
             logger.warning("skipped %s: %s", path, reason)
@@ -425,7 +464,9 @@ class HiMIRIndex:
         with self._write_lock:
             indexed = {r.path for r in self.snapshot.images.values()}
             earlier = [(path, reason) for path, reason in self._skipped if path not in indexed]
-            self._skipped = _merge_skipped(earlier, report.skipped)
+            merged = _merge_skipped(earlier, report.skipped)
+            self._dirty = self._dirty or merged != self._skipped
+            self._skipped = merged
 
     def _choose_root(self, source: Any, paths: list[tuple[Path, int | None]]) -> None:
         """Set the collection root on the first ``add`` of an empty index: its folder, or the files' common folder."""
@@ -535,6 +576,7 @@ class HiMIRIndex:
                     replaced.add(item.replaces)
             report.updated += len(replaced)
             report.added += len(records) - len(replaced)
+            self._dirty = self._dirty or bool(records or replaced)
             if self.store is not None:
                 self.store.delete_images(sorted(replaced))
                 self.store.add_images(records, trees, vectors)
@@ -558,6 +600,7 @@ class HiMIRIndex:
             if self.store is not None:
                 self.store.delete_images(sorted(ids))
             self._snapshot = snapshot.without_images(ids)
+            self._dirty = self._dirty or bool(ids)
         if ids:
             self.sync_candidate_stores()
         return len(ids)
@@ -823,27 +866,104 @@ class HiMIRIndex:
         return HiMIRRetriever(index=self, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the index atomically into ``directory`` (see module docstring); returns the version dir."""
+    def save(self, directory: str | os.PathLike[str], *, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+             overwrite: bool = False) -> Path:
+        """Write the index atomically into ``directory`` (see module docstring); returns the version dir.
+
+        The directory's writer lock is held throughout. The new version is read back and
+        checked (manifest schema, file sizes, counts) before ``CURRENT`` names it; only then
+        are older versions removed. On any error the previous version stays live and intact.
+
+        Parameters
+        ----------
+        directory : path-like
+            The index directory (created when missing).
+        lock_timeout : float or None
+            Seconds to wait for another writer of ``directory`` (0: fail at once; None: forever).
+        overwrite : bool
+            Publish even if another writer saved ``directory`` after this index was loaded
+            from it (or last saved to it); that writer's changes are then lost.
+
+        Returns
+        -------
+        Path
+            The new version directory.
+
+        Raises
+        ------
+        IndexConflictError
+            ``directory`` holds a newer version than the one this index came from.
+        IndexLockedError
+            Another writer held the lock for longer than ``lock_timeout``.
+        IndexWriteError
+            Disk full, permission denied or a read-only file system.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with self._write_lock:
-            snapshot, skipped, next_id = self.snapshot, list(self._skipped), self._next_id
+        with lock_index(directory, timeout=lock_timeout, create=True):
+            self._check_not_stale(directory, overwrite=overwrite)
+            with self._write_lock:
+                snapshot, skipped, dirty = self.snapshot, list(self._skipped), self._dirty
+                next_id = max(self._next_id, max(snapshot.images, default=0) + 1)  # what load requires
+                self._dirty = False
+            try:
+                version = self._publish(directory, snapshot, skipped, next_id)
+            except BaseException:
+                self._dirty = self._dirty or dirty
+                raise
+            self._disk_version = (os.path.realpath(directory), version.name)
+        return version
+
+    def _publish(self, directory: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int) -> Path:
+        """Write, verify and publish a new version (the lock is held); then remove older versions."""
+        needed = _version_bytes(snapshot)
         version = f"v{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         staging = directory / f".{version}.tmp"
-        staging.mkdir()
         try:
+            _check_free_space(directory, needed)
+            staging.mkdir()
             self._write_version(staging, snapshot, skipped, next_id)
+            _verify_version(staging, snapshot)
             _fsync_dir(staging)  # the files' directory entries are durable before the version is published
             os.rename(staging, directory / version)
             _fsync_dir(directory)
             _atomic_write_text(directory / "CURRENT", version + "\n")
+        except (OSError, sqlite3.Error) as exc:
+            _discard_unpublished(directory, staging, version)
+            raise IndexWriteError.from_os_error(directory, _as_os_error(exc), needed_bytes=needed) from exc
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            _discard_unpublished(directory, staging, version)
             raise
         _remove_old_versions(directory, keep=version)
         self._thumbnails.saved(directory / version, snapshot.images)
         return directory / version
+
+    def _check_not_stale(self, directory: Path, *, overwrite: bool = False) -> None:
+        """Refuse to replace a version of ``directory`` newer than the one this index came from."""
+        if overwrite or self._disk_version is None or self._disk_version[0] != os.path.realpath(directory):
+            return
+        live = _live_version_name(directory)
+        if live is not None and live != self._disk_version[1]:
+            raise IndexConflictError(
+                f"{directory} was saved by another writer (live version {live}) after this index was loaded "
+                f"from version {self._disk_version[1]}; saving would lose those changes. Load it again and redo "
+                "yours, or save(..., overwrite=True) to replace it")
+
+    def _needs_save(self, directory: Path) -> bool:
+        """False when ``directory`` already holds exactly this index (nothing changed since)."""
+        return self._dirty or self._disk_version != (os.path.realpath(directory), _live_version_name(directory))
+
+    def _preflight(self, directory: Path, n_new: int) -> None:
+        """Before encoding: ``directory`` is writable and has room for the index with ``n_new`` more images."""
+        itemsize = np.dtype(VECTOR_DTYPES[self.config.precision]).itemsize
+        per_image = self.config.parsed_layout.total * (self.encoder.dim * itemsize * 2 + 64) + 1024
+        needed = _version_bytes(self.snapshot) + n_new * per_image
+        probe = directory / f".probe.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+            _check_free_space(directory, needed)
+        except OSError as exc:
+            raise IndexWriteError.from_os_error(directory, exc, needed_bytes=needed) from exc
 
     def _write_version(self, target: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int) -> None:
         with open(target / "vectors.npy", "wb") as fh:
@@ -871,39 +991,66 @@ class HiMIRIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, encoder: Encoder | str | None = None,
-             device: str = "cpu") -> HiMIRIndex:
+             device: str = "cpu", store_location: str | os.PathLike[str] | None = None) -> HiMIRIndex:
         """Open an index written by :meth:`save`.
+
+        Loading takes no lock. When a writer publishes a new version while this load reads
+        the old one (``CURRENT`` moved), the load reads the new one (up to 3 tries).
 
         Parameters
         ----------
         encoder : Encoder or str, optional
             Defaults to the encoder recorded in the manifest. Another encoder raises.
+        store_location : str or path-like, optional
+            Where the external (Qdrant) store lives: an ``http(s)://`` URL or a folder. The
+            manifest's own location is used only when it is a folder inside ``directory``;
+            anything else must be named here again (or in ``HIMIR_STORE_LOCATION``), so an
+            index never makes this process write elsewhere or contact a host by itself.
 
         Raises
         ------
         IndexFormatError
-            Missing or truncated files.
+            Missing or truncated files; a manifest or catalog against the schema
+            (:mod:`himir_rag.manifest`).
         IncompatibleIndexError
             Another format version, encoder or dimension.
+        UntrustedLocationError
+            The manifest names a store outside ``directory`` and ``store_location`` is not given.
         """
-        version_dir = _current_version(Path(directory))
-        manifest = _read_manifest(version_dir)
+        directory = Path(directory)
+        for attempt in range(1, _LOAD_ATTEMPTS + 1):
+            pointer = manifest_schema.read_pointer(directory) if directory.is_dir() else None
+            try:
+                version_dir = manifest_schema.current_version(directory)
+                index = cls._load_version(version_dir, encoder=encoder, device=device, store_location=store_location)
+            except (IndexFormatError, OSError):
+                if attempt == _LOAD_ATTEMPTS or _pointer_or_none(directory) == pointer:
+                    raise  # not a writer moving CURRENT under this load: the error is real
+                logger.info("%s: a writer published a new version during the load; reading that one", directory)
+                continue
+            index._disk_version = (os.path.realpath(directory), version_dir.name)
+            return index
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_version(cls, version_dir: Path, *, encoder: Encoder | str | None, device: str,
+                      store_location: str | os.PathLike[str] | None) -> HiMIRIndex:
+        """Open one version directory (every field it reads validated first)."""
+        manifest = manifest_schema.read_manifest(version_dir)
+        where = str(version_dir / "manifest.json")
         dim = int(manifest["encoder"]["dim"])
         index = cls(encoder if encoder is not None else manifest["encoder"].get("spec", "offline"),
-                    HiMIRConfig.from_dict(manifest.get("config", {})), device=device)
+                    manifest_schema.parse_config(manifest, where=where), device=device)
         index._encoder_name, index._dim = manifest["encoder"]["name"], dim
         if index._encoder is not None:
             index._check_encoder(index._encoder)
-        store_info = manifest.get("store") or {"kind": "faiss"}
-        if store_info.get("kind") == "qdrant":
-            index.store = _open_qdrant(store_info, dim)
-        elif store_info.get("kind") != "faiss":
-            raise IncompatibleIndexError(f"{version_dir}: unknown store kind {store_info.get('kind')!r}")
-        vectors_info = manifest.get("vectors", {})  # what save wrote; older indexes: float32
-        dtype = vectors_info.get("dtype", "float32") if isinstance(vectors_info, dict) else None
+        store_info = manifest.get("store", {"kind": "faiss"})
+        if store_info["kind"] == "qdrant":
+            index.store = _open_qdrant(store_info, dim, index_dir=version_dir.parent, given=store_location)
+        dtype = manifest.get("vectors", {}).get("dtype", "float32")  # what save wrote; older indexes: float32
         if dtype not in VECTOR_DTYPES:
-            raise IndexFormatError(f"{version_dir}/manifest.json: vector type {dtype!r} is not one of "
-                                   f"{sorted(VECTOR_DTYPES)}; rebuild the index")
+            raise IndexFormatError(f"{where}: vector type {dtype!r} is not one of {sorted(VECTOR_DTYPES)}; "
+                                   "rebuild the index")
         vectors = _read_vectors(version_dir / "vectors.npy", dim, dtype=dtype)
         index.root = manifest.get("root") if isinstance(manifest.get("root"), str) else None
         try:
@@ -915,6 +1062,8 @@ class HiMIRIndex:
             snapshot = Snapshot.empty(dim).with_records(sorted(
                 (dataclasses.replace(r, relpath=relative_to_root(r.path, index.root)) for r in index.store.records()),
                 key=lambda r: r.image_id))
+        n_regions = None if index.store is not None else len(snapshot.levels)  # Qdrant holds the regions
+        manifest_schema.check_catalog(manifest, snapshot.images, n_regions, where=where)
         if index.store is None:
             from himir_rag.store.candidates import CandidateStores
 
@@ -928,25 +1077,81 @@ class HiMIRIndex:
 
     @staticmethod
     def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-        """The manifest of the live version of an index directory."""
-        return _read_manifest(_current_version(Path(directory)))
+        """The manifest of the live version of an index directory (validated)."""
+        return manifest_schema.read_manifest(manifest_schema.current_version(Path(directory)))
 
     def set_config(self, config: HiMIRConfig) -> None:
         """Replace the search-time configuration (e.g. the tuner's choice); index-time fields must match."""
         if (config.layout, config.decomposer) != (self.config.layout, self.config.decomposer):
             raise ConfigError("layout and decomposer are fixed at index time; rebuild the index to change them")
+        self._dirty = self._dirty or config != self.config
         self.config = config
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _open_qdrant(info: Mapping[str, Any], dim: int) -> Any:
-    """Reopen the Qdrant collection a manifest names (local folder or server URL)."""
+def _open_qdrant(info: Mapping[str, Any], dim: int, *, index_dir: Path, given: str | os.PathLike[str] | None) -> Any:
+    """Reopen the Qdrant collection a manifest names, at a location it may trust (see ``load``)."""
     from himir_rag.store.qdrant import QdrantImageStore
 
+    url, path = manifest_schema.store_location(info, index_dir=index_dir, given=given)
     try:
-        return QdrantImageStore.open(info["collection"], dim=dim, url=info.get("url"), path=info.get("path"))
-    except KeyError as exc:
-        raise IndexFormatError(f"the manifest's Qdrant store lacks {exc}; rebuild the index") from exc
+        return QdrantImageStore.open(info["collection"], dim=dim, url=url, path=path)
+    except (HiMIRError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - qdrant_client's errors (connection refused, bad folder...)
+        raise IndexFormatError(f"{index_dir}: cannot open its Qdrant store at {url or path!r} "
+                               f"({type(exc).__name__}: {exc})") from exc
+
+
+def _live_version_name(directory: Path) -> str | None:
+    """The name of the version ``directory/CURRENT`` names, or None when there is no readable one."""
+    try:
+        return manifest_schema.current_version(directory).name
+    except IndexFormatError:
+        return None
+
+
+def _pointer_or_none(directory: Path) -> str | None:
+    """What ``CURRENT`` says now, or None when it cannot be read."""
+    try:
+        return manifest_schema.read_pointer(directory)
+    except IndexFormatError:
+        return None
+
+
+def _version_bytes(snapshot: Snapshot) -> int:
+    """A conservative size of the version ``save`` writes for ``snapshot`` (vectors, candidate stores, catalog)."""
+    return 2 * int(snapshot.vectors.nbytes) + 64 * len(snapshot.levels) + 1024 * len(snapshot) + (256 << 10)
+
+
+def _as_os_error(exc: OSError | sqlite3.Error) -> OSError:
+    """SQLite reports a full disk or a read-only folder in words only; give them their errno."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc).lower()
+    code = errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text else errno.EACCES if \
+        "unable to open" in text else errno.EIO
+    return OSError(code, str(exc))
+
+
+def _check_free_space(directory: Path, needed: int) -> None:
+    """Raise ENOSPC when ``directory``'s file system has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{free} bytes free, about {needed} needed", str(directory))
+
+
+def _verify_version(target: Path, snapshot: Snapshot) -> None:
+    """The version just written reads back as ``snapshot`` (schema, sizes, counts, vector shape)."""
+    manifest = manifest_schema.read_manifest(target)
+    counts = manifest.get("counts", {})
+    with open(target / "vectors.npy", "rb") as fh:
+        np.lib.format.read_magic(fh)
+        shape = np.lib.format.read_array_header_1_0(fh)[0]
+    if (counts.get("images"), counts.get("regions"), tuple(shape)) != (len(snapshot), len(snapshot.levels),
+                                                                         tuple(snapshot.vectors.shape)):
+        raise IndexFormatError(f"{target}: the version written does not read back as the index in memory "
+                               "(counts or vector shape differ); the previous version is kept")
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -1082,69 +1287,46 @@ def _fsync_dir(directory: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        _fsync(fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            _fsync(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
+def _discard_unpublished(directory: Path, staging: Path, version: str) -> None:
+    """After a failed save: remove its staging folder, and its version unless ``CURRENT`` already names it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if _pointer_or_none(directory) != version:
+        shutil.rmtree(directory / version, ignore_errors=True)
+
+
 def _remove_old_versions(directory: Path, *, keep: str) -> None:
-    """Remove older versions and what killed saves left behind (staging dirs, CURRENT temp files)."""
+    """Remove versions older than ``keep`` (the live one) and what killed saves left behind.
+
+    Runs under the writer lock, so no staging directory can belong to a save in progress;
+    a version newer than the live one (a save killed before swapping ``CURRENT``) is left
+    to the next save, and anything not named like a version is never touched.
+    """
+    live = _version_stamp(keep)
     for entry in directory.iterdir():
-        if entry.is_dir() and entry.name != keep and (entry.name.startswith("v") or entry.name.endswith(".tmp")):
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.is_file() and entry.name.startswith(".CURRENT.") and entry.name.endswith(".tmp"):
+        name = entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            stamp = _version_stamp(name)
+            if _STAGING_RE.match(name) or (stamp is not None and live is not None and stamp < live):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file() and name.startswith((".CURRENT.", ".probe.")) and name.endswith(".tmp"):
             entry.unlink(missing_ok=True)
 
 
-def _current_version(directory: Path) -> Path:
-    pointer = directory / "CURRENT"
-    if not directory.is_dir():
-        raise IndexFormatError(f"{directory}: no such index directory; build one with `himir index`")
-    if not pointer.is_file():
-        raise IndexFormatError(f"{directory}: not a himir index (no CURRENT file); build one with `himir index`")
-    version_dir = directory / pointer.read_text(encoding="utf-8").strip()
-    if not version_dir.is_dir() or version_dir.parent != directory:
-        raise IndexFormatError(f"{directory}: CURRENT names {version_dir.name!r}, which is missing")
-    return version_dir
-
-
-def _read_manifest(version_dir: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise IndexFormatError(f"{version_dir}: manifest.json is missing; the index is incomplete") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFormatError(f"{version_dir}/manifest.json: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise IndexFormatError(f"{version_dir}/manifest.json: not a himir-rag index manifest; rebuild the index")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise IncompatibleIndexError(
-            f"{version_dir}: index format version {version!r}, this himir-rag reads version {FORMAT_VERSION}; "
-            "upgrade himir-rag or rebuild the index"
-        )
-    if manifest.get("format") != "himir-rag index":
-        raise IndexFormatError(f"{version_dir}/manifest.json: not a himir-rag index manifest; rebuild the index")
-    encoder = manifest.get("encoder")
-    if not (isinstance(encoder, dict) and isinstance(encoder.get("name"), str) and isinstance(encoder.get("dim"), int)):
-        raise IndexFormatError(f"{version_dir}/manifest.json: no encoder name and dim recorded; rebuild the index")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not {"vectors.npy", "catalog.sqlite"} <= set(files):
-        raise IndexFormatError(f"{version_dir}/manifest.json: does not list vectors.npy and catalog.sqlite; "
-                               "rebuild the index")
-    for name, size in files.items():
-        if Path(name).name != name:
-            raise IndexFormatError(f"{version_dir}/manifest.json: file name {name!r} points outside the index")
-        if not (version_dir / name).is_file():
-            raise IndexFormatError(f"{version_dir}/{name}: missing; the index is incomplete, rebuild it")
-        actual = (version_dir / name).stat().st_size
-        if actual != size:
-            raise IndexFormatError(
-                f"{version_dir}/{name}: expected {size} bytes, found {actual}; the index is truncated or damaged"
-            )
-    return manifest
+def _version_stamp(name: str) -> int | None:
+    match = _VERSION_RE.match(name)
+    return None if match is None else int(match.group(1))
 
 
 def _read_vectors(path: Path, dim: int, *, dtype: str = "float32") -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,7 @@ def describe_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
     version = (directory / "CURRENT").read_text(encoding="utf-8").strip()
     live = sum(int(size) for size in manifest.get("files", {}).values())
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-    scheduler = {key: (list(value) if isinstance(value, tuple) else value)
-                 for key, value in dataclasses.asdict(config.scheduler_params).items()}
+    scheduler = {key: _plain(value) for key, value in dataclasses.asdict(config.scheduler_params).items()}
     return {
         "path": str(directory.absolute()), "version": version, "format_version": manifest.get("format_version"),
         "saved_at": manifest.get("saved_at"), "counts": manifest.get("counts", {}),
@@ -72,6 +72,15 @@ def format_info(info: dict[str, Any]) -> str:
                      f"{record.get('target')} {record.get('accuracy', 0):.3f}, "
                      f"{record.get('dot_products', 0):.0f} dot products")
     return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, infinity as the string "inf" (strict JSON holds no infinity)."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _mib(n: int) -> str:

@@ -3,11 +3,12 @@
 Usage::
 
     python tests/crash_index_helper.py IMAGES INDEX [--encode-delay S] [--fsync-delay S] [--layout 1+M+N]
+                                       [--wait S]
 
 Everything is the CLI's own code (``himir_rag.cli.app``: open or resume the index, ``add``
 with checkpoints, atomic ``save``); only the encoder is replaced by the test suite's
 ``ColorEncoder`` (spec ``test:color``), slowed down so a test can kill the process at a
-chosen moment. Events are printed on stdout, flushed, one per line, *before* the pause
+chosen moment (the multi-process tests run several at once on one index). Events are printed on stdout, flushed, one per line, *before* the pause
 that follows them, so a test that kills the process on reading an event knows where
 the process stands:
 
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--encode-delay", type=float, default=0.0)
     parser.add_argument("--fsync-delay", type=float, default=0.0)
     parser.add_argument("--layout", default="1+2+4")
+    parser.add_argument("--wait", help="passed on to himir index (seconds to wait for another writer)")
     args = parser.parse_args()
 
     class SlowColorEncoder(ColorEncoder):
@@ -74,7 +76,8 @@ def main() -> None:
     index_module.HiMIRIndex.save = save
     # --checkpoint-every 1: a checkpoint after every chunk of 16 files that add() commits
     app(["index", args.images, "--index", args.index, "--encoder", ColorEncoder.name, "--layout", args.layout,
-         "--no-progress", "--batch-size", "8", "--checkpoint-every", "1"])
+         "--no-progress", "--batch-size", "8", "--checkpoint-every", "1",
+         *([] if args.wait is None else ["--wait", args.wait])])
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _photos(root, count, start=0):
 
 
 def test_index_time_tuning_record_survives_save_load_and_small_adds(tmp_path, color_encoder):
-    config = HiMIRConfig(auto_tune_min_images=8, auto_tune_probes=24)
+    config = HiMIRConfig(auto_tune=True, auto_tune_min_images=8, auto_tune_probes=24)
     index = HiMIRIndex(color_encoder, config)
     report = index.add(_photos(tmp_path / "photos", 10), progress=False)
     assert report.auto_tuned and index.autoconfig["images"] == 10
@@ -92,12 +92,13 @@ def test_index_time_tuning_record_survives_save_load_and_small_adds(tmp_path, co
 
 def test_no_automatic_tuning_over_hand_set_or_user_tuned_parameters(tmp_path, color_encoder):
     hand = HiMIRIndex(color_encoder,
-                      HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24, scheduler={"candidate_k": 8}))
+                      HiMIRConfig(auto_tune=True, auto_tune_min_images=4, auto_tune_probes=24,
+                                  scheduler={"candidate_k": 8}))
     assert not hand.add(_photos(tmp_path / "a", 6), progress=False).auto_tuned
     assert hand.autoconfig is None and hand.config.scheduler == {"candidate_k": 8}
-    off = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24, auto_tune=False))
+    off = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24))
     assert not off.add(_photos(tmp_path / "b", 6), progress=False).auto_tuned
-    tuned = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=100, auto_tune_probes=24))
+    tuned = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune=True, auto_tune_min_images=100, auto_tune_probes=24))
     tuned.add(_photos(tmp_path / "c", 6), progress=False)
     apply(tuned, tune(tuned, ["red and blue", "green"], k=3, passes=1))
     assert tuned.autoconfig["source"] == "tune" and tuned.autoconfig["queries"] == 2
@@ -116,7 +117,7 @@ def test_auto_tune_settings_are_validated():
 
 
 def test_himir_info_prints_counts_and_the_autoconfig_record(tmp_path, color_encoder):
-    index = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24))
+    index = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune=True, auto_tune_min_images=4, auto_tune_probes=24))
     index.add(_photos(tmp_path / "photos", 6), progress=False)
     index.save(tmp_path / "idx")
     runner = CliRunner()
@@ -124,6 +125,7 @@ def test_himir_info_prints_counts_and_the_autoconfig_record(tmp_path, color_enco
     assert text.exit_code == 0, text.output
     assert "images     6" in text.output and "auto-tuned" in text.output and "1+4+16" in text.output
     as_json = runner.invoke(app, ["info", str(tmp_path / "idx"), "--json"])
+    assert as_json.exit_code == 0, as_json.output
     info = json.loads(as_json.output)
     assert info["counts"]["images"] == 6 and info["autoconfig"] == index.autoconfig
     assert info["bytes_on_disk"]["live_version"] > 0 and info["encoder"]["name"] == "test:color"

@@ -125,7 +125,7 @@ def assert_same_as_reference(index_dir: Path, reference) -> None:
         assert any(Path(p).name == name and fragment in r for p, r in index.skipped)
     # a killed save's leftovers are gone after the next save
     version = index.save(index_dir)
-    assert sorted(p.name for p in index_dir.iterdir()) == sorted(["CURRENT", version.name])
+    assert sorted(p.name for p in index_dir.iterdir()) == sorted([".lock", "CURRENT", version.name])
 
 
 def nth(event: str, n: int, *, after: tuple[str, int] | None = None):

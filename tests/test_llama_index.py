@@ -63,8 +63,10 @@ def photo_index(color_encoder: ColorEncoder, scene_dir: Path, store_kind: str, t
 
 
 @pytest.fixture
-def index_dir(photo_index: HiMIRIndex, tmp_path: Path) -> Path:
+def index_dir(photo_index: HiMIRIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     photo_index.save(tmp_path / "index")
+    if photo_index.store is not None:  # a Qdrant folder outside the index is opened only when named again
+        monkeypatch.setenv("HIMIR_STORE_LOCATION", photo_index.store.path)
     return tmp_path / "index"
 
 

@@ -694,7 +694,7 @@ def test_leftovers_of_a_killed_save_are_ignored_then_cleaned(index, saved):
     (directory / ".CURRENT.dead.tmp").write_text("v2-orphan\n")
     assert len(load(saved)) == 6
     new_version = index.save(directory)
-    assert sorted(p.name for p in directory.iterdir()) == sorted(["CURRENT", new_version.name])
+    assert sorted(p.name for p in directory.iterdir()) == sorted([".lock", "CURRENT", new_version.name])
 
 
 # -- LLM faults ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from himir_rag.config import HiMIRConfig
-from himir_rag.errors import ConfigError
+from himir_rag.errors import ConfigError, UntrustedLocationError
 from himir_rag.index import HiMIRIndex
 from himir_rag.store import FaissStore
 from tests.conftest import ColorEncoder, make_scene, make_store
@@ -75,7 +75,12 @@ def test_delete_and_reindex(built, scene_dir):
 def test_save_load_roundtrip(built, tmp_path):
     before = {q: ranking(built.search(q, k=6)) for q in QUERIES}
     built.save(tmp_path / "idx")
-    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=built.encoder)
+    location = None
+    if built.store is not None:  # the store's folder is outside the index: the manifest alone is not trusted
+        with pytest.raises(UntrustedLocationError, match="outside the index directory"):
+            HiMIRIndex.load(tmp_path / "idx", encoder=built.encoder)
+        location = built.store.path
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=built.encoder, store_location=location)
     assert type(loaded.store) is type(built.store) and len(loaded) == 6
     assert {q: ranking(loaded.search(q, k=6)) for q in QUERIES} == before
     assert HiMIRIndex.read_manifest(tmp_path / "idx")["store"]["kind"] in ("faiss", "qdrant")
@@ -144,7 +149,10 @@ def test_cli_index_into_qdrant(tmp_path):
     result = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx"), "--store", "qdrant",
                                  "--qdrant-path", str(tmp_path / "qdrant"), "--no-progress"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["search", str(tmp_path / "idx"), "a cat", "-k", "1", "--mode", "himir"])
+    search = ["search", str(tmp_path / "idx"), "a cat", "-k", "1", "--mode", "himir"]
+    result = runner.invoke(app, search)  # the Qdrant folder is outside the index: named again or refused
+    assert result.exit_code == 1 and "outside the index directory" in result.stderr, result.output
+    result = runner.invoke(app, search, env={"HIMIR_STORE_LOCATION": str(tmp_path / "qdrant")})
     assert result.exit_code == 0, result.output
     assert "cat.jpg" in result.stdout.splitlines()[2]
     result = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx2"), "--store", "qdrant"])

@@ -226,7 +226,11 @@ class FaissStore:
         """Write the CPU index to ``path`` in FAISS's own binary format."""
         if self._index is None:
             raise ValueError("cannot save an empty IVF store (it is trained on the first add)")
-        import_faiss().write_index(self._index, str(path))
+        # serialized here and written by Python, so a full disk or a read-only folder is an OSError with its
+        # errno (faiss.write_index would raise a bare RuntimeError)
+        data = import_faiss().serialize_index(self._index)
+        with open(path, "wb") as fh:
+            fh.write(data.tobytes())
 
     @classmethod
     def load(cls, path: Path, *, dim: int, kind: str, nprobe: int = 16, threads: int = 1,
