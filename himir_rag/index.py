@@ -654,9 +654,22 @@ class HiMIRIndex:
                 from himir_rag.decompose import RuleDecomposer
 
                 decomposer = RuleDecomposer()
-            subs = self._cap_decomposed(decomposer.decompose(query))
+            subs = self.limit_subqueries(decomposer.decompose(query))
         stats.latency_ms["decompose"] = (time.perf_counter() - tick) * 1000
         return self._cap_count(subs) or [query.strip()[: self.config.max_subquery_chars]]
+
+    def limit_subqueries(self, found: Iterable[Any]) -> list[str]:
+        """A decomposer's sub-queries within the config's caps: strings only, blank ones dropped,
+        each cut at ``max_subquery_chars`` and at most ``max_subqueries`` of them (each cut logged).
+
+        The adapters pass their decomposer's answer through this before :meth:`search`.
+
+        Example
+        -------
+        >>> index.limit_subqueries(["a dog", "", "x" * 600])  # doctest: +SKIP
+        ['a dog', 'xxx...']
+        """
+        return self._cap_count(self._cap_decomposed(found))
 
     def _check_subqueries(self, given: Any) -> list[str]:
         """Explicit sub-queries: a list of strings, none longer than the cap (blank ones are dropped)."""
