@@ -250,6 +250,7 @@ class HiMIRIndex:
                                          f"{index.config.precision}")
         try:
             snapshot.check_integrity()
+            _check_finite(np.asarray(snapshot.vectors, dtype=np.float32), "its vectors")
         except ValueError as exc:
             raise IndexFormatError(f"the snapshot is inconsistent: {exc}") from exc
         index._snapshot = snapshot
@@ -493,7 +494,14 @@ class HiMIRIndex:
         vectors = np.concatenate([self.encoder.embed_images(crops[i : i + batch]) for i in range(0, len(crops), batch)])
         report.crops_encoded += len(crops)
         bounds = np.cumsum([0] + [len(item.crops) for item in chunk])
-        return [(item, vectors[bounds[i] : bounds[i + 1]]) for i, item in enumerate(chunk)]
+        encoded = []
+        for i, item in enumerate(chunk):
+            rows = vectors[bounds[i] : bounds[i + 1]]
+            if np.isfinite(rows).all():
+                encoded.append((item, rows))
+            else:  # NaN scores would follow it into every search
+                report.skipped.append((item.record.path, "the encoder returned NaN or infinite values"))
+        return encoded
 
     def _commit(self, encoded: list[tuple[_Prepared, np.ndarray]], report: BuildReport) -> None:
         records, trees, vectors, replaced = [], [], [], set()
