@@ -48,12 +48,15 @@ def index_command(
     qdrant_path: Optional[Path] = typer.Option(None, help="Qdrant embedded local folder (with --store qdrant)."),
     collection: Optional[str] = typer.Option(None, help="Qdrant collection (default: the index folder's name)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: local | auto | ray://HOST:PORT."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help='JSON file {"photo path": {...}, ...} of '
+                                            "user metadata (paths absolute, or relative to here or PHOTOS_DIR)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Index a photo folder. Re-running indexes only new or changed files."""
     _setup_logging(verbose)
     try:
+        user_metadata = None if metadata is None else _read_metadata(metadata)
         index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
                                 batch_size=batch_size, device=device, prune_cosine=prune_cosine,
                                 precision=precision)
@@ -62,7 +65,7 @@ def index_command(
                                       collection=collection or index_dir.name)
         # checkpoints and the final save happen inside add (crash-safe, resumable)
         report = index.add(images_dir, progress=progress, checkpoint_dir=index_dir,
-                           checkpoint_every=checkpoint_every, ray_address=ray)
+                           checkpoint_every=checkpoint_every, ray_address=ray, metadata=user_metadata)
     except (HiMIRError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
@@ -72,7 +75,24 @@ def index_command(
         f"indexed {report.added} new, {report.updated} changed, {report.unchanged} unchanged, "
         f"{len(report.skipped)} skipped; {len(index)} images, {report.regions_stored} regions stored "
         f"({report.regions_pruned} pruned) in {report.seconds:.1f}s -> {index_dir}"
+        + (f"; new metadata for {report.metadata_updated} unchanged" if report.metadata_updated else "")
     )
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The ``--metadata`` file: a JSON object of photo path -> object of JSON values."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant,
+                             parse_float=_finite_float)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the metadata file ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: not a UTF-8 JSON file ({type(exc).__name__})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(mapping, dict) or not all(isinstance(v, dict) for v in mapping.values()):
+        raise ValueError(f'{path}: expected a JSON object {{"photo path": {{"key": value, ...}}, ...}}')
+    return mapping
 
 
 def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_path: Path | None,

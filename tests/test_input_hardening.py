@@ -317,3 +317,29 @@ def test_rerun_with_new_metadata_updates_without_re_encoding(scene_dir, store_ki
         "red_blue.png": {"album": "b"}, "all_red.png": {"n": 1}, "all_blue.png": {"n": 1}}
     assert {Path(h.path).name for h in loaded.search("red", k=6, filters={"n": 1}).hits} == {"all_red.png",
                                                                                                "all_blue.png"}
+
+
+def test_himir_index_metadata_file_rerun_updates_unchanged_photos(scene_dir, tmp_path, monkeypatch):
+    import himir_rag.index
+
+    encoder = ColorEncoder()
+    monkeypatch.setattr(himir_rag.index, "get_encoder", lambda spec, device="cpu": encoder)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"red_blue.png": {"album": "a"}, "sub/orange.png": {"album": "o"}}))
+    command = ["index", str(scene_dir), "--index", str(tmp_path / "idx"), "--encoder", "test:color",
+               "--no-progress", "--metadata", str(meta)]
+    assert runner.invoke(app, command).exit_code == 0
+    calls = encoder.image_calls
+    meta.write_text(json.dumps({"red_blue.png": {"album": "b"}, "sub/orange.png": {"album": "o"}}))
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "6 unchanged" in result.stdout and "new metadata for 1 unchanged" in result.stdout
+    assert encoder.image_calls == calls  # nothing re-encoded
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=encoder)
+    assert {Path(r.path).name: r.metadata for r in loaded.images if r.metadata} == {
+        "red_blue.png": {"album": "b"}, "orange.png": {"album": "o"}}
+    meta.write_text('{"red_blue.png": {"x": NaN}}')
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1 and "NaN and Infinity are not valid JSON" in result.stderr
+    meta.write_text('["red_blue.png"]')
+    assert "expected a JSON object" in runner.invoke(app, command).stderr
