@@ -293,7 +293,17 @@ def _parse_line(line: bytes, number: int) -> tuple[Any, str | None, str | None]:
         return query_id, None, f'{found}; expected "query": "a text"'
     if not query.strip():
         return query_id, None, '"query" is empty; expected a non-empty text'
+    if not _is_unicode(query) or (isinstance(query_id, str) and not _is_unicode(query_id)):
+        return number, None, 'holds a lone UTF-16 surrogate ("\\ud800"...), which is no text'
     return query_id, query, None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @app.command("demo")

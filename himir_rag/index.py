@@ -250,7 +250,9 @@ class HiMIRIndex:
                                          f"{index.config.precision}")
         try:
             snapshot.check_integrity()
-            _check_finite(np.asarray(snapshot.vectors, dtype=np.float32), "its vectors")
+            for start in range(0, len(snapshot.vectors), _CHECK_ROWS):  # in blocks: no full-size temporary
+                if not np.isfinite(snapshot.vectors[start : start + _CHECK_ROWS]).all():
+                    raise ValueError("its vectors hold NaN or infinite values")
         except ValueError as exc:
             raise IndexFormatError(f"the snapshot is inconsistent: {exc}") from exc
         index._snapshot = snapshot

@@ -56,6 +56,7 @@ BAD_LINES = [
     ('["red"]', "expected a JSON object"),
     ('{"id": [1], "query": "red"}', '"id" must be a string or a number'),
     ('{"id": "i", "query": "' + "x" * 3000 + '"}', "max_query_chars"),
+    ('{"id": "k", "query": "red \\ud800"}', "lone UTF-16 surrogate"),
     ('{"id": "j", "query": "green"}', None),
 ]
 
@@ -74,8 +75,8 @@ def test_jsonl_bad_lines_give_error_lines_and_the_run_goes_on(saved_index, tmp_p
             assert line["line"] == number and set(line) == {"id", "line", "error"}
             assert __import__("re").search(problem, line["error"]), (problem, line)
             assert f"q.jsonl:{number}: " in result.stderr
-    assert out[0]["id"] == "a" and out[-1]["id"] == "j" and out[8]["id"] == 9  # unusable id -> line number
-    assert "12 line(s) of" in result.stderr and "Traceback" not in result.output
+    assert out[0]["id"] == "a" and out[-1]["id"] == "j" and out[8]["id"] == 9 and out[13]["id"] == 14  # unusable id -> line number
+    assert "13 line(s) of" in result.stderr and "Traceback" not in result.output
 
 
 def test_jsonl_without_json_reports_errors_on_stderr(saved_index, tmp_path):
