@@ -38,8 +38,8 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from himir_rag.catalog import ImageRecord
@@ -61,16 +61,52 @@ _ACCEPTED = ("a filter is a dict such as {'album': 'holiday'}, {'year': [2020, 2
              "{'year': {'$gte': 2021}}, or a callable view -> bool")
 
 
-def filter_view(record: ImageRecord) -> dict[str, Any]:
+def filter_view(record: ImageRecord) -> Mapping[str, Any]:
     """What a filter sees of one photo: its user metadata plus the built-in fields (which win).
+
+    A read-only mapping over the record (nothing is copied per photo and query).
 
     Example
     -------
-    >>> filter_view(ImageRecord(1, "/p/a.jpg", 640, 480, metadata={"album": "x"}))["file_name"]
-    'a.jpg'
+    >>> view = filter_view(ImageRecord(1, "/p/a.jpg", 640, 480, metadata={"album": "x"}))
+    >>> view["file_name"], view["width"], view["album"], "path" in view
+    ('a.jpg', 640, 'x', True)
     """
-    return {**record.metadata, "file_name": Path(record.path).name, "path": record.path,
-            "width": int(record.width), "height": int(record.height)}
+    return _RecordView(record)
+
+
+class _RecordView(Mapping):
+    """The filter view of one :class:`ImageRecord` (see :func:`filter_view`)."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: ImageRecord) -> None:
+        self._record = record
+
+    def __getitem__(self, key: str) -> Any:
+        record = self._record
+        if key == "file_name":
+            return os.path.basename(record.path)
+        if key == "path":
+            return record.path
+        if key == "width":
+            return int(record.width)
+        if key == "height":
+            return int(record.height)
+        return record.metadata[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in BUILTIN_FIELDS or key in self._record.metadata
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (key for key in self._record.metadata if key not in BUILTIN_FIELDS)
+        yield from BUILTIN_FIELDS
+
+    def __len__(self) -> int:
+        return len(self._record.metadata.keys() - set(BUILTIN_FIELDS)) + len(BUILTIN_FIELDS)
 
 
 def matching_ids(records: Iterable[ImageRecord], filters: Filter) -> list[int]:
@@ -123,7 +159,12 @@ def _compile_all(filters: Mapping[str, Any], *, depth: int) -> Predicate:
     """Every key of ``filters`` must hold (field conditions and logic operators)."""
     if depth > MAX_DEPTH:
         raise ConfigError(f"filter nests $and/$or/$not deeper than {MAX_DEPTH} levels; flatten it")
-    tests = [_compile_key(key, value, depth=depth) for key, value in filters.items()]
+    return _all_of([_compile_key(key, value, depth=depth) for key, value in filters.items()])
+
+
+def _all_of(tests: list[Predicate]) -> Predicate:
+    if len(tests) == 1:
+        return tests[0]
     return lambda view: all(test(view) for test in tests)
 
 
@@ -164,7 +205,7 @@ def _compile_field(key: str, condition: Any) -> Predicate:
                 raise ConfigError(f"filter on {key!r}: {operator!r} is not an operator; to match a dict value "
                                   f"write {{'$eq': {{...}}}}, else use one of {', '.join(FIELD_OPERATORS)}")
             tests.append(_compile_operator(key, operator, operand))
-        return lambda view: all(test(view) for test in tests)
+        return _all_of(tests)
     if isinstance(condition, _SETS):
         return _compile_operator(key, "$in", condition)
     return _compile_operator(key, "$eq", condition)
@@ -197,7 +238,7 @@ def _compile_operator(key: str, operator: str, operand: Any) -> Predicate:
             raise ConfigError(f"filter on {key!r}: {operator} takes true or false, got {_short(operand)}")
         if operator == "$exists":
             return lambda view: (key in view) == operand
-        return lambda view: (view.get(key) in (None, "") or view.get(key) == []) == operand
+        return lambda view: _is_empty(view.get(key)) == operand
     raise ConfigError(f"filter on {key!r}: operator {operator!r} is not supported; use one of "
                       f"{', '.join(FIELD_OPERATORS)}")
 
@@ -243,6 +284,10 @@ def _value_set(key: str, operator: str, values: Any) -> _ValueSet:
 
 
 # -- evaluating --------------------------------------------------------------------------------------
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list)) and len(value) == 0)
+
+
 def _elements(value: Any) -> list[Any]:
     """A list value's elements, or the value itself: a list matches when any element does."""
     return value if isinstance(value, list) else [value]

@@ -25,6 +25,8 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -732,7 +734,7 @@ class HiMIRIndex:
             stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
             return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
-        allowed = _allowed_positions(snapshot, filters)
+        allowed = _FILTER_POSITIONS.get(snapshot, filters)
         if mode is RetrievalMode.HIMIR:
             from himir_rag.scheduler import scheduled_search
 
@@ -1036,6 +1038,39 @@ def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> li
     merged = {p: r for p, r in old}
     merged.update(new)
     return list(merged.items())
+
+
+class _FilterPositions:
+    """Sorted image positions per (snapshot, dict filter), computed once: a repeated filter costs
+    nothing per query. Snapshots are held weakly; the least recently used entries are dropped."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[int, str], tuple[Any, np.ndarray]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+        if filters is None:
+            return None
+        try:  # callables, sets and other non-JSON filters are evaluated every time
+            key = (id(snapshot), json.dumps(filters, sort_keys=True, allow_nan=False))
+        except (TypeError, ValueError):
+            return _allowed_positions(snapshot, filters)
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None and entry[0]() is snapshot:
+                self.entries.move_to_end(key)
+                return entry[1]
+        positions = _allowed_positions(snapshot, filters)
+        positions.setflags(write=False)
+        with self.lock:
+            self.entries[key] = (weakref.ref(snapshot), positions)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return positions
+
+
+_FILTER_POSITIONS = _FilterPositions()
 
 
 def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:

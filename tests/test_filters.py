@@ -220,3 +220,20 @@ def test_qdrant_store_answers_as_the_core(scene_dir, tmp_path):
             want = names(core.search("red", k=6, mode=mode, filters=filters).hits)
             assert names(qdrant.search("red", k=6, mode=mode, filters=filters).hits) == want, filters
         assert names(qdrant.search("red", k=6, filters=filters).hits) == kept(filters), filters
+
+
+def test_filter_positions_are_cached_per_snapshot(photo_index, monkeypatch):
+    import himir_rag.index
+
+    calls = []
+    real = himir_rag.index.matching_ids
+    monkeypatch.setattr(himir_rag.index, "matching_ids", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for _ in range(3):
+        assert names(photo_index.search("red", k=6, filters={"album": "new"}).hits) == set()
+    assert len(calls) == 1  # evaluated once for this snapshot
+    assert photo_index.update_metadata({"orange.png": {"album": "new"}}) == 1  # a new snapshot
+    assert names(photo_index.search("red", k=6, filters={"album": "new"}).hits) == {"orange.png"}
+    assert len(calls) == 2
+    photo_index.search("red", k=6, filters=lambda view: True)
+    photo_index.search("red", k=6, filters=lambda view: True)
+    assert len(calls) == 4  # callables are evaluated every time
