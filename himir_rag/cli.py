@@ -15,6 +15,7 @@ import typer
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
+from himir_rag.scheduler import parse_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HiMIR: hierarchical multi-vector image retrieval for multimodal RAG.")
@@ -196,6 +197,8 @@ def search_command(
                 _print_result(result)
             return
         lines = _read_queries(queries)
+        if mode is not None:
+            parse_mode(mode)  # a wrong --mode is one error for the run, not one per line
         if len(index) == 0:
             raise HiMIRError(f"{index_dir} holds no image; add photos first (himir index DIR --index INDEX)")
         failed = _search_lines(index, lines, path=queries, k=k, mode=mode, decomposer=splitter, as_json=as_json)

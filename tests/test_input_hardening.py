@@ -87,6 +87,13 @@ def test_jsonl_without_json_reports_errors_on_stderr(saved_index, tmp_path):
     assert "query: red" in result.stdout and "q.jsonl:2: \"query\" is 5" in result.stderr
 
 
+def test_jsonl_with_a_wrong_mode_is_one_error(saved_index, tmp_path):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"query": "red"}\n{"query": "green"}\n')
+    result = runner.invoke(app, ["search", str(saved_index), "--queries", str(queries), "--mode", "dense", "--json"])
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("error:") == 1
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory", "binary"])
 def test_jsonl_unusable_files_give_one_line_errors(saved_index, tmp_path, kind):
     path = tmp_path / "q.jsonl"
