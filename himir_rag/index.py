@@ -757,7 +757,7 @@ class HiMIRIndex:
         """Search an external store (Qdrant); its work counters go into ``stats``."""
         candidate_k = int(self.config.scheduler_params.candidate_k)
         image_ids = None
-        if callable(filters) and not isinstance(filters, Mapping):  # runs here, sent to Qdrant as an id filter
+        if filters is not None and not self.store.pushes_down(filters):  # runs here on the catalog, sent as ids
             image_ids = matching_ids(self.snapshot.images.values(), filters)
             filters = None
         found, work = self.store.search(vectors, mode=mode.value, k=k, filters=filters, image_ids=image_ids,

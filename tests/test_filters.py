@@ -237,3 +237,14 @@ def test_filter_positions_are_cached_per_snapshot(photo_index, monkeypatch):
     photo_index.search("red", k=6, filters=lambda view: True)
     photo_index.search("red", k=6, filters=lambda view: True)
     assert len(calls) == 4  # callables are evaluated every time
+
+
+def test_qdrant_index_evaluates_unpushable_filters_on_its_catalog(scene_dir, tmp_path, monkeypatch):
+    pytest.importorskip("qdrant_client")
+    encoder = ColorEncoder()
+    index = HiMIRIndex(encoder, HiMIRConfig(precision="float32"), store=make_store("qdrant", encoder.dim, tmp_path))
+    index.add(scene_dir, metadata=META, progress=False)
+    monkeypatch.setattr(type(index.store), "records", lambda self: pytest.fail("scrolled the collection"))
+    assert names(index.search("red", k=6, filters={"year": {"$gte": 2021}}).hits) == {
+        "red_green.png", "all_red.png", "orange.png"}
+    assert names(index.search("red", k=6, filters={"album": "Summer"}).hits) == {"red_green.png"}

@@ -218,6 +218,11 @@ class QdrantImageStore:
             self.client.delete(self.collection, points_selector=models.PointIdsList(points=[int(i) for i in image_ids]),
                                wait=True)
 
+    @staticmethod
+    def pushes_down(filters: Any) -> bool:
+        """Whether ``filters`` becomes an exact payload filter (else the caller evaluates it, see :func:`qdrant_filter`)."""
+        return isinstance(filters, Mapping) and qdrant_filter(filters) is not None
+
     def set_metadata(self, records: list[ImageRecord]) -> None:
         """Replace the user metadata of stored images (their vectors and regions are untouched)."""
         for record in records:
