@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
+from himir_rag.scheduler import parse_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HiMIR: hierarchical multi-vector image retrieval for multimodal RAG.")
@@ -73,6 +75,8 @@ def index_command(
     qdrant_path: Optional[Path] = typer.Option(None, help="Qdrant embedded local folder (with --store qdrant)."),
     collection: Optional[str] = typer.Option(None, help="Qdrant collection (default: the index folder's name)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: local | auto | ray://HOST:PORT."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help='JSON file {"photo path": {...}, ...} of '
+                                            "user metadata (paths absolute, or relative to here or PHOTOS_DIR)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     auto_tune: Optional[bool] = typer.Option(None, "--auto-tune/--no-auto-tune",
                                              help="Tune the scheduler on probes drawn from the collection when "
@@ -92,6 +96,7 @@ def index_command(
     _set_offline(offline)
     location = qdrant_url or (None if qdrant_path is None else str(qdrant_path.absolute()))
     try:
+        user_metadata = None if metadata is None else _read_metadata(metadata)
         # the lock is held from before the load until the last save: a concurrent writer waits, nothing is lost
         with lock_index(index_dir, timeout=wait, create=True):
             index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
@@ -107,7 +112,8 @@ def index_command(
                 index.set_config(index.config.replace(auto_tune=auto_tune))
             # checkpoints and the final save happen inside add (crash-safe, resumable)
             report = index.add(images_dir, progress=progress, checkpoint_dir=index_dir,
-                               checkpoint_every=checkpoint_every, ray_address=ray, lock_timeout=wait)
+                               checkpoint_every=checkpoint_every, ray_address=ray, lock_timeout=wait,
+                               metadata=user_metadata)
     except _USER_ERRORS as exc:
         _fail(_error_text(exc))
         return
@@ -117,6 +123,7 @@ def index_command(
         f"indexed {report.added} new, {report.updated} changed, {report.unchanged} unchanged, "
         f"{len(report.skipped)} skipped; {len(index)} images, {report.regions_stored} regions stored "
         f"({report.regions_pruned} pruned) in {report.seconds:.1f}s -> {index_dir}"
+        + (f"; new metadata for {report.metadata_updated} unchanged" if report.metadata_updated else "")
     )
     if report.auto_tuned and index.autoconfig is not None:
         record = index.autoconfig
@@ -124,6 +131,22 @@ def index_command(
                    f"{json.dumps(record['params'])} (probe Recall@{record['k']} {record['recall']:.3f}, "
                    f"himir-full {record['himir_full']['recall']:.3f}; {record['dot_products']:.0f} dot products, "
                    f"before {record['before']['dot_products']:.0f})")
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The ``--metadata`` file: a JSON object of photo path -> object of JSON values."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant,
+                             parse_float=_finite_float)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the metadata file ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: not a UTF-8 JSON file ({type(exc).__name__})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(mapping, dict) or not all(isinstance(v, dict) for v in mapping.values()):
+        raise ValueError(f'{path}: expected a JSON object {{"photo path": {{"key": value, ...}}, ...}}')
+    return mapping
 
 
 def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_path: Path | None,
@@ -192,15 +215,19 @@ def _result_json(result: SearchResult, query_id: Any = None, index: HiMIRIndex |
     return payload
 
 
-def _print_result(result: SearchResult) -> None:
-    typer.echo(f"query: {result.query}")
-    typer.echo(f"sub-queries: {', '.join(result.subqueries)}")
+def _format_result(result: SearchResult) -> str:
+    lines = [f"query: {result.query}", f"sub-queries: {', '.join(result.subqueries)}"]
     for rank, hit in enumerate(result.hits, 1):
         missing = "" if os.path.isfile(hit.path) else "  (missing on disk; `himir relocate` if the folder moved)"
-        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.path}{missing}")
-        for match in hit.regions:
-            typer.echo(f"       {match.subquery!r}: {match.level} {list(match.bbox)} sim {match.score:.3f}")
-    typer.echo(f"({result.stats.dot_products} dot products, {result.stats.latency_ms.get('total', 0):.1f} ms)")
+        lines.append(f"{rank:>3}. {hit.score:.4f}  {hit.path}{missing}")
+        lines += [f"       {match.subquery!r}: {match.level} {list(match.bbox)} sim {match.score:.3f}"
+                  for match in hit.regions]
+    lines.append(f"({result.stats.dot_products} dot products, {result.stats.latency_ms.get('total', 0):.1f} ms)")
+    return "\n".join(lines)
+
+
+def _print_result(result: SearchResult) -> None:
+    typer.echo(_format_result(result))
 
 
 def _get_decomposer(name: str) -> Any:
@@ -234,31 +261,121 @@ def search_command(
         if queries is None:
             result = index.search(query, k=k, mode=mode, decomposer=splitter)
             if as_json:
-                typer.echo(json.dumps(_result_json(result, index=index)))
+                typer.echo(_dumps(_result_json(result, index=index)))
             else:
                 _print_result(result)
             return
-        for query_id, text in _read_queries(queries):
-            result = index.search(text, k=k, mode=mode, decomposer=splitter)
-            if as_json:
-                typer.echo(json.dumps(_result_json(result, query_id, index=index)))
-            else:
-                _print_result(result)
+        lines = _read_queries(queries)
+        if mode is not None:
+            parse_mode(mode)  # a wrong --mode is one error for the run, not one per line
+        if len(index) == 0:
+            raise HiMIRError(f"{index_dir} holds no image; add photos first (himir index DIR --index INDEX)")
+        failed = _search_lines(index, lines, path=queries, k=k, mode=mode, decomposer=splitter, as_json=as_json)
     except (*_USER_ERRORS, ImportError) as exc:
         _fail(_error_text(exc))
+        return
+    if failed:
+        typer.echo(f"error: {failed} line(s) of {queries} failed (see the error lines)", err=True)
+        raise typer.Exit(code=1)
 
 
-def _read_queries(path: Path):
-    """Yield (id, query) from a JSONL file; a bad line is an error naming its number."""
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+def _dumps(payload: Any) -> str:
+    """One line of strict JSON: NaN and infinity are refused (ValueError), never printed."""
+    try:
+        return json.dumps(payload, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"the result holds NaN or infinity, which JSON cannot carry ({exc}); "
+                         "check the photos' metadata or re-index them") from exc
+
+
+def _search_lines(index: HiMIRIndex, lines: Any, *, path: Path, k: int, mode: str | None, decomposer: Any,
+                  as_json: bool) -> int:
+    """Answer each ``(line, id, query or error)``; a failing line prints an error line and the run goes on.
+
+    Returns the number of lines that failed.
+    """
+    failed = 0
+    for number, query_id, query, problem in lines:
+        if problem is None:
             try:
-                item = json.loads(line)
-                yield item.get("id", number), str(item["query"])
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f"{path}:{number}: expected a JSON object with a 'query' field ({exc})") from exc
+                result = index.search(query, k=k, mode=mode, decomposer=decomposer)
+                typer.echo(_dumps(_result_json(result, query_id, index=index)) if as_json else _format_result(result))
+                continue
+            except (HiMIRError, ValueError, TypeError) as exc:  # this query's fault: report it, go on
+                problem = str(exc)
+        failed += 1
+        typer.echo(f"error: {path}:{number}: {problem}", err=True)
+        if as_json:
+            typer.echo(_dumps({"id": query_id, "line": number, "error": problem}))
+    return failed
+
+
+_NON_FINITE = "NaN and Infinity are not valid JSON numbers"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name}: {_NON_FINITE}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows to infinity; {_NON_FINITE}")
+    return value
+
+
+def _read_queries(path: Path) -> list[tuple[int, Any, str | None, str | None]]:
+    """``(line number, id, query, None)`` per good line of a JSONL file, ``(number, id, None, error)`` per bad one.
+
+    Blank lines are skipped. The id defaults to the line number. A missing file, a
+    directory or a binary file raises ``ValueError`` / ``OSError`` (one error for the run).
+    """
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a JSONL file of {{\"id\", \"query\"}} lines")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if b"\0" in raw[:8192]:
+        raise ValueError(f"{path} is not a text file (it holds binary data); give a JSONL file of "
+                         '{"id", "query"} lines')
+    parsed = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            parsed.append((number, *_parse_line(line, number)))
+    return parsed
+
+
+def _parse_line(line: bytes, number: int) -> tuple[Any, str | None, str | None]:
+    """``(id, query, None)`` or ``(id, None, error)`` of one JSONL line."""
+    try:
+        item = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except UnicodeDecodeError:
+        return number, None, "not UTF-8 text"
+    except RecursionError:
+        return number, None, "invalid JSON (nested too deeply)"
+    except ValueError as exc:  # json.JSONDecodeError included
+        return number, None, f"invalid JSON ({exc})"
+    if not isinstance(item, dict):
+        return number, None, f'expected a JSON object {{"id": ..., "query": "..."}}, got a {type(item).__name__}'
+    query_id = item.get("id", number)
+    if isinstance(query_id, bool) or not isinstance(query_id, (str, int, float)):
+        return number, None, f'"id" must be a string or a number, got {json.dumps(query_id)[:40]}'
+    query = item.get("query")
+    if not isinstance(query, str):
+        found = "no \"query\" field" if "query" not in item else f'"query" is {json.dumps(query)[:40]}'
+        return query_id, None, f'{found}; expected "query": "a text"'
+    if not query.strip():
+        return query_id, None, '"query" is empty; expected a non-empty text'
+    if not _is_unicode(query) or (isinstance(query_id, str) and not _is_unicode(query_id)):
+        return number, None, 'holds a lone UTF-16 surrogate ("\\ud800"...), which is no text'
+    return query_id, query, None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @app.command("relocate")
@@ -333,7 +450,12 @@ def tune_command(
         _fail("give --budget-dot-products or --budget-ms, not both")
     try:
         index = HiMIRIndex.load(index_dir)
-        items = [{"id": qid, "query": text} for qid, text in _read_queries(queries)][:limit]
+        items = []
+        for number, qid, text, problem in _read_queries(queries):
+            if problem is not None:
+                raise ValueError(f"{queries}:{number}: {problem}")
+            items.append({"id": qid, "query": text})
+        items = items[:limit]
         relevant = read_qrels(str(qrels), items) if qrels is not None else None
         report = tune(index, [q["query"] for q in items], relevant=relevant, k=k,
                       budget_dot_products=budget_dot_products, budget_ms=budget_ms)
@@ -344,7 +466,7 @@ def tune_command(
         _fail(_error_text(exc))
         return
     if as_json:
-        typer.echo(json.dumps(report.to_dict()))
+        typer.echo(_dumps(report.to_dict()))
         return
     chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines["himir-full"]
     typer.echo(f"target: {report.target}@{report.k} on {len(items)} queries; {len(report.trials)} trials "

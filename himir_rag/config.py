@@ -119,6 +119,14 @@ class HiMIRConfig:
     thumbnails : bool
         Keep a small JPEG of every photo (longer side 256 px) inside the saved index, so
         results still carry an image when the originals are gone.
+    max_query_chars : int
+        Longest query ``search`` accepts, in characters (longer raises ``ValueError``).
+    max_subqueries : int
+        Most sub-queries one search matches; extra ones (given or from a decomposer) are
+        dropped with a logged warning.
+    max_subquery_chars : int
+        Longest sub-query, in characters: a longer explicit one raises ``ValueError``, a
+        longer one from a decomposer is cut with a logged warning.
     """
 
     layout: str = "1+4+16"
@@ -138,6 +146,9 @@ class HiMIRConfig:
     auto_tune_probes: int = 200
     follow_symlinks: bool = False
     thumbnails: bool = False
+    max_query_chars: int = 2048
+    max_subqueries: int = 16
+    max_subquery_chars: int = 512
 
     def __post_init__(self) -> None:
         from himir_rag.scheduler import SchedulerParams, parse_mode
@@ -150,6 +161,10 @@ class HiMIRConfig:
             raise ConfigError(f"precision {self.precision!r} is unknown; use 'float32' or 'float16'")
         if isinstance(self.search_threads, bool) or not isinstance(self.search_threads, int) or self.search_threads < 1:
             raise ConfigError(f"search_threads must be an int >= 1, got {self.search_threads!r}")
+        for name in ("max_query_chars", "max_subqueries", "max_subquery_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         parse_layout(self.layout)
         if self.decomposer not in ("grid", "segments"):
             raise ConfigError(f"decomposer {self.decomposer!r} is unknown; use 'grid' or 'segments'")

@@ -68,6 +68,9 @@ __all__ = [
     "IdentityDecomposer",
     "CachedDecomposer",
     "parse_subqueries",
+    "MAX_SUBQUERY_CHARS",
+    "MAX_ANSWER_CHARS",
+    "MAX_JSON_DEPTH",
     "get_decomposer",
     "decompose_query",
     "adecompose_query",
@@ -577,6 +580,41 @@ _PREAMBLE = re.compile(r"^(?:sure|okay|ok|here\s+(?:is|are)|certainly|the\s+sub-
 _ITEM_EDGES = " \t\"'`“”‘’*_.,;:!?[](){}"
 _LIST_KEYS = ("subqueries", "sub_queries", "queries", "entities", "phrases", "items")
 _MAX_WORDS = 12
+MAX_SUBQUERY_CHARS = 512  # a longer item of an LLM answer is no short noun phrase: dropped
+MAX_ANSWER_CHARS = 65_536  # a longer LLM answer is unusable (fallback), never parsed
+MAX_JSON_DEPTH = 32  # JSON nested deeper is not parsed (json.loads would recurse into it)
+
+
+def _json_depth_ok(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether brackets in ``text`` nest at most ``limit`` deep (strings skipped); iterative, no recursion."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif char in "]}":
+            depth -= 1
+    return True
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` of text nested at most :data:`MAX_JSON_DEPTH` deep; ValueError otherwise."""
+    if not _json_depth_ok(text):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except RecursionError as exc:  # belt and braces: the depth check above should make this unreachable
+        raise ValueError("JSON nested too deeply") from exc
 
 
 def _json_candidates(text: str) -> list[str]:
@@ -605,7 +643,7 @@ def _items_from_json(text: str) -> list[str] | None:
     """The string items of the first JSON list found in ``text``, or None."""
     for candidate in _json_candidates(text):
         try:
-            found = _list_in(json.loads(candidate))
+            found = _list_in(_loads(candidate))
         except (ValueError, TypeError):
             continue
         if found is not None:
@@ -617,7 +655,7 @@ def _is_json_without_list(text: str) -> bool:
     """True when the whole answer (fences aside) is valid JSON that holds no list."""
     body = _FENCE.sub(lambda m: m.group(1), text).strip()
     try:
-        json.loads(body)
+        _loads(body)
     except (ValueError, TypeError):
         return False
     return True
@@ -650,7 +688,11 @@ def _clean_item(item: str) -> str:
     """Strip quotes, markup and trailing punctuation; "" if no word is left or too long."""
     if any(unicodedata.category(ch) == "Cc" for ch in item if ch not in "\t\n\r"):
         return ""  # control characters: binary garbage, not a description
+    if len(item) > 4 * MAX_SUBQUERY_CHARS:
+        return ""  # no short phrase: do not even normalise it
     item = " ".join(item.split()).strip(_ITEM_EDGES)
+    if len(item) > MAX_SUBQUERY_CHARS:
+        return ""
     if not re.search(r"[^\W\d_]", item) or len(item.split()) > _MAX_WORDS:
         return ""  # needs a letter: "42" or "-" is no sub-query
     return item
@@ -664,8 +706,11 @@ def parse_subqueries(
     Understands a JSON list (bare, inside ```json fences or with text around it), a JSON
     object holding a list (``{"subqueries": [...]}``), numbered or bulleted lists, one
     item per line, or a single comma-separated line. Strips quotes, markup and trailing
-    punctuation, drops empty, over-long and case-insensitively repeated items, and keeps
-    the first ``max_subqueries``.
+    punctuation, drops empty, over-long (more than 12 words or :data:`MAX_SUBQUERY_CHARS`
+    characters) and case-insensitively repeated items, and keeps the first
+    ``max_subqueries``. An answer longer than :data:`MAX_ANSWER_CHARS` characters, or JSON
+    nested deeper than :data:`MAX_JSON_DEPTH` levels, is not parsed (no recursion on the
+    model's output): it gives no sub-query, so the caller falls back.
 
     Parameters
     ----------
@@ -685,7 +730,7 @@ def parse_subqueries(
     ['a dog', 'a red bicycle']
     """
     _validate_max_subqueries(max_subqueries)
-    if not text or not text.strip() or _REFUSAL.match(text):
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_ANSWER_CHARS or _REFUSAL.match(text):
         return []
     items = _items_from_json(text)
     if items is None:
@@ -738,7 +783,10 @@ def _output_text(output: Any) -> str:
     if hasattr(output, "text") and isinstance(output.text, str):  # LlamaIndex CompletionResponse
         return output.text
     if isinstance(output, (list, dict)):  # a chain with a JSON / structured output parser
-        return json.dumps(output, default=str)
+        try:
+            return json.dumps(output, default=str)
+        except (RecursionError, ValueError):  # nested too deeply (or circular): unusable, the fallback answers
+            return ""
     return str(output)
 
 

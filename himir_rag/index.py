@@ -32,6 +32,8 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
                               IndexConflictError, IndexFormatError, IndexWriteError)
+from himir_rag.filters import compile_filter, matching_ids
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
 from himir_rag.images import image_header_problem, iter_image_files, load_image
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
@@ -116,6 +119,7 @@ class BuildReport:
     regions_stored: int = 0
     regions_pruned: int = 0
     crops_encoded: int = 0
+    metadata_updated: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     auto_tuned: bool = False  # the scheduler was tuned on probes when this add finished
@@ -301,6 +305,9 @@ class HiMIRIndex:
                                          f"{index.config.precision}")
         try:
             snapshot.check_integrity()
+            for start in range(0, len(snapshot.vectors), _CHECK_ROWS):  # in blocks: no full-size temporary
+                if not np.isfinite(snapshot.vectors[start : start + _CHECK_ROWS]).all():
+                    raise ValueError("its vectors hold NaN or infinite values")
         except ValueError as exc:
             raise IndexFormatError(f"the snapshot is inconsistent: {exc}") from exc
         index._snapshot = snapshot
@@ -343,7 +350,12 @@ class HiMIRIndex:
             are skipped unless ``config.follow_symlinks``; so are listed files whose real
             path leaves their folder (or the collection root).
         metadata : mapping or callable, optional
-            User metadata per image: ``{path: {...}}`` or ``fn(path) -> {...}``; JSON values.
+            User metadata per image, JSON values: ``fn(path) -> {...}``, or ``{key: {...}}``
+            whose keys are absolute paths, paths relative to the working directory or to
+            the ``source`` folder, or bare file names (when only one photo has that name).
+            Keys that match no photo are listed in one logged warning. Unchanged photos
+            whose entry differs from the stored metadata get the new metadata without
+            being re-encoded (``report.metadata_updated``).
         chunk_images : int
             Images decoded, encoded and committed together; ``on_chunk`` runs after each.
         checkpoint_dir : path-like, optional
@@ -396,7 +408,7 @@ class HiMIRIndex:
             from himir_rag.documents import documents_to_paths
 
             source, metadata = documents_to_paths(source, metadata)
-        paths = self._collect_paths(source, report)
+        paths, metadata = self._collect_paths(source, report, metadata)
         self._choose_root(source, paths)
         if checkpoint_dir is not None and paths:
             self._preflight(checkpoint_dir, len(paths))
@@ -419,6 +431,8 @@ class HiMIRIndex:
             if on_chunk is not None:
                 on_chunk(report)
         bar.close()
+        if isinstance(metadata, _MetadataLookup):
+            metadata.warn_unmatched()
         self._record_skipped(report)
         self.sync_candidate_stores()
         if report.added or report.updated:
@@ -483,8 +497,13 @@ class HiMIRIndex:
             return None
         return outside_reason(path, photo_base(path, relative_to_root(path, self.root), self.root))
 
-    def _collect_paths(self, source: Any, report: BuildReport) -> list[tuple[Path, int | None]]:
-        """Files to (re)index, each with the id of the image it replaces (changed files)."""
+    def _collect_paths(self, source: Any, report: BuildReport,
+                       metadata: MetadataSource = None) -> tuple[list[tuple[Path, int | None]], MetadataSource]:
+        """Files to (re)index, each with the id of the image it replaces (changed files), and
+        ``metadata`` as a callable (a mapping's keys resolved against these files).
+
+        Unchanged files whose ``metadata`` entry differs from the stored one get it here.
+        """
         listed = not isinstance(source, (str, os.PathLike))
         if not listed:
             candidates: Iterable[Path] = iter_image_files(
@@ -494,6 +513,7 @@ class HiMIRIndex:
             candidates = (Path(p) for p in source)
         by_path = {r.path: r for r in self.snapshot.images.values()}
         todo: list[tuple[Path, int | None]] = []
+        unchanged: list[ImageRecord] = []
         seen: set[str] = set()
         for path in candidates:
             absolute = str(Path(path).absolute())
@@ -512,9 +532,66 @@ class HiMIRIndex:
             old = by_path.get(absolute)
             if old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
                 report.unchanged += 1
+                unchanged.append(old)
             else:
                 todo.append((Path(absolute), None if old is None else old.image_id))
-        return todo
+        metadata = _MetadataLookup.wrap(metadata, source, [*todo, *((Path(r.path), None) for r in unchanged)])
+        if metadata is not None and unchanged:  # an empty answer keeps what is stored (partial mappings)
+            report.metadata_updated = self._set_metadata(unchanged, metadata, clear_with_empty=False)
+        return todo, metadata
+
+    def update_metadata(self, metadata: Mapping[str, Mapping[str, Any]] | Callable[[Path], Mapping[str, Any]]) -> int:
+        """Replace the user metadata of indexed photos without re-encoding them (vectors untouched).
+
+        Parameters
+        ----------
+        metadata : mapping or callable
+            ``{key: {...}}`` (keys as in :meth:`add`: absolute, relative to the working
+            directory, or bare file names when unambiguous) or ``fn(path) -> {...}``. A
+            photo with no entry (or for which ``fn`` returns None) keeps its metadata;
+            ``{}`` clears it. Keys that match no photo are listed in one logged warning.
+
+        Returns
+        -------
+        int
+            Photos whose metadata changed.
+
+        Raises
+        ------
+        ConfigError
+            A value that is not JSON data (NaN and infinity included).
+
+        Example
+        -------
+        >>> index.update_metadata({"beach.jpg": {"album": "holiday"}})  # doctest: +SKIP
+        1
+        """
+        with self._write_lock:
+            records = list(self.snapshot.images.values())
+            lookup = _MetadataLookup.wrap(metadata, None, [(Path(r.path), None) for r in records])
+            changed = self._set_metadata(records, lookup, clear_with_empty=True)
+        if isinstance(lookup, _MetadataLookup):
+            lookup.warn_unmatched()
+        return changed
+
+    def _set_metadata(self, records: list[ImageRecord], lookup: Callable[[Path], Any], *,
+                      clear_with_empty: bool) -> int:
+        """Give ``records`` their ``lookup`` metadata where it differs (None keeps it); returns how many changed."""
+        changed = []
+        for record in records:
+            found = lookup(Path(record.path))
+            if found is None or (not found and not clear_with_empty):
+                continue
+            value = _checked_metadata(Path(record.path), found)
+            if value != record.metadata:
+                changed.append(dataclasses.replace(record, metadata=value))
+        if changed:
+            with self._write_lock:
+                if self.store is not None:
+                    self.store.set_metadata(changed)
+                self._snapshot = self.snapshot.with_records(changed)
+                self._dirty = True
+        return len(changed)
 
     def _prepare_chunk(self, chunk: list[tuple[Path, int | None]], metadata: MetadataSource,
                        report: BuildReport) -> tuple[int, list[_Prepared]]:
@@ -556,7 +633,14 @@ class HiMIRIndex:
         vectors = np.concatenate([self.encoder.embed_images(crops[i : i + batch]) for i in range(0, len(crops), batch)])
         report.crops_encoded += len(crops)
         bounds = np.cumsum([0] + [len(item.crops) for item in chunk])
-        return [(item, vectors[bounds[i] : bounds[i + 1]]) for i, item in enumerate(chunk)]
+        encoded = []
+        for i, item in enumerate(chunk):
+            rows = vectors[bounds[i] : bounds[i + 1]]
+            if np.isfinite(rows).all():
+                encoded.append((item, rows))
+            else:  # NaN scores would follow it into every search
+                report.skipped.append((item.record.path, "the encoder returned NaN or infinite values"))
+        return encoded
 
     def _commit(self, encoded: list[tuple[_Prepared, np.ndarray]], report: BuildReport) -> None:
         records, trees, vectors, replaced = [], [], [], set()
@@ -621,11 +705,16 @@ class HiMIRIndex:
             ``"himir"``, ``"himir-full"``, ``"mvr"`` or ``"single"``; default
             ``config.default_mode`` (``"himir"``, the scheduled pass).
         subqueries : list of str, optional
-            Sub-queries to match; by default the decomposer splits ``query``.
+            Sub-queries to match; by default the decomposer splits ``query``. At most
+            ``config.max_subqueries`` are used (the rest are dropped with a warning); one
+            longer than ``config.max_subquery_chars`` raises.
         decomposer : QueryDecomposer, optional
             Defaults to the offline rule-based one.
         filters : mapping or callable, optional
-            ``{key: value}`` (value may be a list of allowed values) or ``fn(metadata) -> bool``.
+            A filter of :mod:`himir_rag.filters`: ``{key: value}``, ``{key: [values]}``,
+            operators (``{"year": {"$gte": 2021}}``, ``$and``/``$or``...) over the user
+            metadata and the built-in fields ``file_name``, ``path``, ``width``, ``height``;
+            or ``fn(view) -> bool``.
 
         Returns
         -------
@@ -634,13 +723,17 @@ class HiMIRIndex:
         Raises
         ------
         ValueError
-            Empty query or k <= 0.
+            Empty query, a query longer than ``config.max_query_chars``, k <= 0, or bad
+            sub-queries.
+        ConfigError
+            A malformed filter.
         EmptyIndexError
             The index holds no image.
         """
         started = time.perf_counter()
         mode = self._mode(mode)
         k = self._check_query(query, k)
+        compile_filter(filters)  # a malformed filter fails before any encoding
         stats = SearchStats(mode=mode.value)
         subs = self._subqueries(query, subqueries, decomposer, stats)
         return self._search_vectors(query, subs, self._embed_queries(query, subs, mode, stats), k=k, mode=mode,
@@ -671,7 +764,9 @@ class HiMIRIndex:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.snapshot.dim or len(vectors) == 0:
             raise ValueError(f"vectors must be (s, {self.snapshot.dim}) with s >= 1, got {vectors.shape}")
+        _check_finite(vectors, "query vectors")
         k = self._check_query(query or "vectors", k)
+        compile_filter(filters)
         labels = list(labels) if labels is not None else [f"q{i}" for i in range(len(vectors))]
         if len(labels) != len(vectors):
             raise ValueError(f"{len(labels)} labels for {len(vectors)} vectors")
@@ -690,6 +785,9 @@ class HiMIRIndex:
     def _check_query(self, query: str, k: int) -> int:
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query is empty; pass a non-empty description of the photo to find")
+        if len(query) > self.config.max_query_chars:
+            raise ValueError(f"query is {len(query)} characters long, more than max_query_chars="
+                             f"{self.config.max_query_chars}; shorten it or raise HiMIRConfig.max_query_chars")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         n = len(self)
@@ -702,20 +800,67 @@ class HiMIRIndex:
     def _subqueries(self, query: str, given: Sequence[str] | None, decomposer: Any, stats: SearchStats) -> list[str]:
         tick = time.perf_counter()
         if given is not None:
-            subs = [s.strip() for s in given if isinstance(s, str) and s.strip()]
+            subs = self._check_subqueries(given)
         else:
             if decomposer is None:
                 from himir_rag.decompose import RuleDecomposer
 
                 decomposer = RuleDecomposer()
-            subs = list(decomposer.decompose(query))
+            subs = self.limit_subqueries(decomposer.decompose(query))
         stats.latency_ms["decompose"] = (time.perf_counter() - tick) * 1000
-        return subs or [query.strip()]
+        return self._cap_count(subs) or [query.strip()[: self.config.max_subquery_chars]]
+
+    def limit_subqueries(self, found: Iterable[Any]) -> list[str]:
+        """A decomposer's sub-queries within the config's caps: strings only, blank ones dropped,
+        each cut at ``max_subquery_chars`` and at most ``max_subqueries`` of them (each cut logged).
+
+        The adapters pass their decomposer's answer through this before :meth:`search`.
+
+        Example
+        -------
+        >>> index.limit_subqueries(["a dog", "", "x" * 600])  # doctest: +SKIP
+        ['a dog', 'xxx...']
+        """
+        return self._cap_count(self._cap_decomposed(found))
+
+    def _check_subqueries(self, given: Any) -> list[str]:
+        """Explicit sub-queries: a list of strings, none longer than the cap (blank ones are dropped)."""
+        if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
+            raise ValueError(f"subqueries must be a list of strings, got {type(given).__name__}")
+        subs, limit = [], self.config.max_subquery_chars
+        for item in given:
+            if not isinstance(item, str):
+                raise ValueError(f"subqueries must be strings, got {type(item).__name__} {str(item)[:40]!r}")
+            if len(item) > limit:
+                raise ValueError(f"a sub-query is {len(item)} characters long, more than max_subquery_chars="
+                                 f"{limit}; shorten it or raise HiMIRConfig.max_subquery_chars")
+            if item.strip():
+                subs.append(item.strip())
+        return subs
+
+    def _cap_decomposed(self, found: Iterable[Any]) -> list[str]:
+        """A decomposer's sub-queries: strings only, each cut at ``max_subquery_chars`` (with a warning)."""
+        subs, limit = [], self.config.max_subquery_chars
+        for item in found:
+            if isinstance(item, str) and item.strip():
+                if len(item.strip()) > limit:
+                    logger.warning("a sub-query of %d characters is cut at max_subquery_chars=%d",
+                                   len(item.strip()), limit)
+                subs.append(item.strip()[:limit])
+        return subs
+
+    def _cap_count(self, subs: list[str]) -> list[str]:
+        limit = self.config.max_subqueries
+        if len(subs) > limit:
+            logger.warning("%d sub-queries given, more than max_subqueries=%d; the first %d are used",
+                           len(subs), limit, limit)
+        return subs[:limit]
 
     def _embed_queries(self, query: str, subs: list[str], mode: RetrievalMode, stats: SearchStats) -> np.ndarray:
         tick = time.perf_counter()
         with limit_threads(self.config.search_threads, torch=True):
             vectors = self.encoder.embed_texts([query] if mode is RetrievalMode.SINGLE else subs)
+        _check_finite(vectors, f"the encoder's vectors of {subs[:3]!r}")
         stats.latency_ms["encode"] = (time.perf_counter() - tick) * 1000
         return vectors
 
@@ -729,7 +874,7 @@ class HiMIRIndex:
             stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
             return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
-        allowed = _allowed_positions(snapshot, filters)
+        allowed = _FILTER_POSITIONS.get(snapshot, filters)
         if mode is RetrievalMode.HIMIR:
             from himir_rag.scheduler import scheduled_search
 
@@ -742,7 +887,7 @@ class HiMIRIndex:
             stats.dot_products += scored.dot_products
             stats.images_scored = len(scored.image_ids)
         labels = [query] if mode is RetrievalMode.SINGLE else subs
-        hits = tuple(_hit(snapshot, scored, pos, labels) for pos in top_k(scored.scores, k))
+        hits = _finite_hits(_hit(snapshot, scored, pos, labels) for pos in top_k(scored.scores, k))
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
         return SearchResult(query, tuple(subs), hits, stats)
@@ -752,8 +897,8 @@ class HiMIRIndex:
         """Search an external store (Qdrant); its work counters go into ``stats``."""
         candidate_k = int(self.config.scheduler_params.candidate_k)
         image_ids = None
-        if callable(filters):  # evaluated here on the catalog, sent to Qdrant as an id filter
-            image_ids = [i for i, r in self.snapshot.images.items() if _passes(r.metadata, filters)]
+        if filters is not None and not self.store.pushes_down(filters):  # runs here on the catalog, sent as ids
+            image_ids = matching_ids(self.snapshot.images.values(), filters)
             filters = None
         found, work = self.store.search(vectors, mode=mode.value, k=k, filters=filters, image_ids=image_ids,
                                         candidate_k=max(candidate_k, 0))
@@ -767,7 +912,7 @@ class HiMIRIndex:
                             for label, level, box, sim in zip(labels, item["levels"], item["boxes"], item["best"]))
             hits.append(SearchHit(record.image_id, record.key, record.path, item["score"], dict(record.metadata),
                                   regions, record.width, record.height, record.relpath))  # type: ignore[arg-type]
-        return tuple(hits)
+        return _finite_hits(hits)
 
     # -- photos on disk: containment, thumbnails, relocation, framework retrievers -------------
     def image_file(self, image_id: int) -> tuple[Path, str] | None:
@@ -1180,13 +1325,90 @@ def _processed(report: BuildReport) -> int:
 def _metadata_for(path: Path, metadata: MetadataSource) -> dict[str, Any]:
     if metadata is None:
         return {}
-    value = metadata(path) if callable(metadata) else (metadata.get(str(path)) or metadata.get(path.name) or {})
+    found = metadata(path) if callable(metadata) else _MetadataLookup(metadata, None, [(path, None)])(path)
+    return _checked_metadata(path, found)
+
+
+def _checked_metadata(path: Path, value: Any) -> dict[str, Any]:
+    """``value`` as a dict of JSON data (None -> {}); anything else raises ConfigError."""
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigError(f"metadata of {path} is a {type(value).__name__}, not a dict of JSON values")
     value = dict(value or {})
     try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"metadata of {path} is not JSON-serialisable ({exc}); use str/int/float/bool/list/dict values") from exc
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"metadata of {path} is not JSON-serialisable ({exc}); use str/int/float/bool/list/dict "
+                          "values (finite numbers)") from exc
     return value
+
+
+def _normal(path: str | os.PathLike[str]) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+class _MetadataLookup:
+    """A ``{key: metadata}`` mapping as ``fn(path) -> metadata or None``, resolving key forms.
+
+    A key may be an absolute path, a path relative to the working directory or to the
+    indexed folder, or a bare file name that only one of the photos being indexed has.
+    Keys used are remembered so :meth:`warn_unmatched` can list the others once.
+    """
+
+    def __init__(self, mapping: Mapping[str, Any], root: Path | None, paths: Sequence[tuple[Path, Any]]) -> None:
+        self.mapping = mapping
+        self.by_path: dict[str, str] = {}
+        self.by_name: dict[str, str] = {}
+        names: dict[str, int] = {}
+        for path, _ in paths:
+            names[path.name] = names.get(path.name, 0) + 1
+        self.ambiguous: list[str] = []
+        for key in mapping:
+            text = os.fspath(key) if isinstance(key, (str, os.PathLike)) else None
+            if text is None:
+                continue
+            self.by_path.setdefault(_normal(text), key)
+            if root is not None and not os.path.isabs(text):
+                self.by_path.setdefault(_normal(root / text), key)
+            if os.sep not in text and "/" not in text:
+                if names.get(text, 0) > 1:
+                    self.ambiguous.append(text)
+                else:
+                    self.by_name[text] = key
+        self.used: set[Any] = set()
+
+    @classmethod
+    def wrap(cls, metadata: MetadataSource, source: Any, paths: Sequence[tuple[Path, Any]]) -> MetadataSource:
+        """Callables and None as they are; a mapping as a lookup relative to ``source``'s folder."""
+        if metadata is None or callable(metadata):
+            return metadata
+        if isinstance(metadata, _MetadataLookup):
+            return metadata
+        if not isinstance(metadata, Mapping):
+            raise ConfigError(f"metadata must be a dict {{path: {{...}}}} or a callable path -> dict, got "
+                              f"{type(metadata).__name__}")
+        root = None
+        if isinstance(source, (str, os.PathLike)):
+            root = Path(source) if Path(source).is_dir() else Path(source).parent
+        return cls(metadata, root, paths)
+
+    def __call__(self, path: Path) -> Any:
+        key = self.by_path.get(_normal(path))
+        if key is None:
+            key = self.by_name.get(Path(path).name)
+        if key is None:
+            return None
+        self.used.add(key)
+        return self.mapping[key]
+
+    def warn_unmatched(self) -> None:
+        """One warning listing the keys that matched no photo (ambiguous file names included)."""
+        unmatched = [str(key) for key in self.mapping if key not in self.used]
+        if unmatched:
+            shown = ", ".join(repr(k) for k in unmatched[:10]) + (f" and {len(unmatched) - 10} more"
+                                                                  if len(unmatched) > 10 else "")
+            hint = f" ({len(self.ambiguous)} are file names shared by several photos)" if self.ambiguous else ""
+            logger.warning("metadata for %d key(s) matched no indexed photo%s: %s; use absolute paths or paths "
+                           "relative to the working directory or the indexed folder", len(unmatched), hint, shown)
 
 
 def _crop_box(box: Sequence[int], size: tuple[int, int], work_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -1237,28 +1459,64 @@ def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> li
     return list(merged.items())
 
 
+class _FilterPositions:
+    """Sorted image positions per (snapshot, dict filter), computed once: a repeated filter costs
+    nothing per query. Snapshots are held weakly; the least recently used entries are dropped."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[int, str], tuple[Any, np.ndarray]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+        if filters is None:
+            return None
+        try:  # callables, sets and other non-JSON filters are evaluated every time
+            key = (id(snapshot), json.dumps(filters, sort_keys=True, allow_nan=False))
+        except (TypeError, ValueError):
+            return _allowed_positions(snapshot, filters)
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None and entry[0]() is snapshot:
+                self.entries.move_to_end(key)
+                return entry[1]
+        positions = _allowed_positions(snapshot, filters)
+        positions.setflags(write=False)
+        with self.lock:
+            self.entries[key] = (weakref.ref(snapshot), positions)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return positions
+
+
+_FILTER_POSITIONS = _FilterPositions()
+
+
 def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
-    """Sorted image positions whose metadata passes ``filters`` (None = all)."""
+    """Sorted image positions whose filter view passes ``filters`` (None = all); see :mod:`himir_rag.filters`."""
     if filters is None:
         return None
-    allowed = np.fromiter((i for i, r in snapshot.images.items() if _passes(r.metadata, filters)), np.int64)
+    allowed = np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
     positions = snapshot.positions_of(allowed)
     return np.sort(positions[positions >= 0])
 
 
-def _passes(metadata: Mapping[str, Any], filters: Filters) -> bool:
-    if callable(filters):
-        return bool(filters(metadata))
-    for key, wanted in filters.items():  # type: ignore[union-attr]
-        if key not in metadata:
-            return False
-        value = metadata[key]
-        if isinstance(wanted, (list, tuple, set, frozenset)):
-            if value not in wanted:
-                return False
-        elif value != wanted:
-            return False
-    return True
+def _check_finite(vectors: np.ndarray, what: str) -> None:
+    if not np.isfinite(vectors).all() or not np.isfinite(np.einsum("ij,ij->i", vectors, vectors)).all():
+        raise ValueError(f"{what} hold NaN or infinite values (or overflow when squared); pass finite, "
+                         "L2-normalised vectors")
+
+
+def _finite_hits(hits: Iterable[SearchHit]) -> tuple[SearchHit, ...]:
+    """The hits whose scores are all finite; the others (damaged vectors) are left out with a warning."""
+    kept = []
+    for hit in hits:
+        if math.isfinite(hit.score) and all(math.isfinite(r.score) for r in hit.regions):
+            kept.append(hit)
+        else:
+            logger.warning("%s: its score is not a finite number (NaN or infinite vectors); left out of the "
+                           "results, re-index the photo", hit.path)
+    return tuple(kept)
 
 
 def _hit(snapshot: Snapshot, scored: Any, pos: int, labels: list[str]) -> SearchHit:

@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from himir_rag import retriever as shared
 from himir_rag.decompose import QueryDecomposer
+from himir_rag.filters import compile_filter
 from himir_rag.index import SearchResult
 
 __all__ = [
@@ -75,8 +76,10 @@ class HiMIRRetriever(BaseRetriever):
         ``"himir"``, ``"himir-full"``, ``"mvr"`` or ``"single"``; None keeps the index's
         default. ``invoke(q, mode=...)`` overrides it.
     filter : dict or callable, optional
-        ``{key: value or [allowed values]}`` or ``fn(metadata) -> bool`` over the user
-        metadata; ``invoke(q, filter=...)`` replaces it for one call.
+        A :mod:`himir_rag.filters` filter: ``{key: value or [allowed values]}``, Chroma-style
+        operators (``{"year": {"$gte": 2021}}``, ``$in``, ``$ne``, ``$and``, ``$or``...) or
+        ``fn(view) -> bool``, over the user metadata and the built-in fields ``file_name``,
+        ``path``, ``width``, ``height``; ``invoke(q, filter=...)`` replaces it for one call.
     llm : chat model, LLM or Runnable, optional
         Splits queries into sub-queries (an :class:`~himir_rag.decompose.LLMDecomposer`
         falling back to rules); it runs as a child of the retriever's run, so callbacks
@@ -117,6 +120,7 @@ class HiMIRRetriever(BaseRetriever):
         self.index = shared.resolve_index(self.index, encoder=self.encoder)
         self.k = shared.check_k(self.k)
         self.mode = shared.check_mode(self.mode)
+        compile_filter(self.filter)
         self._decomposer = shared.make_decomposer(self.llm, self.decomposer, prompt=self.decompose_prompt)
         return self
 
@@ -128,14 +132,18 @@ class HiMIRRetriever(BaseRetriever):
                             f"{', '.join(_CALL_OPTIONS)}")
         k = self.k if kwargs.get("k") is None else shared.check_k(kwargs["k"])
         mode = self.mode if kwargs.get("mode") is None else shared.check_mode(kwargs["mode"])
-        return k, mode, kwargs["filter"] if kwargs.get("filter") is not None else self.filter
+        filters = kwargs["filter"] if kwargs.get("filter") is not None else self.filter
+        compile_filter(filters)  # a malformed filter fails before the LLM is called
+        return k, mode, filters
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 **kwargs: Any) -> list[Document]:
         """Decompose (the LLM as a child run), search, and wrap the hits (blocking)."""
         k, mode, filters = self._options(kwargs)
         started = time.perf_counter()
-        subqueries = shared.decompose(self._decomposer, query, mode=mode, callbacks=run_manager.get_child())
+        subqueries = self.index.limit_subqueries(shared.decompose(
+            self._decomposer, query, mode=mode, callbacks=run_manager.get_child(),
+            max_chars=self.index.config.max_query_chars))
         decompose_ms = (time.perf_counter() - started) * 1000
         result = self.index.search(query, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
                                                                  filters=filters))
@@ -146,7 +154,9 @@ class HiMIRRetriever(BaseRetriever):
         """Async variant: the LLM's ``ainvoke``, then the search in a worker thread."""
         k, mode, filters = self._options(kwargs)
         started = time.perf_counter()
-        subqueries = await shared.adecompose(self._decomposer, query, mode=mode, callbacks=run_manager.get_child())
+        subqueries = self.index.limit_subqueries(await shared.adecompose(
+            self._decomposer, query, mode=mode, callbacks=run_manager.get_child(),
+            max_chars=self.index.config.max_query_chars))
         decompose_ms = (time.perf_counter() - started) * 1000
         result = await self.index.asearch(query, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
                                                                         filters=filters))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import operator
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from himir_rag import retriever as shared
 from himir_rag.decompose import DEFAULT_DECOMPOSE_PROMPT, LLMDecomposer, QueryDecomposer
 from himir_rag.errors import ConfigError
+from himir_rag.filters import compile_filter
 from himir_rag.images import encode_image_file, load_image
 from himir_rag.index import HiMIRIndex, RegionMatch, SearchHit, SearchResult
 from himir_rag.scheduler import RetrievalMode, SearchStats
@@ -69,6 +69,7 @@ __all__ = [
     "HiMIRImageNode",
     "HiMIRStageEvent",
     "metadata_filters_to_callable",
+    "metadata_filters_to_dict",
     "DEFAULT_SIMILARITY_TOP_K",
 ]
 
@@ -131,87 +132,61 @@ class HiMIRStageEvent(BaseEvent):
         return "HiMIRStageEvent"
 
 
-def _is_empty(value: Any) -> bool:
-    return value is None or value == "" or value == []
-
-
-def _text_match(value: Any, wanted: Any, *, fold: bool = False) -> bool:
-    if not isinstance(value, str) or not isinstance(wanted, str):
-        return False
-    return wanted.lower() in value.lower() if fold else wanted in value
-
-
-_OPERATORS: dict[FilterOperator, Callable[[Any, Any], bool]] = {
-    FilterOperator.EQ: operator.eq,
-    FilterOperator.NE: operator.ne,
-    FilterOperator.GT: operator.gt,
-    FilterOperator.GTE: operator.ge,
-    FilterOperator.LT: operator.lt,
-    FilterOperator.LTE: operator.le,
-    FilterOperator.IN: lambda value, wanted: value in wanted,
-    FilterOperator.NIN: lambda value, wanted: value not in wanted,
-    FilterOperator.CONTAINS: lambda value, wanted: wanted in value,
-    FilterOperator.ANY: lambda value, wanted: any(item in value for item in wanted),
-    FilterOperator.ALL: lambda value, wanted: all(item in value for item in wanted),
-    FilterOperator.TEXT_MATCH: _text_match,
-    FilterOperator.TEXT_MATCH_INSENSITIVE: lambda value, wanted: _text_match(value, wanted, fold=True),
+_OPERATORS: dict[FilterOperator, str] = {
+    FilterOperator.EQ: "$eq", FilterOperator.NE: "$ne", FilterOperator.GT: "$gt", FilterOperator.GTE: "$gte",
+    FilterOperator.LT: "$lt", FilterOperator.LTE: "$lte", FilterOperator.IN: "$in", FilterOperator.NIN: "$nin",
+    FilterOperator.CONTAINS: "$contains", FilterOperator.ANY: "$in", FilterOperator.ALL: "$all",
+    FilterOperator.TEXT_MATCH: "$contains", FilterOperator.TEXT_MATCH_INSENSITIVE: "$icontains",
 }
 
 
-def _check_filters(filters: MetadataFilters) -> None:
-    for item in filters.filters:
-        if isinstance(item, MetadataFilters):
-            _check_filters(item)
-        elif item.operator not in _OPERATORS and item.operator is not FilterOperator.IS_EMPTY:
-            raise ConfigError(f"filter operator {item.operator!r} on {item.key!r} is not supported; "
-                              f"use one of {', '.join(op.value for op in FilterOperator)}")
+def metadata_filters_to_dict(filters: MetadataFilters) -> dict[str, Any]:
+    """Translate LlamaIndex ``MetadataFilters`` into a :mod:`himir_rag.filters` dict.
 
-
-def _leaf_matches(item: MetadataFilter, metadata: Mapping[str, Any]) -> bool:
-    value = metadata.get(item.key)
-    if item.operator is FilterOperator.IS_EMPTY:
-        return _is_empty(value)
-    if value is None:  # a missing key only passes "not equal" tests, as in SimpleVectorStore
-        return item.operator in (FilterOperator.NE, FilterOperator.NIN)
-    try:
-        return bool(_OPERATORS[item.operator](value, item.value))
-    except TypeError:  # e.g. "3" > 2: values that cannot be compared do not match
-        return False
-
-
-def _filters_match(filters: MetadataFilters, metadata: Mapping[str, Any]) -> bool:
-    results = [_filters_match(item, metadata) if isinstance(item, MetadataFilters) else _leaf_matches(item, metadata)
-               for item in filters.filters]
-    condition = filters.condition or FilterCondition.AND
-    if condition is FilterCondition.OR:
-        return any(results)
-    if condition is FilterCondition.NOT:
-        return not any(results)
-    return all(results)
-
-
-def metadata_filters_to_callable(filters: MetadataFilters) -> Callable[[Mapping[str, Any]], bool]:
-    """Translate LlamaIndex ``MetadataFilters`` into a predicate over one photo's metadata.
-
-    Supports every ``FilterOperator`` (EQ, NE, GT, GTE, LT, LTE, IN, NIN, CONTAINS, ANY,
-    ALL, TEXT_MATCH, TEXT_MATCH_INSENSITIVE, IS_EMPTY), the AND / OR / NOT conditions and
-    nested ``MetadataFilters``. A missing key only passes NE and NIN (and IS_EMPTY);
-    values that cannot be compared (``"3" > 2``) do not match.
-
-    Parameters
-    ----------
-    filters : MetadataFilters
-        The filters.
-
-    Returns
-    -------
-    callable
-        ``predicate(metadata) -> bool``, as accepted by ``HiMIRIndex.search(filters=...)``.
+    EQ, NE, GT, GTE, LT, LTE, IN, NIN, CONTAINS, ANY (any listed value: ``$in``), ALL,
+    TEXT_MATCH (``$contains``), TEXT_MATCH_INSENSITIVE (``$icontains``) and IS_EMPTY
+    (``$empty``); AND / OR / NOT conditions and nested ``MetadataFilters``. Keys may name
+    the built-in fields ``file_name``, ``path``, ``width`` and ``height``.
 
     Raises
     ------
     ConfigError
-        If an operator is unknown.
+        If an operator or condition is unknown.
+
+    Example
+    -------
+    >>> from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
+    >>> metadata_filters_to_dict(MetadataFilters(filters=[MetadataFilter(key="year", value=2020, operator=">=")]))
+    {'$and': [{'year': {'$gte': 2020}}]}
+    """
+    parts = [metadata_filters_to_dict(item) if isinstance(item, MetadataFilters) else _leaf(item)
+             for item in filters.filters]
+    condition = filters.condition or FilterCondition.AND
+    if condition is FilterCondition.AND:
+        return {"$and": parts}
+    if condition is FilterCondition.OR:
+        return {"$or": parts}
+    if condition is FilterCondition.NOT:
+        return {"$not": {"$or": parts}}
+    raise ConfigError(f"filter condition {condition!r} is not supported; use and, or, not")
+
+
+def _leaf(item: MetadataFilter) -> dict[str, Any]:
+    if item.operator is FilterOperator.IS_EMPTY:
+        return {item.key: {"$empty": True}}
+    if item.operator not in _OPERATORS:
+        raise ConfigError(f"filter operator {item.operator!r} on {item.key!r} is not supported; use one of "
+                          f"{', '.join(op.value for op in _OPERATORS)}, is_empty")
+    return {item.key: {_OPERATORS[item.operator]: item.value}}
+
+
+def metadata_filters_to_callable(filters: MetadataFilters) -> Callable[[Mapping[str, Any]], bool]:
+    """``MetadataFilters`` as a predicate over one photo's metadata (see :func:`metadata_filters_to_dict`).
+
+    Raises
+    ------
+    ConfigError
+        If an operator is unknown or a value does not suit its operator.
 
     Example
     -------
@@ -221,17 +196,19 @@ def metadata_filters_to_callable(filters: MetadataFilters) -> Callable[[Mapping[
     >>> keep({"year": 2021}), keep({"year": 2019}), keep({})
     (True, False, False)
     """
-    _check_filters(filters)
-    return lambda metadata: _filters_match(filters, metadata)
+    predicate = compile_filter(metadata_filters_to_dict(filters))
+    return lambda metadata: bool(predicate(metadata))  # type: ignore[misc]
 
 
 def _core_filters(filters: Any) -> Any:
     """What ``HiMIRIndex.search`` takes: MetadataFilters translated, dicts and callables as they are."""
-    if filters is None or isinstance(filters, Mapping) or callable(filters):
-        return filters
     if isinstance(filters, MetadataFilters):
-        return metadata_filters_to_callable(filters)
-    raise TypeError(f"filters must be llama_index MetadataFilters, a dict or a callable, got {type(filters).__name__}")
+        filters = metadata_filters_to_dict(filters)
+    elif not (filters is None or isinstance(filters, Mapping) or callable(filters)):
+        raise TypeError(f"filters must be llama_index MetadataFilters, a dict or a callable, got "
+                        f"{type(filters).__name__}")
+    compile_filter(filters)  # a malformed filter fails when it is set, not at the first query
+    return filters
 
 
 def _template_text(prompt: str | BasePromptTemplate) -> str:
@@ -261,8 +238,9 @@ class HiMIRRetriever(BaseRetriever):
         ``"himir"``, ``"himir-full"``, ``"mvr"`` or ``"single"``; None keeps the index's
         default. ``single`` skips decomposition.
     filters : MetadataFilters, dict or callable, optional
-        Only photos whose user metadata passes are ranked (see
-        :func:`metadata_filters_to_callable`).
+        Only photos that pass are ranked: ``MetadataFilters`` (translated by
+        :func:`metadata_filters_to_dict`), or a :mod:`himir_rag.filters` dict or callable;
+        keys may be user metadata or the built-in ``file_name``, ``path``, ``width``, ``height``.
     llm : llama_index.core.llms.LLM, optional
         Splits queries into sub-queries (an :class:`~himir_rag.decompose.LLMDecomposer`,
         falling back to rules when the model fails). Without it, the offline rules split.
@@ -383,12 +361,14 @@ class HiMIRRetriever(BaseRetriever):
     @dispatcher.span
     def _decompose(self, query: str) -> list[str]:
         """Sub-queries of ``query`` (span: decomposition, with the LLM call nested)."""
-        return shared.decompose(self._decomposer, query, mode=self.mode)
+        return self.index.limit_subqueries(shared.decompose(self._decomposer, query, mode=self.mode,
+                                                            max_chars=self.index.config.max_query_chars))
 
     @dispatcher.span
     async def _adecompose(self, query: str) -> list[str]:
         """Async variant of :meth:`_decompose` (``adecompose``: the LLM's ``acomplete``)."""
-        return await shared.adecompose(self._decomposer, query, mode=self.mode)
+        return self.index.limit_subqueries(await shared.adecompose(
+            self._decomposer, query, mode=self.mode, max_chars=self.index.config.max_query_chars))
 
     def _search_kwargs(self, subqueries: list[str]) -> dict[str, Any]:
         return shared.search_kwargs(k=self.similarity_top_k, mode=self.mode, subqueries=subqueries,

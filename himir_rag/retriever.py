@@ -160,9 +160,12 @@ def make_decomposer(llm: Any = None, decomposer: QueryDecomposer | None = None, 
     return RuleDecomposer()
 
 
-def _check_query(query: Any) -> str:
+def _check_query(query: Any, max_chars: int | None) -> str:
     if not isinstance(query, str) or not query.strip():
         raise ValueError("query is empty; pass a non-empty description of the photo to find")
+    if max_chars is not None and len(query) > max_chars:
+        raise ValueError(f"query is {len(query)} characters long, more than max_query_chars={max_chars}; "
+                         "shorten it or raise HiMIRConfig.max_query_chars")
     return query
 
 
@@ -171,24 +174,24 @@ def _is_single(mode: str | None) -> bool:
 
 
 def decompose(decomposer: QueryDecomposer, query: str, *, mode: str | None = None,
-              callbacks: Any = None) -> list[str]:
+              callbacks: Any = None, max_chars: int | None = None) -> list[str]:
     """Sub-queries of ``query``; ``[query]`` without a model call in ``single`` mode.
 
     Raises
     ------
     ValueError
-        If ``query`` is empty.
+        If ``query`` is empty or longer than ``max_chars`` (checked before any model call).
     """
-    _check_query(query)
+    _check_query(query, max_chars)
     if _is_single(mode):
         return [query]
     return decompose_query(decomposer, query, callbacks=callbacks)
 
 
 async def adecompose(decomposer: QueryDecomposer, query: str, *, mode: str | None = None,
-                     callbacks: Any = None) -> list[str]:
+                     callbacks: Any = None, max_chars: int | None = None) -> list[str]:
     """Async variant of :func:`decompose` (the decomposer's ``adecompose``)."""
-    _check_query(query)
+    _check_query(query, max_chars)
     if _is_single(mode):
         return [query]
     return await adecompose_query(decomposer, query, callbacks=callbacks)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -61,27 +62,75 @@ def _qdrant():
 
 
 def qdrant_filter(filters: Mapping[str, Any] | None):
-    """``{key: value | [values]}`` on user metadata -> a Qdrant payload ``Filter`` (None for no filter).
+    """A :mod:`himir_rag.filters` dict as an exact Qdrant payload ``Filter``, or None.
+
+    Only what Qdrant evaluates exactly as :func:`himir_rag.filters.compile_filter` does is
+    pushed down: ``$eq``, ``$ne``, ``$in``, ``$nin`` with string values on user metadata
+    keys or ``path``, under ``$and`` / ``$or`` / ``$not``. For anything else (numbers,
+    whose bool/int distinction Qdrant does not keep, ranges, ``file_name``...) this
+    returns None and :meth:`QdrantImageStore.search` evaluates the filter on the catalog
+    records with the core evaluator, so both stores answer alike.
 
     Raises
     ------
     ConfigError
-        For a callable filter, which Qdrant cannot evaluate server-side.
+        For a callable filter (it runs on the client: pass ``image_ids=``), or a
+        malformed filter.
     """
+    from himir_rag.filters import compile_filter
+
     if filters is None:
         return None
-    if callable(filters):
+    if callable(filters) and not isinstance(filters, Mapping):
         raise ConfigError("a callable filter runs on the client: pass image_ids= to search, or a dict "
                           "{key: value or [values]} for a server-side payload filter")
+    compile_filter(filters)  # validates
     _, models = _qdrant()
-    conditions = []
-    for key, wanted in filters.items():
-        if isinstance(wanted, (list, tuple, set, frozenset)):
-            match = models.MatchAny(any=list(wanted))
+    return _payload_filter(filters, models)
+
+
+_PUSHED_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # no '.' or '[': Qdrant would read those as nested paths
+
+
+def _payload_filter(filters: Mapping[str, Any], models: Any) -> Any:
+    """``filters`` (validated) as a Qdrant ``Filter``, or None when it cannot be pushed down exactly."""
+    must, must_not = [], []
+    for key, value in filters.items():
+        if key in ("$and", "$or"):
+            parts = [_payload_filter(part, models) for part in value]
+            if any(part is None for part in parts) or (key == "$or" and not parts):
+                return None
+            must.append(models.Filter(must=parts) if key == "$and" else models.Filter(should=parts))
+        elif key == "$not":
+            inner = _payload_filter(value, models)
+            if inner is None:
+                return None
+            must_not.append(inner)
         else:
-            match = models.MatchValue(value=wanted)
-        conditions.append(models.FieldCondition(key=f"metadata.{key}", match=match))
-    return models.Filter(must=conditions)
+            conditions = _field_conditions(key, value, models)
+            if conditions is None:
+                return None
+            must.extend(conditions[0])
+            must_not.extend(conditions[1])
+    return models.Filter(must=must, must_not=must_not)
+
+
+def _field_conditions(key: str, value: Any, models: Any) -> tuple[list[Any], list[Any]] | None:
+    """(must, must_not) conditions of one field, or None when Qdrant would not match it exactly."""
+    if key in ("file_name", "width", "height") or not _PUSHED_KEY.match(key):
+        return None
+    field = key if key == "path" else f"metadata.{key}"
+    operators = value if isinstance(value, Mapping) else {"$in" if isinstance(value, (list, tuple, set, frozenset))
+                                                          else "$eq": value}
+    must, must_not = [], []
+    for operator, operand in operators.items():
+        values = list(operand) if operator in ("$in", "$nin") else [operand]
+        if operator not in ("$eq", "$ne", "$in", "$nin") or not values or \
+                not all(isinstance(v, str) for v in values):
+            return None
+        match = models.MatchAny(any=values) if len(values) > 1 else models.MatchValue(value=values[0])
+        (must if operator in ("$eq", "$in") else must_not).append(models.FieldCondition(key=field, match=match))
+    return must, must_not
 
 
 class QdrantImageStore:
@@ -169,6 +218,17 @@ class QdrantImageStore:
             self.client.delete(self.collection, points_selector=models.PointIdsList(points=[int(i) for i in image_ids]),
                                wait=True)
 
+    @staticmethod
+    def pushes_down(filters: Any) -> bool:
+        """Whether ``filters`` becomes an exact payload filter (else the caller evaluates it, see :func:`qdrant_filter`)."""
+        return isinstance(filters, Mapping) and qdrant_filter(filters) is not None
+
+    def set_metadata(self, records: list[ImageRecord]) -> None:
+        """Replace the user metadata of stored images (their vectors and regions are untouched)."""
+        for record in records:
+            self.client.set_payload(self.collection, payload={"metadata": dict(record.metadata)},
+                                    points=[int(record.image_id)], wait=True)
+
     def records(self) -> Iterator[ImageRecord]:
         """Every stored image's catalog record (scrolls the collection, no vectors)."""
         offset = None
@@ -220,6 +280,11 @@ class QdrantImageStore:
         _, models = _qdrant()
         n_queries = len(queries)
         query_filter = qdrant_filter(filters)
+        if filters is not None and query_filter is None:  # not expressible exactly: the core evaluator decides
+            from himir_rag.filters import matching_ids
+
+            found = set(matching_ids(self.records(), filters))
+            image_ids = sorted(found if image_ids is None else found & {int(i) for i in image_ids})
         if image_ids is not None:
             by_id = models.HasIdCondition(has_id=[int(i) for i in image_ids])
             query_filter = models.Filter(must=[by_id, *(query_filter.must if query_filter else [])])
