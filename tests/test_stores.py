@@ -12,7 +12,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError, UntrustedLocationError
 from himir_rag.index import HiMIRIndex
 from himir_rag.store import FaissStore
-from tests.conftest import ColorEncoder, make_scene, make_store
+from tests.conftest import ColorEncoder, make_store
 
 MODES = ["single", "mvr", "himir-full", "himir"]
 QUERIES = ["a red square and a blue square", "green", "yellow next to purple", "orange"]
