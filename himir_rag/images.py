@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from himir_rag.errors import ImageLoadError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "iter_image_files"]
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "decode_image", "iter_image_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,61 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 50_000_000) ->
     """
     path = Path(path)
     _check_readable_file(path)
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(source: str | os.PathLike[str] | bytes | Image.Image, *, max_pixels: int = 50_000_000,
+                 name: str = "uploaded image") -> Image.Image:
+    """An RGB image in its displayed orientation from a file, encoded bytes or a PIL image.
+
+    Paths go through :func:`load_image`; bytes are decoded with the same checks (size limit
+    from the header, truncation); a PIL image is oriented and converted to RGB.
+
+    Parameters
+    ----------
+    source : path-like, bytes or PIL.Image.Image
+        The image.
+    max_pixels : int
+        Images with more pixels than this are rejected (before decoding for files and bytes).
+    name : str
+        How bytes are named in error messages.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``.
+
+    Raises
+    ------
+    ImageLoadError
+        If the image cannot be read, is empty, not an image, truncated or too large.
+    TypeError
+        If ``source`` is none of the accepted types.
+
+    Example
+    -------
+    >>> decode_image(open("photo.jpg", "rb").read()).size  # doctest: +SKIP
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return load_image(source, max_pixels=max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageLoadError(f"{name}: empty (0 bytes); give a JPEG, PNG, WebP... photo")
+        return _decode(io.BytesIO(bytes(source)), name, max_pixels)
+    if isinstance(source, Image.Image):
+        if source.width * source.height > max_pixels:
+            raise ImageLoadError(_too_large(name, f"{source.width}x{source.height} pixels", max_pixels))
+        return _to_rgb(ImageOps.exif_transpose(source))
+    raise TypeError(f"an image must be a path, bytes or a PIL image, got {type(source).__name__}")
+
+
+def _decode(source: Path | io.BytesIO, path: Path | str, max_pixels: int) -> Image.Image:
+    """Decode ``source`` (a file or a buffer) with the checks of :func:`load_image`; errors name ``path``."""
     try:
         with warnings.catch_warnings():
             # Pillow warns from ~89 Mpx on; our own max_pixels check below is the one that decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageLoadError(_too_large(path, f"{width}x{height} = {width * height} pixels", max_pixels))
@@ -85,7 +136,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 50_000_000) ->
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def _too_large(path: Path, size: str, max_pixels: int) -> str:
+def _too_large(path: Path | str, size: str, max_pixels: int) -> str:
     return (f"{path}: image of {size} exceeds max_image_pixels={max_pixels} (decompression-bomb guard); "
             "raise max_image_pixels in HiMIRConfig to index it")
 
