@@ -63,6 +63,7 @@ __all__ = [
     "hit_metadata",
     "region_dict",
     "stats_dict",
+    "result_json",
     "image_mime_type",
     "image_to_base64",
     "file_to_base64",
@@ -155,24 +156,35 @@ def _is_single(mode: str | None) -> bool:
     return mode == RetrievalMode.SINGLE.value
 
 
-def decompose(decomposer: QueryDecomposer, query: str, *, mode: str | None = None,
-              callbacks: Any = None) -> list[str]:
+def _photo_only(query: Any, image: Any) -> bool:
+    """A query photo and no text: there is nothing to decompose."""
+    return image is not None and (query is None or (isinstance(query, str) and not query.strip()))
+
+
+def decompose(decomposer: QueryDecomposer, query: str | None, *, mode: str | None = None,
+              callbacks: Any = None, image: Any = None) -> list[str]:
     """Sub-queries of ``query``; ``[query]`` without a model call in ``single`` mode.
+
+    With a query photo (``image``) and no text, there is nothing to split: ``[]``.
 
     Raises
     ------
     ValueError
-        If ``query`` is empty.
+        If ``query`` is empty and no ``image`` is given.
     """
+    if _photo_only(query, image):
+        return []
     _check_query(query)
     if _is_single(mode):
         return [query]
     return decompose_query(decomposer, query, callbacks=callbacks)
 
 
-async def adecompose(decomposer: QueryDecomposer, query: str, *, mode: str | None = None,
-                     callbacks: Any = None) -> list[str]:
+async def adecompose(decomposer: QueryDecomposer, query: str | None, *, mode: str | None = None,
+                     callbacks: Any = None, image: Any = None) -> list[str]:
     """Async variant of :func:`decompose` (the decomposer's ``adecompose``)."""
+    if _photo_only(query, image):
+        return []
     _check_query(query)
     if _is_single(mode):
         return [query]
@@ -191,11 +203,20 @@ def record_decompose_latency(result: SearchResult, decompose_ms: float) -> None:
     latency["decompose"] = decompose_ms
 
 
-def search_kwargs(*, k: int, mode: str | None, subqueries: list[str], filters: Any) -> dict[str, Any]:
-    """Keyword arguments of ``index.search``; ``mode=None`` keeps the index's default."""
+def search_kwargs(*, k: int, mode: str | None, subqueries: list[str], filters: Any, image: Any = None,
+                  image_weight: float | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``index.search``; ``mode=None`` keeps the index's default.
+
+    ``image`` (a query photo: path, bytes or PIL image) and ``image_weight`` are passed
+    only when given, so a text query calls ``search`` exactly as before.
+    """
     kwargs: dict[str, Any] = {"k": k, "subqueries": subqueries, "filters": filters}
     if mode is not None:
         kwargs["mode"] = mode
+    if image is not None:
+        kwargs["image"] = image
+        if image_weight is not None:
+            kwargs["image_weight"] = image_weight
     return kwargs
 
 
@@ -215,18 +236,27 @@ def present_hits(hits: Iterable[SearchHit]) -> list[SearchHit]:
     return kept
 
 
-def hit_text(hit: SearchHit, query: str) -> str:
+def hit_text(hit: SearchHit, query: str, *, image: str | None = None) -> str:
     """A short description of why ``hit`` matched ``query``: the photo, then one line per sub-query.
+
+    ``image`` names the query photo of a photo query (``SearchResult.image``).
 
     Example
     -------
     ``Photo "beach.jpg" (640x480) matches "a dog on a beach" with score 0.812.``
     ``- "a dog": region (120, 40, 380, 300), similarity 0.910``
     """
-    lines = [f'Photo "{Path(hit.path).name}" ({hit.width}x{hit.height}) matches "{query}" '
+    lines = [f'Photo "{Path(hit.path).name}" ({hit.width}x{hit.height}) matches {_query_words(query, image)} '
              f"with score {hit.score:.3f}."]
     lines += [_region_line(region) for region in hit.regions]
     return "\n".join(lines)
+
+
+def _query_words(query: str, image: str | None) -> str:
+    if image is None:
+        return f'"{query}"'
+    photo = f'the query photo "{Path(image).name}"'
+    return f'"{query}" and {photo}' if query.strip() else photo
 
 
 def _region_line(region: RegionMatch) -> str:
@@ -258,6 +288,35 @@ def _json_ready(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalar
         return value.item()
     return str(value)
+
+
+def result_json(result: SearchResult, query_id: Any = None) -> dict[str, Any]:
+    """The JSON object of one search, as ``himir search --json`` prints it and ``himir serve`` returns it.
+
+    ``{"id"?, "query", "image"?, "subqueries", "results": [{"path", "score", "image_id",
+    "width", "height", "metadata", "regions": [{"subquery", "level", "bbox", "score"}]}],
+    "stats": {"mode", "dot_products", "latency_ms", "latency_breakdown_ms", ...extra}}``;
+    ``id`` only when ``query_id`` is given, ``image`` only for a photo query.
+    """
+    payload: dict[str, Any] = {} if query_id is None else {"id": query_id}
+    payload["query"] = result.query
+    if result.image is not None:
+        payload["image"] = result.image
+    payload.update({
+        "subqueries": list(result.subqueries),
+        "results": [
+            {"path": hit.path, "score": round(hit.score, 6), "image_id": hit.image_id, "width": int(hit.width),
+             "height": int(hit.height), "metadata": hit.metadata,
+             "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6)}
+                         for m in hit.regions]}
+            for hit in result.hits
+        ],
+        "stats": {"mode": result.stats.mode, "dot_products": int(result.stats.dot_products),
+                  "latency_ms": round(result.stats.latency_ms.get("total", 0.0), 3),
+                  "latency_breakdown_ms": {k: round(v, 3) for k, v in result.stats.latency_ms.items()},
+                  **_json_ready(result.stats.extra)},
+    })
+    return payload
 
 
 def hit_metadata(hit: SearchHit, result: SearchResult) -> dict[str, Any]:
