@@ -213,6 +213,30 @@ def demo_command(
                f"({time.perf_counter() - started:.0f}s). Try: himir search {out / 'index'} \"a cat\"")
 
 
+@app.command("serve")
+def serve_command(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="Enable POST /api/index (add photos from a "
+                                      "server-side path); read-only otherwise."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest query photo accepted."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve an index over HTTP (JSON API + a search page), models loaded once. Needs the [serve] extra."""
+    _setup_logging(verbose)
+    try:
+        from himir_rag.server import serve
+
+        mode = "read-write" if allow_writes else "read-only"
+        typer.echo(f"himir serve: loading {index_dir}; then http://{host}:{port}/ ({mode})", err=True)
+        serve(index_dir, host=host, port=port, allow_writes=allow_writes, device=device,
+              max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    except (HiMIRError, ValueError, FileNotFoundError, ImportError, OSError) as exc:
+        _fail(str(exc))
+
+
 @app.command("tune")
 def tune_command(
     index_dir: Path = typer.Argument(..., help="Index directory (the chosen config is written into it)."),

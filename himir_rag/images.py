@@ -120,8 +120,9 @@ def _decode(source: Path | io.BytesIO, path: Path | str, max_pixels: int) -> Ima
         size = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow allows"
         raise ImageLoadError(_too_large(path, size, max_pixels)) from exc
     except UnidentifiedImageError as exc:
+        hint = "remove it or give it its real extension" if isinstance(path, Path) else "give a JPEG, PNG, WebP... photo"
         raise ImageLoadError(f"{path}: not an image file Pillow can decode (unknown format or not an image); "
-                             "remove it or give it its real extension") from exc
+                             f"{hint}") from exc
     except OSError as exc:
         if exc.errno is not None:  # a filesystem error (permission denied, I/O error), not a decoding one
             hint = "; check its permissions" if isinstance(exc, PermissionError) else ""
