@@ -148,9 +148,9 @@ def search_command(
     """Search an index with one query (text, --image PHOTO or both), or a JSONL file of queries (model loaded once)."""
     _setup_logging(verbose)
     if queries is not None and (query is not None or image is not None):
-        _fail("give a QUERY argument and/or --image PHOTO, or --queries FILE.jsonl, not both")
+        _fail("give either a QUERY argument and/or --image PHOTO, or --queries FILE.jsonl, not both")
     if query is None and image is None and queries is None:
-        _fail("give a QUERY argument, --image PHOTO or --queries FILE.jsonl")
+        _fail("give either a QUERY argument, --image PHOTO or --queries FILE.jsonl")
     try:
         index = HiMIRIndex.load(index_dir, device=device)
         splitter = _get_decomposer(decomposer)
