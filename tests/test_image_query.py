@@ -10,7 +10,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
