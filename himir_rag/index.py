@@ -490,7 +490,9 @@ class HiMIRIndex:
         query photo itself scores 1.0. With text too, the text's sub-queries and the
         photo's regions are matched together and the score is
         ``(1 - image_weight) * text mean + image_weight * photo mean`` (query vectors are
-        scaled by their share; reported region similarities are the plain cosines).
+        scaled by their share; reported region similarities are the plain cosines). In
+        ``single`` mode text and photo become one vector, their weighted sum, which scores
+        the same weighted mean against each global view.
 
         Parameters
         ----------
@@ -564,6 +566,9 @@ class HiMIRIndex:
         encode_ms = stats.latency_ms["encode"]
         words = self._embed_queries(text, subs, mode, stats)
         stats.latency_ms["encode"] += encode_ms
+        if mode is RetrievalMode.SINGLE:  # one vector per image: the weighted sum scores the weighted mean
+            combined = (1 - image_weight) * words[0] + image_weight * photo[0]
+            return [f"{text} + {labels[0]}"], combined[None, :].astype(np.float32), np.ones(1, np.float32)
         n = len(words) + len(photo)
         scales = np.concatenate([np.full(len(words), (1 - image_weight) * n / len(words)),
                                  np.full(len(photo), image_weight * n / len(photo))]).astype(np.float32)

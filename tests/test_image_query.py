@@ -99,6 +99,18 @@ def test_text_and_photo_scores_are_the_weighted_mean(color_encoder: ColorEncoder
     assert names(mixed) == ["red_green.png", PHOTO]  # the photo's look and the text's colour
 
 
+def test_text_and_photo_in_single_mode_on_both_stores(photo_index: HiMIRIndex, scene_dir: Path) -> None:
+    """One vector per image in ``single``: the weighted sum of text and photo scores the weighted mean."""
+    n = len(photo_index)
+    text = {h.path: h.score for h in photo_index.search("green", k=n, mode="single").hits}
+    photo = {h.path: h.score for h in photo_index.search(image=scene_dir / PHOTO, k=n, mode="single").hits}
+    both = photo_index.search("green", image=scene_dir / PHOTO, k=n, mode="single", image_weight=0.25)
+    assert both.subqueries == ("green + photo global [0, 0, 160, 120]",)
+    for hit in both.hits:
+        assert hit.score == pytest.approx(0.75 * text[hit.path] + 0.25 * photo[hit.path], abs=1e-4)
+        assert len(hit.regions) == 1 and hit.regions[0].level == "global"
+
+
 def test_photo_query_errors_are_one_line(photo_index: HiMIRIndex, scene_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     with pytest.raises(ImageLoadError, match=r"garbage.jpg: cannot decode image|garbage.jpg: not an image"):
