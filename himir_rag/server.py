@@ -231,4 +231,4 @@ def serve(index_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: i
     index = HiMIRIndex.load(index_dir, device=device)
     index.encoder.embed_texts(["warm-up"])  # load the models now, not on the first request
     app = create_app(index, index_dir=index_dir, allow_writes=allow_writes, max_upload_bytes=max_upload_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)  # says when it listens
