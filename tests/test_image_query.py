@@ -232,16 +232,6 @@ async def test_langchain_image_retriever_async(photo_index: HiMIRIndex, scene_di
 # ------------------------------------------------------- acceptance: real photos, the real CLI
 
 
-@pytest.fixture(scope="module")
-def demo_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    from himir_rag.demo import write_demo_photos
-
-    root = tmp_path_factory.mktemp("demo-photo-query")
-    photos = {p.stem: p for p in write_demo_photos(root / "photos")}
-    HiMIRIndex.build(root / "photos", encoder="offline", progress=False).save(root / "index")
-    return root / "index", photos
-
-
 def _cli_top(index_dir: Path, *args: str) -> list[str]:
     from typer.testing import CliRunner
 
@@ -266,10 +256,11 @@ def test_cli_image_query_ranks_the_photo_its_copies_and_crops_first(demo_index, 
 
 
 @pytest.mark.slow
-def test_every_demo_photo_finds_itself_and_its_variants(demo_index, tmp_path: Path) -> None:
+def test_demo_photos_find_themselves_and_their_variants(demo_index, tmp_path: Path) -> None:
     index_dir, photos = demo_index
     index = HiMIRIndex.load(index_dir)
-    for name, path in photos.items():
+    for name in ("cat", "coffee", "astronaut", "scene_cat_and_coffee"):  # ~1 s a photo query on one core
+        path = photos[name]
         with Image.open(path) as img:
             width, height = img.size
             half = img.resize((width // 2, height // 2))

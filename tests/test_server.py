@@ -197,17 +197,14 @@ def _post_photo(url: str, photo: Path, fields: dict[str, str], timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory):
+def live_server(demo_index, tmp_path_factory: pytest.TempPathFactory):
     """``himir serve`` on the demo index, as a subprocess on a free loopback port; killed at the end."""
-    from himir_rag.demo import write_demo_photos
-
+    index_dir, photos = demo_index
     root = tmp_path_factory.mktemp("serve")
-    photos = {p.stem: p for p in write_demo_photos(root / "photos")}
-    HiMIRIndex.build(root / "photos", encoder="offline", progress=False).save(root / "index")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = open(root / "serve.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "himir_rag.cli", "serve", str(root / "index"),
+    process = subprocess.Popen([sys.executable, "-m", "himir_rag.cli", "serve", str(index_dir),
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
