@@ -279,3 +279,15 @@ def test_page_in_headless_chromium_draws_results_and_boxes(live_server, tmp_path
     with Image.open(shot) as img:
         assert img.size == (1280, 900)
         assert len(img.convert("RGB").getcolors(1 << 24)) > 1000  # photos drawn, not a blank page
+
+
+def test_serve_command_errors_are_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from himir_rag.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "nope"), "--port", str(_free_port())])
+    assert result.exit_code == 1 and "no such index directory" in result.stderr
+    assert "Traceback" not in result.output
+    help_text = CliRunner().invoke(app, ["serve", "--help"]).stdout
+    assert "--allow-writes" in help_text and "127.0.0.1" in help_text
