@@ -3,7 +3,10 @@
 Neither framework is imported here. Each adapter (:mod:`himir_rag.llama_index`,
 :mod:`himir_rag.langchain`) calls :func:`decompose` / :func:`adecompose` and then
 ``index.search`` / ``index.asearch``, and turns every :class:`~himir_rag.index.SearchHit`
-into its framework's type with :func:`hit_text` and :func:`hit_metadata`.
+into its framework's type with :func:`hit_text` and :func:`hit_metadata`. A query photo
+(``image=``) passes through :func:`decompose` (nothing to split when there is no text) and
+:func:`search_kwargs` to ``index.search``. :func:`result_json` is the JSON object of one
+search, printed by ``himir search --json`` and returned by ``himir serve``.
 
 Metadata keys written by the adapters (they take precedence over user metadata with the
 same name, which is logged once per key):
