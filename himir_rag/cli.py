@@ -15,6 +15,7 @@ import typer
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
+from himir_rag.retriever import result_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HiMIR: hierarchical multi-vector image retrieval for multimodal RAG.")
@@ -140,39 +141,11 @@ def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: s
     return HiMIRIndex(encoder, config, device=device)
 
 
-def _image_fields(index: HiMIRIndex | None, image_id: int) -> dict[str, Any]:
-    """``image``: the file to show (the photo, or its thumbnail when it is gone or refused; null if neither),
-    ``image_source`` and ``thumbnail`` (the saved thumbnail or null)."""
-    if index is None or image_id not in index.snapshot.images:
-        return {}
-    shown = index.image_file(image_id)
-    thumbnail = index.thumbnail_path(image_id)
-    return {"image": None if shown is None else str(shown[0]), "image_source": None if shown is None else shown[1],
-            "thumbnail": None if thumbnail is None else str(thumbnail)}
-
-
-def _result_json(result: SearchResult, query_id: Any = None, index: HiMIRIndex | None = None) -> dict[str, Any]:
-    payload: dict[str, Any] = {} if query_id is None else {"id": query_id}
-    payload.update({
-        "query": result.query,
-        "subqueries": list(result.subqueries),
-        "results": [
-            {"path": hit.path, **_image_fields(index, hit.image_id), "score": round(hit.score, 6),
-             "image_id": hit.image_id, "metadata": hit.metadata,
-             "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6)}
-                         for m in hit.regions]}
-            for hit in result.hits
-        ],
-        "stats": {"mode": result.stats.mode, "dot_products": int(result.stats.dot_products),
-                  "latency_ms": round(result.stats.latency_ms.get("total", 0.0), 3),
-                  "latency_breakdown_ms": {k: round(v, 3) for k, v in result.stats.latency_ms.items()},
-                  **{k: v for k, v in result.stats.extra.items()}},
-    })
-    return payload
-
-
 def _print_result(result: SearchResult) -> None:
-    typer.echo(f"query: {result.query}")
+    if result.image is not None:
+        typer.echo(f"query photo: {result.image}")
+    if result.query or result.image is None:
+        typer.echo(f"query: {result.query}")
     typer.echo(f"sub-queries: {', '.join(result.subqueries)}")
     for rank, hit in enumerate(result.hits, 1):
         missing = "" if os.path.isfile(hit.path) else "  (missing on disk; `himir relocate` if the folder moved)"
@@ -196,31 +169,38 @@ def search_command(
     mode: Optional[str] = typer.Option(None, help="himir | himir-full | mvr | single "
                                        "[default: the index's default_mode, himir]"),
     queries: Optional[Path] = typer.Option(None, "--queries", help='JSONL file of {"id", "query"} lines.'),
+    image: Optional[Path] = typer.Option(None, "--image", help="Query photo: find photos like it "
+                                         "(with QUERY too: photo and text together)."),
+    image_weight: float = typer.Option(0.5, "--image-weight", help="Share of the score the photo carries "
+                                       "when QUERY is given too (0-1, exclusive)."),
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
     decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Search an index with one query, or a JSONL file of queries (model loaded once)."""
+    """Search an index with one query (text, --image PHOTO or both), or a JSONL file of queries (model loaded once)."""
     _setup_logging(verbose)
     _set_offline(offline)
-    if (query is None) == (queries is None):
-        _fail("give either a QUERY argument or --queries FILE.jsonl, not both or neither")
+    if queries is not None and (query is not None or image is not None):
+        _fail("give either a QUERY argument and/or --image PHOTO, or --queries FILE.jsonl, not both")
+    if query is None and image is None and queries is None:
+        _fail("give either a QUERY argument, --image PHOTO or --queries FILE.jsonl")
     try:
         index = HiMIRIndex.load(index_dir, device=device)
         splitter = _get_decomposer(decomposer)
         if queries is None:
-            result = index.search(query, k=k, mode=mode, decomposer=splitter)
+            photo = {} if image is None else {"image": image, "image_weight": image_weight}
+            result = index.search(query, k=k, mode=mode, decomposer=splitter, **photo)
             if as_json:
-                typer.echo(json.dumps(_result_json(result, index=index)))
+                typer.echo(json.dumps(result_json(result, index=index)))
             else:
                 _print_result(result)
             return
         for query_id, text in _read_queries(queries):
             result = index.search(text, k=k, mode=mode, decomposer=splitter)
             if as_json:
-                typer.echo(json.dumps(_result_json(result, query_id, index=index)))
+                typer.echo(json.dumps(result_json(result, query_id, index=index)))
             else:
                 _print_result(result)
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
@@ -288,6 +268,32 @@ def demo_command(
     plot_results(results, top=k, path=picture)
     typer.echo(f"\nmatched regions drawn in {picture}; index saved in {out / 'index'} "
                f"({time.perf_counter() - started:.0f}s). Try: himir search {out / 'index'} \"a cat\"")
+
+
+@app.command("serve")
+def serve_command(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="Enable POST /api/index (add photos from a "
+                                      "server-side path); read-only otherwise."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest query photo accepted."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve an index over HTTP (JSON API + a search page), models loaded once. Needs the [serve] extra."""
+    _setup_logging(verbose)
+    _set_offline(offline)
+    try:
+        from himir_rag.server import serve
+
+        mode = "read-write" if allow_writes else "read-only"
+        typer.echo(f"himir serve: loading {index_dir}; then http://{host}:{port}/ ({mode})", err=True)
+        serve(index_dir, host=host, port=port, allow_writes=allow_writes, device=device,
+              max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    except (HiMIRError, ValueError, FileNotFoundError, ImportError, OSError) as exc:
+        _fail(str(exc))
 
 
 @app.command("tune")
