@@ -19,6 +19,7 @@ from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.scheduler import parse_mode
+from himir_rag.retriever import result_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HiMIR: hierarchical multi-vector image retrieval for multimodal RAG.")
@@ -184,39 +185,11 @@ def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: s
     return HiMIRIndex(encoder, config, device=device)
 
 
-def _image_fields(index: HiMIRIndex | None, image_id: int) -> dict[str, Any]:
-    """``image``: the file to show (the photo, or its thumbnail when it is gone or refused; null if neither),
-    ``image_source`` and ``thumbnail`` (the saved thumbnail or null)."""
-    if index is None or image_id not in index.snapshot.images:
-        return {}
-    shown = index.image_file(image_id)
-    thumbnail = index.thumbnail_path(image_id)
-    return {"image": None if shown is None else str(shown[0]), "image_source": None if shown is None else shown[1],
-            "thumbnail": None if thumbnail is None else str(thumbnail)}
-
-
-def _result_json(result: SearchResult, query_id: Any = None, index: HiMIRIndex | None = None) -> dict[str, Any]:
-    payload: dict[str, Any] = {} if query_id is None else {"id": query_id}
-    payload.update({
-        "query": result.query,
-        "subqueries": list(result.subqueries),
-        "results": [
-            {"path": hit.path, **_image_fields(index, hit.image_id), "score": round(hit.score, 6),
-             "image_id": hit.image_id, "metadata": hit.metadata,
-             "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6)}
-                         for m in hit.regions]}
-            for hit in result.hits
-        ],
-        "stats": {"mode": result.stats.mode, "dot_products": int(result.stats.dot_products),
-                  "latency_ms": round(result.stats.latency_ms.get("total", 0.0), 3),
-                  "latency_breakdown_ms": {k: round(v, 3) for k, v in result.stats.latency_ms.items()},
-                  **{k: v for k, v in result.stats.extra.items()}},
-    })
-    return payload
-
-
 def _format_result(result: SearchResult) -> str:
-    lines = [f"query: {result.query}", f"sub-queries: {', '.join(result.subqueries)}"]
+    lines = [f"query photo: {result.image}"] if result.image is not None else []
+    if result.query or result.image is None:
+        lines.append(f"query: {result.query}")
+    lines.append(f"sub-queries: {', '.join(result.subqueries)}")
     for rank, hit in enumerate(result.hits, 1):
         missing = "" if os.path.isfile(hit.path) else "  (missing on disk; `himir relocate` if the folder moved)"
         lines.append(f"{rank:>3}. {hit.score:.4f}  {hit.path}{missing}")
@@ -244,24 +217,31 @@ def search_command(
     mode: Optional[str] = typer.Option(None, help="himir | himir-full | mvr | single "
                                        "[default: the index's default_mode, himir]"),
     queries: Optional[Path] = typer.Option(None, "--queries", help='JSONL file of {"id", "query"} lines.'),
+    image: Optional[Path] = typer.Option(None, "--image", help="Query photo: find photos like it "
+                                         "(with QUERY too: photo and text together)."),
+    image_weight: float = typer.Option(0.5, "--image-weight", help="Share of the score the photo carries "
+                                       "when QUERY is given too (0-1, exclusive)."),
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
     decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Search an index with one query, or a JSONL file of queries (model loaded once)."""
+    """Search an index with one query (text, --image PHOTO or both), or a JSONL file of queries (model loaded once)."""
     _setup_logging(verbose)
     _set_offline(offline)
-    if (query is None) == (queries is None):
-        _fail("give either a QUERY argument or --queries FILE.jsonl, not both or neither")
+    if queries is not None and (query is not None or image is not None):
+        _fail("give either a QUERY argument and/or --image PHOTO, or --queries FILE.jsonl, not both")
+    if query is None and image is None and queries is None:
+        _fail("give either a QUERY argument, --image PHOTO or --queries FILE.jsonl")
     try:
         index = HiMIRIndex.load(index_dir, device=device)
         splitter = _get_decomposer(decomposer)
         if queries is None:
-            result = index.search(query, k=k, mode=mode, decomposer=splitter)
+            photo = {} if image is None else {"image": image, "image_weight": image_weight}
+            result = index.search(query, k=k, mode=mode, decomposer=splitter, **photo)
             if as_json:
-                typer.echo(_dumps(_result_json(result, index=index)))
+                typer.echo(_dumps(result_json(result, index=index)))
             else:
                 _print_result(result)
             return
@@ -299,7 +279,7 @@ def _search_lines(index: HiMIRIndex, lines: Any, *, path: Path, k: int, mode: st
         if problem is None:
             try:
                 result = index.search(query, k=k, mode=mode, decomposer=decomposer)
-                typer.echo(_dumps(_result_json(result, query_id, index=index)) if as_json else _format_result(result))
+                typer.echo(_dumps(result_json(result, query_id, index=index)) if as_json else _format_result(result))
                 continue
             except (HiMIRError, ValueError, TypeError) as exc:  # this query's fault: report it, go on
                 problem = str(exc)
@@ -426,6 +406,32 @@ def demo_command(
     plot_results(results, top=k, path=picture)
     typer.echo(f"\nmatched regions drawn in {picture}; index saved in {out / 'index'} "
                f"({time.perf_counter() - started:.0f}s). Try: himir search {out / 'index'} \"a cat\"")
+
+
+@app.command("serve")
+def serve_command(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="Enable POST /api/index (add photos from a "
+                                      "server-side path); read-only otherwise."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest query photo accepted."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve an index over HTTP (JSON API + a search page), models loaded once. Needs the [serve] extra."""
+    _setup_logging(verbose)
+    _set_offline(offline)
+    try:
+        from himir_rag.server import serve
+
+        mode = "read-write" if allow_writes else "read-only"
+        typer.echo(f"himir serve: loading {index_dir}; then http://{host}:{port}/ ({mode})", err=True)
+        serve(index_dir, host=host, port=port, allow_writes=allow_writes, device=device,
+              max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    except (HiMIRError, ValueError, FileNotFoundError, ImportError, OSError) as exc:
+        _fail(str(exc))
 
 
 @app.command("tune")

@@ -20,8 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from himir_rag.errors import ImageLoadError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "iter_image_files", "encode_image", "encode_image_file",
-           "encoded_mime_type", "image_header_problem"]
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "decode_image", "iter_image_files", "encode_image",
+           "encode_image_file", "encoded_mime_type", "image_header_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,61 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 50_000_000) ->
     """
     path = Path(path)
     _check_readable_file(path)
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(source: str | os.PathLike[str] | bytes | Image.Image, *, max_pixels: int = 50_000_000,
+                 name: str = "uploaded image") -> Image.Image:
+    """An RGB image in its displayed orientation from a file, encoded bytes or a PIL image.
+
+    Paths go through :func:`load_image`; bytes are decoded with the same checks (size limit
+    from the header, truncation); a PIL image is oriented and converted to RGB.
+
+    Parameters
+    ----------
+    source : path-like, bytes or PIL.Image.Image
+        The image.
+    max_pixels : int
+        Images with more pixels than this are rejected (before decoding for files and bytes).
+    name : str
+        How bytes are named in error messages.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``.
+
+    Raises
+    ------
+    ImageLoadError
+        If the image cannot be read, is empty, not an image, truncated or too large.
+    TypeError
+        If ``source`` is none of the accepted types.
+
+    Example
+    -------
+    >>> decode_image(open("photo.jpg", "rb").read()).size  # doctest: +SKIP
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return load_image(source, max_pixels=max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageLoadError(f"{name}: empty (0 bytes); give a JPEG, PNG, WebP... photo")
+        return _decode(io.BytesIO(bytes(source)), name, max_pixels)
+    if isinstance(source, Image.Image):
+        if source.width * source.height > max_pixels:
+            raise ImageLoadError(_too_large(name, f"{source.width}x{source.height} pixels", max_pixels))
+        return _to_rgb(ImageOps.exif_transpose(source))
+    raise TypeError(f"an image must be a path, bytes or a PIL image, got {type(source).__name__}")
+
+
+def _decode(source: Path | io.BytesIO, path: Path | str, max_pixels: int) -> Image.Image:
+    """Decode ``source`` (a file or a buffer) with the checks of :func:`load_image`; errors name ``path``."""
     try:
         with warnings.catch_warnings():
             # Pillow warns from ~89 Mpx on; our own max_pixels check below is the one that decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageLoadError(_too_large(path, f"{width}x{height} = {width * height} pixels", max_pixels))
@@ -76,8 +126,9 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 50_000_000) ->
         size = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow allows"
         raise ImageLoadError(_too_large(path, size, max_pixels)) from exc
     except UnidentifiedImageError as exc:
+        hint = "remove it or give it its real extension" if isinstance(path, Path) else "give a JPEG, PNG, WebP... photo"
         raise ImageLoadError(f"{path}: not an image file Pillow can decode (unknown format or not an image); "
-                             "remove it or give it its real extension") from exc
+                             f"{hint}") from exc
     except OSError as exc:
         if exc.errno is not None:  # a filesystem error (permission denied, I/O error), not a decoding one
             hint = "; check its permissions" if isinstance(exc, PermissionError) else ""
@@ -92,7 +143,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = 50_000_000) ->
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def _too_large(path: Path, size: str, max_pixels: int) -> str:
+def _too_large(path: Path | str, size: str, max_pixels: int) -> str:
     return (f"{path}: image of {size} exceeds max_image_pixels={max_pixels} (decompression-bomb guard); "
             "raise max_image_pixels in HiMIRConfig to index it")
 

@@ -52,7 +52,7 @@ from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoa
                               IndexConflictError, IndexFormatError, IndexWriteError)
 from himir_rag.filters import compile_filter, matching_ids
 from himir_rag.hierarchy import Level, RegionTree, get_decomposer
-from himir_rag.images import image_header_problem, iter_image_files, load_image
+from himir_rag.images import decode_image, image_header_problem, iter_image_files, load_image
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root
@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 MetadataSource = Mapping[str, Mapping[str, Any]] | Callable[[Path], Mapping[str, Any]] | None
 Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
+QueryImage = str | os.PathLike[str] | bytes | Image.Image
 _CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step when an index is loaded
 _CROP_MAX_SIDE = 1024  # crops are cut from a copy at most this large: encoders see <= 260 px
 _LOAD_ATTEMPTS = 3  # a load that finds its version replaced mid-way (CURRENT moved) reads the new one
@@ -107,6 +108,7 @@ class SearchResult:
     subqueries: tuple[str, ...]
     hits: tuple[SearchHit, ...]
     stats: SearchStats
+    image: str | None = None  # the query photo (its path, or "query image" for bytes / PIL input)
 
 
 @dataclass
@@ -615,22 +617,31 @@ class HiMIRIndex:
         stat = path.stat()
         user_meta = _metadata_for(path, metadata)
         record = ImageRecord(0, str(path), image.width, image.height, stat.st_size, stat.st_mtime_ns, user_meta)
+        tree, crops, work = self._cut(image)
+        thumbnail = make_thumbnail(work) if self.config.thumbnails else None
+        return _Prepared(record, tree, crops, replaces, thumbnail)
+
+    def _cut(self, image: Image.Image) -> tuple[RegionTree, list[Image.Image], Image.Image]:
+        """The photo's 1+M+N regions (tiny segments dropped), one crop per region and the working copy
+        (at most ``_CROP_MAX_SIDE`` a side) they were cut from; for indexing and photo queries."""
         tree = self._decomposer.decompose(image)
         tree = tree.select(_area_keep(tree, self.config.min_region_frac))
         scale = min(1.0, _CROP_MAX_SIDE / max(image.size))
         # max(1, ...): a 10000x3 strip must not shrink to a 0-px-high working copy
         work = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
                                                         max(1, round(image.height * scale))))
-        crops = [work.crop(_crop_box(box, image.size, work.size)) for box in tree.boxes]
-        thumbnail = make_thumbnail(work) if self.config.thumbnails else None
-        return _Prepared(record, tree, crops, replaces, thumbnail)
+        return tree, [work.crop(_crop_box(box, image.size, work.size)) for box in tree.boxes], work
+
+    def _encode_crops(self, crops: list[Image.Image]) -> np.ndarray:
+        """(len(crops), dim) vectors of the crops, in batches of ``config.batch_size``."""
+        batch = self.config.batch_size
+        return np.concatenate([self.encoder.embed_images(crops[i : i + batch]) for i in range(0, len(crops), batch)])
 
     def _encode_chunk(self, chunk: list[_Prepared], report: BuildReport) -> list[tuple[_Prepared, np.ndarray]]:
         crops = [crop for item in chunk for crop in item.crops]
         if not crops:
             return []
-        batch = self.config.batch_size
-        vectors = np.concatenate([self.encoder.embed_images(crops[i : i + batch]) for i in range(0, len(crops), batch)])
+        vectors = self._encode_crops(crops)
         report.crops_encoded += len(crops)
         bounds = np.cumsum([0] + [len(item.crops) for item in chunk])
         encoded = []
@@ -690,15 +701,29 @@ class HiMIRIndex:
         return len(ids)
 
     # -- search --------------------------------------------------------------------------------
-    def search(self, query: str, *, k: int = 10, mode: str | RetrievalMode | None = None,
-               subqueries: Sequence[str] | None = None, decomposer: Any = None,
-               filters: Filters = None) -> SearchResult:
-        """Rank images for ``query``.
+    def search(self, query: str | None = None, *, image: QueryImage | None = None, k: int = 10,
+               mode: str | RetrievalMode | None = None, subqueries: Sequence[str] | None = None,
+               decomposer: Any = None, filters: Filters = None, image_weight: float = 0.5) -> SearchResult:
+        """Rank images for ``query``, for a query photo (``image``), or for both.
+
+        A query photo is cut into its own 1+M+N regions by the index's decomposer and
+        encoded by its encoder, exactly as an indexed photo is; each kept region is one
+        query vector, labelled ``"photo <level> [x0, y0, x1, y1]"`` (only the global view
+        in ``single`` mode). A photo's score is then the mean over the query vectors of
+        their best similarity among its regions (MaxSim), the scorer every mode uses: the
+        query photo itself scores 1.0. With text too, the text's sub-queries and the
+        photo's regions are matched together and the score is
+        ``(1 - image_weight) * text mean + image_weight * photo mean`` (query vectors are
+        scaled by their share; reported region similarities are the plain cosines). In
+        ``single`` mode text and photo become one vector, their weighted sum, which scores
+        the same weighted mean against each global view.
 
         Parameters
         ----------
-        query : str
-            The question or description.
+        query : str, optional
+            The question or description; may be omitted when ``image`` is given.
+        image : path-like, bytes or PIL.Image.Image, optional
+            A query photo (a file, encoded bytes or a decoded image).
         k : int
             Hits to return (clamped to the collection size with a warning).
         mode : str, optional
@@ -715,29 +740,91 @@ class HiMIRIndex:
             operators (``{"year": {"$gte": 2021}}``, ``$and``/``$or``...) over the user
             metadata and the built-in fields ``file_name``, ``path``, ``width``, ``height``;
             or ``fn(view) -> bool``.
+        image_weight : float
+            Share of the score the photo carries when text is given too (0 < w < 1).
 
         Returns
         -------
         SearchResult
+            ``subqueries`` lists the text sub-queries, then the photo's region labels.
 
         Raises
         ------
         ValueError
-            Empty query, a query longer than ``config.max_query_chars``, k <= 0, or bad
-            sub-queries.
+            Neither text nor image, a query longer than ``config.max_query_chars``, k <= 0,
+            bad sub-queries, or ``image_weight`` outside (0, 1).
         ConfigError
             A malformed filter.
+        ImageLoadError
+            The query photo cannot be read or decoded (a ``ValueError``).
         EmptyIndexError
             The index holds no image.
+
+        Example
+        -------
+        >>> index.search(image="horse.jpg", k=3).hits[0].path  # doctest: +SKIP
+        >>> index.search("on a beach", image="horse.jpg", image_weight=0.7)  # doctest: +SKIP
         """
         started = time.perf_counter()
         mode = self._mode(mode)
-        k = self._check_query(query, k)
         compile_filter(filters)  # a malformed filter fails before any encoding
+        if image is None:
+            k = self._check_query(query, k)
+            stats = SearchStats(mode=mode.value)
+            subs = self._subqueries(query, subqueries, decomposer, stats)
+            return self._search_vectors(query, subs, self._embed_queries(query, subs, mode, stats), k=k, mode=mode,
+                                        filters=filters, stats=stats, started=started)
+        text = query if isinstance(query, str) and query.strip() else None
+        if query is not None and not isinstance(query, str):
+            raise ValueError(f"query must be a str, got {type(query).__name__}")
+        if isinstance(image_weight, bool) or not isinstance(image_weight, (int, float)) or not 0 < image_weight < 1:
+            raise ValueError(f"image_weight must be a number strictly between 0 and 1, got {image_weight!r}")
+        k = self._check_query(text or "photo", k)
         stats = SearchStats(mode=mode.value)
-        subs = self._subqueries(query, subqueries, decomposer, stats)
-        return self._search_vectors(query, subs, self._embed_queries(query, subs, mode, stats), k=k, mode=mode,
-                                    filters=filters, stats=stats, started=started)
+        labels, vectors, scales = self._photo_and_text_queries(image, text, mode, stats, subqueries=subqueries,
+                                                               decomposer=decomposer, image_weight=image_weight)
+        result = self._search_vectors(text or "", labels, vectors * scales[:, None], k=k, mode=mode,
+                                      filters=filters, stats=stats, started=started, labels=labels)
+        name = str(image) if isinstance(image, (str, os.PathLike)) else "query image"
+        return SearchResult(result.query, result.subqueries, _unscaled(result.hits, scales), result.stats, name)
+
+    def _photo_and_text_queries(self, image: QueryImage, text: str | None, mode: RetrievalMode, stats: SearchStats,
+                                *, subqueries: Sequence[str] | None, decomposer: Any,
+                                image_weight: float) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Labels, (s, dim) vectors and (s,) score weights: the text's sub-queries, then the photo's regions."""
+        labels, photo = self._photo_queries(image, mode, stats)
+        if text is None:
+            return labels, photo, np.ones(len(photo), np.float32)
+        subs = self._subqueries(text, subqueries, decomposer, stats)
+        encode_ms = stats.latency_ms["encode"]
+        words = self._embed_queries(text, subs, mode, stats)
+        stats.latency_ms["encode"] += encode_ms
+        if mode is RetrievalMode.SINGLE:  # one vector per image: the weighted sum scores the weighted mean
+            combined = (1 - image_weight) * words[0] + image_weight * photo[0]
+            return [f"{text} + {labels[0]}"], combined[None, :].astype(np.float32), np.ones(1, np.float32)
+        n = len(words) + len(photo)
+        scales = np.concatenate([np.full(len(words), (1 - image_weight) * n / len(words)),
+                                 np.full(len(photo), image_weight * n / len(photo))]).astype(np.float32)
+        text_labels = [text] if mode is RetrievalMode.SINGLE else subs
+        return text_labels + labels, np.concatenate([words, photo]), scales
+
+    def _photo_queries(self, image: QueryImage, mode: RetrievalMode, stats: SearchStats) -> tuple[list[str], np.ndarray]:
+        """The query photo cut and encoded as an indexed photo is: a label and a vector per stored region."""
+        tick = time.perf_counter()
+        photo = decode_image(image, max_pixels=self.config.max_image_pixels,
+                             name=str(image) if isinstance(image, (str, os.PathLike)) else "query image")
+        tree, crops, _ = self._cut(photo)
+        if mode is RetrievalMode.SINGLE:  # whole photo against whole photos
+            tree, crops = tree.select(tree.levels == Level.GLOBAL), crops[:1]
+        with limit_threads(self.config.search_threads, torch=True):
+            vectors = self._encode_crops(crops)
+        keep = _granularity_keep(tree, vectors, self.config.prune_cosine)
+        tree, vectors = tree.select(keep), vectors[keep]
+        labels = [f"photo {Level(int(level)).name.lower()} {[int(v) for v in box]}"
+                  for level, box in zip(tree.levels, tree.boxes)]
+        stats.latency_ms["encode"] = (time.perf_counter() - tick) * 1000
+        stats.extra["query_photo_regions"] = len(labels)
+        return labels, vectors
 
     def search_vectors(self, vectors: np.ndarray, *, k: int = 10, mode: str | RetrievalMode | None = None,
                        labels: Sequence[str] | None = None, filters: Filters = None,
@@ -778,13 +865,14 @@ class HiMIRIndex:
         """``mode``, or the config's default mode when None (unknown names raise ConfigError)."""
         return parse_mode(self.config.default_mode if mode is None else mode)
 
-    async def asearch(self, query: str, **kwargs: Any) -> SearchResult:
-        """:meth:`search` in a worker thread, so the event loop is not blocked."""
+    async def asearch(self, query: str | None = None, **kwargs: Any) -> SearchResult:
+        """:meth:`search` (text, ``image=`` or both) in a worker thread, so the event loop is not blocked."""
         return await asyncio.to_thread(self.search, query, **kwargs)
 
     def _check_query(self, query: str, k: int) -> int:
         if not isinstance(query, str) or not query.strip():
-            raise ValueError("query is empty; pass a non-empty description of the photo to find")
+            raise ValueError("query is empty; pass a non-empty description of the photo to find, "
+                             "or a query photo as image=")
         if len(query) > self.config.max_query_chars:
             raise ValueError(f"query is {len(query)} characters long, more than max_query_chars="
                              f"{self.config.max_query_chars}; shorten it or raise HiMIRConfig.max_query_chars")
@@ -865,11 +953,13 @@ class HiMIRIndex:
         return vectors
 
     def _search_vectors(self, query: str, subs: list[str], vectors: np.ndarray, *, k: int, mode: RetrievalMode,
-                        filters: Filters, stats: SearchStats, started: float) -> SearchResult:
+                        filters: Filters, stats: SearchStats, started: float,
+                        labels: list[str] | None = None) -> SearchResult:
         tick = time.perf_counter()
+        if labels is None:  # one name per query vector, reported in each hit's regions
+            labels = [query] if mode is RetrievalMode.SINGLE else subs
         if self.store is not None:
-            hits = self._search_store(vectors, subs if mode is not RetrievalMode.SINGLE else [query], k=k, mode=mode,
-                                      filters=filters, stats=stats)
+            hits = self._search_store(vectors, labels, k=k, mode=mode, filters=filters, stats=stats)
             stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
             stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
             return SearchResult(query, tuple(subs), hits, stats)
@@ -886,7 +976,6 @@ class HiMIRIndex:
             scored = score_exhaustive(snapshot, vectors, levels=MODE_LEVELS[mode], allowed=allowed)
             stats.dot_products += scored.dot_products
             stats.images_scored = len(scored.image_ids)
-        labels = [query] if mode is RetrievalMode.SINGLE else subs
         hits = _finite_hits(_hit(snapshot, scored, pos, labels) for pos in top_k(scored.scores, k))
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
@@ -1517,6 +1606,15 @@ def _finite_hits(hits: Iterable[SearchHit]) -> tuple[SearchHit, ...]:
             logger.warning("%s: its score is not a finite number (NaN or infinite vectors); left out of the "
                            "results, re-index the photo", hit.path)
     return tuple(kept)
+
+
+def _unscaled(hits: tuple[SearchHit, ...], scales: np.ndarray) -> tuple[SearchHit, ...]:
+    """``hits`` with each region's similarity divided by its query vector's weight (the plain cosine)."""
+    if np.all(scales == 1.0):
+        return hits
+    return tuple(dataclasses.replace(hit, regions=tuple(
+        dataclasses.replace(match, score=match.score / float(scale)) for match, scale in zip(hit.regions, scales)))
+        for hit in hits)
 
 
 def _hit(snapshot: Snapshot, scored: Any, pos: int, labels: list[str]) -> SearchHit:

@@ -13,6 +13,9 @@ content blocks) for a chat model::
 
     chain = {"context": retriever, "question": RunnablePassthrough()} | image_prompt() | chat_model
 
+:class:`HiMIRImageRetriever` queries by photo: its input is the path of a query photo
+(``HiMIRImageRetriever(index=..., text="on a beach")`` adds text to every photo).
+
 Install with ``pip install 'himir-rag[langchain]'``.
 """
 
@@ -43,6 +46,7 @@ from himir_rag.index import SearchResult
 
 __all__ = [
     "HiMIRRetriever",
+    "HiMIRImageRetriever",
     "documents_to_content_blocks",
     "format_images",
     "image_prompt",
@@ -136,31 +140,74 @@ class HiMIRRetriever(BaseRetriever):
         compile_filter(filters)  # a malformed filter fails before the LLM is called
         return k, mode, filters
 
+    def _query_parts(self, query: str) -> tuple[str | None, str | None, float | None]:
+        """``(text, query photo, image_weight)`` of the retriever's input: here the input is the text."""
+        return query, None, None
+
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 **kwargs: Any) -> list[Document]:
         """Decompose (the LLM as a child run), search, and wrap the hits (blocking)."""
         k, mode, filters = self._options(kwargs)
+        text, image, weight = self._query_parts(query)
         started = time.perf_counter()
         subqueries = self.index.limit_subqueries(shared.decompose(
-            self._decomposer, query, mode=mode, callbacks=run_manager.get_child(),
-            max_chars=self.index.config.max_query_chars))
+            self._decomposer, text, mode=mode, callbacks=run_manager.get_child(),
+            max_chars=self.index.config.max_query_chars, image=image))
         decompose_ms = (time.perf_counter() - started) * 1000
-        result = self.index.search(query, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
-                                                                 filters=filters))
+        result = self.index.search(text, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
+                                                                filters=filters, image=image, image_weight=weight))
         return _documents(self.index, result, decompose_ms)
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
                                        **kwargs: Any) -> list[Document]:
         """Async variant: the LLM's ``ainvoke``, then the search in a worker thread."""
         k, mode, filters = self._options(kwargs)
+        text, image, weight = self._query_parts(query)
         started = time.perf_counter()
         subqueries = self.index.limit_subqueries(await shared.adecompose(
-            self._decomposer, query, mode=mode, callbacks=run_manager.get_child(),
-            max_chars=self.index.config.max_query_chars))
+            self._decomposer, text, mode=mode, callbacks=run_manager.get_child(),
+            max_chars=self.index.config.max_query_chars, image=image))
         decompose_ms = (time.perf_counter() - started) * 1000
-        result = await self.index.asearch(query, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
-                                                                        filters=filters))
+        result = await self.index.asearch(text, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
+                                                                       filters=filters, image=image,
+                                                                       image_weight=weight))
         return _documents(self.index, result, decompose_ms)
+
+
+class HiMIRImageRetriever(HiMIRRetriever):
+    """Query by photo: a :class:`HiMIRRetriever` whose input is the path of a query photo.
+
+    The photo is cut and matched region to region (see ``HiMIRIndex.search``); the
+    fields and call options (``k``, ``filter``, ``mode``) are those of
+    :class:`HiMIRRetriever`.
+
+    Parameters
+    ----------
+    text : str, optional
+        Text matched together with every query photo (decomposed into sub-queries).
+    image_weight : float, default 0.5
+        Share of the score the photo carries when ``text`` is given.
+
+    Raises
+    ------
+    ImageLoadError
+        (at ``invoke``) If the photo cannot be read (a ``ValueError``).
+
+    Example
+    -------
+    >>> by_photo = HiMIRImageRetriever(index="my_index/", k=3)  # doctest: +SKIP
+    >>> by_photo.invoke("query.jpg")[0].metadata["image_path"]  # doctest: +SKIP
+    >>> chain = by_photo | (lambda docs: [d.metadata["file_name"] for d in docs])  # doctest: +SKIP
+    """
+
+    text: str | None = None
+    image_weight: float = 0.5
+
+    def _query_parts(self, query: str) -> tuple[str | None, str | None, float | None]:
+        """``(text, photo path, image_weight)``: the input is the photo's path."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("the input of HiMIRImageRetriever is the path of a query photo; got an empty string")
+        return self.text, query, self.image_weight
 
 
 def _documents(index: Any, result: SearchResult, decompose_ms: float) -> list[Document]:

@@ -1,4 +1,7 @@
-"""LlamaIndex adapter: :class:`HiMIRRetriever`, a ``BaseRetriever`` returning image nodes.
+"""LlamaIndex adapter: :class:`HiMIRRetriever`, a ``MultiModalRetriever`` returning image nodes.
+
+Queries are text, a photo (``QueryBundle.image_path``, or ``image_to_image_retrieve(path)``)
+or both; see ``HiMIRIndex.search`` for how a query photo is matched.
 
 Each ranked photo becomes a ``NodeWithScore`` around an :class:`HiMIRImageNode` (an
 ``ImageNode``): ``image_path`` points at the photo (or its thumbnail), ``id_`` is the
@@ -36,9 +39,10 @@ from PIL import Image
 
 try:
     import llama_index.core.instrumentation as instrument
-    from llama_index.core.base.base_retriever import BaseRetriever
+    from llama_index.core.base.base_multi_modal_retriever import MultiModalRetriever
     from llama_index.core.base.llms.types import ImageBlock, TextBlock
     from llama_index.core.callbacks import CallbackManager
+    from llama_index.core.image_retriever import BaseImageRetriever
     from llama_index.core.instrumentation.events import BaseEvent
     from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
     from llama_index.core.prompts.mixin import PromptDictType
@@ -223,8 +227,14 @@ def _template_text(prompt: str | BasePromptTemplate) -> str:
     return text
 
 
-class HiMIRRetriever(BaseRetriever):
+class HiMIRRetriever(MultiModalRetriever):
     """LlamaIndex retriever over a :class:`~himir_rag.index.HiMIRIndex` of photos.
+
+    ``retrieve`` takes text, or a ``QueryBundle`` whose ``image_path`` is a query photo
+    (with or without ``query_str``: photo and text are then matched together). The
+    ``MultiModalRetriever`` methods: ``text_to_image_retrieve`` (text only),
+    ``image_to_image_retrieve`` (a photo path or bundle) and their async forms;
+    ``text_retrieve`` returns ``[]``, as the index holds photos and no text nodes.
 
     Parameters
     ----------
@@ -339,50 +349,88 @@ class HiMIRRetriever(BaseRetriever):
 
     # -- retrieval --------------------------------------------------------------------------
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        """Decompose, search, and build the nodes (blocking)."""
-        query = query_bundle.query_str
+        """Decompose, search (text, ``image_path`` or both), and build the nodes (blocking)."""
+        query, image = query_bundle.query_str, query_bundle.image_path
         started = time.perf_counter()
-        subqueries = self._decompose(query)
+        subqueries = self._decompose(query, image)
         decompose_ms = (time.perf_counter() - started) * 1000
-        return self._finish(self._search(query, subqueries), decompose_ms)
+        return self._finish(self._search(query, subqueries, image), decompose_ms)
 
     @dispatcher.span
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         """Async retrieval: the LLM's async API, then the search and crops in worker threads."""
-        query = query_bundle.query_str
+        query, image = query_bundle.query_str, query_bundle.image_path
         started = time.perf_counter()
-        subqueries = await self._adecompose(query)
+        subqueries = await self._adecompose(query, image)
         decompose_ms = (time.perf_counter() - started) * 1000
-        result = await self._asearch(query, subqueries)
+        result = await self._asearch(query, subqueries, image)
         if self.return_region_nodes:
             return await asyncio.to_thread(self._finish, result, decompose_ms)
         return self._finish(result, decompose_ms)
 
+    # -- MultiModalRetriever ----------------------------------------------------------------
+    def text_retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        """Text nodes for a text query: none, the index holds photos only (``[]``)."""
+        return []
+
+    async def atext_retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        """Async :meth:`text_retrieve` (``[]``)."""
+        return []
+
+    def text_to_image_retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        """Photos for a text (a bundle's ``image_path``, if any, is not used)."""
+        return BaseImageRetriever.text_to_image_retrieve(self, str_or_query_bundle)
+
+    async def atext_to_image_retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        """Async :meth:`text_to_image_retrieve`."""
+        return await BaseImageRetriever.atext_to_image_retrieve(self, str_or_query_bundle)
+
+    def image_to_image_retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        """Photos like a query photo: its path, or a bundle's ``image_path`` (with its ``query_str`` when set)."""
+        return BaseImageRetriever.image_to_image_retrieve(self, str_or_query_bundle)
+
+    async def aimage_to_image_retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        """Async :meth:`image_to_image_retrieve`."""
+        return await BaseImageRetriever.aimage_to_image_retrieve(self, str_or_query_bundle)
+
+    def _text_to_image_retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return self.retrieve(QueryBundle(query_str=query_bundle.query_str))
+
+    async def _atext_to_image_retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return await self.aretrieve(QueryBundle(query_str=query_bundle.query_str))
+
+    def _image_to_image_retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return self.retrieve(_with_photo(query_bundle))
+
+    async def _aimage_to_image_retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return await self.aretrieve(_with_photo(query_bundle))
+
     @dispatcher.span
-    def _decompose(self, query: str) -> list[str]:
+    def _decompose(self, query: str, image: str | None = None) -> list[str]:
         """Sub-queries of ``query`` (span: decomposition, with the LLM call nested)."""
         return self.index.limit_subqueries(shared.decompose(self._decomposer, query, mode=self.mode,
-                                                            max_chars=self.index.config.max_query_chars))
+                                                            max_chars=self.index.config.max_query_chars,
+                                                            image=image))
 
     @dispatcher.span
-    async def _adecompose(self, query: str) -> list[str]:
+    async def _adecompose(self, query: str, image: str | None = None) -> list[str]:
         """Async variant of :meth:`_decompose` (``adecompose``: the LLM's ``acomplete``)."""
         return self.index.limit_subqueries(await shared.adecompose(
-            self._decomposer, query, mode=self.mode, max_chars=self.index.config.max_query_chars))
+            self._decomposer, query, mode=self.mode, max_chars=self.index.config.max_query_chars, image=image))
 
-    def _search_kwargs(self, subqueries: list[str]) -> dict[str, Any]:
+    def _search_kwargs(self, subqueries: list[str], image: str | None = None) -> dict[str, Any]:
         return shared.search_kwargs(k=self.similarity_top_k, mode=self.mode, subqueries=subqueries,
-                                    filters=self._core_filters)
+                                    filters=self._core_filters, image=image)
 
     @dispatcher.span
-    def _search(self, query: str, subqueries: list[str]) -> SearchResult:
-        """Encode the sub-queries and run the matching (span: encoding + scheduling)."""
-        return self.index.search(query, **self._search_kwargs(subqueries))
+    def _search(self, query: str, subqueries: list[str], image: str | None = None) -> SearchResult:
+        """Encode the sub-queries (and the query photo) and run the matching (span: encoding + scheduling)."""
+        return self.index.search(query, **self._search_kwargs(subqueries, image))
 
     @dispatcher.span
-    async def _asearch(self, query: str, subqueries: list[str]) -> SearchResult:
+    async def _asearch(self, query: str, subqueries: list[str], image: str | None = None) -> SearchResult:
         """Async variant of :meth:`_search` (in a worker thread, the event loop stays free)."""
-        return await self.index.asearch(query, **self._search_kwargs(subqueries))
+        return await self.index.asearch(query, **self._search_kwargs(subqueries, image))
 
     def _finish(self, result: SearchResult, decompose_ms: float) -> list[NodeWithScore]:
         shared.record_decompose_latency(result, decompose_ms)
@@ -432,6 +480,14 @@ class HiMIRRetriever(BaseRetriever):
                               image_mimetype=mime, metadata=metadata, excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
                               excluded_embed_metadata_keys=list(_HIDDEN_KEYS),
                               relationships={NodeRelationship.PARENT: RelatedNodeInfo(node_id=shared.photo_id(hit))})
+
+
+def _with_photo(query_bundle: QueryBundle) -> QueryBundle:
+    """``query_bundle`` checked to hold a query photo (``image_path``)."""
+    if not query_bundle.image_path:
+        raise ValueError("image_to_image_retrieve needs a query photo: pass its path, or a QueryBundle "
+                         "with image_path set")
+    return query_bundle
 
 
 def _photo_node(shown: shared.ShownPhoto, result: SearchResult) -> HiMIRImageNode:

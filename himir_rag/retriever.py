@@ -8,8 +8,12 @@ into its framework's type with :func:`photo_text`, :func:`photo_id` and :func:`h
 What identifies a photo's node / document (its id, text and hence LlamaIndex's ``hash``)
 depends only on the photo, never on the query: fusing two retrievers
 (``QueryFusionRetriever``, ``EnsembleRetriever``) then merges the same photo into one
-entry. The per-query parts (score, sub-queries, matched regions) are metadata, rendered
-for the chat model by :func:`match_text`.
+entry. The per-query parts (score, sub-queries, matched regions, the query photo) are
+metadata, rendered for the chat model by :func:`match_text`.
+
+A query photo (``image=``) passes through :func:`decompose` (nothing to split when there
+is no text) and :func:`search_kwargs` to ``index.search``. :func:`result_json` is the JSON
+object of one search, printed by ``himir search --json`` and returned by ``himir serve``.
 
 Metadata keys written by the adapters (they take precedence over user metadata with the
 same name, which is logged once per key):
@@ -24,7 +28,9 @@ same name, which is logged once per key):
 ``mime_type``      of the image as sent: ``"image/jpeg"`` for JPEG files, else ``"image/png"``
 ``width``          width in pixels (displayed orientation)
 ``height``         height in pixels
-``query``          the query that retrieved the photo
+``query``          the query that retrieved the photo (``""`` for a photo without text)
+``query_image``    the query photo's name (its path, or ``"query image"`` for bytes / PIL
+                   input); photo queries only
 ``score``          image score (mean over sub-queries of the best region similarity)
 ``subqueries``     the sub-queries matched
 ``regions``        one dict per sub-query: ``subquery``, ``level``, ``bbox`` ``[x0, y0, x1, y1]``,
@@ -77,6 +83,7 @@ __all__ = [
     "hit_metadata",
     "region_dict",
     "stats_dict",
+    "result_json",
     "image_mime_type",
     "image_to_base64",
     "file_to_base64",
@@ -85,7 +92,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HIMIR_METADATA_KEYS = ("image_path", "image_source", "photo_path", "image_key", "file_name", "mime_type", "width",
-                       "height", "query", "score", "subqueries", "regions", "search_stats")
+                       "height", "query", "query_image", "score", "subqueries", "regions", "search_stats")
 IMAGE_MAX_SIDE = 1024  # longer side of photos sent to a chat model by default (downscaled, re-encoded)
 DOC_ID_KEY = "doc_id"  # where HiMIRIndex.add keeps a framework document's id (himir_rag.documents)
 _warned_collisions: set[str] = set()
@@ -173,24 +180,36 @@ def _is_single(mode: str | None) -> bool:
     return mode == RetrievalMode.SINGLE.value
 
 
-def decompose(decomposer: QueryDecomposer, query: str, *, mode: str | None = None,
-              callbacks: Any = None, max_chars: int | None = None) -> list[str]:
+def _photo_only(query: Any, image: Any) -> bool:
+    """A query photo and no text: there is nothing to decompose."""
+    return image is not None and (query is None or (isinstance(query, str) and not query.strip()))
+
+
+def decompose(decomposer: QueryDecomposer, query: str | None, *, mode: str | None = None,
+              callbacks: Any = None, max_chars: int | None = None, image: Any = None) -> list[str]:
     """Sub-queries of ``query``; ``[query]`` without a model call in ``single`` mode.
+
+    With a query photo (``image``) and no text, there is nothing to split: ``[]``.
 
     Raises
     ------
     ValueError
-        If ``query`` is empty or longer than ``max_chars`` (checked before any model call).
+        If ``query`` is empty (and no ``image`` is given) or longer than ``max_chars``
+        (checked before any model call).
     """
+    if _photo_only(query, image):
+        return []
     _check_query(query, max_chars)
     if _is_single(mode):
         return [query]
     return decompose_query(decomposer, query, callbacks=callbacks)
 
 
-async def adecompose(decomposer: QueryDecomposer, query: str, *, mode: str | None = None,
-                     callbacks: Any = None, max_chars: int | None = None) -> list[str]:
+async def adecompose(decomposer: QueryDecomposer, query: str | None, *, mode: str | None = None,
+                     callbacks: Any = None, max_chars: int | None = None, image: Any = None) -> list[str]:
     """Async variant of :func:`decompose` (the decomposer's ``adecompose``)."""
+    if _photo_only(query, image):
+        return []
     _check_query(query, max_chars)
     if _is_single(mode):
         return [query]
@@ -209,11 +228,20 @@ def record_decompose_latency(result: SearchResult, decompose_ms: float) -> None:
     latency["decompose"] = decompose_ms
 
 
-def search_kwargs(*, k: int, mode: str | None, subqueries: list[str], filters: Any) -> dict[str, Any]:
-    """Keyword arguments of ``index.search``; ``mode=None`` keeps the index's default."""
+def search_kwargs(*, k: int, mode: str | None, subqueries: list[str], filters: Any, image: Any = None,
+                  image_weight: float | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``index.search``; ``mode=None`` keeps the index's default.
+
+    ``image`` (a query photo: path, bytes or PIL image) and ``image_weight`` are passed
+    only when given, so a text query calls ``search`` exactly as before.
+    """
     kwargs: dict[str, Any] = {"k": k, "subqueries": subqueries, "filters": filters}
     if mode is not None:
         kwargs["mode"] = mode
+    if image is not None:
+        kwargs["image"] = image
+        if image_weight is not None:
+            kwargs["image_weight"] = image_weight
     return kwargs
 
 
@@ -265,20 +293,29 @@ def photo_text(hit: SearchHit, *, with_metadata: bool = False) -> str:
 
 
 def match_text(metadata: Mapping[str, Any]) -> str:
-    """Why a photo matched, from its node's / document's metadata (``query``, ``score``, ``regions``).
+    """Why a photo matched, from its node's / document's metadata (``query``, ``query_image``, ``score``...).
 
     Example
     -------
-    ``Matches "a dog on a beach" with score 0.812.``
+    ``Matches "a dog on a beach" with score 0.812.`` (for a photo query:
+    ``Matches the query photo "horse.jpg" with score 0.93.``)
     ``- "a dog": region (120, 40, 380, 300), similarity 0.910``
     """
     if "score" not in metadata:
         return ""
-    lines = [f'Matches "{metadata.get("query", "")}" with score {float(metadata["score"]):.3f}.']
+    words = _query_words(str(metadata.get("query", "")), metadata.get("query_image"))
+    lines = [f"Matches {words} with score {float(metadata['score']):.3f}."]
     for region in metadata.get("regions") or []:
         match = RegionMatch(region["subquery"], region["level"], tuple(region["bbox"]), region["similarity"])
         lines.append(_region_line(match))
     return "\n".join(lines)
+
+
+def _query_words(query: str, image: str | None) -> str:
+    if image is None:
+        return f'"{query}"'
+    photo = f'the query photo "{Path(image).name}"'
+    return f'"{query}" and {photo}' if query.strip() else photo
 
 
 def _region_line(region: RegionMatch) -> str:
@@ -312,11 +349,55 @@ def _json_ready(value: Any) -> Any:
     return str(value)
 
 
+def _image_fields(index: HiMIRIndex | None, image_id: int) -> dict[str, Any]:
+    """``image``: the file to show (the photo, or its thumbnail when it is gone or refused; null if neither),
+    ``image_source`` and ``thumbnail`` (the saved thumbnail or null); nothing without an index."""
+    if index is None or image_id not in index.snapshot.images:
+        return {}
+    shown = index.image_file(image_id)
+    thumbnail = index.thumbnail_path(image_id)
+    return {"image": None if shown is None else str(shown[0]), "image_source": None if shown is None else shown[1],
+            "thumbnail": None if thumbnail is None else str(thumbnail)}
+
+
+def result_json(result: SearchResult, query_id: Any = None, *, index: HiMIRIndex | None = None) -> dict[str, Any]:
+    """The JSON object of one search, as ``himir search --json`` prints it and ``himir serve`` returns it.
+
+    ``{"id"?, "query", "image"?, "subqueries", "results": [{"path", "image"?, "image_source"?,
+    "thumbnail"?, "score", "image_id", "width", "height", "metadata", "regions": [{"subquery",
+    "level", "bbox", "score"}]}], "stats": {"mode", "dot_products", "latency_ms",
+    "latency_breakdown_ms", ...extra}}``; ``id`` only when ``query_id`` is given, the top-level
+    ``image`` (the query photo) only for a photo query, and each result's ``image`` (the file
+    to show: the photo, or its thumbnail when the photo is gone or refused; null if neither),
+    ``image_source`` and ``thumbnail`` only when ``index`` is given.
+    """
+    payload: dict[str, Any] = {} if query_id is None else {"id": query_id}
+    payload["query"] = result.query
+    if result.image is not None:
+        payload["image"] = result.image
+    payload.update({
+        "subqueries": list(result.subqueries),
+        "results": [
+            {"path": hit.path, **_image_fields(index, hit.image_id), "score": round(hit.score, 6),
+             "image_id": hit.image_id, "width": int(hit.width), "height": int(hit.height), "metadata": hit.metadata,
+             "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6)}
+                         for m in hit.regions]}
+            for hit in result.hits
+        ],
+        "stats": {"mode": result.stats.mode, "dot_products": int(result.stats.dot_products),
+                  "latency_ms": round(result.stats.latency_ms.get("total", 0.0), 3),
+                  "latency_breakdown_ms": {k: round(v, 3) for k, v in result.stats.latency_ms.items()},
+                  **_json_ready(result.stats.extra)},
+    })
+    return payload
+
+
 def hit_metadata(hit: SearchHit, result: SearchResult, *, image_path: str | None = None,
                  image_source: str = "original") -> dict[str, Any]:
     """User metadata of ``hit`` plus the HiMIR keys (see module docstring); HiMIR keys win.
 
-    ``image_path`` is the file to show (default: the photo itself).
+    ``image_path`` is the file to show (default: the photo itself); ``query_image`` is
+    added only for a photo query.
     """
     shown = image_path or hit.path
     himir = {
@@ -326,6 +407,8 @@ def hit_metadata(hit: SearchHit, result: SearchResult, *, image_path: str | None
         "subqueries": list(result.subqueries),
         "regions": [region_dict(r) for r in hit.regions], "search_stats": stats_dict(result.stats),
     }
+    if result.image is not None:
+        himir["query_image"] = result.image
     for key in himir.keys() & hit.metadata.keys():
         if key not in _warned_collisions:
             _warned_collisions.add(key)

@@ -134,3 +134,18 @@ def make_store(kind: str, dim: int, folder: Path):
 def store_kind(request) -> str:
     """Runs a test once per store backend (the same retrieval contract for each)."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def demo_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """The demo photos indexed with the real offline encoder, saved: (index dir, {stem: photo}).
+
+    Built once per session (~30 s) for the photo-query and ``himir serve`` tests.
+    """
+    from himir_rag.demo import write_demo_photos
+    from himir_rag.index import HiMIRIndex
+
+    root = tmp_path_factory.mktemp("demo-index")
+    photos = {p.stem: p for p in write_demo_photos(root / "photos")}
+    HiMIRIndex.build(root / "photos", encoder="offline", progress=False).save(root / "index")
+    return root / "index", photos

@@ -26,6 +26,9 @@ EXPECTED_OUTPUT = {
     "02_llamaindex_qa.ipynb": ["OFFLINE STAND-IN", "best match is scene_cat_and_coffee.jpg"],
     "03_langchain_chain.ipynb": ["OFFLINE STAND-IN", "best match is scene_cat_and_coffee.jpg"],
     "04_tuning.ipynb": ["trials in", "chosen", "fewer dot products than mvr"],
+    "05_query_by_photo.ipynb": ["central 80 % crop", "scene_rocket_and_motorcycle.jpg at rank 1",
+                                "with text and photo the best match is scene_cat_and_coffee.jpg",
+                                "LangChain HiMIRImageRetriever"],
 }
 
 
