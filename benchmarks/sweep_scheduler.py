@@ -16,6 +16,10 @@ planted queries instead: ``--range A:B`` picks them (tune on 0:100, report on 10
 skipped, and the median search time is printed too (indicative: one process, no warm-up)::
 
     python benchmarks/sweep_scheduler.py /tmp/s100k --range 0:100 '{}' '{"pq_error_quantile": 1.0}'
+
+``--stages`` adds one row per pruning stage of the pass, switched off (or on, for the ones
+off by default): what each stage saves and what it costs in Recall@10 (``ms`` is the mean
+search time of a setting: indicative, one process).
 """
 
 from __future__ import annotations
@@ -32,7 +36,18 @@ from himir_rag.decompose import RuleDecomposer
 
 
 _COUNTERS = ("candidates", "candidate_dot_products", "coarse_dot_products", "segments_visited",
-             "images_pruned")
+             "images_pruned", "levels_skipped")
+
+# --stages: each pruning stage of the pass switched off (or, for the ones off by default, on),
+# so each one's savings and recall cost show against the defaults
+STAGES = {
+    "defaults": {},
+    "no candidate generation (every image scored)": {"candidate_k": -1},
+    "no ANN caps on segment bounds": {"ann_bound": False},
+    "no segment bounds, no image pruning": {"ann_bound": False, "bound_scale": 1e6},
+    "consistency depth skipping on (overlap 0.8)": {"consistency_overlap": 0.8},
+    "hierarchy sparsity on (margin 0.1)": {"sparsity_margin": 0.1},
+}
 
 
 def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
@@ -49,11 +64,13 @@ def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
     base = index.config
     rows = []
     for name, mode, scheduler in [("mvr", "mvr", {}), ("himir-full", "himir-full", {}),
-                                  *[(s, "himir", json.loads(s)) for s in settings]]:
+                                  *[(s, "himir", _setting(s)) for s in settings]]:
         index.set_config(base.replace(scheduler=scheduler))
         recall, dots, extra = [], [], {}
         for query_id, vectors in work:
+            tick = time.perf_counter()
             result = index.search_vectors(vectors, k=k, mode=mode)
+            extra.setdefault("ms", []).append(1000 * (time.perf_counter() - tick))
             found = {hit.path for hit in result.hits}
             recall.append(len(found & qrels[query_id]) / len(qrels[query_id]))
             dots.append(result.stats.dot_products)
@@ -88,7 +105,7 @@ def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 1
     base = index.config
     print(f"{'setting':60s} Recall@{k}  vs-full  mean dots  p50 ms")
     for setting in settings:
-        index.set_config(base.replace(scheduler=json.loads(setting)))
+        index.set_config(base.replace(scheduler=_setting(setting)))
         index.search_vectors(planted[0].subquery_vectors, k=k)  # builds stores the setting asks for
         recall, agree, dots, times, extra = [], [], [], [], {}
         for q in planted:
@@ -106,8 +123,15 @@ def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 1
               f"{1000 * np.median(times):7.1f}  {counters}")
 
 
+def _setting(name: str) -> dict:
+    """A JSON setting, or the name of a --stages row."""
+    return dict(STAGES[name]) if name in STAGES else json.loads(name)
+
+
 if __name__ == "__main__":
     args = sys.argv[2:]
+    if "--stages" in args:
+        args = [a for a in args if a != "--stages"] + list(STAGES)
     if (Path(sys.argv[1]) / "collection.json").is_file():
         chosen = "0:100"
         if args[:1] == ["--range"]:
