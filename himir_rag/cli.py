@@ -424,7 +424,7 @@ def serve_command(
     _setup_logging(verbose)
     _set_offline(offline)
     try:
-        from himir_rag.server import serve
+        from himir_rag.serve import serve
 
         mode = "read-write" if allow_writes else "read-only"
         typer.echo(f"himir serve: loading {index_dir}; then http://{host}:{port}/ ({mode})", err=True)

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from himir_rag.index import HiMIRIndex  # noqa: E402
 from himir_rag.retriever import result_json  # noqa: E402
-from himir_rag.server import create_app  # noqa: E402
+from himir_rag.serve import create_app  # noqa: E402
 from tests.conftest import ColorEncoder, make_scene  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
