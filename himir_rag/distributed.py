@@ -25,7 +25,7 @@ from himir_rag.hierarchy import RegionTree
 if TYPE_CHECKING:  # pragma: no cover
     from himir_rag.index import BuildReport, HiMIRIndex, MetadataSource, _Prepared
 
-__all__ = ["encode_with_ray"]
+__all__ = ["encode_with_ray", "actor_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,18 @@ def _unpack(path: str, payload: bytes, replaces: int | None, metadata: MetadataS
     return _Prepared(record, tree, [], replaces), vectors
 
 
+def actor_count(resources: dict[str, float], *, actors: int | None, gpus_per_actor: float) -> int:
+    """Encoder actors for a cluster with ``resources``: ``actors`` when given, else one per GPU
+    share (GPU clusters) or one per 2 CPUs; always at least 1."""
+    if actors is not None:
+        if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
+            raise ValueError(f"actors must be an int >= 1, got {actors!r}")
+        return actors
+    if gpus_per_actor:
+        return max(1, int(resources.get("GPU", 0) / gpus_per_actor))
+    return max(1, int(resources.get("CPU", 2)) // 2)
+
+
 def encode_with_ray(index: HiMIRIndex, paths: list[tuple[Path, int | None]], *, metadata: MetadataSource,
                     report: BuildReport, address: str, chunk_images: int = 16, actors: int | None = None,
                     gpus_per_actor: float | None = None) -> Iterator[tuple[int, list[tuple[_Prepared, np.ndarray]]]]:
@@ -125,7 +137,7 @@ def encode_with_ray(index: HiMIRIndex, paths: list[tuple[Path, int | None]], *, 
     _connect(address)
     resources = ray.cluster_resources()
     gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
-    n_actors = actors or max(1, int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 2)) // 2)
+    n_actors = actor_count(resources, actors=actors, gpus_per_actor=gpus)
     encoder = index.encoder_spec if index._encoder is None else index._encoder
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # commit in input order, like a local build

@@ -136,6 +136,20 @@ def test_ray_build_equals_single_process(scene_dir):
     assert ranking(local.search("green", k=3)) == ranking(distributed.search("green", k=3))
 
 
+def test_ray_actor_count_honours_actors_and_small_clusters():
+    from himir_rag.distributed import actor_count
+
+    # the old expression ignored `actors` on CPU clusters and gave 0 actors on a 1-CPU cluster
+    assert actor_count({"CPU": 8.0}, actors=3, gpus_per_actor=0.0) == 3
+    assert actor_count({"CPU": 1.0}, actors=None, gpus_per_actor=0.0) == 1
+    assert actor_count({"CPU": 8.0}, actors=None, gpus_per_actor=0.0) == 4
+    assert actor_count({"CPU": 8.0, "GPU": 2.0}, actors=None, gpus_per_actor=1.0) == 2
+    assert actor_count({"CPU": 8.0, "GPU": 2.0}, actors=None, gpus_per_actor=0.5) == 4
+    assert actor_count({"CPU": 8.0, "GPU": 2.0}, actors=5, gpus_per_actor=1.0) == 5
+    with pytest.raises(ValueError, match="actors"):
+        actor_count({"CPU": 8.0}, actors=0, gpus_per_actor=0.0)
+
+
 def test_cli_index_into_qdrant(tmp_path):
     from himir_rag.cli import app
     from himir_rag.demo import write_demo_photos
