@@ -136,3 +136,15 @@ def test_imagenet_class_names_shipped():
 
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench" and names[285] == "Egyptian cat"
+
+
+def test_device_auto_works_for_the_offline_encoder_and_cuda_without_gpu_is_one_line(offline_encoder):
+    from himir_rag.encoders.offline import OfflineEncoder
+
+    auto = OfflineEncoder(device="auto")  # the CLI offers --device auto for every encoder
+    assert auto.device == ("cuda" if _has_cuda() else "cpu")
+    vectors = auto.embed_texts(["a cat"])
+    np.testing.assert_allclose(vectors, offline_encoder.embed_texts(["a cat"]), atol=1e-5)
+    if not _has_cuda():
+        with pytest.raises(EncoderUnavailableError, match="no CUDA device"):
+            OfflineEncoder(device="cuda")

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-__all__ = ["Encoder", "l2_normalize"]
+__all__ = ["Encoder", "l2_normalize", "resolve_device"]
 
 
 @runtime_checkable
@@ -39,3 +39,19 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"``/None -> ``"cuda"`` when torch sees one, else ``"cpu"``; a ``cuda`` request without
+    CUDA raises :class:`~himir_rag.errors.EncoderUnavailableError` (one line)."""
+    if device == "cpu":
+        return device  # no torch import for the common case
+    import torch
+
+    from himir_rag.errors import EncoderUnavailableError
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderUnavailableError(f"device {device!r} was asked for but torch sees no CUDA device; use --device cpu")
+    return device

