@@ -38,6 +38,10 @@ def _set_offline(offline: bool) -> None:
 
 
 _OFFLINE_HELP = "Never download models (as HF_HUB_OFFLINE=1); clip: models then come from the HF cache or a folder."
+# options several commands share (typer reads an option's settings from its default)
+_DEVICE = typer.Option("cpu", help="cpu | cuda | auto")
+_OFFLINE = typer.Option(False, "--offline", help=_OFFLINE_HELP)
+_VERBOSE = typer.Option(False, "--verbose", "-v")
 
 
 # expected failures: one `error: ...` line and exit 1, never a traceback
@@ -67,7 +71,7 @@ def index_command(
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
     decomposer: str = typer.Option("grid", help="Image decomposer: grid | segments."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per encoder batch."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    device: str = _DEVICE,
     prune_cosine: Optional[float] = typer.Option(None, help="Drop segments this similar to their parent (0-1)."),
     precision: str = typer.Option("float16", help="Stored vector type of a new index: float16 (default, half the size) | float32."),
     checkpoint_every: int = typer.Option(256, min=1, help="Save the index every N images (resumable)."),
@@ -88,9 +92,9 @@ def index_command(
         help="Also index (and show) photos whose real path is outside the folder [default: no; kept per index]."),
     thumbnails: bool = typer.Option(False, "--thumbnails", help="Keep 256-px JPEG thumbnails in the index "
                                     "(results still show images when the originals are gone)."),
-    offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
+    offline: bool = _OFFLINE,
     wait: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--wait", min=0, help=_WAIT_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Index a photo folder. Re-running indexes only new or changed files."""
     _setup_logging(verbose)
@@ -223,9 +227,9 @@ def search_command(
                                        "when QUERY is given too (0-1, exclusive)."),
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
     decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    device: str = _DEVICE,
+    offline: bool = _OFFLINE,
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Search an index with one query (text, --image PHOTO or both), or a JSONL file of queries (model loaded once)."""
     _setup_logging(verbose)
@@ -362,7 +366,7 @@ def _is_unicode(text: str) -> bool:
 def relocate_command(
     index_dir: Path = typer.Argument(..., help="Index directory."),
     root: Path = typer.Option(..., "--root", help="The photo folder's new location."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Point an index at its moved photo folder (photos are stored relative to the folder)."""
     _setup_logging(verbose)
@@ -384,7 +388,7 @@ def relocate_command(
 def demo_command(
     out: Path = typer.Option(Path("himir-demo"), help="Folder for the photos, the index and the picture."),
     k: int = typer.Option(3, "-k", help="Photos per question."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Index bundled sample photos (no download), answer example questions, draw the matches."""
     _setup_logging(verbose)
@@ -416,9 +420,9 @@ def serve_command(
     allow_writes: bool = typer.Option(False, "--allow-writes", help="Enable POST /api/index (add photos from a "
                                       "server-side path); read-only otherwise."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest query photo accepted."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    offline: bool = typer.Option(False, "--offline", help=_OFFLINE_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    device: str = _DEVICE,
+    offline: bool = _OFFLINE,
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Serve an index over HTTP (JSON API + a search page), models loaded once. Needs the [serve] extra."""
     _setup_logging(verbose)
@@ -446,7 +450,7 @@ def tune_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Report only; do not write the config."),
     wait: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--wait", min=0, help=_WAIT_HELP),
     as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _VERBOSE,
 ) -> None:
     """Tune the scheduler for the best Recall@k (or agreement with himir-full) under a budget."""
     _setup_logging(verbose)
