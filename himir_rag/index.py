@@ -810,6 +810,7 @@ class HiMIRIndex:
 
     def _photo_queries(self, image: QueryImage, mode: RetrievalMode, stats: SearchStats) -> tuple[list[str], np.ndarray]:
         """The query photo cut and encoded as an indexed photo is: a label and a vector per stored region."""
+        self._load_models(stats)
         tick = time.perf_counter()
         photo = decode_image(image, max_pixels=self.config.max_image_pixels,
                              name=str(image) if isinstance(image, (str, os.PathLike)) else "query image")
@@ -944,7 +945,19 @@ class HiMIRIndex:
                            len(subs), limit, limit)
         return subs[:limit]
 
+    def _load_models(self, stats: SearchStats) -> None:
+        """Build and load the encoder's models if this is their first use, timed as ``load_models``
+        (not as the first query's ``encode``)."""
+        if self._encoder is not None and getattr(self._encoder, "loaded", True):
+            return
+        tick = time.perf_counter()
+        load = getattr(self.encoder, "load", None)  # the offline encoder loads lazily; CLIP when built
+        if callable(load):
+            load()
+        stats.latency_ms["load_models"] = (time.perf_counter() - tick) * 1000
+
     def _embed_queries(self, query: str, subs: list[str], mode: RetrievalMode, stats: SearchStats) -> np.ndarray:
+        self._load_models(stats)
         tick = time.perf_counter()
         with limit_threads(self.config.search_threads, torch=True):
             vectors = self.encoder.embed_texts([query] if mode is RetrievalMode.SINGLE else subs)

@@ -299,3 +299,12 @@ def test_cli_text_and_photo_together_and_errors(demo_index, tmp_path: Path) -> N
     assert result.exit_code == 1 and "not both" in result.stderr
     result = CliRunner().invoke(app, ["search", str(index_dir), "--image", str(photos["cat"]), "-k", "1"])
     assert result.exit_code == 0 and result.stdout.startswith(f"query photo: {photos['cat']}")
+
+
+def test_model_loading_is_reported_apart_from_the_first_query_encoding(demo_index):
+    index_dir, _ = demo_index
+    index = HiMIRIndex.load(index_dir)  # the encoder is built and loaded on first use
+    first = index.search("a cat", k=3)
+    second = index.search("a dog", k=3)
+    assert "load_models" in first.stats.latency_ms and "load_models" not in second.stats.latency_ms
+    assert first.stats.latency_ms["load_models"] >= 0 and first.stats.latency_ms["encode"] >= 0

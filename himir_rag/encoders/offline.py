@@ -77,6 +77,15 @@ class OfflineEncoder:
         """Side in pixels of the classifier's square input."""
         return _VARIANTS[self.variant][3]
 
+    @property
+    def loaded(self) -> bool:
+        """True once the models are in memory (they load on first use, or with :meth:`load`)."""
+        return self._class_embeddings is not None
+
+    def load(self) -> None:
+        """Load the classifier, the sentence model and the class-prompt embeddings now."""
+        self._ensure_loaded()
+
     def _ensure_loaded(self) -> None:
         if self._class_embeddings is None:
             self._classifier, self._sentence_model, self._class_embeddings = _shared_models(self.variant, self.device)
