@@ -469,24 +469,6 @@ class HiMIRIndex:
             for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images), self._prepare_chunk, metadata, report):
                 yield n_files, self._encode_chunk(chunk, report)
 
-    def _prepare_chunk(self, chunk: list[tuple[Path, int | None]], metadata: MetadataSource,
-                       report: BuildReport) -> tuple[int, list[PreparedPhoto]]:
-        """The photos of ``chunk`` prepared; the files to skip (see :func:`prepare_or_skip`) go to the report."""
-        prepared = []
-        for path, replaces in chunk:
-            photo = prepare_or_skip(path, replaces, metadata, decomposer=self._decomposer, config=self.config)
-            if isinstance(photo, str):
-                report.skipped.append((str(path), photo))
-            else:
-                prepared.append(photo)
-        return len(chunk), prepared
-
-    def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport) -> list[tuple[PreparedPhoto, np.ndarray]]:
-        encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size)
-        report.crops_encoded += sum(len(item.crops) for item in chunk)
-        report.skipped.extend(skipped)
-        return encoded
-
     def _record_skipped(self, report: BuildReport) -> None:
         """Merge the report's skipped files into :attr:`skipped`; earlier entries indexed since are dropped."""
         with self._write_lock:
@@ -606,6 +588,24 @@ class HiMIRIndex:
                 self._snapshot = self.snapshot.with_records(changed)
                 self._dirty = True
         return len(changed)
+
+    def _prepare_chunk(self, chunk: list[tuple[Path, int | None]], metadata: MetadataSource,
+                       report: BuildReport) -> tuple[int, list[PreparedPhoto]]:
+        """The photos of ``chunk`` prepared; the files to skip (see :func:`prepare_or_skip`) go to the report."""
+        prepared = []
+        for path, replaces in chunk:
+            photo = prepare_or_skip(path, replaces, metadata, decomposer=self._decomposer, config=self.config)
+            if isinstance(photo, str):
+                report.skipped.append((str(path), photo))
+            else:
+                prepared.append(photo)
+        return len(chunk), prepared
+
+    def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport) -> list[tuple[PreparedPhoto, np.ndarray]]:
+        encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size)
+        report.crops_encoded += sum(len(item.crops) for item in chunk)
+        report.skipped.extend(skipped)
+        return encoded
 
     def _commit(self, encoded: list[tuple[PreparedPhoto, np.ndarray]], report: BuildReport) -> None:
         records, trees, vectors, replaced = [], [], [], set()

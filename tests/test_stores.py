@@ -173,7 +173,8 @@ def test_ray_actor_skips_as_a_local_build_and_keeps_payloads_aligned(scene_dir, 
     assert out["error"][3] == "the encoder returned NaN or infinite values"
     for i in (0, 4):
         prepared, vectors = _unpack(paths[i], out["payload"][i], None, None)
-        tree, crops, _ = ingest.cut(real(Path(paths[i])), actor.decomposer, min_region_frac=actor.config.min_region_frac)
+        photo = real(Path(paths[i]))
+        tree, crops, _ = ingest.cut(photo, actor.decomposer, min_region_frac=actor.config.min_region_frac)
         np.testing.assert_array_equal(prepared.tree.boxes, tree.boxes)
         np.testing.assert_array_equal(vectors, ColorEncoder().embed_images(crops))
 
