@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from himir_rag.catalog import ImageRecord
-from himir_rag.errors import ImageLoadError
 from himir_rag.hierarchy import RegionTree
+from himir_rag.ingest import (MetadataSource, PreparedPhoto, encode_photos, metadata_for, prepare_or_skip,
+                              region_decomposer)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from himir_rag.index import BuildReport, HiMIRIndex, MetadataSource, _Prepared
+    from himir_rag.index import BuildReport, HiMIRIndex
 
 __all__ = ["encode_with_ray", "actor_count"]
 
@@ -51,29 +52,31 @@ def _connect(address: str, *, num_cpus: int | None = None) -> None:
 
 
 class _EncodeActor:
-    """Ray Data callable class: one encoder per actor, a batch of file paths per call."""
+    """Ray Data callable class: one encoder per actor, a batch of file paths per call.
+
+    Photos are prepared and encoded by :mod:`himir_rag.ingest` as in a local build (the same
+    skip policy); metadata is attached on the driver (:func:`_unpack`).
+    """
 
     def __init__(self, encoder: Any, config: dict[str, Any], device: str) -> None:
         from himir_rag.config import HiMIRConfig
-        from himir_rag.index import HiMIRIndex
+        from himir_rag.encoders import get_encoder
 
-        self.index = HiMIRIndex(encoder, HiMIRConfig.from_dict(config), device=device)
+        self.config = HiMIRConfig.from_dict(config)
+        self.encoder = get_encoder(encoder, device=device) if isinstance(encoder, str) else encoder
+        self.decomposer = region_decomposer(self.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from himir_rag.index import BuildReport
-
         paths = [str(p) for p in batch["path"]]
-        prepared, errors = [], []
-        for path in paths:
-            try:
-                prepared.append(self.index._prepare_one(Path(path), None, None))
-                errors.append("")
-            except (ImageLoadError, OSError) as exc:
-                prepared.append(None)
-                errors.append(str(exc).removeprefix(f"{path}: ") or type(exc).__name__)
-        encoded = self.index._encode_chunk([p for p in prepared if p is not None], BuildReport())
-        vectors = iter(v for _, v in encoded)
-        payloads = [b"" if item is None else _pack(item.record, item.tree, next(vectors)) for item in prepared]
+        outcomes = [prepare_or_skip(Path(path), None, None, decomposer=self.decomposer, config=self.config)
+                    for path in paths]
+        encoded, nonfinite = encode_photos([o for o in outcomes if not isinstance(o, str)], self.encoder,
+                                           batch_size=self.config.batch_size)
+        vectors = {item.record.path: rows for item, rows in encoded}
+        reasons = {**dict(nonfinite), **{path: o for path, o in zip(paths, outcomes) if isinstance(o, str)}}
+        errors = [reasons.get(path, "") for path in paths]
+        payloads = [_pack(o.record, o.tree, vectors[path]) if path in vectors else b""
+                    for path, o in zip(paths, outcomes)]
         return {"path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object),
                 "payload": np.array(payloads, dtype=object)}
 
@@ -86,15 +89,14 @@ def _pack(record: ImageRecord, tree: RegionTree, vectors: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _unpack(path: str, payload: bytes, replaces: int | None, metadata: MetadataSource) -> tuple[_Prepared, np.ndarray]:
-    from himir_rag.index import _metadata_for, _Prepared
-
+def _unpack(path: str, payload: bytes, replaces: int | None,
+            metadata: MetadataSource) -> tuple[PreparedPhoto, np.ndarray]:
     with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
         width, height, size, mtime_ns = (int(v) for v in arrays["shape"])
         tree = RegionTree(arrays["boxes"], arrays["levels"], arrays["parents"], width, height)
         vectors = arrays["vectors"]
-    record = ImageRecord(0, path, width, height, size, mtime_ns, _metadata_for(Path(path), metadata))
-    return _Prepared(record, tree, [], replaces), vectors
+    record = ImageRecord(0, path, width, height, size, mtime_ns, metadata_for(Path(path), metadata))
+    return PreparedPhoto(record, tree, [], replaces), vectors
 
 
 def actor_count(resources: dict[str, float], *, actors: int | None, gpus_per_actor: float) -> int:
@@ -111,7 +113,7 @@ def actor_count(resources: dict[str, float], *, actors: int | None, gpus_per_act
 
 def encode_with_ray(index: HiMIRIndex, paths: list[tuple[Path, int | None]], *, metadata: MetadataSource,
                     report: BuildReport, address: str, chunk_images: int = 16, actors: int | None = None,
-                    gpus_per_actor: float | None = None) -> Iterator[tuple[int, list[tuple[_Prepared, np.ndarray]]]]:
+                    gpus_per_actor: float | None = None) -> Iterator[tuple[int, list[tuple[PreparedPhoto, np.ndarray]]]]:
     """Encode ``paths`` on Ray; yields ``(files done, [(prepared image, vectors)])`` in input order.
 
     Parameters
@@ -138,7 +140,7 @@ def encode_with_ray(index: HiMIRIndex, paths: list[tuple[Path, int | None]], *, 
     resources = ray.cluster_resources()
     gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
     n_actors = actor_count(resources, actors=actors, gpus_per_actor=gpus)
-    encoder = index.encoder_spec if index._encoder is None else index._encoder
+    encoder = index.encoder_or_spec
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # commit in input order, like a local build
     dataset = ray.data.from_items([{"path": str(p)} for p, _ in paths])

@@ -48,28 +48,28 @@ from himir_rag import manifest as manifest_schema
 from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder
-from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, ImageLoadError, IncompatibleIndexError,
+from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, IncompatibleIndexError,
                               IndexConflictError, IndexFormatError, IndexWriteError)
 from himir_rag.filters import compile_filter, matching_ids
-from himir_rag.hierarchy import Level, RegionTree, get_decomposer
-from himir_rag.images import decode_image, image_header_problem, iter_image_files, load_image
+from himir_rag.hierarchy import Level
+from himir_rag.images import decode_image, image_header_problem, iter_image_files
+from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
+                              encode_photos, granularity_keep, prepare_or_skip, region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
 from himir_rag.threads import limit_threads
-from himir_rag.thumbnails import ThumbnailStore, make_thumbnail
+from himir_rag.thumbnails import ThumbnailStore
 
 __all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatch", "RelocateReport",
            "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-MetadataSource = Mapping[str, Mapping[str, Any]] | Callable[[Path], Mapping[str, Any]] | None
 Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
 QueryImage = str | os.PathLike[str] | bytes | Image.Image
 _CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step when an index is loaded
-_CROP_MAX_SIDE = 1024  # crops are cut from a copy at most this large: encoders see <= 260 px
 _LOAD_ATTEMPTS = 3  # a load that finds its version replaced mid-way (CURRENT moved) reads the new one
 _VERSION_RE = re.compile(r"^v(\d+)-\w+$")  # v<time_ns>-<random>: a published version
 _STAGING_RE = re.compile(r"^\.v\d+(-\w+)?\.tmp$")  # a version being written (or left by a killed save)
@@ -141,17 +141,6 @@ class RelocateReport:
     outside_root: int
 
 
-@dataclass
-class _Prepared:
-    """An image decoded and decomposed, waiting for its crops to be encoded."""
-
-    record: ImageRecord
-    tree: RegionTree
-    crops: list[Image.Image]
-    replaces: int | None
-    thumbnail: bytes | None = None  # JPEG, when the config keeps thumbnails
-
-
 class HiMIRIndex:
     """A hierarchical multi-vector image index.
 
@@ -180,7 +169,7 @@ class HiMIRIndex:
         self.encoder_spec = encoder if isinstance(encoder, str) else getattr(encoder, "name", "custom")
         self._encoder: Encoder | None = None if isinstance(encoder, str) else encoder
         self._device = device
-        self._decomposer = get_decomposer(self.config.decomposer, self.config.layout, overlap=self.config.region_overlap)
+        self._decomposer = region_decomposer(self.config)
         self._dim: int | None = None if self._encoder is None else int(self._encoder.dim)
         self._encoder_name: str | None = None if self._encoder is None else self._encoder.name
         self._snapshot: Snapshot | None = None
@@ -205,6 +194,11 @@ class HiMIRIndex:
             self._encoder = get_encoder(self.encoder_spec, device=self._device)
             self._check_encoder(self._encoder)
         return self._encoder
+
+    @property
+    def encoder_or_spec(self) -> Encoder | str:
+        """The encoder object when one was given or loaded, else :attr:`encoder_spec` (loads nothing)."""
+        return self.encoder_spec if self._encoder is None else self._encoder
 
     @property
     def snapshot(self) -> Snapshot:
@@ -433,7 +427,7 @@ class HiMIRIndex:
             if on_chunk is not None:
                 on_chunk(report)
         bar.close()
-        if isinstance(metadata, _MetadataLookup):
+        if isinstance(metadata, MetadataLookup):
             metadata.warn_unmatched()
         self._record_skipped(report)
         self.sync_candidate_stores()
@@ -469,7 +463,7 @@ class HiMIRIndex:
         return True
 
     def _encode_locally(self, paths: list[tuple[Path, int | None]], metadata: MetadataSource, report: BuildReport,
-                        chunk_images: int) -> Iterator[tuple[int, list[tuple[_Prepared, np.ndarray]]]]:
+                        chunk_images: int) -> Iterator[tuple[int, list[tuple[PreparedPhoto, np.ndarray]]]]:
         """Decode and crop the next chunk in a worker thread while this one is encoded."""
         with ThreadPoolExecutor(max_workers=1) as pool:
             for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images), self._prepare_chunk, metadata, report):
@@ -537,7 +531,7 @@ class HiMIRIndex:
                 unchanged.append(old)
             else:
                 todo.append((Path(absolute), None if old is None else old.image_id))
-        metadata = _MetadataLookup.wrap(metadata, source, [*todo, *((Path(r.path), None) for r in unchanged)])
+        metadata = MetadataLookup.wrap(metadata, source, [*todo, *((Path(r.path), None) for r in unchanged)])
         if metadata is not None and unchanged:  # an empty answer keeps what is stored (partial mappings)
             report.metadata_updated = self._set_metadata(unchanged, metadata, clear_with_empty=False)
         return todo, metadata
@@ -570,9 +564,9 @@ class HiMIRIndex:
         """
         with self._write_lock:
             records = list(self.snapshot.images.values())
-            lookup = _MetadataLookup.wrap(metadata, None, [(Path(r.path), None) for r in records])
+            lookup = MetadataLookup.wrap(metadata, None, [(Path(r.path), None) for r in records])
             changed = self._set_metadata(records, lookup, clear_with_empty=True)
-        if isinstance(lookup, _MetadataLookup):
+        if isinstance(lookup, MetadataLookup):
             lookup.warn_unmatched()
         return changed
 
@@ -584,7 +578,7 @@ class HiMIRIndex:
             found = lookup(Path(record.path))
             if found is None or (not found and not clear_with_empty):
                 continue
-            value = _checked_metadata(Path(record.path), found)
+            value = checked_metadata(Path(record.path), found)
             if value != record.metadata:
                 changed.append(dataclasses.replace(record, metadata=value))
         if changed:
@@ -596,68 +590,28 @@ class HiMIRIndex:
         return len(changed)
 
     def _prepare_chunk(self, chunk: list[tuple[Path, int | None]], metadata: MetadataSource,
-                       report: BuildReport) -> tuple[int, list[_Prepared]]:
+                       report: BuildReport) -> tuple[int, list[PreparedPhoto]]:
+        """The photos of ``chunk`` prepared; the files to skip (see :func:`prepare_or_skip`) go to the report."""
         prepared = []
         for path, replaces in chunk:
-            try:
-                prepared.append(self._prepare_one(path, replaces, metadata))
-            except ImageLoadError as exc:
-                report.skipped.append((str(path), str(exc).removeprefix(f"{path}: ")))
-            except OSError as exc:  # e.g. the file vanished between listing and reading
-                report.skipped.append((str(path), f"cannot read file ({exc.strerror or exc})"))
-            except HiMIRError:  # the caller's mistake (e.g. metadata that is not JSON): stop the run
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug on one odd image must not lose the collection
-                logger.exception("unexpected error while preparing %s", path)
-                report.skipped.append((str(path), f"unexpected error ({type(exc).__name__}: {exc}); please report it"))
+            photo = prepare_or_skip(path, replaces, metadata, decomposer=self._decomposer, config=self.config)
+            if isinstance(photo, str):
+                report.skipped.append((str(path), photo))
+            else:
+                prepared.append(photo)
         return len(chunk), prepared
 
-    def _prepare_one(self, path: Path, replaces: int | None, metadata: MetadataSource) -> _Prepared:
-        image = load_image(path, max_pixels=self.config.max_image_pixels)
-        stat = path.stat()
-        user_meta = _metadata_for(path, metadata)
-        record = ImageRecord(0, str(path), image.width, image.height, stat.st_size, stat.st_mtime_ns, user_meta)
-        tree, crops, work = self._cut(image)
-        thumbnail = make_thumbnail(work) if self.config.thumbnails else None
-        return _Prepared(record, tree, crops, replaces, thumbnail)
-
-    def _cut(self, image: Image.Image) -> tuple[RegionTree, list[Image.Image], Image.Image]:
-        """The photo's 1+M+N regions (tiny segments dropped), one crop per region and the working copy
-        (at most ``_CROP_MAX_SIDE`` a side) they were cut from; for indexing and photo queries."""
-        tree = self._decomposer.decompose(image)
-        tree = tree.select(_area_keep(tree, self.config.min_region_frac))
-        scale = min(1.0, _CROP_MAX_SIDE / max(image.size))
-        # max(1, ...): a 10000x3 strip must not shrink to a 0-px-high working copy
-        work = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
-                                                        max(1, round(image.height * scale))))
-        return tree, [work.crop(_crop_box(box, image.size, work.size)) for box in tree.boxes], work
-
-    def _encode_crops(self, crops: list[Image.Image]) -> np.ndarray:
-        """(len(crops), dim) vectors of the crops, in batches of ``config.batch_size``."""
-        batch = self.config.batch_size
-        return np.concatenate([self.encoder.embed_images(crops[i : i + batch]) for i in range(0, len(crops), batch)])
-
-    def _encode_chunk(self, chunk: list[_Prepared], report: BuildReport) -> list[tuple[_Prepared, np.ndarray]]:
-        crops = [crop for item in chunk for crop in item.crops]
-        if not crops:
-            return []
-        vectors = self._encode_crops(crops)
-        report.crops_encoded += len(crops)
-        bounds = np.cumsum([0] + [len(item.crops) for item in chunk])
-        encoded = []
-        for i, item in enumerate(chunk):
-            rows = vectors[bounds[i] : bounds[i + 1]]
-            if np.isfinite(rows).all():
-                encoded.append((item, rows))
-            else:  # NaN scores would follow it into every search
-                report.skipped.append((item.record.path, "the encoder returned NaN or infinite values"))
+    def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport) -> list[tuple[PreparedPhoto, np.ndarray]]:
+        encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size)
+        report.crops_encoded += sum(len(item.crops) for item in chunk)
+        report.skipped.extend(skipped)
         return encoded
 
-    def _commit(self, encoded: list[tuple[_Prepared, np.ndarray]], report: BuildReport) -> None:
+    def _commit(self, encoded: list[tuple[PreparedPhoto, np.ndarray]], report: BuildReport) -> None:
         records, trees, vectors, replaced = [], [], [], set()
         with self._write_lock:
             for item, vecs in encoded:
-                keep = _granularity_keep(item.tree, vecs, self.config.prune_cosine)
+                keep = granularity_keep(item.tree, vecs, self.config.prune_cosine)
                 report.regions_pruned += int((~keep).sum())
                 report.regions_stored += int(keep.sum())
                 records.append(dataclasses.replace(item.record, image_id=self._next_id,
@@ -814,12 +768,12 @@ class HiMIRIndex:
         tick = time.perf_counter()
         photo = decode_image(image, max_pixels=self.config.max_image_pixels,
                              name=str(image) if isinstance(image, (str, os.PathLike)) else "query image")
-        tree, crops, _ = self._cut(photo)
+        tree, crops, _ = cut(photo, self._decomposer, min_region_frac=self.config.min_region_frac)
         if mode is RetrievalMode.SINGLE:  # whole photo against whole photos
             tree, crops = tree.select(tree.levels == Level.GLOBAL), crops[:1]
         with limit_threads(self.config.search_threads, torch=True):
-            vectors = self._encode_crops(crops)
-        keep = _granularity_keep(tree, vectors, self.config.prune_cosine)
+            vectors = encode_crops(crops, self.encoder, batch_size=self.config.batch_size)
+        keep = granularity_keep(tree, vectors, self.config.prune_cosine)
         tree, vectors = tree.select(keep), vectors[keep]
         labels = [f"photo {Level(int(level)).name.lower()} {[int(v) for v in box]}"
                   for level, box in zip(tree.levels, tree.boxes)]
@@ -1424,106 +1378,6 @@ def _processed(report: BuildReport) -> int:
     return report.added + report.updated + len(report.skipped)
 
 
-def _metadata_for(path: Path, metadata: MetadataSource) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    found = metadata(path) if callable(metadata) else _MetadataLookup(metadata, None, [(path, None)])(path)
-    return _checked_metadata(path, found)
-
-
-def _checked_metadata(path: Path, value: Any) -> dict[str, Any]:
-    """``value`` as a dict of JSON data (None -> {}); anything else raises ConfigError."""
-    if value is not None and not isinstance(value, Mapping):
-        raise ConfigError(f"metadata of {path} is a {type(value).__name__}, not a dict of JSON values")
-    value = dict(value or {})
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"metadata of {path} is not JSON-serialisable ({exc}); use str/int/float/bool/list/dict "
-                          "values (finite numbers)") from exc
-    return value
-
-
-def _normal(path: str | os.PathLike[str]) -> str:
-    return os.path.normpath(os.path.abspath(path))
-
-
-class _MetadataLookup:
-    """A ``{key: metadata}`` mapping as ``fn(path) -> metadata or None``, resolving key forms.
-
-    A key may be an absolute path, a path relative to the working directory or to the
-    indexed folder, or a bare file name that only one of the photos being indexed has.
-    Keys used are remembered so :meth:`warn_unmatched` can list the others once.
-    """
-
-    def __init__(self, mapping: Mapping[str, Any], root: Path | None, paths: Sequence[tuple[Path, Any]]) -> None:
-        self.mapping = mapping
-        self.by_path: dict[str, str] = {}
-        self.by_name: dict[str, str] = {}
-        names: dict[str, int] = {}
-        for path, _ in paths:
-            names[path.name] = names.get(path.name, 0) + 1
-        self.ambiguous: list[str] = []
-        for key in mapping:
-            text = os.fspath(key) if isinstance(key, (str, os.PathLike)) else None
-            if text is None:
-                continue
-            self.by_path.setdefault(_normal(text), key)
-            if root is not None and not os.path.isabs(text):
-                self.by_path.setdefault(_normal(root / text), key)
-            if os.sep not in text and "/" not in text:
-                if names.get(text, 0) > 1:
-                    self.ambiguous.append(text)
-                else:
-                    self.by_name[text] = key
-        self.used: set[Any] = set()
-
-    @classmethod
-    def wrap(cls, metadata: MetadataSource, source: Any, paths: Sequence[tuple[Path, Any]]) -> MetadataSource:
-        """Callables and None as they are; a mapping as a lookup relative to ``source``'s folder."""
-        if metadata is None or callable(metadata):
-            return metadata
-        if isinstance(metadata, _MetadataLookup):
-            return metadata
-        if not isinstance(metadata, Mapping):
-            raise ConfigError(f"metadata must be a dict {{path: {{...}}}} or a callable path -> dict, got "
-                              f"{type(metadata).__name__}")
-        root = None
-        if isinstance(source, (str, os.PathLike)):
-            root = Path(source) if Path(source).is_dir() else Path(source).parent
-        return cls(metadata, root, paths)
-
-    def __call__(self, path: Path) -> Any:
-        key = self.by_path.get(_normal(path))
-        if key is None:
-            key = self.by_name.get(Path(path).name)
-        if key is None:
-            return None
-        self.used.add(key)
-        return self.mapping[key]
-
-    def warn_unmatched(self) -> None:
-        """One warning listing the keys that matched no photo (ambiguous file names included)."""
-        unmatched = [str(key) for key in self.mapping if key not in self.used]
-        if unmatched:
-            shown = ", ".join(repr(k) for k in unmatched[:10]) + (f" and {len(unmatched) - 10} more"
-                                                                  if len(unmatched) > 10 else "")
-            hint = f" ({len(self.ambiguous)} are file names shared by several photos)" if self.ambiguous else ""
-            logger.warning("metadata for %d key(s) matched no indexed photo%s: %s; use absolute paths or paths "
-                           "relative to the working directory or the indexed folder", len(unmatched), hint, shown)
-
-
-def _crop_box(box: Sequence[int], size: tuple[int, int], work_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """``box`` (x0, y0, x1, y1) in original pixels -> the same box on the working copy, >= 1 px each side."""
-    (width, height), (work_w, work_h) = size, work_size
-    sx, sy = work_w / width, work_h / height
-    x0 = min(int(math.floor(box[0] * sx)), work_w - 1)
-    y0 = min(int(math.floor(box[1] * sy)), work_h - 1)
-    x1 = min(max(int(math.ceil(box[2] * sx)), x0 + 1), work_w)
-    y1 = min(max(int(math.ceil(box[3] * sy)), y0 + 1), work_h)
-    return x0, y0, x1, y1
-
-
 def _common_folder(paths: list[str]) -> str | None:
     """The deepest folder holding all ``paths`` (None for none)."""
     return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else None
@@ -1536,23 +1390,6 @@ def _rebased(record: ImageRecord, old_root: str | None, new_root: str) -> ImageR
         return record
     return dataclasses.replace(record, path=os.path.normpath(os.path.join(new_root, *PurePosixPath(relpath).parts)),
                                relpath=relpath)
-
-
-def _area_keep(tree: RegionTree, min_frac: float) -> np.ndarray:
-    """Keep every non-segment; keep segments whose area is at least ``min_frac`` of the image."""
-    areas = (tree.boxes[:, 2] - tree.boxes[:, 0]) * (tree.boxes[:, 3] - tree.boxes[:, 1])
-    return (tree.levels != Level.SEGMENT) | (areas >= min_frac * tree.width * tree.height)
-
-
-def _granularity_keep(tree: RegionTree, vectors: np.ndarray, prune_cosine: float) -> np.ndarray:
-    """Offline granularity pruning: drop segments near-identical to their parent region."""
-    keep = np.ones(len(tree), dtype=bool)
-    if prune_cosine >= 1.0:
-        return keep
-    segments = np.flatnonzero(tree.levels == Level.SEGMENT)
-    cosine = np.einsum("ij,ij->i", vectors[segments], vectors[tree.parents[segments]])
-    keep[segments[cosine > prune_cosine]] = False
-    return keep
 
 
 def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> list[tuple[str, str]]:

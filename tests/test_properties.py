@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from himir_rag.catalog import ImageRecord, Snapshot
 from himir_rag.hierarchy import GridDecomposer, Level, RegionTree
-from himir_rag.index import _area_keep, _crop_box
+from himir_rag.ingest import area_keep, crop_box
 from himir_rag.scheduler import maxsim, score_exhaustive
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,7 +69,7 @@ def test_pruned_tree_stays_valid(width, height, layout, data):
     assert len(pruned) == keep.sum()
     assert_valid_tree(pruned, width, height)
     assert np.array_equal(pruned.boxes, tree.boxes[keep])
-    kept_area = tree.select(_area_keep(tree, 0.01))
+    kept_area = tree.select(area_keep(tree, 0.01))
     assert_valid_tree(kept_area, width, height)
 
 
@@ -79,7 +79,7 @@ def test_crop_boxes_on_the_downscaled_copy_are_never_empty(width, height, layout
     tree = GridDecomposer(layout).decompose(SimpleNamespace(size=(width, height)))
     work = (max(1, round(width * scale)), max(1, round(height * scale)))
     for box in tree.boxes:
-        x0, y0, x1, y1 = _crop_box(box, (width, height), work)
+        x0, y0, x1, y1 = crop_box(box, (width, height), work)
         assert 0 <= x0 < x1 <= work[0] and 0 <= y0 < y1 <= work[1]
 
 

@@ -315,11 +315,11 @@ def test_symlink_loops_terminate_and_yield_each_file_once(tmp_path):
 
 
 def test_file_vanishing_during_indexing_is_skipped(tmp_path, monkeypatch):
-    from himir_rag import index as index_module
+    from himir_rag import ingest
 
     make_scene(tmp_path / "a.png", [("red", (0, 0, 40, 40))])
     gone = make_scene(tmp_path / "gone.png", [("blue", (0, 0, 40, 40))])
-    real = index_module.load_image
+    real = ingest.load_image
 
     def decode_then_delete(path, **kwargs):
         image = real(path, **kwargs)
@@ -327,7 +327,7 @@ def test_file_vanishing_during_indexing_is_skipped(tmp_path, monkeypatch):
             gone.unlink()  # deleted between decoding and the stat that records its size
         return image
 
-    monkeypatch.setattr(index_module, "load_image", decode_then_delete)
+    monkeypatch.setattr(ingest, "load_image", decode_then_delete)
     index = HiMIRIndex(ColorEncoder())
     report = index.add([tmp_path / "a.png", gone, tmp_path / "never_there.png"], progress=False)
     assert [Path(r.path).name for r in index.images] == ["a.png"]
@@ -336,18 +336,18 @@ def test_file_vanishing_during_indexing_is_skipped(tmp_path, monkeypatch):
 
 
 def test_unexpected_error_on_one_image_does_not_lose_the_collection(scene_dir, monkeypatch, caplog):
-    from himir_rag import index as index_module
+    from himir_rag import ingest
 
-    real = index_module.load_image
+    real = ingest.load_image
 
     def flaky(path, **kwargs):
         if Path(path).name == "orange.png":
             raise RuntimeError("decoder bug")
         return real(path, **kwargs)
 
-    monkeypatch.setattr(index_module, "load_image", flaky)
+    monkeypatch.setattr(ingest, "load_image", flaky)
     index = HiMIRIndex(ColorEncoder())
-    with caplog.at_level(logging.ERROR, logger="himir_rag.index"):
+    with caplog.at_level(logging.ERROR, logger="himir_rag.ingest"):
         report = index.add(scene_dir, progress=False)
     assert len(index) == 5
     assert report.skipped == [(str(scene_dir / "sub" / "orange.png"),

@@ -12,7 +12,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError, UntrustedLocationError
 from himir_rag.index import HiMIRIndex
 from himir_rag.store import FaissStore
-from tests.conftest import ColorEncoder, make_store
+from tests.conftest import COLORS, ColorEncoder, make_store
 
 MODES = ["single", "mvr", "himir-full", "himir"]
 QUERIES = ["a red square and a blue square", "green", "yellow next to purple", "orange"]
@@ -129,11 +129,54 @@ def test_ray_build_equals_single_process(scene_dir):
     local_report = local.add(scene_dir, progress=False)
     ray_report = distributed.add(scene_dir, progress=False, ray_address="local", chunk_images=2)
     assert (ray_report.added, len(ray_report.skipped)) == (local_report.added, len(local_report.skipped)) == (6, 1)
+    assert ray_report.skipped == local_report.skipped  # one skip policy (himir_rag.ingest.prepare_or_skip)
     a, b = local.snapshot, distributed.snapshot
     assert [r.path for r in a.images.values()] == [r.path for r in b.images.values()]
     for attr in ("vectors", "levels", "parents", "boxes"):
         np.testing.assert_array_equal(getattr(a, attr), getattr(b, attr))
     assert ranking(local.search("green", k=3)) == ranking(distributed.search("green", k=3))
+
+
+class _NaNOnOrange(ColorEncoder):
+    """Returns NaN for mostly-orange crops: an encoder fault on one photo."""
+
+    def embed_images(self, images):
+        out = super().embed_images(images)
+        out[out[:, list(COLORS).index("orange")] > 0.3] = np.nan
+        return out
+
+
+def test_ray_actor_skips_as_a_local_build_and_keeps_payloads_aligned(scene_dir, monkeypatch):
+    """The encoder actor's batch call, run in-process (no Ray needed): the same skip reasons as a
+    local build, and a photo dropped after encoding does not shift the other photos' vectors."""
+    from himir_rag import ingest
+    from himir_rag.distributed import _EncodeActor, _unpack
+
+    (scene_dir / "broken.png").write_text("not an image")
+    real = ingest.load_image
+
+    def flaky(path, **kwargs):
+        if Path(path).name == "all_blue.png":
+            raise RuntimeError("decoder bug")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(ingest, "load_image", flaky)
+    names = ["red_blue.png", "broken.png", "all_blue.png", "sub/orange.png", "all_red.png"]
+    paths = [str(scene_dir / name) for name in names]
+    actor = _EncodeActor(_NaNOnOrange(), HiMIRConfig().to_dict(), "cpu")
+    out = actor({"path": np.array(paths, dtype=object)})
+    local = HiMIRIndex(_NaNOnOrange())
+    report = local.add([Path(p) for p in paths], progress=False)
+    assert sorted(report.skipped) == sorted((p, e) for p, e in zip(out["path"], out["error"]) if e)
+    assert [bool(e) for e in out["error"]] == [False, True, True, True, False]
+    assert out["error"][2] == "unexpected error (RuntimeError: decoder bug); please report it"
+    assert out["error"][3] == "the encoder returned NaN or infinite values"
+    for i in (0, 4):
+        prepared, vectors = _unpack(paths[i], out["payload"][i], None, None)
+        photo = real(Path(paths[i]))
+        tree, crops, _ = ingest.cut(photo, actor.decomposer, min_region_frac=actor.config.min_region_frac)
+        np.testing.assert_array_equal(prepared.tree.boxes, tree.boxes)
+        np.testing.assert_array_equal(vectors, ColorEncoder().embed_images(crops))
 
 
 def test_ray_actor_count_honours_actors_and_small_clusters():
