@@ -82,6 +82,13 @@ def assert_intact(index_dir: Path, before: dict, photos: Path) -> None:
 
 
 # -- disk full -------------------------------------------------------------------------------------
+def assert_disk_full_reported(himir, args, index_dir, before, a) -> None:
+    """``himir index`` ends with one disk-full line (exit 1) and the previous version is intact."""
+    code, _, errors = himir(*args)
+    assert code == 1 and len(errors) == 1 and errors[0].startswith(f"error: disk full while saving {index_dir}: about")
+    assert_intact(index_dir, before, a)
+
+
 @pytest.mark.parametrize("failing", ["vectors.npy", "manifest.json", "CURRENT"])
 def test_disk_full_while_writing_a_file_of_the_version(himir, collection, monkeypatch, failing):
     a, b, index_dir = collection
@@ -94,9 +101,7 @@ def test_disk_full_while_writing_a_file_of_the_version(himir, collection, monkey
         real_fsync(fh)
 
     monkeypatch.setattr(index_module, "_fsync", fsync)
-    code, _, errors = himir(*index_args(b, index_dir))
-    assert code == 1 and len(errors) == 1 and errors[0].startswith(f"error: disk full while saving {index_dir}: about")
-    assert_intact(index_dir, before, a)
+    assert_disk_full_reported(himir, index_args(b, index_dir), index_dir, before, a)
 
 
 def test_disk_full_while_writing_a_faiss_store(himir, collection, monkeypatch):
@@ -109,9 +114,7 @@ def test_disk_full_while_writing_a_faiss_store(himir, collection, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(FaissStore, "save", save)
-    code, _, errors = himir(*index_args(b, index_dir))
-    assert code == 1 and len(errors) == 1 and errors[0].startswith(f"error: disk full while saving {index_dir}: about")
-    assert_intact(index_dir, before, a)
+    assert_disk_full_reported(himir, index_args(b, index_dir), index_dir, before, a)
 
 
 def test_disk_full_while_writing_the_catalog(himir, collection, monkeypatch):
