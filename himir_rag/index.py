@@ -353,7 +353,8 @@ class HiMIRIndex:
             whose entry differs from the stored metadata get the new metadata without
             being re-encoded (``report.metadata_updated``).
         chunk_images : int
-            Images decoded, encoded and committed together; ``on_chunk`` runs after each.
+            Images decoded, encoded and committed together; ``on_chunk`` runs after each
+            (and the progress bar, in photos and photos/s, moves by that many).
         checkpoint_dir : path-like, optional
             Save the index there (atomically, see :meth:`save`) whenever ``checkpoint_every``
             more files were processed, and once at the end. A run killed at any point
@@ -409,8 +410,12 @@ class HiMIRIndex:
         if checkpoint_dir is not None and paths:
             self._preflight(checkpoint_dir, len(paths))
         saved_at = 0
-        bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)
+        bar = tqdm(total=len(paths), desc="indexing", unit="photo", disable=not progress)
         if ray_address is None:
+            if paths:  # said on the bar: loading the models can take longer than the first photos
+                bar.set_description("loading models")
+                self._load_models()
+                bar.set_description("indexing")
             batches = self._encode_locally(paths, metadata, report, chunk_images)
         else:
             from himir_rag.distributed import encode_with_ray
@@ -899,16 +904,17 @@ class HiMIRIndex:
                            len(subs), limit, limit)
         return subs[:limit]
 
-    def _load_models(self, stats: SearchStats) -> None:
+    def _load_models(self, stats: SearchStats | None = None) -> None:
         """Build and load the encoder's models if this is their first use, timed as ``load_models``
-        (not as the first query's ``encode``)."""
+        in ``stats`` (not as the first query's ``encode``)."""
         if self._encoder is not None and getattr(self._encoder, "loaded", True):
             return
         tick = time.perf_counter()
         load = getattr(self.encoder, "load", None)  # the offline encoder loads lazily; CLIP when built
         if callable(load):
             load()
-        stats.latency_ms["load_models"] = (time.perf_counter() - tick) * 1000
+        if stats is not None:
+            stats.latency_ms["load_models"] = (time.perf_counter() - tick) * 1000
 
     def _embed_queries(self, query: str, subs: list[str], mode: RetrievalMode, stats: SearchStats) -> np.ndarray:
         self._load_models(stats)
