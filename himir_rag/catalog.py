@@ -240,24 +240,6 @@ class Snapshot:
             return np.zeros(0, np.int64)
         return np.arange(self.image_starts[pos], self.image_starts[pos + 1], dtype=np.int64)
 
-    def parent_radius(self) -> np.ndarray:
-        """(n_regions,) float32 ``||v - v_parent||`` per row (0 for global views).
-
-        For unit vectors, ``q . v <= q . v_parent + radius`` (Cauchy-Schwarz). Query-independent,
-        computed once per snapshot in blocks of rows (no full-size temporary). The scheduler
-        computes the same quantity for its candidates' segments from vectors it has read anyway.
-        """
-        def compute() -> np.ndarray:
-            radius = np.zeros(len(self.parents), np.float32)
-            for lo in range(0, len(self.parents), _ROW_BLOCK):
-                block = np.arange(lo, min(len(self.parents), lo + _ROW_BLOCK))
-                child = block[self.parents[block] >= 0]
-                if len(child):
-                    diff = self.region_vectors(child) - self.region_vectors(self.parents[child])
-                    radius[child] = np.linalg.norm(diff, axis=1)
-            return radius
-        return self._cached("parent_radius", compute)
-
     def level_counts(self) -> dict[str, int]:
         """Stored regions per level."""
         def compute() -> dict[str, int]:

@@ -203,14 +203,10 @@ def score_exhaustive(snapshot: Snapshot, queries: np.ndarray, *, levels: tuple[L
 def _float32(block: np.ndarray) -> np.ndarray:
     """``block`` as float32; float16 storage is converted by torch (SIMD, ~10x numpy's cast:
     the conversion, not the product, bounds exhaustive scans of float16 indexes)."""
-    if block.dtype == np.float32:
-        return block
-    try:
-        import torch  # a core dependency; imported only by exhaustive scans of float16 indexes
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is None or block.dtype != np.float16:
+    if block.dtype != np.float16:
         return np.asarray(block, np.float32)
+    import torch  # a core dependency; imported only by exhaustive scans of float16 indexes
+
     out = np.empty(block.shape, np.float32)
     with warnings.catch_warnings():  # a read-only memory map is only read here
         warnings.simplefilter("ignore", UserWarning)
@@ -432,8 +428,9 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
                 params: SchedulerParams, stats: SearchStats, stores: Any) -> tuple[np.ndarray, Any]:
     """Sorted image positions worth scoring, from ANN hits at the candidate levels.
 
-    Also returns the segment level's hits ``(scores, image ids)``, each (s, fetch), when
-    their scores are exact and ``ann_bound`` is on (else None): see :func:`_segment_caps`.
+    Also returns, when ``ann_bound`` is on, the segment level's hits as ``(exact scores,
+    image positions, rows, level below which nothing was returned)`` (else None): see
+    :func:`_segment_caps`.
     """
     n_allowed = len(snapshot) if allowed is None else len(allowed)
     every = (lambda: np.arange(len(snapshot), dtype=np.int64)) if allowed is None else (lambda: allowed)
@@ -465,16 +462,16 @@ def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.
                                                          probe_share=params.probe_share, nprobe=params.nprobe)
         hit_positions, hit_rows = stores.locate(snapshot, keys)
         valid = hit_rows >= 0
-        # below the last hit: what a region the search did not return can score at most
-        last = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), np.inf)
-        if not exact_scores:  # PQ estimates: one exact dot product a hit makes them exact
-            estimates, scores = scores, _exact_hit_scores(snapshot, queries, hit_rows)
-            cost += int(valid.sum())
-            last = last + _estimate_error(scores, estimates, valid, params.pq_error_quantile)
-        spent += cost
         found.append(hit_positions[valid])
-        if level is Level.SEGMENT and params.ann_bound:
+        if level is Level.SEGMENT and params.ann_bound:  # only these hits' scores are used
+            # below the last hit: what a segment the search did not return can score at most
+            last = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), np.inf)
+            if not exact_scores:  # PQ estimates: one exact dot product a hit makes them exact
+                estimates, scores = scores, _exact_hit_scores(snapshot, queries, hit_rows)
+                cost += int(valid.sum())
+                last = last + _estimate_error(scores, estimates, valid, params.pq_error_quantile)
             caps = (scores, hit_positions, hit_rows, last.astype(np.float32))
+        spent += cost
     stats.dot_products += spent
     stats.extra["candidate_dot_products"] = spent
     positions = np.unique(np.concatenate(found))
@@ -502,9 +499,9 @@ def _exact_hit_scores(snapshot: Snapshot, queries: np.ndarray, rows: np.ndarray)
     scores = np.full(rows.shape, -np.inf, np.float32)
     held = rows >= 0
     if held.any():
-        unique, inverse = np.unique(rows[held], return_inverse=True)
-        vectors = snapshot.region_vectors(unique)
-        scores[held] = np.einsum("ij,ij->i", vectors[inverse], np.broadcast_to(queries[:, None], (*rows.shape, queries.shape[1]))[held])
+        unique, inverse = np.unique(rows[held], return_inverse=True)  # each row read once
+        sub, _ = np.nonzero(held)
+        scores[held] = np.einsum("ij,ij->i", snapshot.region_vectors(unique)[inverse], queries[sub])
     return scores
 
 
@@ -514,8 +511,8 @@ def _segment_caps(positions: np.ndarray, scores: np.ndarray, hit_positions: np.n
 
     The store returned, per sub-query, the ``fetch`` most similar segments of the lists it
     probed, with exact ``scores``; a segment it did not return scores at most ``last``
-    (the lowest hit for exact stores; for IVF-PQ the lowest estimate plus the largest
-    estimate error seen on the hits). So a candidate's segments are capped by
+    (the lowest hit for exact stores; for IVF-PQ the lowest estimate plus the
+    ``pq_error_quantile`` of the estimate errors seen on the hits). So a candidate's segments are capped by
     ``max(best hit, last)``, and its best segment is *known* -- its best hit, with that
     hit's row -- when that hit reaches ``last``. Exact for a flat store; for IVF it holds
     for the probed lists, for IVF-PQ up to the codes' error: the approximations the

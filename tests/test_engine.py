@@ -199,7 +199,8 @@ def test_segment_bound_is_never_below_the_true_similarity(planted):
         bound = _segment_bound(queries, snapshot.region_vectors(rows), snapshot.region_vectors(parents), parent_sim)
         true = queries @ snapshot.region_vectors(rows).T
         assert (bound >= true).all()
-        radius = parent_sim + np.linalg.norm(queries, axis=1)[:, None] * snapshot.parent_radius()[rows][None, :]
+        distance = np.linalg.norm(snapshot.region_vectors(rows) - snapshot.region_vectors(parents), axis=1)
+        radius = parent_sim + np.linalg.norm(queries, axis=1)[:, None] * distance[None, :]
         assert (bound <= radius + 1e-3).all() and (bound < radius - 1e-3).mean() > 0.5  # tighter than C-S
 
 
