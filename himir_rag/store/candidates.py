@@ -166,7 +166,7 @@ class CandidateStores:
     def _region_keys(self, snapshot, rows: np.ndarray) -> np.ndarray:
         """Region keys of snapshot ``rows``."""
         images = snapshot.region_image[rows]
-        local = rows - snapshot.image_starts[snapshot.positions_of(images)]
+        local = rows - snapshot.image_starts[np.searchsorted(snapshot.image_starts, rows, side="right") - 1]
         if len(local):
             if int(local.max()) >= 1 << KEY_SHIFT:
                 raise ValueError(f"an image holds more than {1 << KEY_SHIFT} regions")
