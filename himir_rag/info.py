@@ -9,9 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from himir_rag.config import HiMIRConfig
-from himir_rag.errors import IndexFormatError
-from himir_rag.index import HiMIRIndex
+from himir_rag import manifest as manifest_schema
 
 __all__ = ["describe_index", "format_info"]
 
@@ -20,12 +18,10 @@ def describe_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Counts, layout, encoder, store, config (with the effective scheduler parameters), the
     autotuning record and the bytes on disk of the index in ``directory`` (plain JSON)."""
     directory = Path(directory)
-    manifest = HiMIRIndex.read_manifest(directory)
-    try:
-        config = HiMIRConfig.from_dict(manifest.get("config", {}))
-    except (TypeError, ValueError) as exc:
-        raise IndexFormatError(f"{directory}: the manifest's config is unreadable ({exc})") from exc
-    version = (directory / "CURRENT").read_text(encoding="utf-8").strip()
+    version_dir = manifest_schema.current_version(directory)  # CURRENT read once: the version described
+    manifest = manifest_schema.read_manifest(version_dir)
+    config = manifest_schema.parse_config(manifest, where=str(version_dir))
+    version = version_dir.name
     live = sum(int(size) for size in manifest.get("files", {}).values())
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     scheduler = {key: _plain(value) for key, value in dataclasses.asdict(config.scheduler_params).items()}
