@@ -218,12 +218,8 @@ def _choose_auto(trials: list[Trial], floor: float, agreement_tolerance: float, 
     most accurate) and within ``agreement_tolerance`` of the best agreement; with a budget, the
     most accurate trial that fits it (the cheapest of those)."""
     cost = (lambda t: (t.latency_ms, t.dot_products)) if budget_ms is not None else (lambda t: (t.dot_products,))
-    if budget_dot_products is not None or budget_ms is not None:
-        fitting = [t for t in trials if _fits(t, budget_dot_products, budget_ms)]
-        if fitting:
-            top = max(t.accuracy for t in fitting)
-            return min((t for t in fitting if t.accuracy >= top - 1e-9), key=cost)
-        return min(trials, key=cost)  # nothing fits: the cheapest there is
+    if budget_dot_products is not None or budget_ms is not None:  # as himir tune chooses; else the cheapest
+        return _choose(trials, budget_dot_products, budget_ms) or min(trials, key=cost)
     reached = [t for t in trials if t.accuracy >= floor - 1e-9]
     if not reached:
         top = max(t.accuracy for t in trials)
