@@ -60,28 +60,19 @@ def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
             item = json.loads(line)
             qrels[item["query_id"]] = {str((root / p).absolute()) for p in item["paths"]}
     splitter = RuleDecomposer()
-    work = [(q["id"], index.encoder.embed_texts(splitter.decompose(q["query"]) or [q["query"]])) for q in queries]
+    work = [(index.encoder.embed_texts(splitter.decompose(q["query"]) or [q["query"]]), qrels[q["id"]], None)
+            for q in queries]
     base = index.config
     rows = []
     for name, mode, scheduler in [("mvr", "mvr", {}), ("himir-full", "himir-full", {}),
                                   *[(s, "himir", _setting(s)) for s in settings]]:
         index.set_config(base.replace(scheduler=scheduler))
-        recall, dots, extra = [], [], {}
-        for query_id, vectors in work:
-            tick = time.perf_counter()
-            result = index.search_vectors(vectors, k=k, mode=mode)
-            extra.setdefault("ms", []).append(1000 * (time.perf_counter() - tick))
-            found = {hit.path for hit in result.hits}
-            recall.append(len(found & qrels[query_id]) / len(qrels[query_id]))
-            dots.append(result.stats.dot_products)
-            for key in _COUNTERS:
-                extra.setdefault(key, []).append(result.stats.extra.get(key, 0))
-        rows.append((name, float(np.mean(recall)), float(np.mean(dots)),
-                     " ".join(f"{key}={np.mean(values):.0f}" for key, values in extra.items())))
-    mvr_dots = rows[0][2]
+        rows.append((name, _measure(index, work, k=k, mode=mode, key=lambda hit: hit.path)))
+    mvr_dots = rows[0][1]["dots"]
     print(f"{'setting':60s} Recall@{k}  mean dots  mvr/mode")
-    for name, recall, dots, counters in rows:
-        print(f"{name:60s} {recall:8.4f} {dots:10.0f} {mvr_dots / dots:8.2f}  {counters}")
+    for name, m in rows:
+        print(f"{name:60s} {m['recall']:8.4f} {m['dots']:10.0f} {mvr_dots / m['dots']:8.2f}  "
+              f"ms={m['ms_mean']:.0f} {m['counters']}")
 
 
 def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 10) -> None:
@@ -102,25 +93,35 @@ def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 1
         cache.write_text(json.dumps({q: sorted(ids) for q, ids in full.items()}))
     truth = [len(full[q.query_id] & q.relevant) / len(q.relevant) for q in planted]
     print(f"himir-full Recall@{k} {np.mean(truth):.4f} on queries {start}:{stop}")
+    work = [(q.subquery_vectors, q.relevant, full[q.query_id]) for q in planted]
     base = index.config
     print(f"{'setting':60s} Recall@{k}  vs-full  mean dots  p50 ms")
     for setting in settings:
         index.set_config(base.replace(scheduler=_setting(setting)))
         index.search_vectors(planted[0].subquery_vectors, k=k)  # builds stores the setting asks for
-        recall, agree, dots, times, extra = [], [], [], [], {}
-        for q in planted:
-            tick = time.perf_counter()
-            result = index.search_vectors(q.subquery_vectors, k=k)
-            times.append(time.perf_counter() - tick)
-            found = {hit.image_id for hit in result.hits}
-            recall.append(len(found & q.relevant) / len(q.relevant))
-            agree.append(len(found & full[q.query_id]) / max(len(full[q.query_id]), 1))
-            dots.append(result.stats.dot_products)
-            for key in _COUNTERS:
-                extra.setdefault(key, []).append(result.stats.extra.get(key, 0))
-        counters = " ".join(f"{key}={np.mean(values):.0f}" for key, values in extra.items())
-        print(f"{setting:60s} {np.mean(recall):8.4f} {np.mean(agree):8.4f} {np.mean(dots):10.0f} "
-              f"{1000 * np.median(times):7.1f}  {counters}")
+        m = _measure(index, work, k=k)
+        print(f"{setting:60s} {m['recall']:8.4f} {m['agreement']:8.4f} {m['dots']:10.0f} {m['ms_p50']:7.1f}  "
+              f"{m['counters']}")
+
+
+def _measure(index: HiMIRIndex, work: list, *, k: int, mode: str = "himir", key=lambda hit: hit.image_id) -> dict:
+    """One setting over ``work`` = [(query vectors, relevant keys, reference top-k keys or None)]:
+    mean Recall@k, mean share of the reference top-k, mean dot products, search ms, counters."""
+    recall, agree, dots, times, extra = [], [], [], [], {}
+    for vectors, relevant, reference in work:
+        tick = time.perf_counter()
+        result = index.search_vectors(vectors, k=k, mode=mode)
+        times.append(1000 * (time.perf_counter() - tick))
+        found = {key(hit) for hit in result.hits}
+        recall.append(len(found & relevant) / len(relevant))
+        if reference is not None:
+            agree.append(len(found & reference) / max(len(reference), 1))
+        dots.append(result.stats.dot_products)
+        for name in _COUNTERS:
+            extra.setdefault(name, []).append(result.stats.extra.get(name, 0))
+    return {"recall": float(np.mean(recall)), "agreement": float(np.mean(agree)) if agree else float("nan"),
+            "dots": float(np.mean(dots)), "ms_mean": float(np.mean(times)), "ms_p50": float(np.median(times)),
+            "counters": " ".join(f"{name}={np.mean(values):.0f}" for name, values in extra.items())}
 
 
 def _setting(name: str) -> dict:
