@@ -259,6 +259,6 @@ def test_qdrant_store_keeps_a_pushed_filter_whole_next_to_image_ids(scene_dir, t
     queries = encoder.embed_texts(["red"])
     for filters in ({"tags": {"$ne": "red"}}, {"$not": {"tags": "red"}}, {"tags": {"$nin": ["red", "yellow"]}}):
         assert index.store.pushes_down(filters), filters
-        for mode in ("single", "himir-full"):
+        for mode in ("single", "himir-full", "himir"):
             found, _ = index.store.search(queries, mode=mode, k=6, filters=filters, image_ids=every_id)
             assert {Path(item["record"].path).name for item in found} == kept(filters), (filters, mode)
