@@ -377,8 +377,8 @@ def relocate_command(
             _fail(f"none of the {report.rebased} photos exist under {report.root}; index left unchanged "
                   "(check --root: it is the folder that was indexed, at its new place)")
         index.save(index_dir)
-    except (HiMIRError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    except _USER_ERRORS as exc:
+        _fail(_error_text(exc))
         return
     typer.echo(f"root -> {report.root}: {report.rebased} photos rebased ({report.missing} missing there), "
                f"{report.outside_root} stored outside the root left as they are")
@@ -434,8 +434,8 @@ def serve_command(
         typer.echo(f"himir serve: loading {index_dir}; then http://{host}:{port}/ ({mode})", err=True)
         serve(index_dir, host=host, port=port, allow_writes=allow_writes, device=device,
               max_upload_bytes=int(max_upload_mb * 1024 * 1024))
-    except (HiMIRError, ValueError, FileNotFoundError, ImportError, OSError) as exc:
-        _fail(str(exc))
+    except (*_USER_ERRORS, ImportError) as exc:
+        _fail(_error_text(exc))
 
 
 @app.command("tune")

@@ -201,9 +201,13 @@ def _add_search(app: FastAPI, index: HiMIRIndex, *, max_upload_bytes: int) -> No
             raise HTTPException(413, f"photo larger than {max_upload_bytes} bytes")
         text = _check_text(form.get("q") or None)
         k, mode = _check_k(form.get("k") or 10), form.get("mode") or None
-        result = await run_in_threadpool(index.search, text, image=data, k=k, mode=mode)
         name = Path(upload.filename).name if upload.filename else "uploaded image"
-        return result_json(dataclasses.replace(result, image=name), index=index)
+
+        def answer() -> dict[str, Any]:  # the search and the per-hit file checks of result_json, off the event loop
+            result = index.search(text, image=data, k=k, mode=mode)
+            return result_json(dataclasses.replace(result, image=name), index=index)
+
+        return await run_in_threadpool(answer)
 
 
 def _add_writes(app: FastAPI, index: HiMIRIndex, *, index_dir: Any, allow_writes: bool) -> None:

@@ -248,3 +248,17 @@ def test_qdrant_index_evaluates_unpushable_filters_on_its_catalog(scene_dir, tmp
     assert names(index.search("red", k=6, filters={"year": {"$gte": 2021}}).hits) == {
         "red_green.png", "all_red.png", "orange.png"}
     assert names(index.search("red", k=6, filters={"album": "Summer"}).hits) == {"red_green.png"}
+
+
+def test_qdrant_store_keeps_a_pushed_filter_whole_next_to_image_ids(scene_dir, tmp_path):
+    pytest.importorskip("qdrant_client")
+    encoder = ColorEncoder()
+    index = HiMIRIndex(encoder, HiMIRConfig(precision="float32"), store=make_store("qdrant", encoder.dim, tmp_path))
+    index.add(scene_dir, metadata=META, progress=False)
+    every_id = [record.image_id for record in index.snapshot.images.values()]
+    queries = encoder.embed_texts(["red"])
+    for filters in ({"tags": {"$ne": "red"}}, {"$not": {"tags": "red"}}, {"tags": {"$nin": ["red", "yellow"]}}):
+        assert index.store.pushes_down(filters), filters
+        for mode in ("single", "himir-full", "himir"):
+            found, _ = index.store.search(queries, mode=mode, k=6, filters=filters, image_ids=every_id)
+            assert {Path(item["record"].path).name for item in found} == kept(filters), (filters, mode)

@@ -287,7 +287,7 @@ class QdrantImageStore:
             image_ids = sorted(found if image_ids is None else found & {int(i) for i in image_ids})
         if image_ids is not None:
             by_id = models.HasIdCondition(has_id=[int(i) for i in image_ids])
-            query_filter = models.Filter(must=[by_id, *(query_filter.must if query_filter else [])])
+            query_filter = models.Filter(must=[by_id] if query_filter is None else [by_id, query_filter])
         counts = self.vector_counts()
         if mode == "himir":
             limit = candidate_k or max(4 * k, 32)
