@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,7 @@ from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, che
                               encode_photos, granularity_keep, prepare_or_skip, region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
-from himir_rag.paths import outside_reason, photo_base, relative_to_root
+from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
 from himir_rag.threads import limit_threads
 from himir_rag.thumbnails import ThumbnailStore
@@ -1394,8 +1394,7 @@ def _rebased(record: ImageRecord, old_root: str | None, new_root: str) -> ImageR
     relpath = record.relpath or relative_to_root(record.path, old_root)
     if not relpath:
         return record
-    return dataclasses.replace(record, path=os.path.normpath(os.path.join(new_root, *PurePosixPath(relpath).parts)),
-                               relpath=relpath)
+    return dataclasses.replace(record, path=resolve_stored(relpath, new_root)[0], relpath=relpath)
 
 
 def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> list[tuple[str, str]]:
