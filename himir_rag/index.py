@@ -1182,7 +1182,7 @@ class HiMIRIndex:
         self._thumbnails.write(target, snapshot.images)
         files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
         manifest = {
-            "format": "himir-rag index", "format_version": FORMAT_VERSION,
+            "format": manifest_schema.FORMAT_NAME, "format_version": FORMAT_VERSION,
             "encoder": {"name": self._encoder_name or self.encoder.name, "dim": snapshot.dim,
                         "spec": self.encoder_spec},
             "config": self.config.to_dict(), "next_image_id": next_id,
