@@ -321,7 +321,7 @@ class HiMIRIndex:
         snapshot = self.snapshot
         converted = Snapshot(dict(snapshot.images), np.asarray(snapshot.vectors, dtype=VECTOR_DTYPES[precision]),
                              snapshot.region_image, snapshot.levels, snapshot.parents, snapshot.boxes)
-        copy = HiMIRIndex.from_snapshot(converted, encoder=self._encoder or self.encoder_spec, config=config,
+        copy = HiMIRIndex.from_snapshot(converted, encoder=self.encoder_or_spec, config=config,
                                         device=self._device)
         copy._encoder_name, copy._dim = self._encoder_name, self._dim
         copy._skipped, copy._next_id = list(self._skipped), self._next_id
