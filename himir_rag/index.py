@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
 QueryImage = str | os.PathLike[str] | bytes | Image.Image
-_CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step when an index is loaded
+_CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step (load, from_snapshot)
 _LOAD_ATTEMPTS = 3  # a load that finds its version replaced mid-way (CURRENT moved) reads the new one
 _VERSION_RE = re.compile(r"^v(\d+)-\w+$")  # v<time_ns>-<random>: a published version
 _STAGING_RE = re.compile(r"^\.v\d+(-\w+)?\.tmp$")  # a version being written (or left by a killed save)
@@ -301,9 +301,8 @@ class HiMIRIndex:
                                          f"{index.config.precision}")
         try:
             snapshot.check_integrity()
-            for start in range(0, len(snapshot.vectors), _CHECK_ROWS):  # in blocks: no full-size temporary
-                if not np.isfinite(snapshot.vectors[start : start + _CHECK_ROWS]).all():
-                    raise ValueError("its vectors hold NaN or infinite values")
+            if not _all_finite(snapshot.vectors):
+                raise ValueError("its vectors hold NaN or infinite values")
         except ValueError as exc:
             raise IndexFormatError(f"the snapshot is inconsistent: {exc}") from exc
         index._snapshot = snapshot
@@ -1556,7 +1555,12 @@ def _read_vectors(path: Path, dim: int, *, dtype: str = "float32") -> np.ndarray
         raise IndexFormatError(f"{path}: not a single .npy array; rebuild the index")
     if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.dtype(dtype):
         raise IncompatibleIndexError(f"{path}: vectors {vectors.shape} {vectors.dtype}, manifest says (n, {dim}) {dtype}")
-    for start in range(0, len(vectors), _CHECK_ROWS):  # in blocks: no full-size temporary
-        if not np.isfinite(vectors[start : start + _CHECK_ROWS]).all():
-            raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
+    if not _all_finite(vectors):
+        raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
     return vectors
+
+
+def _all_finite(vectors: np.ndarray) -> bool:
+    """Whether the (n, dim) ``vectors`` hold no NaN or infinity; checked in blocks of rows (no full-size temporary)."""
+    return all(np.isfinite(vectors[start : start + _CHECK_ROWS]).all()
+               for start in range(0, len(vectors), _CHECK_ROWS))
