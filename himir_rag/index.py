@@ -936,7 +936,7 @@ class HiMIRIndex:
             stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
             return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
-        allowed = _FILTER_POSITIONS.get(snapshot, filters)
+        allowed = _FILTER_CACHE.get(snapshot, filters, _allowed_positions)
         if mode is RetrievalMode.HIMIR:
             from himir_rag.scheduler import scheduled_search
 
@@ -959,7 +959,7 @@ class HiMIRIndex:
         candidate_k = int(self.config.scheduler_params.candidate_k)
         image_ids = None
         if filters is not None and not self.store.pushes_down(filters):  # runs here on the catalog, sent as ids
-            image_ids = matching_ids(self.snapshot.images.values(), filters)
+            image_ids = _FILTER_CACHE.get(self.snapshot, filters, _allowed_ids).tolist()
             filters = None
         found, work = self.store.search(vectors, mode=mode.value, k=k, filters=filters, image_ids=image_ids,
                                         candidate_k=max(candidate_k, 0))
@@ -1402,37 +1402,40 @@ def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> li
     return list(merged.items())
 
 
-class _FilterPositions:
-    """Sorted image positions per (snapshot, dict filter), computed once: a repeated filter costs
-    nothing per query. Snapshots are held weakly; the least recently used entries are dropped."""
+class _FilterCache:
+    """What a dict filter selects of a snapshot (sorted image positions, or image ids for an external
+    store), computed once per (snapshot, filter, what): a repeated filter costs nothing per query.
+    Snapshots are held weakly; the least recently used entries are dropped."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.entries: OrderedDict[tuple[int, str], tuple[Any, np.ndarray]] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, str, str], tuple[Any, np.ndarray]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+    def get(self, snapshot: Snapshot, filters: Filters,
+            compute: Callable[[Snapshot, Filters], np.ndarray | None]) -> np.ndarray | None:
+        """``compute(snapshot, filters)``, cached when ``filters`` is JSON (None for no filter)."""
         if filters is None:
             return None
         try:  # callables, sets and other non-JSON filters are evaluated every time
-            key = (id(snapshot), json.dumps(filters, sort_keys=True, allow_nan=False))
+            key = (id(snapshot), compute.__name__, json.dumps(filters, sort_keys=True, allow_nan=False))
         except (TypeError, ValueError):
-            return _allowed_positions(snapshot, filters)
+            return compute(snapshot, filters)
         with self.lock:
             entry = self.entries.get(key)
             if entry is not None and entry[0]() is snapshot:
                 self.entries.move_to_end(key)
                 return entry[1]
-        positions = _allowed_positions(snapshot, filters)
-        positions.setflags(write=False)
+        selected = compute(snapshot, filters)
+        selected.setflags(write=False)
         with self.lock:
-            self.entries[key] = (weakref.ref(snapshot), positions)
+            self.entries[key] = (weakref.ref(snapshot), selected)
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
-        return positions
+        return selected
 
 
-_FILTER_POSITIONS = _FilterPositions()
+_FILTER_CACHE = _FilterCache()
 
 
 def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
@@ -1442,6 +1445,13 @@ def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | Non
     allowed = np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
     positions = snapshot.positions_of(allowed)
     return np.sort(positions[positions >= 0])
+
+
+def _allowed_ids(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+    """Ids of the images (catalog order) whose filter view passes ``filters`` (None = all)."""
+    if filters is None:
+        return None
+    return np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
 
 
 def _check_finite(vectors: np.ndarray, what: str) -> None:
