@@ -488,8 +488,8 @@ class HiMIRIndex:
             return
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             self.root = os.path.abspath(source)
-        elif paths:
-            self.root = os.path.commonpath([str(path.parent) for path, _ in paths])
+        else:
+            self.root = _common_folder([str(path) for path, _ in paths])
 
     def _refused_path(self, path: str) -> str | None:
         """Why a listed file is not indexed: its real path leaves its base (root or folder); None when fine."""
