@@ -53,7 +53,7 @@ class ImageRecord:
         """
         import hashlib
 
-        return "himir-" + hashlib.sha1((self.relpath or self.path).encode("utf-8")).hexdigest()[:20]
+        return "himir-" + hashlib.sha1(self.stored_path.encode("utf-8")).hexdigest()[:20]
 
     @property
     def stored_path(self) -> str:

@@ -19,6 +19,7 @@ from stat import S_ISREG
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from himir_rag.errors import ImageLoadError
+from himir_rag.paths import is_within
 
 __all__ = ["IMAGE_EXTENSIONS", "load_image", "decode_image", "iter_image_files", "encode_image",
            "encode_image_file", "encoded_mime_type", "image_header_problem"]
@@ -228,12 +229,9 @@ def iter_image_files(root: str | os.PathLike[str], *, on_skip: Callable[[Path, s
 
 def _outside(path: Path, base: str | None) -> str | None:
     """Why ``path`` (a symlink or inside a followed one) is refused, or None when it stays inside ``base``."""
-    if base is None:
+    if base is None or is_within(path, base):
         return None
-    real = os.path.realpath(path)
-    if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
-        return None
-    return (f"symlink to {real}, outside the indexed folder {base}; not indexed "
+    return (f"symlink to {os.path.realpath(path)}, outside the indexed folder {base}; not indexed "
             "(pass follow_symlinks=True / --follow-symlinks to include it)")
 
 

@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,7 @@ from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, che
                               encode_photos, granularity_keep, prepare_or_skip, region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
-from himir_rag.paths import outside_reason, photo_base, relative_to_root
+from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
 from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
 from himir_rag.threads import limit_threads
 from himir_rag.thumbnails import ThumbnailStore
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 Filters = Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
 QueryImage = str | os.PathLike[str] | bytes | Image.Image
-_CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step when an index is loaded
+_CHECK_ROWS = 262_144  # vector rows checked for NaN/inf per step (load, from_snapshot)
 _LOAD_ATTEMPTS = 3  # a load that finds its version replaced mid-way (CURRENT moved) reads the new one
 _VERSION_RE = re.compile(r"^v(\d+)-\w+$")  # v<time_ns>-<random>: a published version
 _STAGING_RE = re.compile(r"^\.v\d+(-\w+)?\.tmp$")  # a version being written (or left by a killed save)
@@ -301,9 +301,8 @@ class HiMIRIndex:
                                          f"{index.config.precision}")
         try:
             snapshot.check_integrity()
-            for start in range(0, len(snapshot.vectors), _CHECK_ROWS):  # in blocks: no full-size temporary
-                if not np.isfinite(snapshot.vectors[start : start + _CHECK_ROWS]).all():
-                    raise ValueError("its vectors hold NaN or infinite values")
+            if not _all_finite(snapshot.vectors):
+                raise ValueError("its vectors hold NaN or infinite values")
         except ValueError as exc:
             raise IndexFormatError(f"the snapshot is inconsistent: {exc}") from exc
         index._snapshot = snapshot
@@ -321,7 +320,7 @@ class HiMIRIndex:
         snapshot = self.snapshot
         converted = Snapshot(dict(snapshot.images), np.asarray(snapshot.vectors, dtype=VECTOR_DTYPES[precision]),
                              snapshot.region_image, snapshot.levels, snapshot.parents, snapshot.boxes)
-        copy = HiMIRIndex.from_snapshot(converted, encoder=self._encoder or self.encoder_spec, config=config,
+        copy = HiMIRIndex.from_snapshot(converted, encoder=self.encoder_or_spec, config=config,
                                         device=self._device)
         copy._encoder_name, copy._dim = self._encoder_name, self._dim
         copy._skipped, copy._next_id = list(self._skipped), self._next_id
@@ -489,8 +488,8 @@ class HiMIRIndex:
             return
         if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             self.root = os.path.abspath(source)
-        elif paths:
-            self.root = os.path.commonpath([str(path.parent) for path, _ in paths])
+        else:
+            self.root = _common_folder([str(path) for path, _ in paths])
 
     def _refused_path(self, path: str) -> str | None:
         """Why a listed file is not indexed: its real path leaves its base (root or folder); None when fine."""
@@ -937,7 +936,7 @@ class HiMIRIndex:
             stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
             return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
-        allowed = _FILTER_POSITIONS.get(snapshot, filters)
+        allowed = _FILTER_CACHE.get(snapshot, filters, _allowed_positions)
         if mode is RetrievalMode.HIMIR:
             from himir_rag.scheduler import scheduled_search
 
@@ -960,7 +959,7 @@ class HiMIRIndex:
         candidate_k = int(self.config.scheduler_params.candidate_k)
         image_ids = None
         if filters is not None and not self.store.pushes_down(filters):  # runs here on the catalog, sent as ids
-            image_ids = matching_ids(self.snapshot.images.values(), filters)
+            image_ids = _FILTER_CACHE.get(self.snapshot, filters, _allowed_ids).tolist()
             filters = None
         found, work = self.store.search(vectors, mode=mode.value, k=k, filters=filters, image_ids=image_ids,
                                         candidate_k=max(candidate_k, 0))
@@ -1182,7 +1181,7 @@ class HiMIRIndex:
         self._thumbnails.write(target, snapshot.images)
         files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
         manifest = {
-            "format": "himir-rag index", "format_version": FORMAT_VERSION,
+            "format": manifest_schema.FORMAT_NAME, "format_version": FORMAT_VERSION,
             "encoder": {"name": self._encoder_name or self.encoder.name, "dim": snapshot.dim,
                         "spec": self.encoder_spec},
             "config": self.config.to_dict(), "next_image_id": next_id,
@@ -1394,8 +1393,7 @@ def _rebased(record: ImageRecord, old_root: str | None, new_root: str) -> ImageR
     relpath = record.relpath or relative_to_root(record.path, old_root)
     if not relpath:
         return record
-    return dataclasses.replace(record, path=os.path.normpath(os.path.join(new_root, *PurePosixPath(relpath).parts)),
-                               relpath=relpath)
+    return dataclasses.replace(record, path=resolve_stored(relpath, new_root)[0], relpath=relpath)
 
 
 def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -1404,37 +1402,40 @@ def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> li
     return list(merged.items())
 
 
-class _FilterPositions:
-    """Sorted image positions per (snapshot, dict filter), computed once: a repeated filter costs
-    nothing per query. Snapshots are held weakly; the least recently used entries are dropped."""
+class _FilterCache:
+    """What a dict filter selects of a snapshot (sorted image positions, or image ids for an external
+    store), computed once per (snapshot, filter, what): a repeated filter costs nothing per query.
+    Snapshots are held weakly; the least recently used entries are dropped."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.entries: OrderedDict[tuple[int, str], tuple[Any, np.ndarray]] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, str, str], tuple[Any, np.ndarray]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+    def get(self, snapshot: Snapshot, filters: Filters,
+            compute: Callable[[Snapshot, Filters], np.ndarray | None]) -> np.ndarray | None:
+        """``compute(snapshot, filters)``, cached when ``filters`` is JSON (None for no filter)."""
         if filters is None:
             return None
         try:  # callables, sets and other non-JSON filters are evaluated every time
-            key = (id(snapshot), json.dumps(filters, sort_keys=True, allow_nan=False))
+            key = (id(snapshot), compute.__name__, json.dumps(filters, sort_keys=True, allow_nan=False))
         except (TypeError, ValueError):
-            return _allowed_positions(snapshot, filters)
+            return compute(snapshot, filters)
         with self.lock:
             entry = self.entries.get(key)
             if entry is not None and entry[0]() is snapshot:
                 self.entries.move_to_end(key)
                 return entry[1]
-        positions = _allowed_positions(snapshot, filters)
-        positions.setflags(write=False)
+        selected = compute(snapshot, filters)
+        selected.setflags(write=False)
         with self.lock:
-            self.entries[key] = (weakref.ref(snapshot), positions)
+            self.entries[key] = (weakref.ref(snapshot), selected)
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
-        return positions
+        return selected
 
 
-_FILTER_POSITIONS = _FilterPositions()
+_FILTER_CACHE = _FilterCache()
 
 
 def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
@@ -1444,6 +1445,13 @@ def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | Non
     allowed = np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
     positions = snapshot.positions_of(allowed)
     return np.sort(positions[positions >= 0])
+
+
+def _allowed_ids(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+    """Ids of the images (catalog order) whose filter view passes ``filters`` (None = all)."""
+    if filters is None:
+        return None
+    return np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
 
 
 def _check_finite(vectors: np.ndarray, what: str) -> None:
@@ -1557,7 +1565,12 @@ def _read_vectors(path: Path, dim: int, *, dtype: str = "float32") -> np.ndarray
         raise IndexFormatError(f"{path}: not a single .npy array; rebuild the index")
     if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.dtype(dtype):
         raise IncompatibleIndexError(f"{path}: vectors {vectors.shape} {vectors.dtype}, manifest says (n, {dim}) {dtype}")
-    for start in range(0, len(vectors), _CHECK_ROWS):  # in blocks: no full-size temporary
-        if not np.isfinite(vectors[start : start + _CHECK_ROWS]).all():
-            raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
+    if not _all_finite(vectors):
+        raise IndexFormatError(f"{path}: holds NaN or infinite values; the index is damaged, rebuild it")
     return vectors
+
+
+def _all_finite(vectors: np.ndarray) -> bool:
+    """Whether the (n, dim) ``vectors`` hold no NaN or infinity; checked in blocks of rows (no full-size temporary)."""
+    return all(np.isfinite(vectors[start : start + _CHECK_ROWS]).all()
+               for start in range(0, len(vectors), _CHECK_ROWS))

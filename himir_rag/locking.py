@@ -114,15 +114,15 @@ def _lock_file(directory: Path, deadline: float | None, timeout: float | None) -
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            holder = _holder(directory / LOCK_NAME)
             if deadline is not None and time.monotonic() >= deadline:
                 os.close(fd)
                 raise IndexLockedError(
-                    f"{directory} is being written by another process ({holder}); gave up after {timeout:g} s "
-                    "-- try again when it has finished, or wait longer (--wait SECONDS / lock_timeout=)") from None
-            if not waiting:
-                logger.warning("%s is being written by another process (%s); waiting%s", directory, holder,
-                               "" if timeout is None else f" up to {timeout:g} s")
+                    f"{directory} is being written by another process ({_holder(directory / LOCK_NAME)}); gave up "
+                    f"after {timeout:g} s -- try again when it has finished, or wait longer (--wait SECONDS / "
+                    "lock_timeout=)") from None
+            if not waiting:  # the holder is read for the messages only, not on every poll
+                logger.warning("%s is being written by another process (%s); waiting%s", directory,
+                               _holder(directory / LOCK_NAME), "" if timeout is None else f" up to {timeout:g} s")
                 waiting = True
             time.sleep(_POLL_S)
         except BaseException:

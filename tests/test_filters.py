@@ -262,3 +262,22 @@ def test_qdrant_store_keeps_a_pushed_filter_whole_next_to_image_ids(scene_dir, t
         for mode in ("single", "himir-full", "himir"):
             found, _ = index.store.search(queries, mode=mode, k=6, filters=filters, image_ids=every_id)
             assert {Path(item["record"].path).name for item in found} == kept(filters), (filters, mode)
+
+
+def test_qdrant_index_caches_unpushable_filters_per_snapshot(scene_dir, tmp_path, monkeypatch):
+    pytest.importorskip("qdrant_client")
+    import himir_rag.index
+
+    encoder = ColorEncoder()
+    index = HiMIRIndex(encoder, HiMIRConfig(precision="float32"), store=make_store("qdrant", encoder.dim, tmp_path))
+    index.add(scene_dir, metadata=META, progress=False)
+    calls = []
+    real = himir_rag.index.matching_ids
+    monkeypatch.setattr(himir_rag.index, "matching_ids", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for _ in range(3):
+        assert names(index.search("red", k=6, filters={"year": {"$gte": 2021}}).hits) == {
+            "red_green.png", "all_red.png", "orange.png"}
+    assert len(calls) == 1  # evaluated once for this snapshot
+    index.search("red", k=6, filters=lambda view: True)
+    index.search("red", k=6, filters=lambda view: True)
+    assert len(calls) == 3  # callables are evaluated every time
