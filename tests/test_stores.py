@@ -214,3 +214,21 @@ def test_cli_index_into_qdrant(tmp_path):
     assert "cat.jpg" in result.stdout.splitlines()[2]
     result = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx2"), "--store", "qdrant"])
     assert result.exit_code == 1 and "exactly one of --qdrant-url" in result.stderr
+
+
+def test_qdrant_vector_counts_are_kept_until_the_store_changes(scene_dir, tmp_path):
+    pytest.importorskip("qdrant_client")
+    encoder = ColorEncoder()
+    index = HiMIRIndex(encoder, HiMIRConfig(precision="float32"), store=make_store("qdrant", encoder.dim, tmp_path))
+    index.add(scene_dir, progress=False)
+    store = index.store
+    scrolls = []
+    real = store._payloads
+    store._payloads = lambda: (scrolls.append(1), real())[1]
+    before = store.vector_counts()
+    for _ in range(3):
+        index.search("red", k=3, mode="himir")
+    assert len(scrolls) == 1  # counted once, not per search
+    index.delete([next(iter(index.snapshot.images))])
+    after = store.vector_counts()
+    assert len(scrolls) == 2 and after["full"] < before["full"] and after["global"] == before["global"] - 1

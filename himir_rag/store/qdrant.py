@@ -166,6 +166,7 @@ class QdrantImageStore:
                 if path == ":memory:" else QdrantClient(path=path)
         self.client, self.collection, self.dim = client, collection, dim
         self.url, self.path = url, path
+        self._counts: dict[str, int] | None = None  # vector_counts(), until this store adds or deletes
         if not client.collection_exists(collection):
             multi = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
             no_graph = models.HnswConfigDiff(m=0)  # rescoring-only vectors need no HNSW graph
@@ -208,6 +209,7 @@ class QdrantImageStore:
         _, models = _qdrant()
         points = [models.PointStruct(id=int(r.image_id), vector=_named_vectors(t, v), payload=_payload(r, t))
                   for r, t, v in zip(records, trees, vectors)]
+        self._counts = None
         for start in range(0, len(points), 256):
             self.client.upsert(self.collection, points=points[start : start + 256], wait=True)
 
@@ -215,6 +217,7 @@ class QdrantImageStore:
         """Delete images by id (unknown ids are ignored)."""
         _, models = _qdrant()
         if image_ids:
+            self._counts = None
             self.client.delete(self.collection, points_selector=models.PointIdsList(points=[int(i) for i in image_ids]),
                                wait=True)
 
@@ -241,16 +244,22 @@ class QdrantImageStore:
                 return
 
     def vector_counts(self) -> dict[str, int]:
-        """Stored vectors per named vector, summed over images (for the compute meter)."""
-        counts = {"global": 0, "coarse": 0, "fine": 0, "full": 0}
-        for record_payload in self._payloads():
-            levels = np.asarray(record_payload["levels"])
-            n_global, n_region = int((levels == 0).sum()), int((levels == 1).sum())
-            counts["global"] += n_global
-            counts["coarse"] += n_global + n_region
-            counts["fine"] += len(levels) - n_region
-            counts["full"] += len(levels)
-        return counts
+        """Stored vectors per named vector, summed over images (for the compute meter).
+
+        Counted by scrolling the collection once, then kept until this store adds or deletes
+        images: a search no longer scrolls the whole collection to meter itself.
+        """
+        if self._counts is None:
+            counts = {"global": 0, "coarse": 0, "fine": 0, "full": 0}
+            for record_payload in self._payloads():
+                levels = np.asarray(record_payload["levels"])
+                n_global, n_region = int((levels == 0).sum()), int((levels == 1).sum())
+                counts["global"] += n_global
+                counts["coarse"] += n_global + n_region
+                counts["fine"] += len(levels) - n_region
+                counts["full"] += len(levels)
+            self._counts = counts
+        return dict(self._counts)
 
     def _payloads(self) -> Iterator[dict[str, Any]]:
         offset = None
