@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from himir_rag.errors import ConfigError
+from himir_rag.ingest import MetadataLookup
 
 __all__ = ["is_document", "documents_to_paths", "DOC_ID_KEY", "PATH_KEYS"]
 
@@ -110,16 +111,14 @@ def documents_to_paths(source: Iterable[Any], metadata: Any) -> tuple[list[Any],
             document_metadata[DOC_ID_KEY] = doc_id
         from_documents[str(Path(path).absolute())] = document_metadata
         paths.append(path)
-    return paths, _merged(from_documents, metadata)
+    # the caller's own mapping resolves its keys as add() documents (absolute, relative, unique bare names)
+    own = MetadataLookup.wrap(metadata, None, [(Path(p).absolute(), None) for p in paths])
+    return paths, _merged(from_documents, own)
 
 
-def _merged(from_documents: Mapping[str, Mapping[str, Any]], metadata: Any) -> Callable[[Path], dict[str, Any]]:
+def _merged(from_documents: Mapping[str, Mapping[str, Any]], own: Any) -> Callable[[Path], dict[str, Any]]:
+    """The documents' metadata under the caller's (the caller's keys win)."""
     def lookup(path: Path) -> dict[str, Any]:
-        own: Any = {}
-        if callable(metadata):
-            own = metadata(path)
-        elif metadata is not None:
-            own = metadata.get(str(path)) or metadata.get(path.name) or {}
-        return {**from_documents.get(str(path), {}), **dict(own or {})}
+        return {**from_documents.get(str(path), {}), **dict((own(path) if own is not None else None) or {})}
 
     return lookup

@@ -115,6 +115,17 @@ def test_add_image_documents_and_langchain_documents(photos: Path, tmp_path: Pat
     assert {d.id for d in reloaded.as_langchain_retriever(k=3).invoke("red")} == set(by_id)
 
 
+def test_documents_with_a_metadata_mapping_resolve_keys_as_add_does(photos: Path, monkeypatch) -> None:
+    monkeypatch.chdir(photos.parent)
+    built = HiMIRIndex(ColorEncoder())
+    built.add([ImageDocument(image_path=str(photos / "red.png"), metadata={"album": "a"}),
+               ImageDocument(image_path=str(photos / "green.png"))],
+              metadata={f"{photos.name}/red.png": {"year": 2021}, "green.png": {"year": 2020}}, progress=False)
+    by_name = {Path(r.path).name: r.metadata for r in built.images}
+    assert by_name["red.png"]["year"] == 2021 and by_name["red.png"]["album"] == "a"  # relative key, both kept
+    assert by_name["green.png"]["year"] == 2020  # a unique bare name
+
+
 def test_document_without_a_path_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="document 'x' names no image file"):
         HiMIRIndex(ColorEncoder()).add([Document(page_content="a caption", id="x")], progress=False)
