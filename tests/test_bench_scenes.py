@@ -16,6 +16,7 @@ from PIL import Image
 
 from himir_rag.bench.scenes import (
     QUERY_TEMPLATES,
+    TEMPLATE_SETS,
     StampsNotInstalledError,
     build_composite_benchmark,
     clean_stamp_name,
@@ -107,11 +108,41 @@ def test_head_noun(name, head):
     assert head_noun(name) == head
 
 
-def test_query_templates_are_varied():
-    assert sum(len(t) for t in QUERY_TEMPLATES.values()) >= 10
-    for n_objects, templates in QUERY_TEMPLATES.items():
+@pytest.mark.parametrize("name", sorted(TEMPLATE_SETS))
+def test_query_templates_are_varied(name):
+    templates_by_count = TEMPLATE_SETS[name]
+    assert sum(len(t) for t in templates_by_count.values()) >= 10
+    for n_objects, templates in templates_by_count.items():
         for template in templates:
             assert template.format(*[f"<{i}>" for i in range(n_objects)]).count("<") == n_objects
+
+
+def test_held_out_templates_share_no_phrasing_with_v1():
+    v1 = {t for ts in TEMPLATE_SETS["v1"].values() for t in ts}
+    v2 = {t for ts in TEMPLATE_SETS["v2"].values() for t in ts}
+    assert not v1 & v2
+    assert QUERY_TEMPLATES is TEMPLATE_SETS["v1"]
+
+
+def test_v2_templates_phrase_the_queries_and_are_recorded(synthetic_stamps, tmp_path):
+    kwargs = dict(scenes=12, queries=6, seed=0, image_size=SIZE, stamps_dir=synthetic_stamps, progress=False)
+    build_composite_benchmark(tmp_path / "v1", **kwargs)
+    build_composite_benchmark(tmp_path / "v2", templates="v2", **kwargs)
+    v2_templates = {t for ts in TEMPLATE_SETS["v2"].values() for t in ts}
+    queries = {label: read_jsonl(tmp_path / label / "queries.jsonl") for label in ("v1", "v2")}
+    for row in queries["v2"]:
+        names = row["objects"]
+        phrasings = {t.format(*p) for t in v2_templates if t.count("{") == len(names)
+                     for p in itertools.permutations(names)}
+        assert row["query"] in phrasings
+    assert {r["query"] for r in queries["v1"]}.isdisjoint(r["query"] for r in queries["v2"])
+    manifest = json.loads((tmp_path / "v2" / "manifest.json").read_text())
+    assert manifest["query_templates"] == "v2"
+
+
+def test_unknown_template_set_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="templates 'v9' is unknown"):
+        build_composite_benchmark(tmp_path, templates="v9", progress=False)
 
 
 # ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def build_command(
     size: str = typer.Option("640x480", help="Scene size WIDTHxHEIGHT."),
     stamps_dir: Optional[Path] = typer.Option(None, help="Tux Paint stamps folder (default: the installed package)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    templates: str = typer.Option("v1", help="Query phrasings: v1 (default) or v2 (the held-out set)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Build the composite photo benchmark from Debian's tuxpaint-stamps-default cut-outs."""
@@ -64,7 +65,8 @@ def build_command(
     _setup_logging(verbose)
     try:
         summary = build_composite_benchmark(out_dir, scenes=scenes, queries=queries, seed=seed,
-                                            image_size=_parse_size(size), stamps_dir=stamps_dir, progress=progress)
+                                            image_size=_parse_size(size), stamps_dir=stamps_dir, progress=progress,
+                                            templates=templates)
     except StampsNotInstalledError as exc:
         _fail(f"{exc}\nThe benchmark needs the photo cut-outs of Debian's tuxpaint-stamps-default (GPL-2, not "
               "shipped with himir-rag). Install them with:\n    sudo apt-get install tuxpaint-stamps-default\n"

@@ -1,0 +1,225 @@
+"""Accuracy lab for the offline encoder: cache per-region classifier logits once, then score
+encoder and fusion variants on a composite benchmark in numpy, without re-indexing.
+
+The offline encoder's image embedding is a function of the classifier's 1000 logits
+(softmax -> top classes -> probability-weighted class-text embeddings), so caching the
+logits of every region of every photo lets each variant (top classes, temperature, class
+texts, per-level calibration, per-level weights) be scored in seconds, exactly as the
+exhaustive modes would score it (``single``, ``mvr``, ``himir-full`` are exhaustive MaxSim).
+
+Usage::
+
+    # 1. cache logits (crops as the index cuts them; --pad adds context around each box)
+    python benchmarks/accuracy_lab.py cache /tmp/bench --out /tmp/bench/logits.npz
+    python benchmarks/accuracy_lab.py cache /tmp/bench --pad 0.15 --out /tmp/bench/logits-pad15.npz
+    # 2. score variants (one table: Recall@1/5/10, nDCG@10, grounding per mode)
+    python benchmarks/accuracy_lab.py score /tmp/bench --logits /tmp/bench/logits.npz
+
+Variants are chosen on the tuning set (``/tmp/bench-tune``, seed 1) and only then read on the
+evaluation set; the script never fits anything to the set it scores unless told to
+(``--fit-from`` names the set whose queries fit per-level weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from himir_rag.bench.metrics import box_iou
+from himir_rag.bench.runner import match_objects, ranking_metrics
+from himir_rag.config import HiMIRConfig
+from himir_rag.decompose import get_decomposer
+from himir_rag.encoders.offline import OfflineEncoder, imagenet_class_names
+from himir_rag.hierarchy import Level
+from himir_rag.ingest import cut, region_decomposer
+
+TEMPLATES = ("a photo of a {}", "a photo of the {}", "a close-up photo of a {}", "a cropped photo of a {}",
+             "a picture of a {}", "{}")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pad_box(box: tuple[int, int, int, int], size: tuple[int, int], pad: float) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * pad, (y1 - y0) * pad
+    return (max(0, int(x0 - dx)), max(0, int(y0 - dy)), min(size[0], int(x1 + dx) + 1), min(size[1], int(y1 + dy) + 1))
+
+
+def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    encoder = OfflineEncoder()
+    encoder.load()
+    classifier = encoder._classifier
+    config = HiMIRConfig(layout=layout)
+    decomposer = region_decomposer(config)
+    scenes = _jsonl(bench / "scenes.jsonl")
+    side = encoder.image_size
+    logits, levels, boxes, owners = [], [], [], []
+    started = time.perf_counter()
+    for n, scene in enumerate(scenes):
+        image = Image.open(bench / scene["path"]).convert("RGB")
+        tree, crops, work = cut(image, decomposer, min_region_frac=config.min_region_frac)
+        if pad:
+            sx = work.size[0] / image.size[0]
+            crops = [work.crop(_pad_box(tuple(int(v * sx) for v in box), work.size, pad)) for box in tree.boxes]
+        pixels = np.stack([np.asarray(c.resize((side, side), Image.BILINEAR)) for c in crops])
+        tensor = torch.from_numpy((pixels.astype(np.float32) - 127.0) / 128.0).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            out_logits = torch.cat([classifier(tensor[i:i + batch]) for i in range(0, len(tensor), batch)])
+        logits.append(out_logits.numpy().astype(np.float32))
+        levels.append(tree.levels.astype(np.int8))
+        boxes.append(tree.boxes.astype(np.int32))
+        owners.append(np.full(len(tree), n, dtype=np.int32))
+        if n % 50 == 0:
+            print(f"{n}/{len(scenes)} photos, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    np.savez(out, logits=np.concatenate(logits), levels=np.concatenate(levels), boxes=np.concatenate(boxes),
+             owners=np.concatenate(owners), scene_ids=np.array([s["scene_id"] for s in scenes]))
+    print(f"cached {sum(len(x) for x in logits)} regions of {len(scenes)} photos in "
+          f"{time.perf_counter() - started:.0f} s -> {out}", file=sys.stderr)
+
+
+class Lab:
+    """One benchmark set's cached logits, queries and sub-query text vectors."""
+
+    def __init__(self, bench: Path, logits_path: Path) -> None:
+        data = np.load(logits_path, allow_pickle=False)
+        self.logits, self.levels, self.boxes = data["logits"], data["levels"], data["boxes"]
+        self.owners, self.scene_ids = data["owners"], list(data["scene_ids"])
+        self.n_images = len(self.scene_ids)
+        self.scenes = {s["scene_id"]: s for s in _jsonl(bench / "scenes.jsonl")}
+        self.queries = _jsonl(bench / "queries.jsonl")
+        self.qrels = {r["query_id"]: set(r["scene_ids"]) for r in _jsonl(bench / "qrels.jsonl")}
+        self.encoder = OfflineEncoder()
+        self.encoder.load()
+        rule = get_decomposer("rule")
+        self.subqueries = [list(rule.decompose(q["query"])) or [q["query"]] for q in self.queries]
+        flat = sorted({s for subs in self.subqueries for s in subs} | {q["query"] for q in self.queries})
+        vectors = self.encoder.embed_texts(flat)
+        self.text_vector = dict(zip(flat, vectors))
+
+    def region_vectors(self, class_emb: np.ndarray, *, top: int, temperature: float) -> np.ndarray:
+        z = self.logits / temperature
+        z = z - z.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=1, keepdims=True)
+        if top < probs.shape[1]:
+            cutoff = np.partition(probs, -top, axis=1)[:, -top][:, None]
+            probs = np.where(probs >= cutoff, probs, 0.0)
+        vectors = probs @ class_emb
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def per_level_max(self, vectors: np.ndarray, texts: np.ndarray) -> np.ndarray:
+        """(n_texts, 3 levels, n_images) best similarity per level (-inf where a level is empty)."""
+        sims = texts @ vectors.T
+        out = np.full((len(texts), 3, self.n_images), -np.inf, dtype=np.float32)
+        for level in range(3):
+            mask = self.levels == level
+            level_sims, level_owner = sims[:, mask], self.owners[mask]
+            order = np.argsort(level_owner, kind="stable")
+            starts = np.flatnonzero(np.r_[True, np.diff(level_owner[order]) != 0])
+            out[:, level, level_owner[order][starts]] = np.maximum.reduceat(level_sims[:, order], starts, axis=1)
+        return out
+
+    def evaluate(self, vectors: np.ndarray, *, scale: np.ndarray | None = None, shift: np.ndarray | None = None,
+                 weights: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+        """Mean ranking metrics per mode and grounding (IoU >= 0.3) of himir-full's best region.
+
+        A per-level affine map ``s * scale[level] + shift[level]`` is applied to every
+        similarity before the max (monotone per level, so bounds stay valid).
+        """
+        scale = np.ones(3, np.float32) if scale is None else scale
+        shift = np.zeros(3, np.float32) if shift is None else shift
+        modes = {"single": (0,), "mvr": (0, 2), "himir-full": (0, 1, 2)}
+        rows: dict[str, list[dict]] = {m: [] for m in modes}
+        ground = []
+        for q, subs in zip(self.queries, self.subqueries):
+            sub_vec = np.stack([self.text_vector[s] for s in subs])
+            best = self.per_level_max(vectors, sub_vec) * scale[None, :, None] + shift[None, :, None]
+            for mode, allowed in modes.items():
+                if mode == "single":
+                    full = self.per_level_max(vectors, self.text_vector[q["query"]][None])[0, 0]
+                    scores = full
+                else:
+                    scores = best[:, list(allowed), :].max(axis=1).mean(axis=0)
+                ranked = [self.scene_ids[i] for i in np.argsort(-scores, kind="stable")[:10]]
+                rows[mode].append(ranking_metrics(ranked, self.qrels[q["id"]]))
+            ground.extend(self._grounding(q, subs, vectors, scale, shift))
+        result = {m: {k: float(np.mean([r[k] for r in rs])) for k in ("recall@1", "recall@5", "recall@10", "ndcg@10")}
+                  for m, rs in rows.items()}
+        result["grounding"] = {"himir-full": float(np.mean(ground)) if ground else float("nan"), "n": len(ground)}
+        return result
+
+    def _grounding(self, query: dict, subs: list[str], vectors: np.ndarray, scale: np.ndarray,
+                   shift: np.ndarray) -> list[bool]:
+        scene = self.scenes[query["scene_id"]]
+        image = self.scene_ids.index(query["scene_id"])
+        rows = np.flatnonzero(self.owners == image)
+        by_name = {o["name"]: o for o in scene["objects"]}
+        hits = []
+        for sub, name in match_objects(subs, query["objects"]):
+            sims = vectors[rows] @ self.text_vector[sub] * scale[self.levels[rows]] + shift[self.levels[rows]]
+            box = self.boxes[rows[int(np.argmax(sims))]]
+            hits.append(box_iou(box.tolist(), by_name[name]["bbox"]) >= 0.3)
+        return hits
+
+
+def class_embeddings(encoder: OfflineEncoder, how: str) -> np.ndarray:
+    """(1000, 384) class-text vectors: ``prompt`` (today's), ``synonyms`` (all lemmas, one prompt),
+    ``templates`` (first lemma, several prompts), ``both`` (all lemmas x prompts, averaged)."""
+    import importlib.resources
+
+    text = importlib.resources.files("himir_rag").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
+    rows = [line.split("\t", 1)[1] for line in text.splitlines() if line and not line.startswith("#")]
+    lemmas = [[name.strip() for name in row.split(",") if name.strip()] for row in rows]
+    names = [ls if how in ("synonyms", "both") else ls[:1] for ls in lemmas]
+    templates = TEMPLATES if how in ("templates", "both") else TEMPLATES[:1]
+    texts = [[t.format(n) for n in ns for t in templates] for ns in names]
+    flat = [t for ts in texts for t in ts]
+    vectors = encoder.embed_texts(flat)
+    bounds = np.cumsum([0] + [len(ts) for ts in texts])
+    means = np.stack([vectors[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+    return means / np.linalg.norm(means, axis=1, keepdims=True)
+
+
+def probe_calibration(lab: Lab, vectors: np.ndarray, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label-free per-level map: z-score of each level's per-image best similarity to probe texts."""
+    best = lab.per_level_max(vectors, probes)  # (n_probes, 3, n_images)
+    mean = np.array([best[:, level, :].mean() for level in range(3)], dtype=np.float32)
+    std = np.array([best[:, level, :].std() for level in range(3)], dtype=np.float32)
+    return 1.0 / std, -mean / std
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cache")
+    c.add_argument("bench", type=Path)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--pad", type=float, default=0.0)
+    c.add_argument("--batch", type=int, default=4)
+    c.add_argument("--layout", default="1+4+16")
+    s = sub.add_parser("score")
+    s.add_argument("bench", type=Path)
+    s.add_argument("--logits", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "cache":
+        cache_logits(args.bench, args.out, pad=args.pad, batch=args.batch, layout=args.layout)
+        return
+    lab = Lab(args.bench, args.logits)
+    base = class_embeddings(lab.encoder, "prompt")
+    vectors = lab.region_vectors(base, top=20, temperature=1.0)
+    print(json.dumps(lab.evaluate(vectors), indent=1))
+
+
+if __name__ == "__main__":
+    main()
