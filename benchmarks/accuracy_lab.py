@@ -53,14 +53,14 @@ def _pad_box(box: tuple[int, int, int, int], size: tuple[int, int], pad: float) 
     return (max(0, int(x0 - dx)), max(0, int(y0 - dy)), min(size[0], int(x1 + dx) + 1), min(size[1], int(y1 + dy) + 1))
 
 
-def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str) -> None:
+def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str, decomposer: str) -> None:
     import torch
 
     torch.set_num_threads(1)
     encoder = OfflineEncoder()
     encoder.load()
     classifier = encoder._classifier
-    config = HiMIRConfig(layout=layout)
+    config = HiMIRConfig(layout=layout, decomposer=decomposer)
     decomposer = region_decomposer(config)
     scenes = _jsonl(bench / "scenes.jsonl")
     side = encoder.image_size
@@ -103,9 +103,26 @@ class Lab:
         self.encoder.load()
         rule = get_decomposer("rule")
         self.subqueries = [list(rule.decompose(q["query"])) or [q["query"]] for q in self.queries]
-        flat = sorted({s for subs in self.subqueries for s in subs} | {q["query"] for q in self.queries})
-        vectors = self.encoder.embed_texts(flat)
-        self.text_vector = dict(zip(flat, vectors))
+        self.flat = sorted({s for subs in self.subqueries for s in subs} | {q["query"] for q in self.queries})
+        self.plain_vectors = self.encoder.embed_texts(self.flat)
+        self.text_vector = dict(zip(self.flat, self.plain_vectors))
+
+    def set_query_side(self, template: str | None, project: tuple[float, int] | None,
+                       class_emb: np.ndarray) -> None:
+        """Sub-query vectors: wrapped in ``template`` (e.g. "a photo of {}") and/or projected onto
+        the class texts (softmax over cosine / tau, top classes, weighted mean of class vectors)."""
+        vectors = self.plain_vectors if template is None else self.encoder.embed_texts(
+            [template.format(t) for t in self.flat])
+        if project is not None:
+            tau, top = project
+            logits = vectors @ class_emb.T / tau
+            logits -= logits.max(axis=1, keepdims=True)
+            w = np.exp(logits)
+            cutoff = np.partition(w, -top, axis=1)[:, -top][:, None]
+            w = np.where(w >= cutoff, w, 0.0)
+            vectors = w @ class_emb
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        self.text_vector = dict(zip(self.flat, vectors))
 
     def region_vectors(self, class_emb: np.ndarray, *, top: int, temperature: float) -> np.ndarray:
         z = self.logits / temperature
@@ -131,7 +148,7 @@ class Lab:
         return out
 
     def evaluate(self, vectors: np.ndarray, *, scale: np.ndarray | None = None, shift: np.ndarray | None = None,
-                 weights: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+                 fuse: np.ndarray | None = None) -> dict[str, dict[str, float]]:
         """Mean ranking metrics per mode and grounding (IoU >= 0.3) of himir-full's best region.
 
         A per-level affine map ``s * scale[level] + shift[level]`` is applied to every
@@ -149,6 +166,8 @@ class Lab:
                 if mode == "single":
                     full = self.per_level_max(vectors, self.text_vector[q["query"]][None])[0, 0]
                     scores = full
+                elif mode == "himir-full" and fuse is not None:  # weighted sum of the per-level maxima
+                    scores = np.tensordot(fuse, best, axes=([0], [1])).mean(axis=0)
                 else:
                     scores = best[:, list(allowed), :].max(axis=1).mean(axis=0)
                 ranked = [self.scene_ids[i] for i in np.argsort(-scores, kind="stable")[:10]]
@@ -208,17 +227,59 @@ def main() -> None:
     c.add_argument("--pad", type=float, default=0.0)
     c.add_argument("--batch", type=int, default=4)
     c.add_argument("--layout", default="1+4+16")
+    c.add_argument("--decomposer", default="grid")
     s = sub.add_parser("score")
     s.add_argument("bench", type=Path)
     s.add_argument("--logits", type=Path, required=True)
+    s.add_argument("--variants", default="", help="comma-separated variants (see sweep)")
     args = parser.parse_args()
     if args.command == "cache":
-        cache_logits(args.bench, args.out, pad=args.pad, batch=args.batch, layout=args.layout)
+        cache_logits(args.bench, args.out, pad=args.pad, batch=args.batch, layout=args.layout,
+                     decomposer=args.decomposer)
         return
     lab = Lab(args.bench, args.logits)
-    base = class_embeddings(lab.encoder, "prompt")
-    vectors = lab.region_vectors(base, top=20, temperature=1.0)
-    print(json.dumps(lab.evaluate(vectors), indent=1))
+    sweep(lab, args.variants.split(","))
+
+
+def probe_texts(encoder: OfflineEncoder, n: int, seed: int) -> np.ndarray:
+    """Label-free probes: ``n`` class names drawn at random (one seed), embedded as queries are."""
+    names = imagenet_class_names()
+    rng = np.random.default_rng(seed)
+    return encoder.embed_texts([names[i] for i in rng.choice(len(names), size=n, replace=False)])
+
+
+def sweep(lab: Lab, variants: list[str]) -> None:
+    """One row per variant: ``emb=prompt|synonyms|templates|both``, ``top=N``, ``t=T``,
+    ``cal=none|probe`` joined by ``+`` (e.g. ``emb=both+top=10+cal=probe``)."""
+    header = "| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding |"
+    print(header)
+    print("|---" * 8 + "|")
+    cache: dict[str, np.ndarray] = {}
+    for variant in variants:
+        opts = dict(part.split("=") for part in variant.split("+") if part)
+        how = opts.get("emb", "prompt")
+        if how not in cache:
+            cache[how] = class_embeddings(lab.encoder, how)
+        vectors = lab.region_vectors(cache[how], top=int(opts.get("top", 20)), temperature=float(opts.get("t", 1)))
+        project = None
+        if "qproj" in opts:  # qproj=tau:top
+            tau, top = opts["qproj"].split(":")
+            project = (float(tau), int(top))
+        lab.set_query_side(opts.get("qt", "").replace("_", " ") or None, project, cache[how])
+        scale = shift = None
+        if opts.get("cal", "none") == "probe":
+            scale, shift = probe_calibration(lab, vectors, probe_texts(lab.encoder, 200, seed=0))
+        elif opts.get("cal", "none").startswith("shift"):  # shift:<region>:<segment>, global 0
+            _, region, segment = opts["cal"].split(":")
+            scale, shift = np.ones(3, np.float32), np.array([0, float(region), float(segment)], np.float32)
+        fuse = None
+        if "fuse" in opts:  # fuse=a:b:c weights of the global, region, segment maxima (summed)
+            fuse = np.array([float(w) for w in opts["fuse"].split(":")], np.float32)
+        r = lab.evaluate(vectors, scale=scale, shift=shift, fuse=fuse)
+        f = r["himir-full"]
+        print(f"| {variant or 'baseline'} | {r['single']['recall@10']:.3f} | {r['mvr']['recall@10']:.3f} | "
+              f"{f['recall@1']:.3f} | {f['recall@5']:.3f} | {f['recall@10']:.3f} | {f['ndcg@10']:.3f} | "
+              f"{r['grounding']['himir-full']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
