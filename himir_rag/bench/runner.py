@@ -44,7 +44,7 @@ from himir_rag.encoders import Encoder
 from himir_rag.errors import ConfigError, HiMIRError
 from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex, SearchResult
-from himir_rag.scheduler import RetrievalMode, parse_mode
+from himir_rag.modes import RetrievalMode, mode_names, parse_mode
 
 __all__ = [
     "DEFAULT_MODES",
@@ -68,7 +68,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODES = ("single", "mvr", "himir-full", "himir")
+DEFAULT_MODES = mode_names()
 DECOMPOSERS = ("rule", "oracle", "llm", "none")
 GROUNDING_IOU = 0.3
 CUTOFFS = (1, 5, 10)
