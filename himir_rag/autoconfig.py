@@ -185,7 +185,7 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall-of-probe-sources", k=k,
                         budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(drawn))
     full = _evaluate_exhaustive(index, workload, reference_mode(), k)
-    before = _run(index, workload, dict(index.config.scheduler), k, report)
+    before = _run(index, workload, index.config.scheduler.overrides(), k, report)
     best = before
     for _ in range(passes):
         for name, values in AUTO_SEARCH_SPACE.items():

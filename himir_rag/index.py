@@ -59,7 +59,7 @@ from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
 from himir_rag.modes import MODES, RetrievalMode, parse_mode
-from himir_rag.scheduler import SearchStats, score_mode, top_k
+from himir_rag.scheduler import SchedulerParams, SearchStats, score_mode, top_k
 from himir_rag.threads import limit_threads
 from himir_rag.thumbnails import ThumbnailStore
 
@@ -512,9 +512,10 @@ class HiMIRIndex:
         config, record = self.config, self.autoconfig
         if not config.auto_tune or self.store is not None or len(self) < config.auto_tune_min_images:
             return False
-        if record is None and config.scheduler:
+        if record is None and config.scheduler.overrides():
             return False  # hand-set parameters
-        if record is not None and (record.get("source") != "auto" or config.scheduler != record.get("params")
+        if record is not None and (record.get("source") != "auto"
+                                   or not _tuned_params_in_use(config, record.get("params"))
                                    or len(self) < config.auto_tune_growth * int(record.get("images", 0))):
             return False
         from himir_rag.autoconfig import apply_record, auto_tune
@@ -1504,6 +1505,14 @@ def _allowed_ids(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
     if filters is None:
         return None
     return np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
+
+
+def _tuned_params_in_use(config: HiMIRConfig, params: Any) -> bool:
+    """The config's scheduler parameters are a tuning record's ``params`` (False for an unreadable record)."""
+    try:
+        return config.scheduler == SchedulerParams.from_dict(params)
+    except (ConfigError, TypeError):
+        return False
 
 
 def _check_finite(vectors: np.ndarray, what: str) -> None:

@@ -206,7 +206,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 # -- the scheduled pruning pass ----------------------------------------------------------------
 @dataclass(frozen=True)
 class SchedulerParams:
-    """Tunables of the scheduled pass (``HiMIRConfig.scheduler`` holds them as a dict).
+    """Tunables of the scheduled pass (``HiMIRConfig.scheduler``; saved as :meth:`overrides`).
 
     Attributes
     ----------
@@ -309,6 +309,20 @@ class SchedulerParams:
             raise ConfigError(f"pq_error_quantile must be in [0, 1], got {self.pq_error_quantile}")
         if not 0 < self.probe_share <= 1:
             raise ConfigError(f"probe_share must be in (0, 1] (a share of the IVF lists), got {self.probe_share}")
+
+    def overrides(self) -> dict[str, Any]:
+        """The parameters that differ from the defaults, JSON-ready (tuples as lists): what a manifest stores.
+
+        Example
+        -------
+        >>> SchedulerParams(candidate_k=8).overrides()
+        {'candidate_k': 8}
+        """
+        import dataclasses
+
+        default = SchedulerParams()
+        return {f.name: list(value) if isinstance(value, tuple) else value for f in dataclasses.fields(self)
+                if (value := getattr(self, f.name)) != getattr(default, f.name)}
 
     @classmethod
     def exact(cls) -> SchedulerParams:

@@ -736,7 +736,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                       "indexed_images": len(index), **_read_manifest_counts(bench_dir)},
         "config": {"modes": [m.value for m in mode_list], "encoder": index.encoder.name,
                    "encoder_spec": index.encoder_spec, "decomposer": decomposer, "layout": index.config.layout,
-                   "k": k, "search_k": search_k, "scheduler": dict(index.config.scheduler),
+                   "k": k, "search_k": search_k, "scheduler": index.config.scheduler.overrides(),
                    "torch_threads": torch_threads,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
         "skipped_modes": runs.skipped, **summarize_run(runs.per_query, mode_list, runs.skipped),

@@ -339,7 +339,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
                       "mean_targets_per_query": float(np.mean([len(q.relevant) for q in evaluated])),
                       "mean_subqueries": float(np.mean([len(q.subquery_vectors) for q in evaluated]))},
         "config": {"modes": [m.value for m in mode_list], "k": k, "search_k": search_k,
-                   "scheduler": dict(index.config.scheduler),
+                   "scheduler": index.config.scheduler.overrides(),
                    "scheduler_params": dataclasses.asdict(index.config.scheduler_params),
                    "search_api": "HiMIRIndex.search_vectors (explicit vectors)"},
         "skipped_modes": runs.skipped, **summary,
