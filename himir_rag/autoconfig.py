@@ -198,7 +198,7 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     return {"source": "auto", "images": len(index), "probes": len(drawn), "seed": seed, "k": k,
             "tolerance": tolerance, "agreement_tolerance": agreement_tolerance,
             "budget_dot_products": budget_dot_products, "budget_ms": budget_ms,
-            "reference": "himir-full", "params": _jsonable(best.params), **summary(best),
+            "reference": reference_mode().value, "params": _jsonable(best.params), **summary(best),
             "before": {"params": _jsonable(before.params), **summary(before)}, "himir_full": summary(full),
             "trials": len(report.trials), "seconds": round(time.perf_counter() - started, 3),
             "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -18,7 +18,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
-from himir_rag.modes import mode_names, parse_mode
+from himir_rag.modes import mode_names, parse_mode, reference_mode
 from himir_rag.retriever import result_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -478,10 +478,10 @@ def tune_command(
     if as_json:
         typer.echo(_dumps(report.to_dict()))
         return
-    chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines["himir-full"]
+    chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines[reference_mode().value]
     typer.echo(f"target: {report.target}@{report.k} on {len(items)} queries; {len(report.trials)} trials "
                f"in {report.seconds:.1f}s")
-    for name, trial in (("mvr", mvr), ("himir-full", full), ("himir (chosen)", chosen)):
+    for name, trial in (("mvr", mvr), (reference_mode().value, full), ("himir (chosen)", chosen)):
         typer.echo(f"  {name:<15} accuracy {trial.accuracy:.3f}  dot products {trial.dot_products:>10.0f}  "
                    f"p50 {trial.latency_ms:.2f} ms")
     typer.echo(f"  {mvr.dot_products / max(chosen.dot_products, 1):.1f}x fewer dot products than mvr")

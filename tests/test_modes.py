@@ -201,3 +201,9 @@ def test_mode_spec_rows_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         MODES[RetrievalMode.HIMIR].subqueries = False  # type: ignore[misc]
     assert isinstance(MODES[RetrievalMode.HIMIR], ModeSpec)
+
+
+def test_the_configs_default_mode_is_the_tables() -> None:
+    from himir_rag.modes import DEFAULT_MODE
+
+    assert HiMIRConfig().default_mode == DEFAULT_MODE.value

@@ -44,7 +44,7 @@ from himir_rag.encoders import Encoder
 from himir_rag.errors import ConfigError, HiMIRError
 from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex, SearchResult
-from himir_rag.modes import RetrievalMode, mode_names, parse_mode
+from himir_rag.modes import MODES, RetrievalMode, Scorer, mode_names, parse_mode, reference_mode
 
 __all__ = [
     "DEFAULT_MODES",
@@ -472,8 +472,8 @@ def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, l
     iou: dict[str, float | None] = {}
     ceiling: dict[str, float | None] = {}
     choices = {**{name: (int(level),) for name, level in zip(_LEVEL_NAMES, Level)},
-               "mvr": (int(Level.GLOBAL), int(Level.SEGMENT)),
-               "himir-full": tuple(int(level) for level in Level)}
+               **{spec.name: tuple(int(level) for level in spec.levels) for spec in MODES.values()
+                  if spec.subqueries and spec.scorer is Scorer.EXHAUSTIVE}}  # mvr, himir-full
     overlaps = np.array([box_iou(box.tolist(), obj["bbox"]) for box in boxes])
     chosen_level = None
     for name, allowed in choices.items():
@@ -483,7 +483,7 @@ def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, l
             continue
         best = candidates[int(np.argmax(sim[candidates]))]
         iou[name], ceiling[name] = float(overlaps[best]), float(overlaps[candidates].max())
-        if name == "himir-full":
+        if name == reference_mode().value:
             chosen_level = _LEVEL_NAMES[int(levels[best])]
     return {"query_id": query.query_id, "subquery": sub, "object": obj["name"],
             "area_frac": float(obj.get("area_frac", 0.0)), "iou": iou, "iou_ceiling": ceiling,

@@ -56,7 +56,7 @@ from himir_rag.encoders import l2_normalize
 from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import GridDecomposer, Level, RegionTree
 from himir_rag.index import HiMIRIndex, SearchResult
-from himir_rag.modes import MODES, RetrievalMode
+from himir_rag.modes import MODES, RetrievalMode, reference_mode
 
 __all__ = ["VectorsOnlyEncoder", "PlantedQuery", "SyntheticCollection", "build_synthetic_collection",
            "run_scale_benchmark", "saved_collection"]
@@ -421,7 +421,7 @@ def saved_collection(out_dir: Path, recipe: dict[str, Any]) -> tuple[list[Plante
 
 def _add_agreement(summary: dict[str, Any], per_query: list[dict[str, Any]], *, k: int) -> None:
     """``recall@k_vs_himir_full`` per mode: the share of himir-full's top-k that the mode returns."""
-    reference = {r["query_id"]: r["top"][:k] for r in per_query if r["mode"] == "himir-full"}
+    reference = {r["query_id"]: r["top"][:k] for r in per_query if r["mode"] == reference_mode().value}
     if not reference:
         return
     for mode, aggregate in summary["modes"].items():
