@@ -1,9 +1,12 @@
 """What the LlamaIndex and LangChain adapters share: one search call, one way to describe a hit.
 
 Neither framework is imported here. Each adapter (:mod:`himir_rag.llama_index`,
-:mod:`himir_rag.langchain`) calls :func:`decompose` / :func:`adecompose` and then
-``index.search`` / ``index.asearch``, and turns every :class:`~himir_rag.index.SearchHit`
-into its framework's type with :func:`photo_text`, :func:`photo_id` and :func:`hit_metadata`.
+:mod:`himir_rag.langchain`) validates its options once (:func:`search_options`), runs
+:func:`timed_search` / :func:`atimed_search` over its own two steps -- :func:`subqueries`
+(decomposition in the effective mode: none for a mode without sub-queries, the index's
+``default_mode`` when none is given) and :func:`search` -- and turns every
+:class:`~himir_rag.index.SearchHit` into its framework's type with :func:`photo_text`,
+:func:`photo_id`, :func:`hit_metadata` and, for matched regions, :func:`region_crops`.
 
 What identifies a photo's node / document (its id, text and hence LlamaIndex's ``hash``)
 depends only on the photo, never on the query: fusing two retrievers
