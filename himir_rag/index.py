@@ -791,7 +791,7 @@ class HiMIRIndex:
         if image is None:
             k = self._check_query(query, k)
             stats = SearchStats(mode=mode.value)
-            subs = self._subqueries(query, subqueries, decomposer, stats)
+            subs = self._subqueries(query, subqueries, decomposer, stats, mode=mode)
             return self._search_vectors(query, subs, self._embed_queries(query, subs, mode, stats), k=k, mode=mode,
                                         filters=filters, stats=stats, started=started)
         text = query if isinstance(query, str) and query.strip() else None
@@ -815,7 +815,7 @@ class HiMIRIndex:
         labels, photo = self._photo_queries(image, mode, stats)
         if text is None:
             return labels, photo, np.ones(len(photo), np.float32)
-        subs = self._subqueries(text, subqueries, decomposer, stats)
+        subs = self._subqueries(text, subqueries, decomposer, stats, mode=mode)
         encode_ms = stats.latency_ms["encode"]
         words = self._embed_queries(text, subs, mode, stats)
         stats.latency_ms["encode"] += encode_ms
@@ -906,10 +906,13 @@ class HiMIRIndex:
             logger.warning("k=%d is larger than the collection (%d images); returning %d", k, n, n)
         return min(int(k), n)
 
-    def _subqueries(self, query: str, given: Sequence[str] | None, decomposer: Any, stats: SearchStats) -> list[str]:
+    def _subqueries(self, query: str, given: Sequence[str] | None, decomposer: Any, stats: SearchStats, *,
+                    mode: RetrievalMode) -> list[str]:
         tick = time.perf_counter()
         if given is not None:
             subs = self._check_subqueries(given)
+        elif not MODES[mode].subqueries:  # the whole query is matched: nothing to split (no model call)
+            subs = []
         else:
             if decomposer is None:
                 from himir_rag.decompose import RuleDecomposer

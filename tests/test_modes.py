@@ -207,3 +207,20 @@ def test_the_configs_default_mode_is_the_tables() -> None:
     from himir_rag.modes import DEFAULT_MODE
 
     assert HiMIRConfig().default_mode == DEFAULT_MODE.value
+
+
+def test_a_mode_without_subqueries_never_calls_the_decomposer(tmp_path) -> None:
+    from tests.conftest import make_scene
+
+    class Refusing:
+        def decompose(self, query):
+            raise AssertionError("decomposed in a mode that matches the whole query")
+
+    make_scene(tmp_path / "p" / "r.png", [("red", (0, 0, 40, 30))])
+    index = HiMIRIndex(ColorEncoder())
+    index.add(tmp_path / "p", progress=False)
+    query = "a red square and a blue square"
+    result = index.search(query, mode="single", decomposer=Refusing())
+    assert result.subqueries == (query,) and [r.subquery for r in result.hits[0].regions] == [query]
+    with pytest.raises(AssertionError, match="decomposed"):
+        index.search(query, mode="mvr", decomposer=Refusing())
