@@ -5,7 +5,8 @@ query vector or sub-queries, which scorer), the tuner (its exact reference), the
 benchmarks (which modes exist), the CLI and the adapters (whether to decompose).
 Adding a mode is one :class:`RetrievalMode` member and one :class:`ModeSpec` row (plus a
 :class:`Scorer` and its branch in :func:`himir_rag.scheduler.score_mode` if no existing
-scorer fits).
+scorer fits). The Qdrant store (:mod:`himir_rag.store.qdrant`) still implements the four
+modes itself.
 
 ==============  ===========  =========  ==========  =========================================
 mode            levels       queries    scorer      what it is
@@ -60,8 +61,6 @@ class ModeSpec:
     scorer : Scorer
     reference : bool
         The exact ranking the scheduled pass is measured against (the tuner's reference).
-    summary : str
-        One line for help texts.
     """
 
     mode: RetrievalMode
@@ -69,7 +68,6 @@ class ModeSpec:
     subqueries: bool
     scorer: Scorer
     reference: bool = False
-    summary: str = ""
 
     @property
     def name(self) -> str:
@@ -80,14 +78,10 @@ class ModeSpec:
 _ALL_LEVELS = (Level.GLOBAL, Level.REGION, Level.SEGMENT)
 
 MODES: dict[RetrievalMode, ModeSpec] = {spec.mode: spec for spec in (
-    ModeSpec(RetrievalMode.SINGLE, (Level.GLOBAL,), False, Scorer.EXHAUSTIVE,
-             summary="whole query vs the global view (conventional single vector)"),
-    ModeSpec(RetrievalMode.MVR, (Level.GLOBAL, Level.SEGMENT), True, Scorer.EXHAUSTIVE,
-             summary="sub-queries vs the global view + fine segments, exhaustive"),
-    ModeSpec(RetrievalMode.HIMIR_FULL, _ALL_LEVELS, True, Scorer.EXHAUSTIVE, reference=True,
-             summary="sub-queries vs all 1+M+N levels, exhaustive (the exact reference of himir)"),
-    ModeSpec(RetrievalMode.HIMIR, _ALL_LEVELS, True, Scorer.SCHEDULED,
-             summary="the scheduled pruning pass over 1+M+N"),
+    ModeSpec(RetrievalMode.SINGLE, (Level.GLOBAL,), subqueries=False, scorer=Scorer.EXHAUSTIVE),
+    ModeSpec(RetrievalMode.MVR, (Level.GLOBAL, Level.SEGMENT), subqueries=True, scorer=Scorer.EXHAUSTIVE),
+    ModeSpec(RetrievalMode.HIMIR_FULL, _ALL_LEVELS, subqueries=True, scorer=Scorer.EXHAUSTIVE, reference=True),
+    ModeSpec(RetrievalMode.HIMIR, _ALL_LEVELS, subqueries=True, scorer=Scorer.SCHEDULED),
 )}
 
 MODE_LEVELS: dict[RetrievalMode, tuple[Level, ...]] = {mode: spec.levels for mode, spec in MODES.items()}
