@@ -23,15 +23,8 @@ from typing import Any
 import numpy as np
 
 from himir_rag.index import HiMIRIndex
-from himir_rag.scheduler import (
-    MODE_LEVELS,
-    RetrievalMode,
-    SchedulerParams,
-    SearchStats,
-    scheduled_search,
-    score_exhaustive,
-    top_k,
-)
+from himir_rag.modes import MODES, RetrievalMode, Scorer, reference_mode
+from himir_rag.scheduler import SchedulerParams, SearchStats, score_mode, top_k
 
 __all__ = ["tune", "auto_tune", "apply", "apply_record", "TuneReport", "Trial", "SEARCH_SPACE", "AUTO_SEARCH_SPACE", "read_qrels"]
 
@@ -143,7 +136,7 @@ def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[st
     report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall" if relevant else "agreement-with-himir-full",
                         k=k, budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(queries))
     report.baselines = {mode.value: _evaluate_exhaustive(index, workload, mode, k)
-                        for mode in (RetrievalMode.MVR, RetrievalMode.HIMIR_FULL)}
+                        for mode in (RetrievalMode.MVR, reference_mode())}
     current = dataclasses.asdict(index.config.scheduler_params)
     best = _run(index, workload, current, k, report)
     for _ in range(passes):
@@ -187,13 +180,12 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     k = min(k, len(index))
     drawn = probe_queries(index.snapshot, count=probes, seed=seed)
     vectors = [p.vectors for p in drawn]
-    full_top = [set(scored.image_ids[top_k(scored.scores, k)].tolist()) for scored in (
-        score_exhaustive(index.snapshot, v, levels=MODE_LEVELS[RetrievalMode.HIMIR_FULL]) for v in vectors)]
+    full_top = [_reference_top(index, v, k) for v in vectors]
     workload = _Workload(vectors, [{p.source} for p in drawn], full_top)
     report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall-of-probe-sources", k=k,
                         budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(drawn))
-    full = _evaluate_exhaustive(index, workload, RetrievalMode.HIMIR_FULL, k)
-    before = _run(index, workload, dict(index.config.scheduler), k, report)
+    full = _evaluate_exhaustive(index, workload, reference_mode(), k)
+    before = _run(index, workload, index.config.scheduler.overrides(), k, report)
     best = before
     for _ in range(passes):
         for name, values in AUTO_SEARCH_SPACE.items():
@@ -206,7 +198,7 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     return {"source": "auto", "images": len(index), "probes": len(drawn), "seed": seed, "k": k,
             "tolerance": tolerance, "agreement_tolerance": agreement_tolerance,
             "budget_dot_products": budget_dot_products, "budget_ms": budget_ms,
-            "reference": "himir-full", "params": _jsonable(best.params), **summary(best),
+            "reference": reference_mode().value, "params": _jsonable(best.params), **summary(best),
             "before": {"params": _jsonable(before.params), **summary(before)}, "himir_full": summary(full),
             "trials": len(report.trials), "seconds": round(time.perf_counter() - started, 3),
             "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -254,10 +246,7 @@ def _workload(index: HiMIRIndex, queries: Sequence[str], relevant: Sequence[set[
             logger.warning("%d labelled images are not in the index and count as misses (e.g. %s)",
                            len(unknown), unknown[0])
     else:
-        reference = []
-        for vecs in vectors:
-            scored = score_exhaustive(snapshot, vecs, levels=MODE_LEVELS[RetrievalMode.HIMIR_FULL])
-            reference.append(set(scored.image_ids[top_k(scored.scores, k)].tolist()))
+        reference = [_reference_top(index, vecs, k) for vecs in vectors]
     return _Workload(vectors, reference)
 
 
@@ -267,14 +256,24 @@ def _accuracy(found: np.ndarray, reference: set[int]) -> float:
     return len(set(found.tolist()) & reference) / len(reference)
 
 
+def _reference_top(index: HiMIRIndex, vectors: np.ndarray, k: int) -> set[int]:
+    """Image ids of the reference mode's (``himir-full``'s) top-``k`` for one query's vectors."""
+    mode = reference_mode()
+    scored = score_mode(mode, index.snapshot, vectors, k=k, stats=SearchStats(mode=mode.value))
+    return set(scored.image_ids[top_k(scored.scores, k)].tolist())
+
+
 def _evaluate_exhaustive(index: HiMIRIndex, workload: _Workload, mode: RetrievalMode, k: int) -> Trial:
+    """A baseline mode's accuracy and cost on the workload (an exhaustive mode: no parameters to tune)."""
+    assert MODES[mode].scorer is Scorer.EXHAUSTIVE, mode
     found, cost, latency = [], [], []
     for vecs in workload.vectors:
+        stats = SearchStats(mode=mode.value)
         tick = time.perf_counter()
-        scored = score_exhaustive(index.snapshot, vecs, levels=MODE_LEVELS[mode])
+        scored = score_mode(mode, index.snapshot, vecs, k=k, stats=stats)
         found.append(scored.image_ids[top_k(scored.scores, k)])
         latency.append((time.perf_counter() - tick) * 1000)
-        cost.append(scored.dot_products)
+        cost.append(stats.dot_products)
     return _trial({"mode": mode.value}, workload, found, cost, latency)
 
 
@@ -293,10 +292,10 @@ def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int,
     parsed = SchedulerParams.from_dict(params)
     found, cost, latency = [], [], []
     for vecs in workload.vectors:
-        stats = SearchStats(mode="himir")
+        stats = SearchStats(mode=RetrievalMode.HIMIR.value)
         tick = time.perf_counter()
-        scored = scheduled_search(index.snapshot, vecs, k=k, params=parsed, stats=stats,
-                                  stores=index.candidate_stores)
+        scored = score_mode(RetrievalMode.HIMIR, index.snapshot, vecs, k=k, params=parsed, stats=stats,
+                            stores=index.candidate_stores)
         found.append(scored.image_ids[top_k(scored.scores, k)])
         latency.append((time.perf_counter() - tick) * 1000)
         cost.append(stats.dot_products)

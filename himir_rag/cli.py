@@ -18,7 +18,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
-from himir_rag.scheduler import parse_mode
+from himir_rag.modes import mode_names, parse_mode, reference_mode
 from himir_rag.retriever import result_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -218,8 +218,8 @@ def search_command(
     index_dir: Path = typer.Argument(..., help="Index directory."),
     query: Optional[str] = typer.Argument(None, help="The question (or use --queries)."),
     k: int = typer.Option(10, "-k", "--k", help="Number of photos to return."),
-    mode: Optional[str] = typer.Option(None, help="himir | himir-full | mvr | single "
-                                       "[default: the index's default_mode, himir]"),
+    mode: Optional[str] = typer.Option(None, help=f"{' | '.join(mode_names())} [default: the index's "
+                                       "default_mode]"),
     queries: Optional[Path] = typer.Option(None, "--queries", help='JSONL file of {"id", "query"} lines.'),
     image: Optional[Path] = typer.Option(None, "--image", help="Query photo: find photos like it "
                                          "(with QUERY too: photo and text together)."),
@@ -478,10 +478,10 @@ def tune_command(
     if as_json:
         typer.echo(_dumps(report.to_dict()))
         return
-    chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines["himir-full"]
+    chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines[reference_mode().value]
     typer.echo(f"target: {report.target}@{report.k} on {len(items)} queries; {len(report.trials)} trials "
                f"in {report.seconds:.1f}s")
-    for name, trial in (("mvr", mvr), ("himir-full", full), ("himir (chosen)", chosen)):
+    for name, trial in (("mvr", mvr), (reference_mode().value, full), ("himir (chosen)", chosen)):
         typer.echo(f"  {name:<15} accuracy {trial.accuracy:.3f}  dot products {trial.dot_products:>10.0f}  "
                    f"p50 {trial.latency_ms:.2f} ms")
     typer.echo(f"  {mvr.dot_products / max(chosen.dot_products, 1):.1f}x fewer dot products than mvr")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from himir_rag.errors import ConfigError
+
+if TYPE_CHECKING:  # the scheduler imports the hierarchy, which imports this module
+    from himir_rag.scheduler import SchedulerParams
 
 __all__ = ["HiMIRConfig", "Layout", "parse_layout"]
 
@@ -71,6 +74,12 @@ def parse_layout(text: str | Layout) -> Layout:
     return Layout(regions=regions, segments=segments)
 
 
+def _default_scheduler() -> SchedulerParams:
+    from himir_rag.scheduler import SchedulerParams  # not at import: see TYPE_CHECKING above
+
+    return SchedulerParams()
+
+
 @dataclass(frozen=True)
 class HiMIRConfig:
     """All tunables. Saved in the index manifest; ``search`` uses the saved values.
@@ -92,12 +101,13 @@ class HiMIRConfig:
         stored (offline granularity pruning). 1.0 disables.
     batch_size : int
         Crops encoded per batch.
-    scheduler : dict
-        Parameters of the scheduled pruning pass (see :class:`~himir_rag.scheduler.SchedulerParams`);
-        validated here, parsed once (:attr:`scheduler_params`).
+    scheduler : SchedulerParams or dict
+        Parameters of the scheduled pruning pass, a :class:`~himir_rag.scheduler.SchedulerParams`;
+        a dict of some of them (the form manifests store, see :meth:`to_dict`) is validated
+        and converted once, here. None = the defaults.
     default_mode : str
-        Mode of ``search`` when none is given: ``"himir"`` (the scheduled pass), or
-        ``"himir-full"`` (its exact reference), ``"mvr"``, ``"single"``.
+        Mode of ``search`` (and of the CLI and the retrievers) when none is given:
+        ``"himir"`` (the scheduled pass), or any other of :data:`himir_rag.modes.MODES`.
     search_threads : int
         Threads for query-time FAISS and torch work (1 is fastest on small or shared machines).
     precision : str
@@ -136,8 +146,8 @@ class HiMIRConfig:
     min_region_frac: float = 0.002
     prune_cosine: float = 1.0
     batch_size: int = 32
-    scheduler: dict[str, Any] = field(default_factory=dict)
-    default_mode: str = "himir"
+    scheduler: SchedulerParams = field(default_factory=_default_scheduler)
+    default_mode: str = "himir"  # himir_rag.modes.DEFAULT_MODE
     search_threads: int = 1
     precision: str = "float16"
     auto_tune: bool = False
@@ -151,12 +161,13 @@ class HiMIRConfig:
     max_subquery_chars: int = 512
 
     def __post_init__(self) -> None:
-        from himir_rag.scheduler import SchedulerParams, parse_mode
+        from himir_rag.modes import parse_mode
+        from himir_rag.scheduler import SchedulerParams
 
-        if not isinstance(self.scheduler, dict):
+        if not isinstance(self.scheduler, (dict, SchedulerParams)) and self.scheduler is not None:
             raise ConfigError(f"scheduler must be a JSON object of parameters, got {type(self.scheduler).__name__}")
-        object.__setattr__(self, "_scheduler_params", SchedulerParams.from_dict(self.scheduler))
-        parse_mode(self.default_mode)
+        object.__setattr__(self, "scheduler", SchedulerParams.from_dict(self.scheduler))
+        object.__setattr__(self, "default_mode", parse_mode(self.default_mode).value)
         if self.precision not in ("float32", "float16"):
             raise ConfigError(f"precision {self.precision!r} is unknown; use 'float32' or 'float16'")
         if isinstance(self.search_threads, bool) or not isinstance(self.search_threads, int) or self.search_threads < 1:
@@ -184,9 +195,9 @@ class HiMIRConfig:
             raise ConfigError("auto_tune_min_images and auto_tune_probes must be >= 1, auto_tune_growth > 1")
 
     @property
-    def scheduler_params(self) -> Any:
-        """The scheduler parameters as a validated :class:`~himir_rag.scheduler.SchedulerParams` (parsed once)."""
-        return self._scheduler_params  # type: ignore[attr-defined]
+    def scheduler_params(self) -> SchedulerParams:
+        """:attr:`scheduler` (the name of earlier versions)."""
+        return self.scheduler
 
     @property
     def parsed_layout(self) -> Layout:
@@ -194,12 +205,21 @@ class HiMIRConfig:
         return parse_layout(self.layout)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable view."""
-        return dataclasses.asdict(self)
+        """JSON-serialisable view; ``scheduler`` holds only the parameters that differ from the
+        defaults (:meth:`SchedulerParams.overrides`), the form every version reads."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**values, "scheduler": self.scheduler.overrides()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HiMIRConfig:
-        """Build from a dict, ignoring unknown keys written by newer versions."""
+        """Build from a dict (e.g. :meth:`to_dict`'s, or a manifest of any version), ignoring unknown
+        keys written by newer versions.
+
+        Example
+        -------
+        >>> HiMIRConfig.from_dict({"scheduler": {"candidate_k": 8}}).scheduler.candidate_k
+        8
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

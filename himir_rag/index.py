@@ -51,14 +51,15 @@ from himir_rag.encoders import Encoder, get_encoder
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, IncompatibleIndexError,
                               IndexConflictError, IndexFormatError, IndexWriteError)
 from himir_rag.filters import compile_filter, matching_ids
-from himir_rag.hierarchy import Level
+from himir_rag.hierarchy import Level, RegionTree
 from himir_rag.images import decode_image, image_header_problem, iter_image_files
 from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
                               encode_photos, granularity_keep, prepare_or_skip, region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
-from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode, score_exhaustive, top_k
+from himir_rag.modes import MODES, RetrievalMode, parse_mode
+from himir_rag.scheduler import SchedulerParams, SearchStats, score_mode, top_k
 from himir_rag.threads import limit_threads
 from himir_rag.thumbnails import ThumbnailStore
 
@@ -309,6 +310,66 @@ class HiMIRIndex:
         index._next_id = max(snapshot.images, default=0) + 1
         return index
 
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray, tree: RegionTree, *, encoder: Encoder | str,
+                     config: HiMIRConfig | None = None, paths: Sequence[str] | None = None,
+                     device: str = "cpu") -> HiMIRIndex:
+        """An index over images whose regions were embedded elsewhere, every image cut as ``tree``.
+
+        For benchmarks and pipelines of your own: no photo is read and no encoder runs
+        (search it with :meth:`search_vectors`, or with text when ``encoder`` can embed it).
+
+        Parameters
+        ----------
+        vectors : np.ndarray
+            (n_images * len(tree), dim) L2-normalised region vectors, image-major: image ``i``
+            holds rows ``i * len(tree)`` to ``(i + 1) * len(tree) - 1``, in ``tree``'s order.
+            Kept as given (a memory map stays one) when already in the config's ``precision``.
+        tree : RegionTree
+            The regions of every image, e.g. ``GridDecomposer("1+4+16").decompose(frame)``.
+        encoder : Encoder or str
+            The encoder that embeds queries (its ``dim`` must match the vectors').
+        paths : list of str, optional
+            One path or URI per image (default ``vectors://image/<id>``); image ids are 1..n.
+
+        Returns
+        -------
+        HiMIRIndex
+            The candidate stores are built by the first ``himir`` search (or
+            :meth:`sync_candidate_stores`).
+
+        Raises
+        ------
+        ValueError
+            If the row count is not a multiple of ``len(tree)`` or ``paths`` has another length.
+        IncompatibleIndexError, IndexFormatError
+            As :meth:`from_snapshot`.
+
+        Example
+        -------
+        >>> tree = GridDecomposer("1+4+16").decompose(Image.new("RGB", (640, 480)))  # doctest: +SKIP
+        >>> index = HiMIRIndex.from_vectors(vectors, tree, encoder="offline")  # doctest: +SKIP
+        """
+        config = config or HiMIRConfig()
+        per_image = len(tree)
+        if vectors.ndim != 2 or per_image == 0 or len(vectors) % per_image:
+            raise ValueError(f"vectors must be (n_images * {per_image}, dim) for a tree of {per_image} regions, "
+                             f"got {vectors.shape}")
+        images = len(vectors) // per_image
+        if paths is not None and len(paths) != images:
+            raise ValueError(f"{len(paths)} paths for {images} images")
+        dtype = VECTOR_DTYPES[config.precision]
+        vectors = vectors if vectors.dtype == dtype else np.asarray(vectors, dtype=dtype)
+        ids = np.arange(1, images + 1, dtype=np.int64)
+        offsets = np.repeat(np.arange(images, dtype=np.int64) * per_image, per_image)
+        parents = np.tile(tree.parents.astype(np.int64), images)
+        records = {int(i): ImageRecord(int(i), paths[i - 1] if paths is not None else f"vectors://image/{int(i)}",
+                                       tree.width, tree.height) for i in ids}
+        snapshot = Snapshot(records, vectors, np.repeat(ids, per_image), np.tile(tree.levels.astype(np.int8), images),
+                            np.where(parents >= 0, parents + offsets, -1), np.tile(tree.boxes.astype(np.int32),
+                                                                                    (images, 1)))
+        return cls.from_snapshot(snapshot, encoder=encoder, config=config, device=device)
+
     def with_precision(self, precision: str) -> HiMIRIndex:
         """A copy of this index whose vectors are stored as ``precision`` (``"float32"`` or ``"float16"``).
 
@@ -451,9 +512,10 @@ class HiMIRIndex:
         config, record = self.config, self.autoconfig
         if not config.auto_tune or self.store is not None or len(self) < config.auto_tune_min_images:
             return False
-        if record is None and config.scheduler:
+        if record is None and config.scheduler.overrides():
             return False  # hand-set parameters
-        if record is not None and (record.get("source") != "auto" or config.scheduler != record.get("params")
+        if record is not None and (record.get("source") != "auto"
+                                   or not _tuned_params_in_use(config, record.get("params"))
                                    or len(self) < config.auto_tune_growth * int(record.get("images", 0))):
             return False
         from himir_rag.autoconfig import apply_record, auto_tune
@@ -729,7 +791,7 @@ class HiMIRIndex:
         if image is None:
             k = self._check_query(query, k)
             stats = SearchStats(mode=mode.value)
-            subs = self._subqueries(query, subqueries, decomposer, stats)
+            subs = self._subqueries(query, subqueries, decomposer, stats, mode=mode)
             return self._search_vectors(query, subs, self._embed_queries(query, subs, mode, stats), k=k, mode=mode,
                                         filters=filters, stats=stats, started=started)
         text = query if isinstance(query, str) and query.strip() else None
@@ -753,17 +815,17 @@ class HiMIRIndex:
         labels, photo = self._photo_queries(image, mode, stats)
         if text is None:
             return labels, photo, np.ones(len(photo), np.float32)
-        subs = self._subqueries(text, subqueries, decomposer, stats)
+        subs = self._subqueries(text, subqueries, decomposer, stats, mode=mode)
         encode_ms = stats.latency_ms["encode"]
         words = self._embed_queries(text, subs, mode, stats)
         stats.latency_ms["encode"] += encode_ms
-        if mode is RetrievalMode.SINGLE:  # one vector per image: the weighted sum scores the weighted mean
+        if not MODES[mode].subqueries:  # one vector per image: the weighted sum scores the weighted mean
             combined = (1 - image_weight) * words[0] + image_weight * photo[0]
             return [f"{text} + {labels[0]}"], combined[None, :].astype(np.float32), np.ones(1, np.float32)
         n = len(words) + len(photo)
         scales = np.concatenate([np.full(len(words), (1 - image_weight) * n / len(words)),
                                  np.full(len(photo), image_weight * n / len(photo))]).astype(np.float32)
-        text_labels = [text] if mode is RetrievalMode.SINGLE else subs
+        text_labels = subs
         return text_labels + labels, np.concatenate([words, photo]), scales
 
     def _photo_queries(self, image: QueryImage, mode: RetrievalMode, stats: SearchStats) -> tuple[list[str], np.ndarray]:
@@ -773,7 +835,7 @@ class HiMIRIndex:
         photo = decode_image(image, max_pixels=self.config.max_image_pixels,
                              name=str(image) if isinstance(image, (str, os.PathLike)) else "query image")
         tree, crops, _ = cut(photo, self._decomposer, min_region_frac=self.config.min_region_frac)
-        if mode is RetrievalMode.SINGLE:  # whole photo against whole photos
+        if not MODES[mode].subqueries:  # whole photo against whole photos
             tree, crops = tree.select(tree.levels == Level.GLOBAL), crops[:1]
         with limit_threads(self.config.search_threads, torch=True):
             vectors = encode_crops(crops, self.encoder, batch_size=self.config.batch_size)
@@ -844,10 +906,13 @@ class HiMIRIndex:
             logger.warning("k=%d is larger than the collection (%d images); returning %d", k, n, n)
         return min(int(k), n)
 
-    def _subqueries(self, query: str, given: Sequence[str] | None, decomposer: Any, stats: SearchStats) -> list[str]:
+    def _subqueries(self, query: str, given: Sequence[str] | None, decomposer: Any, stats: SearchStats, *,
+                    mode: RetrievalMode) -> list[str]:
         tick = time.perf_counter()
         if given is not None:
             subs = self._check_subqueries(given)
+        elif not MODES[mode].subqueries:  # the whole query is matched: nothing to split (no model call)
+            subs = []
         else:
             if decomposer is None:
                 from himir_rag.decompose import RuleDecomposer
@@ -919,7 +984,7 @@ class HiMIRIndex:
         self._load_models(stats)
         tick = time.perf_counter()
         with limit_threads(self.config.search_threads, torch=True):
-            vectors = self.encoder.embed_texts([query] if mode is RetrievalMode.SINGLE else subs)
+            vectors = self.encoder.embed_texts(subs if MODES[mode].subqueries else [query])
         _check_finite(vectors, f"the encoder's vectors of {subs[:3]!r}")
         stats.latency_ms["encode"] = (time.perf_counter() - tick) * 1000
         return vectors
@@ -929,7 +994,7 @@ class HiMIRIndex:
                         labels: list[str] | None = None) -> SearchResult:
         tick = time.perf_counter()
         if labels is None:  # one name per query vector, reported in each hit's regions
-            labels = [query] if mode is RetrievalMode.SINGLE else subs
+            labels = subs if MODES[mode].subqueries else [query]
         if self.store is not None:
             hits = self._search_store(vectors, labels, k=k, mode=mode, filters=filters, stats=stats)
             stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
@@ -937,17 +1002,8 @@ class HiMIRIndex:
             return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
         allowed = _FILTER_CACHE.get(snapshot, filters, _allowed_positions)
-        if mode is RetrievalMode.HIMIR:
-            from himir_rag.scheduler import scheduled_search
-
-            scored = scheduled_search(snapshot, vectors, k=k, allowed=allowed, params=self.config.scheduler_params,
-                                      stats=stats, stores=self.candidate_stores)
-        else:
-            from himir_rag.scheduler import MODE_LEVELS
-
-            scored = score_exhaustive(snapshot, vectors, levels=MODE_LEVELS[mode], allowed=allowed)
-            stats.dot_products += scored.dot_products
-            stats.images_scored = len(scored.image_ids)
+        scored = score_mode(MODES[mode], snapshot, vectors, k=k, allowed=allowed, params=self.config.scheduler_params,
+                            stats=stats, stores=self.candidate_stores)
         hits = _finite_hits(_hit(snapshot, scored, pos, labels) for pos in top_k(scored.scores, k))
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
@@ -1452,6 +1508,14 @@ def _allowed_ids(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
     if filters is None:
         return None
     return np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
+
+
+def _tuned_params_in_use(config: HiMIRConfig, params: Any) -> bool:
+    """The config's scheduler parameters are a tuning record's ``params`` (False for an unreadable record)."""
+    try:
+        return config.scheduler == SchedulerParams.from_dict(params)
+    except (ConfigError, TypeError):
+        return False
 
 
 def _check_finite(vectors: np.ndarray, what: str) -> None:

@@ -22,7 +22,6 @@ Install with ``pip install 'himir-rag[langchain]'``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +40,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from himir_rag import retriever as shared
 from himir_rag.decompose import QueryDecomposer
-from himir_rag.filters import compile_filter
 from himir_rag.index import SearchResult
 
 __all__ = [
@@ -122,23 +120,19 @@ class HiMIRRetriever(BaseRetriever):
     @model_validator(mode="after")
     def _setup(self) -> HiMIRRetriever:
         self.index = shared.resolve_index(self.index, encoder=self.encoder)
-        self.k = shared.check_k(self.k)
-        self.mode = shared.check_mode(self.mode)
-        compile_filter(self.filter)
+        options = shared.search_options(k=self.k, mode=self.mode, filters=self.filter)
+        self.k, self.mode = options.k, options.mode
         self._decomposer = shared.make_decomposer(self.llm, self.decomposer, prompt=self.decompose_prompt)
         return self
 
-    def _options(self, kwargs: dict[str, Any]) -> tuple[int, str | None, Any]:
-        """``(k, mode, filter)`` of one call: its keyword arguments over the fields."""
+    def _options(self, kwargs: dict[str, Any]) -> shared.SearchOptions:
+        """The options of one call: its keyword arguments over the fields (checked before the LLM runs)."""
         unknown = set(kwargs) - set(_CALL_OPTIONS) - set(_IGNORED_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected argument(s) {sorted(unknown)}; HiMIRRetriever.invoke takes "
                             f"{', '.join(_CALL_OPTIONS)}")
-        k = self.k if kwargs.get("k") is None else shared.check_k(kwargs["k"])
-        mode = self.mode if kwargs.get("mode") is None else shared.check_mode(kwargs["mode"])
-        filters = kwargs["filter"] if kwargs.get("filter") is not None else self.filter
-        compile_filter(filters)  # a malformed filter fails before the LLM is called
-        return k, mode, filters
+        own = shared.SearchOptions(self.k, self.mode, self.filter)
+        return own.override(k=kwargs.get("k"), mode=kwargs.get("mode"), filters=kwargs.get("filter"))
 
     def _query_parts(self, query: str) -> tuple[str | None, str | None, float | None]:
         """``(text, query photo, image_weight)`` of the retriever's input: here the input is the text."""
@@ -147,31 +141,24 @@ class HiMIRRetriever(BaseRetriever):
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 **kwargs: Any) -> list[Document]:
         """Decompose (the LLM as a child run), search, and wrap the hits (blocking)."""
-        k, mode, filters = self._options(kwargs)
+        options = self._options(kwargs)
         text, image, weight = self._query_parts(query)
-        started = time.perf_counter()
-        subqueries = self.index.limit_subqueries(shared.decompose(
-            self._decomposer, text, mode=mode, callbacks=run_manager.get_child(),
-            max_chars=self.index.config.max_query_chars, image=image))
-        decompose_ms = (time.perf_counter() - started) * 1000
-        result = self.index.search(text, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
-                                                                filters=filters, image=image, image_weight=weight))
-        return _documents(self.index, result, decompose_ms)
+        result = shared.timed_search(
+            lambda: shared.subqueries(self.index, self._decomposer, text, mode=options.mode, image=image,
+                                      callbacks=run_manager.get_child()),
+            lambda subs: shared.search(self.index, text, subs, options, image=image, image_weight=weight))
+        return _documents(self.index, result)
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
                                        **kwargs: Any) -> list[Document]:
         """Async variant: the LLM's ``ainvoke``, then the search in a worker thread."""
-        k, mode, filters = self._options(kwargs)
+        options = self._options(kwargs)
         text, image, weight = self._query_parts(query)
-        started = time.perf_counter()
-        subqueries = self.index.limit_subqueries(await shared.adecompose(
-            self._decomposer, text, mode=mode, callbacks=run_manager.get_child(),
-            max_chars=self.index.config.max_query_chars, image=image))
-        decompose_ms = (time.perf_counter() - started) * 1000
-        result = await self.index.asearch(text, **shared.search_kwargs(k=k, mode=mode, subqueries=subqueries,
-                                                                       filters=filters, image=image,
-                                                                       image_weight=weight))
-        return _documents(self.index, result, decompose_ms)
+        result = await shared.atimed_search(
+            lambda: shared.asubqueries(self.index, self._decomposer, text, mode=options.mode, image=image,
+                                       callbacks=run_manager.get_child()),
+            lambda subs: shared.asearch(self.index, text, subs, options, image=image, image_weight=weight))
+        return _documents(self.index, result)
 
 
 class HiMIRImageRetriever(HiMIRRetriever):
@@ -210,8 +197,7 @@ class HiMIRImageRetriever(HiMIRRetriever):
         return self.text, query, self.image_weight
 
 
-def _documents(index: Any, result: SearchResult, decompose_ms: float) -> list[Document]:
-    shared.record_decompose_latency(result, decompose_ms)
+def _documents(index: Any, result: SearchResult) -> list[Document]:
     return [Document(page_content=shared.photo_text(shown.hit, with_metadata=True), id=shared.photo_id(shown.hit),
                      metadata=shared.hit_metadata(shown.hit, result, image_path=shown.image_path,
                                                   image_source=shown.image_source))

@@ -30,12 +30,9 @@ import asyncio
 import hashlib
 import logging
 import os
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from typing import Any
-
-from PIL import Image
 
 try:
     import llama_index.core.instrumentation as instrument
@@ -64,9 +61,10 @@ from himir_rag import retriever as shared
 from himir_rag.decompose import DEFAULT_DECOMPOSE_PROMPT, LLMDecomposer, QueryDecomposer
 from himir_rag.errors import ConfigError
 from himir_rag.filters import compile_filter
-from himir_rag.images import encode_image_file, load_image
-from himir_rag.index import HiMIRIndex, RegionMatch, SearchHit, SearchResult
-from himir_rag.scheduler import RetrievalMode, SearchStats
+from himir_rag.images import encode_image_file
+from himir_rag.index import HiMIRIndex, SearchResult
+from himir_rag.modes import RetrievalMode
+from himir_rag.scheduler import SearchStats
 
 __all__ = [
     "HiMIRRetriever",
@@ -299,8 +297,8 @@ class HiMIRRetriever(MultiModalRetriever):
                  region_max_side: int = 512, callback_manager: CallbackManager | None = None,
                  verbose: bool = False) -> None:
         self.index = shared.resolve_index(index, encoder=encoder)
-        self.similarity_top_k = shared.check_k(similarity_top_k, name="similarity_top_k")
-        self.mode = shared.check_mode(mode)
+        options = shared.search_options(k=similarity_top_k, mode=mode, name="similarity_top_k")
+        self.similarity_top_k, self.mode = options.k, options.mode
         self.filters = filters
         prompt = _template_text(decompose_prompt) if decompose_prompt is not None else None
         self._decomposer = shared.make_decomposer(llm, decomposer, prompt=prompt)
@@ -323,6 +321,10 @@ class HiMIRRetriever(MultiModalRetriever):
     def filters(self, filters: Any) -> None:
         self._core_filters = _core_filters(filters)
         self._filters = filters
+
+    @property
+    def _options(self) -> shared.SearchOptions:
+        return shared.SearchOptions(self.similarity_top_k, self.mode, self._core_filters)
 
     @property
     def decomposer(self) -> QueryDecomposer:
@@ -351,22 +353,18 @@ class HiMIRRetriever(MultiModalRetriever):
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         """Decompose, search (text, ``image_path`` or both), and build the nodes (blocking)."""
         query, image = query_bundle.query_str, query_bundle.image_path
-        started = time.perf_counter()
-        subqueries = self._decompose(query, image)
-        decompose_ms = (time.perf_counter() - started) * 1000
-        return self._finish(self._search(query, subqueries, image), decompose_ms)
+        return self._finish(shared.timed_search(lambda: self._decompose(query, image),
+                                                lambda subs: self._search(query, subs, image)))
 
     @dispatcher.span
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         """Async retrieval: the LLM's async API, then the search and crops in worker threads."""
         query, image = query_bundle.query_str, query_bundle.image_path
-        started = time.perf_counter()
-        subqueries = await self._adecompose(query, image)
-        decompose_ms = (time.perf_counter() - started) * 1000
-        result = await self._asearch(query, subqueries, image)
+        result = await shared.atimed_search(lambda: self._adecompose(query, image),
+                                            lambda subs: self._asearch(query, subs, image))
         if self.return_region_nodes:
-            return await asyncio.to_thread(self._finish, result, decompose_ms)
-        return self._finish(result, decompose_ms)
+            return await asyncio.to_thread(self._finish, result)
+        return self._finish(result)
 
     # -- MultiModalRetriever ----------------------------------------------------------------
     def text_retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
@@ -408,32 +406,24 @@ class HiMIRRetriever(MultiModalRetriever):
     @dispatcher.span
     def _decompose(self, query: str, image: str | None = None) -> list[str]:
         """Sub-queries of ``query`` (span: decomposition, with the LLM call nested)."""
-        return self.index.limit_subqueries(shared.decompose(self._decomposer, query, mode=self.mode,
-                                                            max_chars=self.index.config.max_query_chars,
-                                                            image=image))
+        return shared.subqueries(self.index, self._decomposer, query, mode=self.mode, image=image)
 
     @dispatcher.span
     async def _adecompose(self, query: str, image: str | None = None) -> list[str]:
         """Async variant of :meth:`_decompose` (``adecompose``: the LLM's ``acomplete``)."""
-        return self.index.limit_subqueries(await shared.adecompose(
-            self._decomposer, query, mode=self.mode, max_chars=self.index.config.max_query_chars, image=image))
-
-    def _search_kwargs(self, subqueries: list[str], image: str | None = None) -> dict[str, Any]:
-        return shared.search_kwargs(k=self.similarity_top_k, mode=self.mode, subqueries=subqueries,
-                                    filters=self._core_filters, image=image)
+        return await shared.asubqueries(self.index, self._decomposer, query, mode=self.mode, image=image)
 
     @dispatcher.span
     def _search(self, query: str, subqueries: list[str], image: str | None = None) -> SearchResult:
         """Encode the sub-queries (and the query photo) and run the matching (span: encoding + scheduling)."""
-        return self.index.search(query, **self._search_kwargs(subqueries, image))
+        return shared.search(self.index, query, subqueries, self._options, image=image)
 
     @dispatcher.span
     async def _asearch(self, query: str, subqueries: list[str], image: str | None = None) -> SearchResult:
         """Async variant of :meth:`_search` (in a worker thread, the event loop stays free)."""
-        return await self.index.asearch(query, **self._search_kwargs(subqueries, image))
+        return await shared.asearch(self.index, query, subqueries, self._options, image=image)
 
-    def _finish(self, result: SearchResult, decompose_ms: float) -> list[NodeWithScore]:
-        shared.record_decompose_latency(result, decompose_ms)
+    def _finish(self, result: SearchResult) -> list[NodeWithScore]:
         self.last_stats = result.stats
         self._emit_stage_events(result)
         return self._build_nodes(result)
@@ -452,34 +442,9 @@ class HiMIRRetriever(MultiModalRetriever):
         for shown in shared.present_hits(self.index, result.hits):
             nodes.append(NodeWithScore(node=_photo_node(shown, result), score=float(shown.hit.score)))
             if self.return_region_nodes and shown.image_source == "original":
-                nodes.extend(self._region_nodes(shown.hit, result))
+                nodes.extend(NodeWithScore(node=_region_node(crop), score=crop.score) for crop in
+                             shared.region_crops(self.index, shown.hit, result, max_side=self.region_max_side))
         return nodes
-
-    def _region_nodes(self, hit: SearchHit, result: SearchResult) -> list[NodeWithScore]:
-        by_box: dict[tuple[int, ...], list[RegionMatch]] = {}
-        for region in hit.regions:
-            if region.level != "global":
-                by_box.setdefault(tuple(region.bbox), []).append(region)
-        if not by_box:
-            return []
-        photo = load_image(hit.path, max_pixels=self.index.config.max_image_pixels)
-        return [NodeWithScore(node=self._region_node(hit, result, photo.crop(box), box, regions),
-                              score=max(float(r.score) for r in regions))
-                for box, regions in by_box.items()]
-
-    def _region_node(self, hit: SearchHit, result: SearchResult, crop: Image.Image, box: tuple[int, ...],
-                     regions: Sequence[RegionMatch]) -> HiMIRImageNode:
-        data, mime = shared.image_to_base64(crop, max_side=self.region_max_side)
-        metadata = {**shared.hit_metadata(hit, result), "mime_type": mime, "bbox": list(box),
-                    "width": crop.width, "height": crop.height,
-                    "score": max(float(r.score) for r in regions),
-                    "regions": [shared.region_dict(r) for r in regions]}
-        matched = ", ".join(f'"{r.subquery}" ({r.score:.3f})' for r in regions)
-        text = f'{regions[0].level.capitalize()} {box} of photo "{metadata["file_name"]}", matching {matched}.'
-        return HiMIRImageNode(id_=f"{shared.photo_id(hit)}#{','.join(str(v) for v in box)}", text=text, image=data,
-                              image_mimetype=mime, metadata=metadata, excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
-                              excluded_embed_metadata_keys=list(_HIDDEN_KEYS),
-                              relationships={NodeRelationship.PARENT: RelatedNodeInfo(node_id=shared.photo_id(hit))})
 
 
 def _with_photo(query_bundle: QueryBundle) -> QueryBundle:
@@ -488,6 +453,14 @@ def _with_photo(query_bundle: QueryBundle) -> QueryBundle:
         raise ValueError("image_to_image_retrieve needs a query photo: pass its path, or a QueryBundle "
                          "with image_path set")
     return query_bundle
+
+
+def _region_node(crop: shared.RegionCrop) -> HiMIRImageNode:
+    """The node of one matched region: the crop in ``image``, a ``PARENT`` link to its photo's node."""
+    return HiMIRImageNode(id_=crop.id, text=crop.text, image=crop.image_base64, image_mimetype=crop.mime_type,
+                          metadata=crop.metadata, excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
+                          excluded_embed_metadata_keys=list(_HIDDEN_KEYS),
+                          relationships={NodeRelationship.PARENT: RelatedNodeInfo(node_id=crop.parent_id)})
 
 
 def _photo_node(shown: shared.ShownPhoto, result: SearchResult) -> HiMIRImageNode:

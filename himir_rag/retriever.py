@@ -1,9 +1,12 @@
 """What the LlamaIndex and LangChain adapters share: one search call, one way to describe a hit.
 
 Neither framework is imported here. Each adapter (:mod:`himir_rag.llama_index`,
-:mod:`himir_rag.langchain`) calls :func:`decompose` / :func:`adecompose` and then
-``index.search`` / ``index.asearch``, and turns every :class:`~himir_rag.index.SearchHit`
-into its framework's type with :func:`photo_text`, :func:`photo_id` and :func:`hit_metadata`.
+:mod:`himir_rag.langchain`) validates its options once (:func:`search_options`), runs
+:func:`timed_search` / :func:`atimed_search` over its own two steps -- :func:`subqueries`
+(decomposition in the effective mode: none for a mode without sub-queries, the index's
+``default_mode`` when none is given) and :func:`search` -- and turns every
+:class:`~himir_rag.index.SearchHit` into its framework's type with :func:`photo_text`,
+:func:`photo_id`, :func:`hit_metadata` and, for matched regions, :func:`region_crops`.
 
 What identifies a photo's node / document (its id, text and hence LlamaIndex's ``hash``)
 depends only on the photo, never on the query: fusing two retrievers
@@ -45,7 +48,8 @@ import base64
 import logging
 import mimetypes
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +64,11 @@ from himir_rag.decompose import (
     adecompose_query,
     decompose_query,
 )
+from himir_rag.filters import compile_filter
+from himir_rag.images import encode_image, encode_image_file, encoded_mime_type, load_image
 from himir_rag.index import HiMIRIndex, RegionMatch, SearchHit, SearchResult
-from himir_rag.images import encode_image, encode_image_file, encoded_mime_type
-from himir_rag.scheduler import RetrievalMode, SearchStats, parse_mode
+from himir_rag.modes import RetrievalMode, mode_spec, parse_mode
+from himir_rag.scheduler import SearchStats
 
 __all__ = [
     "HIMIR_METADATA_KEYS",
@@ -70,11 +76,21 @@ __all__ = [
     "resolve_index",
     "check_k",
     "check_mode",
+    "SearchOptions",
+    "search_options",
     "make_decomposer",
     "decompose",
     "adecompose",
+    "subqueries",
+    "asubqueries",
+    "search",
+    "asearch",
+    "timed_search",
+    "atimed_search",
     "record_decompose_latency",
     "search_kwargs",
+    "RegionCrop",
+    "region_crops",
     "ShownPhoto",
     "present_hits",
     "photo_id",
@@ -139,6 +155,49 @@ def check_mode(mode: str | RetrievalMode | None) -> str | None:
     return None if mode is None else parse_mode(mode).value
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """What an adapter's search uses, validated once (:func:`search_options`).
+
+    Attributes
+    ----------
+    k : int
+        Photos returned.
+    mode : str or None
+        The mode's name; None keeps the index's ``default_mode``.
+    filters : Any
+        A :mod:`himir_rag.filters` filter (dict or callable) or None.
+    """
+
+    k: int
+    mode: str | None = None
+    filters: Any = None
+
+    def override(self, *, k: Any = None, mode: Any = None, filters: Any = None) -> SearchOptions:
+        """A copy with the options of one call (None keeps the adapter's own), validated."""
+        return search_options(k=self.k if k is None else k, mode=self.mode if mode is None else mode,
+                              filters=self.filters if filters is None else filters, name="k")
+
+
+def search_options(*, k: Any, mode: Any = None, filters: Any = None, name: str = "k") -> SearchOptions:
+    """:class:`SearchOptions` checked: ``k`` a positive int, a known mode, a well-formed filter.
+
+    Raises
+    ------
+    ValueError
+        If ``k`` is not a positive int (the message names ``name``).
+    ConfigError
+        If the mode is unknown or the filter malformed (before any model call).
+    """
+    compile_filter(filters)
+    return SearchOptions(check_k(k, name=name), check_mode(mode), filters)
+
+
+def effective_mode(index: HiMIRIndex, mode: str | None) -> str:
+    """``mode``, or the index's ``config.default_mode`` when None."""
+    return index.config.default_mode if mode is None else mode
+
+
 def make_decomposer(llm: Any = None, decomposer: QueryDecomposer | None = None, *,
                     prompt: str | None = None) -> QueryDecomposer:
     """The decomposer an adapter uses: ``decomposer``, else an LLM one around ``llm``, else rules.
@@ -176,8 +235,9 @@ def _check_query(query: Any, max_chars: int | None) -> str:
     return query
 
 
-def _is_single(mode: str | None) -> bool:
-    return mode == RetrievalMode.SINGLE.value
+def _whole_query(mode: str | None) -> bool:
+    """The mode matches the whole query as one vector: nothing to decompose (``single``)."""
+    return mode is not None and not mode_spec(mode).subqueries
 
 
 def _photo_only(query: Any, image: Any) -> bool:
@@ -187,7 +247,7 @@ def _photo_only(query: Any, image: Any) -> bool:
 
 def decompose(decomposer: QueryDecomposer, query: str | None, *, mode: str | None = None,
               callbacks: Any = None, max_chars: int | None = None, image: Any = None) -> list[str]:
-    """Sub-queries of ``query``; ``[query]`` without a model call in ``single`` mode.
+    """Sub-queries of ``query``; ``[query]`` without a model call for a mode without sub-queries (``single``).
 
     With a query photo (``image``) and no text, there is nothing to split: ``[]``.
 
@@ -200,7 +260,7 @@ def decompose(decomposer: QueryDecomposer, query: str | None, *, mode: str | Non
     if _photo_only(query, image):
         return []
     _check_query(query, max_chars)
-    if _is_single(mode):
+    if _whole_query(mode):
         return [query]
     return decompose_query(decomposer, query, callbacks=callbacks)
 
@@ -211,9 +271,65 @@ async def adecompose(decomposer: QueryDecomposer, query: str | None, *, mode: st
     if _photo_only(query, image):
         return []
     _check_query(query, max_chars)
-    if _is_single(mode):
+    if _whole_query(mode):
         return [query]
     return await adecompose_query(decomposer, query, callbacks=callbacks)
+
+
+def subqueries(index: HiMIRIndex, decomposer: QueryDecomposer, query: str | None, *, mode: str | None,
+               image: Any = None, callbacks: Any = None) -> list[str]:
+    """What ``index.search`` matches for ``query``: :func:`decompose` in the effective mode (the
+    index's default when ``mode`` is None), within the index's caps (``limit_subqueries``)."""
+    return index.limit_subqueries(decompose(decomposer, query, mode=effective_mode(index, mode), callbacks=callbacks,
+                                            max_chars=index.config.max_query_chars, image=image))
+
+
+async def asubqueries(index: HiMIRIndex, decomposer: QueryDecomposer, query: str | None, *, mode: str | None,
+                      image: Any = None, callbacks: Any = None) -> list[str]:
+    """Async :func:`subqueries` (the decomposer's ``adecompose``)."""
+    return index.limit_subqueries(await adecompose(decomposer, query, mode=effective_mode(index, mode),
+                                                   callbacks=callbacks, max_chars=index.config.max_query_chars,
+                                                   image=image))
+
+
+def search(index: HiMIRIndex, query: str | None, subqueries: list[str], options: SearchOptions, *,
+           image: Any = None, image_weight: float | None = None) -> SearchResult:
+    """``index.search`` of already decomposed ``subqueries`` (and a query photo, if any) with ``options``."""
+    return index.search(query, **search_kwargs(k=options.k, mode=options.mode, subqueries=subqueries,
+                                               filters=options.filters, image=image, image_weight=image_weight))
+
+
+async def asearch(index: HiMIRIndex, query: str | None, subqueries: list[str], options: SearchOptions, *,
+                  image: Any = None, image_weight: float | None = None) -> SearchResult:
+    """Async :func:`search` (in a worker thread: the event loop stays free)."""
+    return await index.asearch(query, **search_kwargs(k=options.k, mode=options.mode, subqueries=subqueries,
+                                                      filters=options.filters, image=image,
+                                                      image_weight=image_weight))
+
+
+def timed_search(decompose_step: Callable[[], list[str]],
+                 search_step: Callable[[list[str]], SearchResult]) -> SearchResult:
+    """Decompose, then search, with the decomposition's wall time in the result's stats.
+
+    The adapters pass their own steps (their spans, callbacks and LLM runs wrap them).
+    """
+    started = time.perf_counter()
+    found = decompose_step()
+    decompose_ms = (time.perf_counter() - started) * 1000
+    result = search_step(found)
+    record_decompose_latency(result, decompose_ms)
+    return result
+
+
+async def atimed_search(decompose_step: Callable[[], Awaitable[list[str]]],
+                        search_step: Callable[[list[str]], Awaitable[SearchResult]]) -> SearchResult:
+    """Async :func:`timed_search`."""
+    started = time.perf_counter()
+    found = await decompose_step()
+    decompose_ms = (time.perf_counter() - started) * 1000
+    result = await search_step(found)
+    record_decompose_latency(result, decompose_ms)
+    return result
 
 
 def record_decompose_latency(result: SearchResult, decompose_ms: float) -> None:
@@ -267,6 +383,68 @@ def present_hits(index: HiMIRIndex, hits: Iterable[SearchHit]) -> list[ShownPhot
         if found is not None:
             shown.append(ShownPhoto(hit, str(found[0]), found[1]))
     return shown
+
+
+@dataclass(frozen=True)
+class RegionCrop:
+    """A matched region of a photo, cut out: what an adapter wraps into a region node / document.
+
+    Attributes
+    ----------
+    id : str
+        ``"<photo id>#x0,y0,x1,y1"``.
+    parent_id : str
+        The photo's node / document id (:func:`photo_id`).
+    text : str
+        E.g. ``Region (0, 0, 320, 240) of photo "beach.jpg", matching "a dog" (0.910).``
+    image_base64, mime_type : str
+        The crop, PNG-encoded (downscaled), as base64.
+    score : float
+        Best similarity of the sub-queries that matched it.
+    metadata : dict
+        :func:`hit_metadata` of the photo with the crop's ``bbox``, size, score and regions.
+    """
+
+    id: str
+    parent_id: str
+    text: str
+    image_base64: str
+    mime_type: str
+    score: float
+    metadata: dict[str, Any]
+
+
+def region_crops(index: HiMIRIndex, hit: SearchHit, result: SearchResult, *, max_side: int) -> list[RegionCrop]:
+    """One :class:`RegionCrop` per box of ``hit``'s matched regions other than the whole photo.
+
+    Sub-queries that matched the same box share one crop. Nothing is written to disk.
+
+    Raises
+    ------
+    ImageLoadError
+        If the photo can no longer be read.
+    """
+    by_box: dict[tuple[int, ...], list[RegionMatch]] = {}
+    for region in hit.regions:
+        if region.level != "global":
+            by_box.setdefault(tuple(int(v) for v in region.bbox), []).append(region)
+    if not by_box:
+        return []
+    photo = load_image(hit.path, max_pixels=index.config.max_image_pixels)
+    return [_region_crop(hit, result, photo.crop(box), box, regions, max_side=max_side)
+            for box, regions in by_box.items()]
+
+
+def _region_crop(hit: SearchHit, result: SearchResult, crop: Image.Image, box: tuple[int, ...],
+                 regions: list[RegionMatch], *, max_side: int) -> RegionCrop:
+    data, mime = image_to_base64(crop, max_side=max_side)
+    score = max(float(r.score) for r in regions)
+    metadata = {**hit_metadata(hit, result), "mime_type": mime, "bbox": list(box), "width": crop.width,
+                "height": crop.height, "score": score, "regions": [region_dict(r) for r in regions]}
+    matched = ", ".join(f'"{r.subquery}" ({r.score:.3f})' for r in regions)
+    text = f'{regions[0].level.capitalize()} {box} of photo "{metadata["file_name"]}", matching {matched}.'
+    return RegionCrop(f"{photo_id(hit)}#{','.join(str(v) for v in box)}", photo_id(hit), text, data, mime, score,
+                      metadata)
 
 
 def photo_id(hit: SearchHit) -> str:

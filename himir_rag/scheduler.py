@@ -3,14 +3,9 @@
 Every mode scores images by late interaction: for each sub-query, the best
 inner product over the image's regions at the allowed levels (MaxSim); the image
 score is the mean over sub-queries. Modes differ only in which levels they match
-and how much of that work they skip:
-
-============  ===========================================================
-``single``    whole query vs the global view (conventional single vector)
-``mvr``       sub-queries vs the global view + fine segments, exhaustive
-``himir-full``  sub-queries vs all 1+M+N levels, exhaustive
-``himir``     the scheduled pruning pass over 1+M+N (:func:`scheduled_search`)
-============  ===========================================================
+and how much of that work they skip: :data:`himir_rag.modes.MODES` says which, and
+:func:`score_mode` runs a mode's scorer (:func:`score_exhaustive` or the scheduled
+pruning pass, :func:`scheduled_search`).
 
 The compute meter counts query-vector x region-vector inner products.
 """
@@ -19,7 +14,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -27,38 +21,13 @@ import numpy as np
 from himir_rag.catalog import Snapshot
 from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import Level
+from himir_rag.modes import MODE_LEVELS, MODES, ModeSpec, RetrievalMode, Scorer, parse_mode
 from himir_rag.store.faiss import FLAT_MAX, PQ_MIN
 
 __all__ = [
     "RetrievalMode", "MaxSimScores", "SearchStats", "SchedulerParams", "maxsim", "segment_max", "score_exhaustive",
-    "scheduled_search", "parse_mode", "top_k", "MODE_LEVELS", "default_stores",
+    "scheduled_search", "score_mode", "parse_mode", "top_k", "MODE_LEVELS", "default_stores",
 ]
-
-
-class RetrievalMode(str, Enum):
-    """What is matched (see module docstring)."""
-
-    SINGLE = "single"
-    MVR = "mvr"
-    HIMIR_FULL = "himir-full"
-    HIMIR = "himir"
-
-
-MODE_LEVELS: dict[RetrievalMode, tuple[Level, ...]] = {
-    RetrievalMode.SINGLE: (Level.GLOBAL,),
-    RetrievalMode.MVR: (Level.GLOBAL, Level.SEGMENT),
-    RetrievalMode.HIMIR_FULL: (Level.GLOBAL, Level.REGION, Level.SEGMENT),
-    RetrievalMode.HIMIR: (Level.GLOBAL, Level.REGION, Level.SEGMENT),
-}
-
-
-def parse_mode(mode: str | RetrievalMode) -> RetrievalMode:
-    """Mode by name; unknown names raise ConfigError listing the valid ones."""
-    try:
-        return RetrievalMode(mode)
-    except ValueError:
-        valid = ", ".join(m.value for m in RetrievalMode)
-        raise ConfigError(f"mode {mode!r} is unknown; valid modes: {valid}") from None
 
 
 @dataclass
@@ -237,7 +206,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 # -- the scheduled pruning pass ----------------------------------------------------------------
 @dataclass(frozen=True)
 class SchedulerParams:
-    """Tunables of the scheduled pass (``HiMIRConfig.scheduler`` holds them as a dict).
+    """Tunables of the scheduled pass (``HiMIRConfig.scheduler``; saved as :meth:`overrides`).
 
     Attributes
     ----------
@@ -341,6 +310,20 @@ class SchedulerParams:
         if not 0 < self.probe_share <= 1:
             raise ConfigError(f"probe_share must be in (0, 1] (a share of the IVF lists), got {self.probe_share}")
 
+    def overrides(self) -> dict[str, Any]:
+        """The parameters that differ from the defaults, JSON-ready (tuples as lists): what a manifest stores.
+
+        Example
+        -------
+        >>> SchedulerParams(candidate_k=8).overrides()
+        {'candidate_k': 8}
+        """
+        import dataclasses
+
+        default = SchedulerParams()
+        return {f.name: list(value) if isinstance(value, tuple) else value for f in dataclasses.fields(self)
+                if (value := getattr(self, f.name)) != getattr(default, f.name)}
+
     @classmethod
     def exact(cls) -> SchedulerParams:
         """Settings that never prune: the pass then ranks exactly as ``himir-full``."""
@@ -402,6 +385,39 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     cap = None if caps is None else _segment_caps(positions, *caps)
     return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims, coarse_vectors), segments, k=k, params=p,
                     stats=stats, cap=cap)
+
+
+def score_mode(mode: ModeSpec | RetrievalMode | str, snapshot: Snapshot, queries: np.ndarray, *, k: int,
+               allowed: np.ndarray | None = None, params: dict[str, Any] | SchedulerParams | None = None,
+               stats: SearchStats, stores: Any = None) -> MaxSimScores:
+    """Rank with ``mode``'s scorer (:data:`himir_rag.modes.MODES`): its counters go into ``stats``.
+
+    Parameters
+    ----------
+    mode : ModeSpec, RetrievalMode or str
+    queries : np.ndarray
+        (s, dim) query vectors: the sub-queries, or one vector for a mode without sub-queries.
+    allowed : np.ndarray, optional
+        Sorted image positions allowed by the metadata filter (None = all).
+    params, stores
+        The scheduled pass's parameters and candidate stores (unused by exhaustive modes).
+
+    Returns
+    -------
+    MaxSimScores
+        Scores of the images scored (every allowed one for an exhaustive mode).
+
+    Example
+    -------
+    >>> scored = score_mode("mvr", snapshot, queries, k=10, stats=SearchStats("mvr"))  # doctest: +SKIP
+    """
+    spec = mode if isinstance(mode, ModeSpec) else MODES[parse_mode(mode)]
+    if spec.scorer is Scorer.SCHEDULED:
+        return scheduled_search(snapshot, queries, k=k, allowed=allowed, params=params, stats=stats, stores=stores)
+    scored = score_exhaustive(snapshot, queries, levels=spec.levels, allowed=allowed)
+    stats.dot_products += scored.dot_products
+    stats.images_scored = len(scored.image_ids)
+    return scored
 
 
 def default_stores(snapshot: Snapshot) -> Any:

@@ -16,6 +16,7 @@ from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex
 from himir_rag.probes import probe_queries
+from himir_rag.scheduler import SchedulerParams
 from tests.conftest import make_scene
 from tests.test_engine import F32, _NoEncoder, planted_snapshot
 
@@ -78,7 +79,7 @@ def test_index_time_tuning_record_survives_save_load_and_small_adds(tmp_path, co
     index = HiMIRIndex(color_encoder, config)
     report = index.add(_photos(tmp_path / "photos", 10), progress=False)
     assert report.auto_tuned and index.autoconfig["images"] == 10
-    assert index.config.scheduler == index.autoconfig["params"]
+    assert index.config.scheduler == SchedulerParams.from_dict(index.autoconfig["params"])
     index.save(tmp_path / "idx")
     loaded = HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
     assert loaded.autoconfig == index.autoconfig and loaded.config.scheduler == index.config.scheduler
@@ -95,7 +96,7 @@ def test_no_automatic_tuning_over_hand_set_or_user_tuned_parameters(tmp_path, co
                       HiMIRConfig(auto_tune=True, auto_tune_min_images=4, auto_tune_probes=24,
                                   scheduler={"candidate_k": 8}))
     assert not hand.add(_photos(tmp_path / "a", 6), progress=False).auto_tuned
-    assert hand.autoconfig is None and hand.config.scheduler == {"candidate_k": 8}
+    assert hand.autoconfig is None and hand.config.scheduler.overrides() == {"candidate_k": 8}
     off = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24))
     assert not off.add(_photos(tmp_path / "b", 6), progress=False).auto_tuned
     tuned = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune=True, auto_tune_min_images=100, auto_tune_probes=24))

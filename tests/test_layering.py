@@ -183,3 +183,26 @@ def test_the_walk_on_a_sample(monkeypatch: pytest.MonkeyPatch) -> None:
                                                "himir_rag.a:15: from himir_rag.g import _late"]
     assert _cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
     assert _cycles({"x": {"y"}, "y": set()}) == []
+
+
+def _foreign_private_attributes(tree: ast.Module, where: str) -> list[str]:
+    """``x._name`` where ``x`` is not ``self`` / ``cls``: another object's private attribute."""
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            found.append(f"{where}:{node.lineno}: .{node.attr}")
+    return found
+
+
+def test_benchmarks_use_only_public_api() -> None:
+    """bench/ reaches the index (and every other object) through public names only: what a user can do."""
+    bench = [module for module in MODULES if module.startswith("himir_rag.bench")]
+    assert "himir_rag.bench.scale" in bench
+    found = [line for module in bench for line in _foreign_private_attributes(_tree(module), module)]
+    assert found == [], "use public API (e.g. HiMIRIndex.from_vectors / search_vectors) instead of:\n" + "\n".join(found)
+
+
+def test_the_private_attribute_check_can_fail() -> None:
+    sample = ast.parse("index._snapshot = s\nself._own = 1\nindex.search_vectors(v)\nx = other._next_id\n")
+    assert _foreign_private_attributes(sample, "m") == ["m:1: ._snapshot", "m:4: ._next_id"]

@@ -11,11 +11,13 @@ from typing import Optional
 import typer
 
 from himir_rag.errors import HiMIRError
+from himir_rag.modes import mode_names
 
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
                         help="Benchmarks: composite photos, all modes side by side, scale.")
 
-_MODES_HELP = "Comma-separated modes: single, mvr, himir-full, himir."
+_ALL_MODES = ",".join(mode_names())
+_MODES_HELP = f"Comma-separated modes: {', '.join(mode_names())}."
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -82,7 +84,7 @@ def build_command(
 @bench_app.command("run")
 def run_command(
     out_dir: Path = typer.Argument(..., help="A directory written by `himir bench build`."),
-    modes: str = typer.Option("single,mvr,himir-full,himir", help=_MODES_HELP),
+    modes: str = typer.Option(_ALL_MODES, help=_MODES_HELP),
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     decomposer: str = typer.Option("rule", help="rule | oracle (ground-truth object names) | llm (HIMIR_LLM) | none"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N (when the index is built)."),
@@ -124,7 +126,7 @@ def scale_command(
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
     queries: int = typer.Option(200, min=1, help="Queries (2-3 planted sub-queries each)."),
     seed: int = typer.Option(0, help="Seed."),
-    modes: str = typer.Option("single,mvr,himir-full,himir", help=_MODES_HELP),
+    modes: str = typer.Option(_ALL_MODES, help=_MODES_HELP),
     k: int = typer.Option(10, min=1, help="Hits per query."),
     distractors: int = typer.Option(30, min=0, help="Hard negatives per query (hold some of its sub-queries)."),
     signal: float = typer.Option(2.0, min=0.01, help="Strength of a planted sub-query in a region that holds it."),

@@ -44,7 +44,7 @@ from himir_rag.encoders import Encoder
 from himir_rag.errors import ConfigError, HiMIRError
 from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex, SearchResult
-from himir_rag.scheduler import RetrievalMode, parse_mode
+from himir_rag.modes import MODES, RetrievalMode, Scorer, mode_names, parse_mode, reference_mode
 
 __all__ = [
     "DEFAULT_MODES",
@@ -68,7 +68,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODES = ("single", "mvr", "himir-full", "himir")
+DEFAULT_MODES = mode_names()
 DECOMPOSERS = ("rule", "oracle", "llm", "none")
 GROUNDING_IOU = 0.3
 CUTOFFS = (1, 5, 10)
@@ -472,8 +472,8 @@ def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, l
     iou: dict[str, float | None] = {}
     ceiling: dict[str, float | None] = {}
     choices = {**{name: (int(level),) for name, level in zip(_LEVEL_NAMES, Level)},
-               "mvr": (int(Level.GLOBAL), int(Level.SEGMENT)),
-               "himir-full": tuple(int(level) for level in Level)}
+               **{spec.name: tuple(int(level) for level in spec.levels) for spec in MODES.values()
+                  if spec.subqueries and spec.scorer is Scorer.EXHAUSTIVE}}  # mvr, himir-full
     overlaps = np.array([box_iou(box.tolist(), obj["bbox"]) for box in boxes])
     chosen_level = None
     for name, allowed in choices.items():
@@ -483,7 +483,7 @@ def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, l
             continue
         best = candidates[int(np.argmax(sim[candidates]))]
         iou[name], ceiling[name] = float(overlaps[best]), float(overlaps[candidates].max())
-        if name == "himir-full":
+        if name == reference_mode().value:
             chosen_level = _LEVEL_NAMES[int(levels[best])]
     return {"query_id": query.query_id, "subquery": sub, "object": obj["name"],
             "area_frac": float(obj.get("area_frac", 0.0)), "iou": iou, "iou_ceiling": ceiling,
@@ -736,7 +736,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                       "indexed_images": len(index), **_read_manifest_counts(bench_dir)},
         "config": {"modes": [m.value for m in mode_list], "encoder": index.encoder.name,
                    "encoder_spec": index.encoder_spec, "decomposer": decomposer, "layout": index.config.layout,
-                   "k": k, "search_k": search_k, "scheduler": dict(index.config.scheduler),
+                   "k": k, "search_k": search_k, "scheduler": index.config.scheduler.overrides(),
                    "torch_threads": torch_threads,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
         "skipped_modes": runs.skipped, **summarize_run(runs.per_query, mode_list, runs.skipped),

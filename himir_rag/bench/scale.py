@@ -20,7 +20,7 @@ Generative model (every image uses the same ``1+M+N`` grid tree of a 640x480 fra
 
 Searching uses :meth:`HiMIRIndex.search_vectors` with explicit query vectors, the code
 path ``HiMIRIndex.search`` takes after encoding the texts; the collection is wrapped in an
-encoder-less :class:`HiMIRIndex` with :meth:`HiMIRIndex.from_snapshot`, saved, and read
+encoder-less :class:`HiMIRIndex` with :meth:`HiMIRIndex.from_vectors`, saved, and read
 back with :meth:`HiMIRIndex.load` before the queries run.
 """
 
@@ -50,13 +50,13 @@ from himir_rag.bench.runner import (
     run_modes,
     summarize_run,
 )
-from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
+from himir_rag.catalog import VECTOR_DTYPES
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import l2_normalize
 from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import GridDecomposer, Level, RegionTree
 from himir_rag.index import HiMIRIndex, SearchResult
-from himir_rag.scheduler import RetrievalMode
+from himir_rag.modes import MODES, RetrievalMode, reference_mode
 
 __all__ = ["VectorsOnlyEncoder", "PlantedQuery", "SyntheticCollection", "build_synthetic_collection",
            "run_scale_benchmark", "saved_collection"]
@@ -230,15 +230,8 @@ def build_synthetic_collection(*, images: int = 100_000, dim: int = 384, layout:
     planted = rng.permutation(images)[: queries * (3 + distractors)]
     planted_queries = _plant_queries(vectors, tree, planted, queries=queries, distractors=distractors,
                                      signal=signal, rng=rng)
-    ids = np.arange(1, images + 1, dtype=np.int64)
-    offsets = np.repeat(np.arange(images, dtype=np.int64) * per_image, per_image)
-    snapshot = Snapshot(
-        {int(i): ImageRecord(int(i), f"synthetic://image/{int(i):07d}", *FRAME) for i in ids}, vectors,
-        np.repeat(ids, per_image), np.tile(tree.levels.astype(np.int8), images),
-        np.where(np.tile(tree.parents, images) >= 0, np.tile(tree.parents.astype(np.int64), images) + offsets, -1),
-        np.tile(tree.boxes.astype(np.int32), (images, 1)))
-    del offsets
-    index = HiMIRIndex.from_snapshot(snapshot, encoder=VectorsOnlyEncoder(dim), config=config)
+    index = HiMIRIndex.from_vectors(vectors, tree, encoder=VectorsOnlyEncoder(dim), config=config,
+                                    paths=[f"synthetic://image/{i:07d}" for i in range(1, images + 1)])
     index.sync_candidate_stores()  # what HiMIRIndex.add does when it finishes
     used = sum(len(q.relevant) + len(q.distractors) for q in planted_queries)
     return SyntheticCollection(index, planted_queries, tree, time.perf_counter() - started, used)
@@ -272,8 +265,10 @@ def _plant_queries(vectors: np.ndarray, tree: RegionTree, planted: np.ndarray, *
 
 
 def _search(index: HiMIRIndex, mode: RetrievalMode, query: PlantedQuery, k: int) -> SearchResult:
-    vectors = query.query_vector if mode is RetrievalMode.SINGLE else query.subquery_vectors
-    labels = [query.text] if mode is RetrievalMode.SINGLE else query.subqueries
+    if MODES[mode].subqueries:
+        vectors, labels = query.subquery_vectors, query.subqueries
+    else:  # one vector: the sub-queries' normalised sum
+        vectors, labels = query.query_vector, [query.text]
     return index.search_vectors(vectors, k=k, mode=mode, labels=labels, query=query.text)
 
 
@@ -344,7 +339,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
                       "mean_targets_per_query": float(np.mean([len(q.relevant) for q in evaluated])),
                       "mean_subqueries": float(np.mean([len(q.subquery_vectors) for q in evaluated]))},
         "config": {"modes": [m.value for m in mode_list], "k": k, "search_k": search_k,
-                   "scheduler": dict(index.config.scheduler),
+                   "scheduler": index.config.scheduler.overrides(),
                    "scheduler_params": dataclasses.asdict(index.config.scheduler_params),
                    "search_api": "HiMIRIndex.search_vectors (explicit vectors)"},
         "skipped_modes": runs.skipped, **summary,
@@ -426,7 +421,7 @@ def saved_collection(out_dir: Path, recipe: dict[str, Any]) -> tuple[list[Plante
 
 def _add_agreement(summary: dict[str, Any], per_query: list[dict[str, Any]], *, k: int) -> None:
     """``recall@k_vs_himir_full`` per mode: the share of himir-full's top-k that the mode returns."""
-    reference = {r["query_id"]: r["top"][:k] for r in per_query if r["mode"] == "himir-full"}
+    reference = {r["query_id"]: r["top"][:k] for r in per_query if r["mode"] == reference_mode().value}
     if not reference:
         return
     for mode, aggregate in summary["modes"].items():
