@@ -54,7 +54,7 @@ from himir_rag.filters import compile_filter, matching_ids
 from himir_rag.hierarchy import Level
 from himir_rag.images import decode_image, image_header_problem, iter_image_files
 from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
-                              encode_photos, granularity_keep, prepare_or_skip, region_decomposer)
+                              encode_photos, encode_views, granularity_keep, prepare_or_skip, region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
@@ -606,8 +606,9 @@ class HiMIRIndex:
         return len(chunk), prepared
 
     def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport) -> list[tuple[PreparedPhoto, np.ndarray]]:
-        encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size)
-        report.crops_encoded += sum(len(item.crops) for item in chunk)
+        encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size,
+                                         region_encoding=self.config.region_encoding)
+        report.crops_encoded += sum(len(item.tree) for item in chunk)
         report.skipped.extend(skipped)
         return encoded
 
@@ -772,11 +773,13 @@ class HiMIRIndex:
         tick = time.perf_counter()
         photo = decode_image(image, max_pixels=self.config.max_image_pixels,
                              name=str(image) if isinstance(image, (str, os.PathLike)) else "query image")
-        tree, crops, _ = cut(photo, self._decomposer, min_region_frac=self.config.min_region_frac)
+        roi = self.config.region_encoding == "roi"
+        tree, crops, work = cut(photo, self._decomposer, min_region_frac=self.config.min_region_frac, crops=not roi)
         if mode is RetrievalMode.SINGLE:  # whole photo against whole photos
             tree, crops = tree.select(tree.levels == Level.GLOBAL), crops[:1]
         with limit_threads(self.config.search_threads, torch=True):
-            vectors = encode_crops(crops, self.encoder, batch_size=self.config.batch_size)
+            vectors = (encode_views([work], [tree], self.encoder) if roi
+                       else encode_crops(crops, self.encoder, batch_size=self.config.batch_size))
         keep = granularity_keep(tree, vectors, self.config.prune_cosine)
         tree, vectors = tree.select(keep), vectors[keep]
         labels = [f"photo {Level(int(level)).name.lower()} {[int(v) for v in box]}"

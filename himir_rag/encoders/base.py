@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["Encoder", "l2_normalize", "resolve_device"]
+__all__ = ["Encoder", "RegionEncoder", "l2_normalize", "resolve_device", "inference_threads",
+           "DEFAULT_CPU_THREADS"]
+
+# 1 thread was the fastest CPU inference measured on 2 shared cores (benchmarks/encoder_batches.py:
+# 55.5 crops/s at batch 4; 2 threads were 1.7-4x slower): OpenMP threads stall each other there.
+DEFAULT_CPU_THREADS = 1
+_THREADS_LOCK = threading.Lock()
 
 
 @runtime_checkable
@@ -32,6 +42,43 @@ class Encoder(Protocol):
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts -> (n, dim) float32, rows L2-normalised."""
         ...
+
+
+@runtime_checkable
+class RegionEncoder(Encoder, Protocol):
+    """An encoder that can also embed boxes of a photo in one pass (``--region-encoding roi``)."""
+
+    def embed_regions(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed the boxes of photos: one (n_i, 4) pixel-box array per photo -> (sum n_i, dim) float32,
+        rows L2-normalised, photo 0's boxes first."""
+        ...
+
+
+@contextlib.contextmanager
+def inference_threads(device: str, threads: int | None) -> Iterator[None]:
+    """Run a CPU forward on ``threads`` torch threads, restoring torch's count afterwards.
+
+    ``threads=None`` means :data:`DEFAULT_CPU_THREADS`, unless the user chose a count
+    through ``OMP_NUM_THREADS`` (then torch's own count is left alone). GPU work and a
+    count already in force change nothing.
+    """
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = DEFAULT_CPU_THREADS
+    if threads is None or not device.startswith("cpu"):
+        yield
+        return
+    import torch
+
+    with _THREADS_LOCK:
+        previous = torch.get_num_threads()
+        if previous != threads:
+            torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if previous != threads:
+            with _THREADS_LOCK:
+                torch.set_num_threads(previous)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
