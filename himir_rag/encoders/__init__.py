@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from himir_rag.encoders.base import Encoder, RegionEncoder, l2_normalize
+from himir_rag.encoders.base import Encoder, RegionEncoder, l2_normalize, set_inference_threads
 from himir_rag.errors import ConfigError
 
-__all__ = ["Encoder", "RegionEncoder", "l2_normalize", "get_encoder", "ClipEncoder", "OfflineEncoder"]
+__all__ = ["Encoder", "RegionEncoder", "l2_normalize", "set_inference_threads", "get_encoder", "ClipEncoder",
+           "OfflineEncoder"]
 
 
 def get_encoder(spec: str = "offline", *, device: str = "cpu", threads: int | None = None) -> Encoder:

@@ -12,12 +12,13 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["Encoder", "RegionEncoder", "l2_normalize", "resolve_device", "inference_threads",
-           "DEFAULT_CPU_THREADS"]
+           "set_inference_threads", "DEFAULT_CPU_THREADS"]
 
 # 1 thread was the fastest CPU inference measured on 2 shared cores (benchmarks/encoder_batches.py:
 # 55.5 crops/s at batch 4; 2 threads were 1.7-4x slower): OpenMP threads stall each other there.
 DEFAULT_CPU_THREADS = 1
 _THREADS_LOCK = threading.Lock()
+_process_threads: int | None = None  # set_inference_threads: the caller's choice for this process
 
 
 @runtime_checkable
@@ -54,14 +55,25 @@ class RegionEncoder(Encoder, Protocol):
         ...
 
 
+def set_inference_threads(count: int | None) -> None:
+    """Choose the torch thread count of CPU inference for this process (None: back to the default),
+    for encoders built without ``threads=``; e.g. ``himir bench run --torch-threads``."""
+    global _process_threads
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"torch threads must be an int >= 1, got {count!r}")
+    _process_threads = count
+
+
 @contextlib.contextmanager
 def inference_threads(device: str, threads: int | None) -> Iterator[None]:
     """Run a CPU forward on ``threads`` torch threads, restoring torch's count afterwards.
 
-    ``threads=None`` means :data:`DEFAULT_CPU_THREADS`, unless the user chose a count
-    through ``OMP_NUM_THREADS`` (then torch's own count is left alone). GPU work and a
-    count already in force change nothing.
+    ``threads=None`` means the count chosen with :func:`set_inference_threads`, else torch's
+    own count when the user set ``OMP_NUM_THREADS``, else :data:`DEFAULT_CPU_THREADS`. GPU
+    work and a count already in force change nothing.
     """
+    if threads is None:
+        threads = _process_threads
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
         threads = DEFAULT_CPU_THREADS
     if threads is None or not device.startswith("cpu"):

@@ -31,7 +31,7 @@ from himir_rag.encoders.base import inference_threads, l2_normalize, resolve_dev
 from himir_rag.encoders.prompt_cache import cached_sentence_embeddings
 from himir_rag.errors import EncoderUnavailableError
 
-__all__ = ["OfflineEncoder", "imagenet_class_names", "ROI_LONG_SIDE"]
+__all__ = ["OfflineEncoder", "imagenet_class_names", "class_prompts", "sentence_model_key", "ROI_LONG_SIDE"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ def imagenet_class_names() -> list[str]:
     text = importlib.resources.files("himir_rag").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
     rows = [line.split("\t", 1)[1] for line in text.splitlines() if line and not line.startswith("#")]
     return [row.split(",")[0].strip() for row in rows]
+
+
+def class_prompts() -> list[str]:
+    """The 1000 sentences ("a photo of a tench", ...) whose embeddings the class probabilities weight."""
+    return [_CLASS_PROMPT.format(name) for name in imagenet_class_names()]
 
 
 class OfflineEncoder:
@@ -277,13 +282,12 @@ _MODELS_LOCK = threading.Lock()
 def _cached_models(variant: str, device: str) -> tuple[Any, Any, np.ndarray]:
     sentence_model = _load_sentence_model(device)
     classifier = _load_classifier(variant, device)
-    prompts = [_CLASS_PROMPT.format(name) for name in imagenet_class_names()]
-    embeddings = cached_sentence_embeddings(_sentence_model_key(), prompts, dim=OfflineEncoder.dim,
+    embeddings = cached_sentence_embeddings(sentence_model_key(), class_prompts(), dim=OfflineEncoder.dim,
                                             encode=lambda texts: _encode_sentences(sentence_model, texts))
     return classifier, sentence_model, embeddings
 
 
-def _sentence_model_key() -> str:
+def sentence_model_key() -> str:
     """The sentence model's name and installed version: a new wheel means new prompt embeddings."""
     from importlib.metadata import PackageNotFoundError, version
 
