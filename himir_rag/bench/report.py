@@ -169,7 +169,9 @@ def _indexing_section(report: Mapping[str, Any]) -> list[str]:
     elif indexing:
         rows.append(["indexing", "reused an existing index: throughput not measured in this run"])
     if alone.get("crops"):
-        label = f"encoder alone (crops/s; {alone['crops']} crops of {alone['images']} images, batch {alone['batch_size']})"
+        label = (f"encoder alone (regions/s; {alone['crops']} regions of {alone['images']} images, one pass each)"
+                 if alone.get("region_encoding") == "roi" else
+                 f"encoder alone (crops/s; {alone['crops']} crops of {alone['images']} images, batch {alone['batch_size']})")
         rows += [[label, alone["crops_per_s"]], ["encoder alone (ms per crop)", alone["ms_per_crop"]]]
         if indexing.get("measured"):
             rows.append(["indexing crops/s as a share of the encoder's", indexing["crops_per_s"] / alone["crops_per_s"]])
