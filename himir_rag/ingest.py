@@ -34,8 +34,8 @@ from himir_rag.images import load_image
 from himir_rag.thumbnails import make_thumbnail
 
 __all__ = ["PreparedPhoto", "MetadataSource", "MetadataLookup", "CROP_MAX_SIDE", "region_decomposer", "cut",
-           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_views", "encode_photos", "view_boxes", "metadata_for", "checked_metadata",
-           "crop_box", "area_keep", "granularity_keep"]
+           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_views", "encode_photos", "view_boxes",
+           "metadata_for", "checked_metadata", "crop_box", "area_keep", "granularity_keep"]
 
 logger = logging.getLogger(__name__)
 
