@@ -178,6 +178,8 @@ def test_roi_index_round_trips_and_encodes_photo_queries_the_same_way(tmp_path):
     assert encoder.region_calls == calls + 1 and hits[0].path.endswith("p1.png")
     with pytest.raises(ConfigError, match="use --region-encoding crops"):
         HiMIRIndex(ColorEncoder(), HiMIRConfig(region_encoding="roi")).add(folder, progress=False)
+    with pytest.raises(ConfigError, match="region_encoding are fixed at index time"):
+        loaded.set_config(loaded.config.replace(region_encoding="crops"))
 
 
 def test_inference_threads_default_to_one_and_respect_the_user(monkeypatch):
