@@ -97,7 +97,8 @@ def run_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes (default OUT_DIR)."),
     torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1,
-                                                help="torch threads of the encoder (default: torch's choice)."),
+                                                help="torch threads of the encoder (default: 1 on CPU, or torch's own "
+                                                     "count when OMP_NUM_THREADS is set)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
                                             help='Scheduler parameters of mode himir as JSON, e.g. \'{"probe_share": 0.2}\'.'),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),

@@ -822,7 +822,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         ``HiMIRConfig.scheduler`` parameters for mode ``himir`` in this run (the saved
         index keeps its own).
     torch_threads : int, optional
-        ``torch.set_num_threads`` for this process (encoder threads); default: torch's.
+        ``torch.set_num_threads`` for this process and the encoders' CPU inference threads
+        (:func:`~himir_rag.encoders.set_inference_threads`); default: the encoders' own (1 on CPU).
         On a CPU shared with other jobs, 1 thread avoids OpenMP oversubscription stalls.
     region_encodings : str or list of str
         ``"crops"``, ``"roi"`` or both (``"crops,roi"``): one index per encoding, the same
