@@ -36,7 +36,6 @@ from himir_rag.bench.runner import match_objects, ranking_metrics
 from himir_rag.config import HiMIRConfig
 from himir_rag.decompose import get_decomposer
 from himir_rag.encoders.offline import OfflineEncoder, imagenet_class_names
-from himir_rag.hierarchy import Level
 from himir_rag.ingest import cut, region_decomposer
 
 TEMPLATES = ("a photo of a {}", "a photo of the {}", "a close-up photo of a {}", "a cropped photo of a {}",
@@ -53,14 +52,15 @@ def _pad_box(box: tuple[int, int, int, int], size: tuple[int, int], pad: float) 
     return (max(0, int(x0 - dx)), max(0, int(y0 - dy)), min(size[0], int(x1 + dx) + 1), min(size[1], int(y1 + dy) + 1))
 
 
-def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str, decomposer: str) -> None:
+def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str, decomposer: str,
+                 overlap: float) -> None:
     import torch
 
     torch.set_num_threads(1)
     encoder = OfflineEncoder()
     encoder.load()
     classifier = encoder._classifier
-    config = HiMIRConfig(layout=layout, decomposer=decomposer)
+    config = HiMIRConfig(layout=layout, decomposer=decomposer, region_overlap=overlap)
     decomposer = region_decomposer(config)
     scenes = _jsonl(bench / "scenes.jsonl")
     side = encoder.image_size
@@ -106,6 +106,7 @@ class Lab:
         self.flat = sorted({s for subs in self.subqueries for s in subs} | {q["query"] for q in self.queries})
         self.plain_vectors = self.encoder.embed_texts(self.flat)
         self.text_vector = dict(zip(self.flat, self.plain_vectors))
+        self.include_full_query = False
 
     def set_query_side(self, template: str | None, project: tuple[float, int] | None,
                        class_emb: np.ndarray) -> None:
@@ -160,6 +161,8 @@ class Lab:
         rows: dict[str, list[dict]] = {m: [] for m in modes}
         ground = []
         for q, subs in zip(self.queries, self.subqueries):
+            if self.include_full_query and q["query"] not in subs:
+                subs = [*subs, q["query"]]
             sub_vec = np.stack([self.text_vector[s] for s in subs])
             best = self.per_level_max(vectors, sub_vec) * scale[None, :, None] + shift[None, :, None]
             for mode, allowed in modes.items():
@@ -228,6 +231,7 @@ def main() -> None:
     c.add_argument("--batch", type=int, default=4)
     c.add_argument("--layout", default="1+4+16")
     c.add_argument("--decomposer", default="grid")
+    c.add_argument("--overlap", type=float, default=HiMIRConfig().region_overlap)
     s = sub.add_parser("score")
     s.add_argument("bench", type=Path)
     s.add_argument("--logits", type=Path, required=True)
@@ -235,7 +239,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "cache":
         cache_logits(args.bench, args.out, pad=args.pad, batch=args.batch, layout=args.layout,
-                     decomposer=args.decomposer)
+                     decomposer=args.decomposer, overlap=args.overlap)
         return
     lab = Lab(args.bench, args.logits)
     sweep(lab, args.variants.split(","))
@@ -266,6 +270,7 @@ def sweep(lab: Lab, variants: list[str]) -> None:
             tau, top = opts["qproj"].split(":")
             project = (float(tau), int(top))
         lab.set_query_side(opts.get("qt", "").replace("_", " ") or None, project, cache[how])
+        lab.include_full_query = opts.get("full", "0") == "1"  # full=1: the whole query is a sub-query too
         scale = shift = None
         if opts.get("cal", "none") == "probe":
             scale, shift = probe_calibration(lab, vectors, probe_texts(lab.encoder, 200, seed=0))

@@ -70,7 +70,10 @@ def index_command(
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
     decomposer: str = typer.Option("grid", help="Image decomposer: grid | segments."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per encoder batch."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Crops per encoder batch (4: fastest on CPU)."),
+    region_encoding: Optional[str] = typer.Option(
+        None, "--region-encoding", help="crops (each region encoded on its own) | roi (one forward per photo, "
+        "regions pooled from it; offline encoder) [default: crops, or as the index was built]."),
     device: str = _DEVICE,
     prune_cosine: Optional[float] = typer.Option(None, help="Drop segments this similar to their parent (0-1)."),
     precision: str = typer.Option("float16", help="Stored vector type of a new index: float16 (default, half the size) | float32."),
@@ -106,7 +109,7 @@ def index_command(
         with lock_index(index_dir, timeout=wait, create=True):
             index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
                                     batch_size=batch_size, device=device, prune_cosine=prune_cosine,
-                                    precision=precision, store_location=location)
+                                    precision=precision, store_location=location, region_encoding=region_encoding)
             index.config = index.config.replace(
                 thumbnails=index.config.thumbnails or thumbnails,
                 follow_symlinks=index.config.follow_symlinks if follow_symlinks is None else follow_symlinks)
@@ -171,7 +174,7 @@ def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_
 
 def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: str, batch_size: int,
                     device: str, prune_cosine: float | None, precision: str = "float32",
-                    store_location: str | None = None) -> HiMIRIndex:
+                    store_location: str | None = None, region_encoding: str | None = None) -> HiMIRIndex:
     if (index_dir / "CURRENT").exists():
         index = HiMIRIndex.load(index_dir, device=device, store_location=store_location)
         wanted = HiMIRConfig(layout=layout, decomposer=decomposer)
@@ -182,10 +185,14 @@ def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: s
             )
         if encoder != index.encoder_spec and not index.encoder_spec.startswith(encoder):
             raise HiMIRError(f"{index_dir} was built with encoder {index.encoder_spec!r}, asked for {encoder!r}")
+        if region_encoding not in (None, index.config.region_encoding):
+            raise HiMIRError(f"{index_dir} was built with --region-encoding {index.config.region_encoding}, asked "
+                             f"for {region_encoding}; use another --index to build a new one")
         index.config = index.config.replace(batch_size=batch_size)
         return index
     config = HiMIRConfig(layout=layout, decomposer=decomposer, batch_size=batch_size, precision=precision,
-                         **({} if prune_cosine is None else {"prune_cosine": prune_cosine}))
+                         **({} if prune_cosine is None else {"prune_cosine": prune_cosine}),
+                         **({} if region_encoding is None else {"region_encoding": region_encoding}))
     return HiMIRIndex(encoder, config, device=device)
 
 

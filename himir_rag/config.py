@@ -12,7 +12,11 @@ from himir_rag.errors import ConfigError
 if TYPE_CHECKING:  # the scheduler imports the hierarchy, which imports this module
     from himir_rag.scheduler import SchedulerParams
 
-__all__ = ["HiMIRConfig", "Layout", "parse_layout"]
+__all__ = ["HiMIRConfig", "Layout", "parse_layout", "REGION_ENCODINGS"]
+
+REGION_ENCODINGS = ("crops", "roi")
+# what an index saved before a field existed did, whatever today's default is
+_BEFORE_THE_FIELD = {"region_encoding": "crops"}
 
 _LAYOUT_RE = re.compile(r"^\s*1\s*\+\s*(\d+)\s*\+\s*(\d+)\s*$")
 
@@ -100,7 +104,12 @@ class HiMIRConfig:
         Segments whose embedding has cosine above this with their parent's are not
         stored (offline granularity pruning). 1.0 disables.
     batch_size : int
-        Crops encoded per batch.
+        Crops encoded per batch (4 was the fastest measured on CPU; see benchmarks/README.md).
+    region_encoding : str
+        How regions are embedded: ``"crops"`` (each region cut out and encoded on its own)
+        or ``"roi"`` (one forward per photo, each region pooled from its feature map; needs
+        an encoder with ``embed_regions``, e.g. the offline one). Indexes saved before this
+        field existed load as ``"crops"``.
     scheduler : SchedulerParams or dict
         Parameters of the scheduled pruning pass, a :class:`~himir_rag.scheduler.SchedulerParams`;
         a dict of some of them (the form manifests store, see :meth:`to_dict`) is validated
@@ -145,7 +154,8 @@ class HiMIRConfig:
     max_image_pixels: int = 50_000_000
     min_region_frac: float = 0.002
     prune_cosine: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 4
+    region_encoding: str = "crops"
     scheduler: SchedulerParams = field(default_factory=_default_scheduler)
     default_mode: str = "himir"  # himir_rag.modes.DEFAULT_MODE
     search_threads: int = 1
@@ -187,6 +197,9 @@ class HiMIRConfig:
         for name in ("follow_symlinks", "thumbnails"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.region_encoding not in REGION_ENCODINGS:
+            raise ConfigError(f"region_encoding {self.region_encoding!r} is unknown; use one of "
+                              f"{', '.join(REGION_ENCODINGS)}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not isinstance(self.auto_tune, bool):
@@ -213,7 +226,8 @@ class HiMIRConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HiMIRConfig:
         """Build from a dict (e.g. :meth:`to_dict`'s, or a manifest of any version), ignoring unknown
-        keys written by newer versions.
+        keys written by newer versions; a key that older versions did not write takes the value they
+        behaved by (``region_encoding="crops"``).
 
         Example
         -------
@@ -221,7 +235,7 @@ class HiMIRConfig:
         8
         """
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{**_BEFORE_THE_FIELD, **{k: v for k, v in values.items() if k in known}})
 
     def replace(self, **changes: Any) -> HiMIRConfig:
         """A copy with some fields changed (validated again)."""

@@ -71,7 +71,8 @@ class _EncodeActor:
         outcomes = [prepare_or_skip(Path(path), None, None, decomposer=self.decomposer, config=self.config)
                     for path in paths]
         encoded, nonfinite = encode_photos([o for o in outcomes if not isinstance(o, str)], self.encoder,
-                                           batch_size=self.config.batch_size)
+                                           batch_size=self.config.batch_size,
+                                           region_encoding=self.config.region_encoding)
         vectors = {item.record.path: rows for item, rows in encoded}
         reasons = {**dict(nonfinite), **{path: o for path, o in zip(paths, outcomes) if isinstance(o, str)}}
         errors = [reasons.get(path, "") for path in paths]

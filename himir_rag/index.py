@@ -54,7 +54,7 @@ from himir_rag.filters import compile_filter, matching_ids
 from himir_rag.hierarchy import Level, RegionTree
 from himir_rag.images import decode_image, image_header_problem, iter_image_files
 from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
-                              encode_photos, granularity_keep, prepare_or_skip, region_decomposer)
+                              encode_photos, encode_views, granularity_keep, prepare_or_skip, region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
@@ -668,8 +668,9 @@ class HiMIRIndex:
         return len(chunk), prepared
 
     def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport) -> list[tuple[PreparedPhoto, np.ndarray]]:
-        encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size)
-        report.crops_encoded += sum(len(item.crops) for item in chunk)
+        encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size,
+                                         region_encoding=self.config.region_encoding)
+        report.crops_encoded += sum(len(item.tree) for item in chunk)
         report.skipped.extend(skipped)
         return encoded
 
@@ -834,11 +835,13 @@ class HiMIRIndex:
         tick = time.perf_counter()
         photo = decode_image(image, max_pixels=self.config.max_image_pixels,
                              name=str(image) if isinstance(image, (str, os.PathLike)) else "query image")
-        tree, crops, _ = cut(photo, self._decomposer, min_region_frac=self.config.min_region_frac)
+        roi = self.config.region_encoding == "roi"
+        tree, crops, work = cut(photo, self._decomposer, min_region_frac=self.config.min_region_frac, crops=not roi)
         if not MODES[mode].subqueries:  # whole photo against whole photos
             tree, crops = tree.select(tree.levels == Level.GLOBAL), crops[:1]
         with limit_threads(self.config.search_threads, torch=True):
-            vectors = encode_crops(crops, self.encoder, batch_size=self.config.batch_size)
+            vectors = (encode_views([work], [tree], self.encoder) if roi
+                       else encode_crops(crops, self.encoder, batch_size=self.config.batch_size))
         keep = granularity_keep(tree, vectors, self.config.prune_cosine)
         tree, vectors = tree.select(keep), vectors[keep]
         labels = [f"photo {Level(int(level)).name.lower()} {[int(v) for v in box]}"
@@ -1344,8 +1347,10 @@ class HiMIRIndex:
 
     def set_config(self, config: HiMIRConfig) -> None:
         """Replace the search-time configuration (e.g. the tuner's choice); index-time fields must match."""
-        if (config.layout, config.decomposer) != (self.config.layout, self.config.decomposer):
-            raise ConfigError("layout and decomposer are fixed at index time; rebuild the index to change them")
+        if ((config.layout, config.decomposer, config.region_encoding)
+                != (self.config.layout, self.config.decomposer, self.config.region_encoding)):
+            raise ConfigError("layout, decomposer and region_encoding are fixed at index time; rebuild the index to "
+                              "change them")
         self._dirty = self._dirty or config != self.config
         self.config = config
 

@@ -1,4 +1,9 @@
-"""Preparing photos for an index: decode, cut into regions, attach metadata, encode the crops.
+"""Preparing photos for an index: decode, cut into regions, attach metadata, encode the regions.
+
+Regions are encoded as ``config.region_encoding`` says: ``"crops"`` cuts each region out and
+embeds it on its own (:func:`encode_crops`); ``"roi"`` keeps the photo's working copy and asks
+the encoder for all its regions in one pass (:func:`encode_views`, an encoder's optional
+``embed_regions``).
 
 One path for both builds: :meth:`HiMIRIndex.add <himir_rag.index.HiMIRIndex.add>` runs these
 functions in-process and :mod:`himir_rag.distributed` runs them in Ray actors, so a photo is
@@ -22,15 +27,15 @@ from PIL import Image
 
 from himir_rag.catalog import ImageRecord
 from himir_rag.config import HiMIRConfig
-from himir_rag.encoders import Encoder
+from himir_rag.encoders import Encoder, RegionEncoder
 from himir_rag.errors import ConfigError, HiMIRError, ImageLoadError
 from himir_rag.hierarchy import ImageDecomposer, Level, RegionTree, get_decomposer
 from himir_rag.images import load_image
 from himir_rag.thumbnails import make_thumbnail
 
 __all__ = ["PreparedPhoto", "MetadataSource", "MetadataLookup", "CROP_MAX_SIDE", "region_decomposer", "cut",
-           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_photos", "metadata_for", "checked_metadata",
-           "crop_box", "area_keep", "granularity_keep"]
+           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_views", "encode_photos", "view_boxes",
+           "metadata_for", "checked_metadata", "crop_box", "area_keep", "granularity_keep"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +45,14 @@ CROP_MAX_SIDE = 1024  # crops are cut from a copy at most this large: encoders s
 
 @dataclass
 class PreparedPhoto:
-    """A photo decoded and decomposed, waiting for its crops to be encoded."""
+    """A photo decoded and decomposed, waiting for its regions to be encoded."""
 
     record: ImageRecord  # image_id 0 until the index commits it
     tree: RegionTree
-    crops: list[Image.Image]  # one per region of ``tree`` (empty once encoded elsewhere, e.g. on Ray)
+    crops: list[Image.Image]  # one per region of ``tree`` ("crops"; empty for "roi" or once encoded elsewhere)
     replaces: int | None  # the id of the stored photo it updates, if any
     thumbnail: bytes | None = None  # JPEG, when the config keeps thumbnails
+    view: Image.Image | None = None  # the working copy the regions are pooled from ("roi")
 
 
 def region_decomposer(config: HiMIRConfig) -> ImageDecomposer:
@@ -54,16 +60,19 @@ def region_decomposer(config: HiMIRConfig) -> ImageDecomposer:
     return get_decomposer(config.decomposer, config.layout, overlap=config.region_overlap)
 
 
-def cut(image: Image.Image, decomposer: ImageDecomposer, *,
-        min_region_frac: float) -> tuple[RegionTree, list[Image.Image], Image.Image]:
-    """The photo's 1+M+N regions (tiny segments dropped), one crop per region and the working copy
-    (at most :data:`CROP_MAX_SIDE` a side) they were cut from; for indexing and photo queries."""
+def cut(image: Image.Image, decomposer: ImageDecomposer, *, min_region_frac: float,
+        crops: bool = True) -> tuple[RegionTree, list[Image.Image], Image.Image]:
+    """The photo's 1+M+N regions (tiny segments dropped), one crop per region (none with
+    ``crops=False``) and the working copy (at most :data:`CROP_MAX_SIDE` a side) they were cut
+    from; for indexing and photo queries."""
     tree = decomposer.decompose(image)
     tree = tree.select(area_keep(tree, min_region_frac))
     scale = min(1.0, CROP_MAX_SIDE / max(image.size))
     # max(1, ...): a 10000x3 strip must not shrink to a 0-px-high working copy
     work = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
                                                     max(1, round(image.height * scale))))
+    if not crops:
+        return tree, [], work
     return tree, [work.crop(crop_box(box, image.size, work.size)) for box in tree.boxes], work
 
 
@@ -82,9 +91,10 @@ def prepare_photo(path: Path, replaces: int | None, metadata: MetadataSource, *,
     stat = path.stat()
     user_meta = metadata_for(path, metadata)
     record = ImageRecord(0, str(path), image.width, image.height, stat.st_size, stat.st_mtime_ns, user_meta)
-    tree, crops, work = cut(image, decomposer, min_region_frac=config.min_region_frac)
+    roi = config.region_encoding == "roi"
+    tree, crops, work = cut(image, decomposer, min_region_frac=config.min_region_frac, crops=not roi)
     thumbnail = make_thumbnail(work) if config.thumbnails else None
-    return PreparedPhoto(record, tree, crops, replaces, thumbnail)
+    return PreparedPhoto(record, tree, crops, replaces, thumbnail, view=work if roi else None)
 
 
 def prepare_or_skip(path: Path, replaces: int | None, metadata: MetadataSource, *, decomposer: ImageDecomposer,
@@ -115,9 +125,34 @@ def encode_crops(crops: list[Image.Image], encoder: Encoder, *, batch_size: int)
                            for i in range(0, len(crops), batch_size)])
 
 
-def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *,
-                  batch_size: int) -> tuple[list[tuple[PreparedPhoto, np.ndarray]], list[tuple[str, str]]]:
-    """The crops of ``photos`` encoded together.
+def view_boxes(tree: RegionTree, view_size: tuple[int, int]) -> np.ndarray:
+    """The tree's boxes on a working copy of ``view_size`` -> (n_regions, 4) int32, as the crops are cut."""
+    size = (tree.width, tree.height)
+    return np.array([crop_box(box, size, view_size) for box in tree.boxes], dtype=np.int32).reshape(-1, 4)
+
+
+def encode_views(views: Sequence[Image.Image], trees: Sequence[RegionTree], encoder: Encoder) -> np.ndarray:
+    """(sum of regions, dim) vectors of every tree's regions, pooled by the encoder from one pass
+    over each working copy (``region_encoding="roi"``), photo by photo in order.
+
+    Raises
+    ------
+    ConfigError
+        When the encoder has no ``embed_regions`` (e.g. CLIP): it can only encode crops.
+    """
+    if not isinstance(encoder, RegionEncoder):
+        raise ConfigError(f"encoder {getattr(encoder, 'name', encoder)!r} cannot encode all regions of a photo in "
+                          "one pass (region_encoding 'roi' needs embed_regions); use --region-encoding crops")
+    if not views:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    return encoder.embed_regions(list(views), [view_boxes(tree, view.size) for view, tree in zip(views, trees)])
+
+
+def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *, batch_size: int,
+                  region_encoding: str = "crops") -> tuple[list[tuple[PreparedPhoto, np.ndarray]],
+                                                           list[tuple[str, str]]]:
+    """The regions of ``photos`` encoded together: their crops in batches of ``batch_size``, or with
+    ``region_encoding="roi"`` pooled from one pass over each photo's :attr:`PreparedPhoto.view`.
 
     Returns
     -------
@@ -126,11 +161,16 @@ def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *,
     skipped : list of (path, reason)
         The others: NaN scores would follow them into every search.
     """
-    crops = [crop for item in photos for crop in item.crops]
-    if not crops:
+    if region_encoding == "roi":
+        vectors = encode_views([item.view for item in photos], [item.tree for item in photos], encoder)
+        counts = [len(item.tree) for item in photos]
+    else:
+        crops = [crop for item in photos for crop in item.crops]
+        vectors = encode_crops(crops, encoder, batch_size=batch_size) if crops else None
+        counts = [len(item.crops) for item in photos]
+    if not photos or vectors is None:
         return [], []
-    vectors = encode_crops(crops, encoder, batch_size=batch_size)
-    bounds = np.cumsum([0] + [len(item.crops) for item in photos])
+    bounds = np.cumsum([0] + counts)
     encoded, skipped = [], []
     for i, item in enumerate(photos):
         rows = vectors[bounds[i] : bounds[i + 1]]

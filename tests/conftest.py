@@ -12,6 +12,12 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _prompt_cache_in_tmp(tmp_path_factory):
+    """Tests never read or write the user's cache of class-prompt embeddings (HIMIR_CACHE_DIR)."""
+    os.environ["HIMIR_CACHE_DIR"] = str(tmp_path_factory.mktemp("himir-cache"))
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),

@@ -182,6 +182,61 @@ def test_index_dir_without_the_scenes_is_rejected(tiny_bench, tmp_path, scene_di
         _quick_run(tiny_bench, encoder=color_encoder, index_dir=tmp_path / "other")
 
 
+class _RegionColorEncoder(ColorEncoder):
+    """The colour encoder with an ``embed_regions`` (one call per chunk of photos, crops inside)."""
+
+    name = "test:color-regions"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.region_calls = 0
+
+    def embed_regions(self, images, boxes):
+        self.region_calls += 1
+        return self.embed_images([im.crop(tuple(int(v) for v in box)) for im, bs in zip(images, boxes) for box in bs])
+
+
+def test_region_encodings_side_by_side_one_index_each(tiny_bench):
+    encoder = _RegionColorEncoder()
+    report = _quick_run(tiny_bench, encoder=encoder, modes="mvr,himir-full", region_encodings="crops,roi",
+                        decomposer="oracle", throughput_images=2)
+    assert encoder.region_calls > 0
+    side = report["region_encodings"]
+    assert list(side) == ["crops", "roi"]
+    assert side["roi"]["index_dir"] == str(tiny_bench / "index-roi") and side["crops"]["index_dir"] == str(
+        tiny_bench / "index")
+    for run in side.values():
+        assert run["indexing"]["measured"] and run["indexing"]["images_per_s"] > 0
+        assert set(run["modes"]) == {"mvr", "himir-full"} and 0 <= run["modes"]["mvr"]["recall@10"] <= 1
+        assert run["grounding"]["n_subqueries"] == 10
+    # this encoder's regions are crops either way: both columns agree
+    assert side["roi"]["modes"] == side["crops"]["modes"]
+    assert report["config"]["region_encoding"] == "crops" and report["encoder_throughput"]["crops"] == 2 * 21
+    assert (tiny_bench / "index_build-index-roi.json").is_file() and (tiny_bench / "index_build.json").is_file()
+    text = (tiny_bench / "report.md").read_text()
+    assert "Region encodings side by side" in text and "| roi |" in text and "| crops |" in text
+    again = _quick_run(tiny_bench, encoder=encoder, region_encodings="roi", throughput_images=2)
+    assert again["indexing"]["reused"] and again["region_encodings"]["roi"]["indexing"]["images_per_s"] > 0
+    assert again["encoder_throughput"]["region_encoding"] == "roi"
+
+
+def test_index_dir_per_encoding_is_built_when_absent_and_checked_when_present(tiny_bench, tmp_path):
+    encoder = _RegionColorEncoder()
+    target = tmp_path / "roi-index"
+    built = _quick_run(tiny_bench, encoder=encoder, region_encodings="roi", index_dir=target)
+    assert built["indexing"]["measured"] and not built["indexing"]["reused"] and (target / "CURRENT").is_file()
+    reused = _quick_run(tiny_bench, encoder=encoder, region_encodings="roi", index_dir=target)
+    assert reused["indexing"]["reused"] and reused["indexing"]["images_per_s"] == built["indexing"]["images_per_s"]
+    with pytest.raises(ConfigError, match="built with region encoding 'roi', asked for 'crops'"):
+        _quick_run(tiny_bench, encoder=encoder, region_encodings="crops", index_dir=target)
+    with pytest.raises(ConfigError, match="1 --index-dir for 2 region encodings"):
+        _quick_run(tiny_bench, encoder=encoder, region_encodings="crops,roi", index_dir=target)
+    with pytest.raises(ConfigError, match="distinct crops / roi"):
+        _quick_run(tiny_bench, encoder=encoder, region_encodings="roi,roi")
+    with pytest.raises(ConfigError, match="use --region-encoding crops"):
+        _quick_run(tiny_bench, region_encodings="roi", index_dir=tmp_path / "plain")
+
+
 def test_missing_benchmark_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="himir bench build"):
         run_benchmark(tmp_path, encoder=ColorEncoder(), progress=False)

@@ -148,3 +148,21 @@ def test_device_auto_works_for_the_offline_encoder_and_cuda_without_gpu_is_one_l
     if not _has_cuda():
         with pytest.raises(EncoderUnavailableError, match="no CUDA device"):
             OfflineEncoder(device="cuda")
+
+
+def test_clip_cannot_do_roi_and_says_so_in_one_line(tiny_clip, tmp_path):
+    from himir_rag.config import HiMIRConfig
+    from himir_rag.encoders import RegionEncoder
+    from himir_rag.errors import ConfigError
+    from himir_rag.index import HiMIRIndex
+
+    encoder = get_encoder(f"clip:{tiny_clip}")
+    assert not isinstance(encoder, RegionEncoder)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    index = HiMIRIndex(encoder, HiMIRConfig(region_encoding="roi"))
+    with pytest.raises(ConfigError, match=r"^encoder 'clip:tiny-clip' cannot encode all regions of a photo in one "
+                                          r"pass .*; use --region-encoding crops$"):
+        index.add(tmp_path, progress=False)
+    assert len(index) == 0
+    crops = HiMIRIndex(encoder, HiMIRConfig(region_encoding="crops"))
+    assert crops.add(tmp_path, progress=False).added == 1

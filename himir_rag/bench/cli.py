@@ -90,14 +90,19 @@ def run_command(
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N (when the index is built)."),
     k: int = typer.Option(10, min=1, help="Hits per query (at least 10 are retrieved for Recall@10)."),
     limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Run only the first N queries."),
-    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Reuse an existing index of OUT_DIR/images."),
+    index_dir: Optional[list[Path]] = typer.Option(
+        None, "--index-dir", metavar="DIR", help="Index of OUT_DIR/images: reused when it exists, built there when not; once per "
+        "--region-encoding [default: OUT_DIR/index, OUT_DIR/index-roi]."),
+    region_encoding: str = typer.Option("crops", "--region-encoding",
+                                        help="crops | roi | crops,roi (one index each, side by side in the report)."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto (encoder device)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per encoder batch (new index)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Crops per encoder batch (new index)."),
     throughput_images: int = typer.Option(20, min=0, help="Images whose crops time the encoder alone (0: skip)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes (default OUT_DIR)."),
     torch_threads: Optional[int] = typer.Option(None, "--torch-threads", min=1,
-                                                help="torch threads of the encoder (default: torch's choice)."),
+                                                help="torch threads of the encoder (default: 1 on CPU, or torch's own "
+                                                     "count when OMP_NUM_THREADS is set)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
                                             help='Scheduler parameters of mode himir as JSON, e.g. \'{"probe_share": 0.2}\'.'),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
@@ -109,10 +114,10 @@ def run_command(
     _setup_logging(verbose)
     try:
         report = run_benchmark(out_dir, modes=modes, encoder=encoder, decomposer=decomposer, layout=layout, k=k,
-                               limit_queries=limit_queries, index_dir=index_dir, device=device, batch_size=batch_size,
+                               limit_queries=limit_queries, index_dir=index_dir or None, device=device, batch_size=batch_size,
                                throughput_images=throughput_images, plots=plots, report_dir=report_dir,
                                scheduler=_parse_scheduler(scheduler), torch_threads=torch_threads,
-                               progress=progress)
+                               progress=progress, region_encodings=region_encoding)
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
         return

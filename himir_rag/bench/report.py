@@ -81,11 +81,30 @@ def summary_tables(report: Mapping[str, Any]) -> str:
              _table(["mode"] + list(_STAGES) + ["first query (warm-up)"],
                     [[m] + [_pair(s["latency_ms"].get(stage)) for stage in _STAGES]
                      + [_fmt(report.get("first_query_ms", {}).get(m), 1)] for m, s in modes.items()])]
+    parts += _region_encodings_table(report)
     if report.get("targets"):
         parts += ["\nTargets\n", _table(["target", "measured", "met"],
                                         [[t["target"], _fmt(t["value"], 2) + ("" if t["value"] is None else f" {t['unit']}"),
                                           "-" if t["met"] is None else _fmt(t["met"])] for t in report["targets"]])]
     return "\n".join(parts) + "\n"
+
+
+def _region_encodings_table(report: Mapping[str, Any]) -> list[str]:
+    """Region encodings side by side (``--region-encoding crops,roi``): Recall@10 per mode, the
+    himir-full grounding hit rate and indexing photos/s of each encoding's index."""
+    encodings: Mapping[str, Any] = report.get("region_encodings") or {}
+    if not encodings:
+        return []
+    mode_names = list(next(iter(encodings.values()))["modes"])
+    rows = []
+    for name, run in encodings.items():
+        indexing, grounding = run.get("indexing") or {}, run.get("grounding") or {}
+        speed = (_fmt(indexing.get("images_per_s"), 2) + ("" if not indexing.get("reused") else " (earlier build)")
+                 if indexing.get("measured") else "not measured (reused index)")
+        rows.append([name] + [run["modes"][m]["recall@10"] for m in mode_names]
+                    + [(grounding.get("hit_rate") or {}).get("himir-full"), speed])
+    return ["\nRegion encodings side by side (Recall@10 per mode; grounding = himir-full hit rate)\n",
+            _table(["encoding"] + mode_names + ["grounding", "indexing photos/s"], rows)]
 
 
 def _pair(stage: Mapping[str, float] | None) -> str:
@@ -150,7 +169,9 @@ def _indexing_section(report: Mapping[str, Any]) -> list[str]:
     elif indexing:
         rows.append(["indexing", "reused an existing index: throughput not measured in this run"])
     if alone.get("crops"):
-        label = f"encoder alone (crops/s; {alone['crops']} crops of {alone['images']} images, batch {alone['batch_size']})"
+        label = (f"encoder alone (regions/s; {alone['crops']} regions of {alone['images']} images, one pass each)"
+                 if alone.get("region_encoding") == "roi" else
+                 f"encoder alone (crops/s; {alone['crops']} crops of {alone['images']} images, batch {alone['batch_size']})")
         rows += [[label, alone["crops_per_s"]], ["encoder alone (ms per crop)", alone["ms_per_crop"]]]
         if indexing.get("measured"):
             rows.append(["indexing crops/s as a share of the encoder's", indexing["crops_per_s"] / alone["crops_per_s"]])

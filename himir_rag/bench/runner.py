@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from himir_rag.bench.metrics import box_iou, mrr, ndcg_at_k, percentile, recall_at_k
 from himir_rag.bench.scenes import read_jsonl
 from himir_rag.config import HiMIRConfig
-from himir_rag.encoders import Encoder
+from himir_rag.encoders import Encoder, RegionEncoder, set_inference_threads
 from himir_rag.errors import ConfigError, HiMIRError
 from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex, SearchResult
@@ -551,19 +551,31 @@ def _encoder_matches(manifest: Mapping[str, Any], encoder: Encoder | str) -> boo
 
 
 def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device: str, batch_size: int,
-                index_dir: Path | None, progress: bool) -> tuple[HiMIRIndex, dict[str, Any], Path]:
-    """Load a matching index (``index_dir``, or ``bench_dir/index``), or build and save one."""
+                index_dir: Path | None, progress: bool,
+                region_encoding: str = "crops") -> tuple[HiMIRIndex, dict[str, Any], Path]:
+    """Load a matching index (``index_dir``, or the encoding's default folder under ``bench_dir``), or
+    build and save one there (``index_dir`` is built only when it holds no index yet)."""
     loaded_encoder = encoder if not isinstance(encoder, str) else None
-    if index_dir is not None:
+    config = HiMIRConfig(layout=str(layout), batch_size=batch_size, region_encoding=region_encoding)
+    if index_dir is not None and (index_dir / "CURRENT").is_file():
         index = HiMIRIndex.load(index_dir, encoder=loaded_encoder, device=device)
         if isinstance(encoder, str) and not _encoder_matches(HiMIRIndex.read_manifest(index_dir), encoder):
             raise ConfigError(f"{index_dir} was built with encoder {index.encoder_spec!r}, asked for {encoder!r}; "
                               "drop --index-dir to build a new index or pass the same --encoder")
-        return index, _stored_build_info(bench_dir, index_dir) or {"reused": True, "measured": False}, Path(index_dir)
-    target = bench_dir / "index"
+        if index.config.region_encoding != region_encoding:
+            raise ConfigError(f"{index_dir} was built with region encoding {index.config.region_encoding!r}, asked "
+                              f"for {region_encoding!r}; pass --region-encoding {index.config.region_encoding} or "
+                              "an --index-dir that does not exist yet (it is built there)")
+        return index, _stored_build_info(bench_dir, index_dir) or {"reused": True, "measured": False}, index_dir
+    if index_dir is not None:
+        index = HiMIRIndex(encoder, config, device=device)
+        return index, _build_index(index, bench_dir, index_dir, progress=progress), index_dir
+    target = default_index_dir(bench_dir, region_encoding)
     if (target / "CURRENT").is_file():
         manifest = HiMIRIndex.read_manifest(target)
-        if _encoder_matches(manifest, encoder) and manifest.get("config", {}).get("layout") == str(layout):
+        saved = manifest.get("config", {})
+        if (_encoder_matches(manifest, encoder) and saved.get("layout") == str(layout)
+                and saved.get("region_encoding", "crops") == region_encoding):
             index = HiMIRIndex.load(target, encoder=loaded_encoder, device=device)
             update = index.add(bench_dir / "images", progress=progress)
             if update.added or update.updated:
@@ -572,16 +584,31 @@ def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device:
                 index.save(target)
             return index, _stored_build_info(bench_dir, target) or {"reused": True, "measured": False}, target
         logger.warning("%s was built with encoder %r / layout %r, asked for %r / %r: rebuilding it", target,
-                       manifest.get("encoder", {}).get("spec"), manifest.get("config", {}).get("layout"),
+                       manifest.get("encoder", {}).get("spec"), saved.get("layout"),
                        encoder if isinstance(encoder, str) else encoder.name, layout)
-    index = HiMIRIndex(encoder, HiMIRConfig(layout=str(layout), batch_size=batch_size), device=device)
+    index = HiMIRIndex(encoder, config, device=device)
     return index, _build_index(index, bench_dir, target, progress=progress), target
+
+
+def default_index_dir(bench_dir: Path, region_encoding: str) -> Path:
+    """Where a run builds (or reuses) its index: ``bench_dir/index`` for crops, ``index-roi`` for roi."""
+    return Path(bench_dir) / ("index" if region_encoding == "crops" else f"index-{region_encoding}")
+
+
+def _build_info_path(bench_dir: Path, index_dir: Path) -> Path:
+    """``index_build.json`` for ``bench_dir/index`` (as before), ``index_build-<folder>.json`` for others."""
+    if Path(index_dir).resolve() == (bench_dir / "index").resolve():
+        return bench_dir / "index_build.json"
+    return bench_dir / f"index_build-{Path(index_dir).name}.json"
 
 
 def _build_index(index: HiMIRIndex, bench_dir: Path, target: Path, *, progress: bool) -> dict[str, Any]:
     tick = time.perf_counter()
     # encoders load their models lazily: one tiny call of each kind, before the clock of `add` starts
-    index.encoder.embed_images([Image.new("RGB", (64, 64))])
+    warm = Image.new("RGB", (64, 64))
+    index.encoder.embed_images([warm])
+    if index.config.region_encoding == "roi" and isinstance(index.encoder, RegionEncoder):
+        index.encoder.embed_regions([warm], [np.array([[0, 0, 64, 64]])])
     index.encoder.embed_texts(["warm-up"])
     load_s = time.perf_counter() - tick
     with PeakMemory() as memory:
@@ -595,28 +622,35 @@ def _build_index(index: HiMIRIndex, bench_dir: Path, target: Path, *, progress: 
         "regions_pruned": report.regions_pruned, "skipped": len(report.skipped),
         "images_per_s": report.added / report.seconds, "crops_per_s": report.crops_encoded / report.seconds,
         "memory": memory.to_dict(), "batch_size": index.config.batch_size,
+        "region_encoding": index.config.region_encoding, "index_dir": str(Path(target).resolve()),
     }
-    (bench_dir / "index_build.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    _build_info_path(bench_dir, target).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return info
 
 
 def _stored_build_info(bench_dir: Path, index_dir: Path) -> dict[str, Any] | None:
-    path = bench_dir / "index_build.json"
-    if Path(index_dir).resolve() != (bench_dir / "index").resolve() or not path.is_file():
+    path = _build_info_path(bench_dir, index_dir)
+    if not path.is_file():
         return None
-    return {**json.loads(path.read_text(encoding="utf-8")), "reused": True}
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("index_dir", str(Path(index_dir).resolve())) != str(Path(index_dir).resolve()):
+        return None  # written for another folder of the same name
+    return {**info, "reused": True}
 
 
 def encoder_throughput(index: HiMIRIndex, paths: Sequence[Path], *, batch_size: int) -> dict[str, Any]:
     """The encoder alone on the crops of ``paths``: crops/s, in batches of ``batch_size``.
 
     Crops are cut as the index cuts them (same decomposer, layout and overlap); decoding and
-    cropping are not timed. One 1-crop call warms the encoder up first.
+    cropping are not timed. One 1-crop call warms the encoder up first. For a ``roi`` index,
+    the encoder's one pass per photo is timed instead (regions/s, reported as crops/s).
     """
     from himir_rag.hierarchy import get_decomposer
     from himir_rag.images import load_image
 
     decomposer = get_decomposer(index.config.decomposer, index.config.layout, overlap=index.config.region_overlap)
+    if index.config.region_encoding == "roi":
+        return _roi_throughput(index, paths, decomposer)
     crops = []
     for path in paths:
         image = load_image(path, max_pixels=index.config.max_image_pixels)
@@ -634,6 +668,25 @@ def encoder_throughput(index: HiMIRIndex, paths: Sequence[Path], *, batch_size: 
             "crops_per_s": len(crops) / seconds, "ms_per_crop": 1000 * seconds / len(crops)}
 
 
+def _roi_throughput(index: HiMIRIndex, paths: Sequence[Path], decomposer: Any) -> dict[str, Any]:
+    """``encode_views`` timed photo by photo, as a roi index encodes (decoding and cutting not timed)."""
+    from himir_rag.images import load_image
+    from himir_rag.ingest import cut, encode_views
+
+    cuts = [cut(load_image(path, max_pixels=index.config.max_image_pixels), decomposer,
+                min_region_frac=index.config.min_region_frac, crops=False) for path in paths]
+    if not cuts:
+        return {"images": 0, "crops": 0}
+    encode_views([cuts[0][2]], [cuts[0][0]], index.encoder)
+    tick = time.perf_counter()
+    for tree, _, view in cuts:
+        encode_views([view], [tree], index.encoder)
+    seconds = time.perf_counter() - tick
+    regions = sum(len(tree) for tree, _, _ in cuts)
+    return {"images": len(paths), "crops": regions, "batch_size": 1, "region_encoding": "roi", "seconds": seconds,
+            "crops_per_s": regions / seconds, "ms_per_crop": 1000 * seconds / regions}
+
+
 def _scene_ids_by_image(index: HiMIRIndex, bench_dir: Path,
                         scenes: Mapping[str, dict[str, Any]]) -> tuple[dict[str, str], dict[str, int]]:
     """``{indexed path: scene_id}`` and ``{scene_id: image_id}``; paths compared after realpath."""
@@ -647,13 +700,96 @@ def _scene_ids_by_image(index: HiMIRIndex, bench_dir: Path,
     return by_path, image_ids
 
 
+@dataclass
+class _EncodingRun:
+    """One region encoding's index and its runs over the benchmark's queries."""
+
+    index: HiMIRIndex
+    indexing: dict[str, Any]
+    index_dir: Path
+    runs: Any
+    grounding: list[dict[str, Any]]
+    search_k: int
+    throughput: dict[str, Any]
+    search_memory: Any
+
+    def summary(self, modes: Sequence[RetrievalMode]) -> dict[str, Any]:
+        """Quality per mode, grounding and indexing photos/s: one column of the side-by-side table."""
+        summary = summarize_run(self.runs.per_query, modes, self.runs.skipped)
+        return {"index_dir": str(self.index_dir), "indexing": {k: self.indexing.get(k) for k in
+                                                               ("measured", "reused", "images_per_s", "seconds")},
+                "modes": {name: {k: row.get(k) for k in ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr")}
+                          for name, row in summary["modes"].items()},
+                "grounding": summarize_grounding(self.grounding)}
+
+
+def parse_region_encodings(value: str | Iterable[str]) -> list[str]:
+    """``"crops,roi"`` or a list -> the encodings in order, each known and given once.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown, repeated or empty list.
+    """
+    from himir_rag.config import REGION_ENCODINGS
+
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    unknown = [n for n in names if n not in REGION_ENCODINGS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ConfigError(f"region encodings {value!r}: expected a comma list of distinct "
+                          f"{' / '.join(REGION_ENCODINGS)}, e.g. 'crops,roi'")
+    return names
+
+
+def _index_dirs(index_dir: Any, encodings: Sequence[str]) -> list[Path | None]:
+    """One index folder (or None: the default) per encoding."""
+    if index_dir is None:
+        return [None] * len(encodings)
+    dirs = [Path(index_dir)] if isinstance(index_dir, (str, os.PathLike)) else [Path(d) for d in index_dir]
+    if len(dirs) != len(encodings):
+        raise ConfigError(f"{len(dirs)} --index-dir for {len(encodings)} region encodings ({', '.join(encodings)}); "
+                          "give one per encoding, in the same order, or none")
+    return dirs
+
+
+def _run_encoding(bench_dir: Path, queries: list[Any], scenes: Mapping[str, dict[str, Any]],
+                  mode_list: list[RetrievalMode], decomposer_obj: Any, *, encoder: Encoder | str, layout: str,
+                  device: str, batch_size: int, index_dir: Path | None, progress: bool, region_encoding: str, k: int,
+                  scheduler: Mapping[str, Any] | None, throughput_images: int) -> _EncodingRun:
+    """Open or build the index of one region encoding and run every mode's queries on it."""
+    index, indexing, used_index_dir = _open_index(
+        bench_dir, encoder=encoder, layout=layout, device=device, batch_size=batch_size,
+        index_dir=index_dir, progress=progress, region_encoding=region_encoding)
+    if scheduler is not None:
+        index.set_config(index.config.replace(scheduler=dict(scheduler)))
+    scene_of_path, image_ids = _scene_ids_by_image(index, bench_dir, scenes)
+    missing = [q.scene_id for q in queries if q.scene_id not in image_ids]
+    if missing:
+        raise ConfigError(f"the index in {used_index_dir} lacks {len(missing)} source scenes of the queries "
+                          f"(e.g. {missing[0]}); index {bench_dir / 'images'} into it or drop --index-dir")
+    throughput = (encoder_throughput(index, _spread_sample(bench_dir, scenes, throughput_images),
+                                     batch_size=index.config.batch_size) if throughput_images else {})
+    search_k = min(max(k, 10), len(index))
+
+    def search(mode: RetrievalMode, query: Any, subs: list[str]) -> SearchResult:
+        return index.search(query.text, k=search_k, mode=mode, subqueries=subs)
+
+    with PeakMemory() as search_memory:
+        runs = run_modes(queries, mode_list, search, decompose=lambda q: list(decomposer_obj.decompose(q.text)),
+                         rank_ids=lambda result: [scene_of_path.get(hit.path, hit.path) for hit in result.hits],
+                         progress=progress)
+    grounding = grounding_rows(index, queries, runs.subqueries, scenes, image_ids)
+    return _EncodingRun(index, indexing, used_index_dir, runs, grounding, search_k, throughput, search_memory)
+
+
 def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[str] = DEFAULT_MODES,
                   encoder: Encoder | str = "offline", decomposer: str = "rule", layout: str = "1+4+16",
                   k: int = 10, limit_queries: int | None = None, index_dir: str | os.PathLike[str] | None = None,
-                  device: str = "cpu", batch_size: int = 32, throughput_images: int = 20,
+                  device: str = "cpu", batch_size: int = 4, throughput_images: int = 20,
                   plots: bool = True, report_dir: str | os.PathLike[str] | None = None,
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True,
+                  region_encodings: str | Iterable[str] = "crops") -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
     Parameters
@@ -673,8 +809,9 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         Hits per query (at least 10 are retrieved so that Recall@10 is defined).
     limit_queries : int, optional
         Run only the first N queries.
-    index_dir : path, optional
-        Reuse this existing index of ``bench_dir/images`` instead of ``bench_dir/index``.
+    index_dir : path or list of paths, optional
+        The index of ``bench_dir/images``, one per region encoding: reused when it exists,
+        built there when it does not. Default: ``bench_dir/index`` (crops), ``bench_dir/index-roi``.
     throughput_images : int
         Images whose crops time the encoder alone (0 skips that measurement).
     plots : bool
@@ -685,8 +822,13 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         ``HiMIRConfig.scheduler`` parameters for mode ``himir`` in this run (the saved
         index keeps its own).
     torch_threads : int, optional
-        ``torch.set_num_threads`` for this process (encoder threads); default: torch's.
+        ``torch.set_num_threads`` for this process and the encoders' CPU inference threads
+        (:func:`~himir_rag.encoders.set_inference_threads`); default: the encoders' own (1 on CPU).
         On a CPU shared with other jobs, 1 thread avoids OpenMP oversubscription stalls.
+    region_encodings : str or list of str
+        ``"crops"``, ``"roi"`` or both (``"crops,roi"``): one index per encoding, the same
+        queries on each; the report's main sections are the first encoding's, and
+        ``report["region_encodings"]`` puts quality, grounding and indexing photos/s side by side.
 
     Returns
     -------
@@ -707,28 +849,17 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
     queries, scenes = _load_benchmark(bench_dir, limit_queries)
     decomposer_obj = _make_decomposer(decomposer, queries)
     started = time.perf_counter()
-    index, indexing, used_index_dir = _open_index(
-        bench_dir, encoder=encoder, layout=layout, device=device, batch_size=batch_size,
-        index_dir=None if index_dir is None else Path(index_dir), progress=progress)
-    if scheduler is not None:
-        index.set_config(index.config.replace(scheduler=dict(scheduler)))
-    scene_of_path, image_ids = _scene_ids_by_image(index, bench_dir, scenes)
-    missing = [q.scene_id for q in queries if q.scene_id not in image_ids]
-    if missing:
-        raise ConfigError(f"the index in {used_index_dir} lacks {len(missing)} source scenes of the queries "
-                          f"(e.g. {missing[0]}); index {bench_dir / 'images'} into it or drop --index-dir")
-    throughput = (encoder_throughput(index, _spread_sample(bench_dir, scenes, throughput_images),
-                                     batch_size=index.config.batch_size) if throughput_images else {})
-    search_k = min(max(k, 10), len(index))
-
-    def search(mode: RetrievalMode, query: _Query, subs: list[str]) -> SearchResult:
-        return index.search(query.text, k=search_k, mode=mode, subqueries=subs)
-
-    with PeakMemory() as search_memory:
-        runs = run_modes(queries, mode_list, search, decompose=lambda q: list(decomposer_obj.decompose(q.text)),
-                         rank_ids=lambda result: [scene_of_path.get(hit.path, hit.path) for hit in result.hits],
-                         progress=progress)
-    grounding = grounding_rows(index, queries, runs.subqueries, scenes, image_ids)
+    encodings = parse_region_encodings(region_encodings)
+    runs_by_encoding = {}
+    for number, (encoding, directory) in enumerate(zip(encodings, _index_dirs(index_dir, encodings))):
+        runs_by_encoding[encoding] = _run_encoding(
+            bench_dir, queries, scenes, mode_list, decomposer_obj, encoder=encoder, layout=layout, device=device,
+            batch_size=batch_size, index_dir=directory, progress=progress, region_encoding=encoding, k=k,
+            scheduler=scheduler, throughput_images=throughput_images if number == 0 else 0)
+    first = runs_by_encoding[encodings[0]]
+    index, indexing, used_index_dir, runs, grounding = (first.index, first.indexing, first.index_dir, first.runs,
+                                                         first.grounding)
+    search_k, throughput, search_memory = first.search_k, first.throughput, first.search_memory
     report = {
         "kind": "composite", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
@@ -737,7 +868,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         "config": {"modes": [m.value for m in mode_list], "encoder": index.encoder.name,
                    "encoder_spec": index.encoder_spec, "decomposer": decomposer, "layout": index.config.layout,
                    "k": k, "search_k": search_k, "scheduler": index.config.scheduler.overrides(),
-                   "torch_threads": torch_threads,
+                   "torch_threads": torch_threads, "region_encoding": index.config.region_encoding,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
         "skipped_modes": runs.skipped, **summarize_run(runs.per_query, mode_list, runs.skipped),
         "first_query_ms": runs.first_query_ms,
@@ -746,6 +877,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   "vector_bytes": int(index.snapshot.vectors.nbytes), **index.snapshot.level_counts()},
         "memory": {"search": search_memory.to_dict(), "process_peak_rss_mb": round(process_max_rss_mb(), 1)},
         "grounding": summarize_grounding(grounding), "wall_s": time.perf_counter() - started,
+        "region_encodings": {name: run.summary(mode_list) for name, run in runs_by_encoding.items()},
         "subqueries": runs.subqueries, "per_query": runs.per_query, "grounding_rows": grounding,
     }
     from himir_rag.bench.report import write_report
@@ -760,6 +892,7 @@ def _set_torch_threads(count: int) -> None:
     import torch
 
     torch.set_num_threads(count)
+    set_inference_threads(count)  # encoders otherwise run CPU inference on their default of 1
 
 
 def _spread_sample(bench_dir: Path, scenes: Mapping[str, dict[str, Any]], count: int) -> list[Path]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from himir_rag.encoders.base import Encoder, l2_normalize
+from himir_rag.encoders.base import Encoder, RegionEncoder, l2_normalize, set_inference_threads
 from himir_rag.errors import ConfigError
 
-__all__ = ["Encoder", "l2_normalize", "get_encoder", "ClipEncoder", "OfflineEncoder"]
+__all__ = ["Encoder", "RegionEncoder", "l2_normalize", "set_inference_threads", "get_encoder", "ClipEncoder",
+           "OfflineEncoder"]
 
 
-def get_encoder(spec: str = "offline", *, device: str = "cpu") -> Encoder:
+def get_encoder(spec: str = "offline", *, device: str = "cpu", threads: int | None = None) -> Encoder:
     """Build an encoder from a CLI-style spec.
 
     Parameters
@@ -18,6 +19,10 @@ def get_encoder(spec: str = "offline", *, device: str = "cpu") -> Encoder:
         ``"clip:MODEL_ID_OR_PATH"``.
     device : str
         torch device (``"cpu"``, ``"cuda"``, ``"auto"``).
+    threads : int, optional
+        torch threads for CPU inference (default 1 unless ``OMP_NUM_THREADS`` is set).
+    threads : int, optional
+        torch threads for CPU inference (default 1 unless ``OMP_NUM_THREADS`` is set).
 
     Raises
     ------
@@ -28,11 +33,11 @@ def get_encoder(spec: str = "offline", *, device: str = "cpu") -> Encoder:
     if kind == "offline":
         from himir_rag.encoders.offline import OfflineEncoder
 
-        return OfflineEncoder(arg or "lite0", device=device)
+        return OfflineEncoder(arg or "lite0", device=device, threads=threads)
     if kind == "clip":
         from himir_rag.encoders.clip import DEFAULT_CLIP_MODEL, ClipEncoder
 
-        return ClipEncoder(arg or DEFAULT_CLIP_MODEL, device=device)
+        return ClipEncoder(arg or DEFAULT_CLIP_MODEL, device=device, threads=threads)
     raise ConfigError(f"encoder {spec!r} is unknown; use 'offline', 'offline:lite2', 'clip' or 'clip:MODEL_OR_PATH'")
 
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["Encoder", "l2_normalize", "resolve_device"]
+__all__ = ["Encoder", "RegionEncoder", "l2_normalize", "resolve_device", "inference_threads",
+           "set_inference_threads", "DEFAULT_CPU_THREADS"]
+
+# 1 thread was the fastest CPU inference measured on 2 shared cores (benchmarks/encoder_batches.py:
+# 55.5 crops/s at batch 4; 2 threads were 1.7-4x slower): OpenMP threads stall each other there.
+DEFAULT_CPU_THREADS = 1
+_THREADS_LOCK = threading.Lock()
+_process_threads: int | None = None  # set_inference_threads: the caller's choice for this process
 
 
 @runtime_checkable
@@ -32,6 +43,54 @@ class Encoder(Protocol):
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts -> (n, dim) float32, rows L2-normalised."""
         ...
+
+
+@runtime_checkable
+class RegionEncoder(Encoder, Protocol):
+    """An encoder that can also embed boxes of a photo in one pass (``--region-encoding roi``)."""
+
+    def embed_regions(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed the boxes of photos: one (n_i, 4) pixel-box array per photo -> (sum n_i, dim) float32,
+        rows L2-normalised, photo 0's boxes first."""
+        ...
+
+
+def set_inference_threads(count: int | None) -> None:
+    """Choose the torch thread count of CPU inference for this process (None: back to the default),
+    for encoders built without ``threads=``; e.g. ``himir bench run --torch-threads``."""
+    global _process_threads
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"torch threads must be an int >= 1, got {count!r}")
+    _process_threads = count
+
+
+@contextlib.contextmanager
+def inference_threads(device: str, threads: int | None) -> Iterator[None]:
+    """Run a CPU forward on ``threads`` torch threads, restoring torch's count afterwards.
+
+    ``threads=None`` means the count chosen with :func:`set_inference_threads`, else torch's
+    own count when the user set ``OMP_NUM_THREADS``, else :data:`DEFAULT_CPU_THREADS`. GPU
+    work and a count already in force change nothing.
+    """
+    if threads is None:
+        threads = _process_threads
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = DEFAULT_CPU_THREADS
+    if threads is None or not device.startswith("cpu"):
+        yield
+        return
+    import torch
+
+    with _THREADS_LOCK:
+        previous = torch.get_num_threads()
+        if previous != threads:
+            torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if previous != threads:
+            with _THREADS_LOCK:
+                torch.set_num_threads(previous)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

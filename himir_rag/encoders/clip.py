@@ -13,7 +13,7 @@ import threading
 import numpy as np
 from PIL import Image
 
-from himir_rag.encoders.base import l2_normalize, resolve_device
+from himir_rag.encoders.base import inference_threads, l2_normalize, resolve_device
 from himir_rag.errors import EncoderUnavailableError
 
 __all__ = ["ClipEncoder", "DEFAULT_CLIP_MODEL", "downloads_allowed", "resolve_device"]
@@ -53,6 +53,16 @@ class ClipEncoder:
         When the checkpoint is neither a local directory, nor in the HF cache, nor
         downloadable (no network, unknown id, or downloads off).
 
+    Notes
+    -----
+    It embeds crops only: it has no ``embed_regions``, so an index with
+    ``region_encoding="roi"`` refuses it with a one-line error (use ``crops``).
+
+    Notes
+    -----
+    It embeds crops only: it has no ``embed_regions``, so an index with
+    ``region_encoding="roi"`` refuses it with a one-line error (use ``crops``).
+
     Example
     -------
     >>> enc = ClipEncoder("openai/clip-vit-base-patch32")  # doctest: +SKIP
@@ -61,7 +71,7 @@ class ClipEncoder:
     """
 
     def __init__(self, model: str = DEFAULT_CLIP_MODEL, *, device: str = "cpu",
-                 allow_download: bool | None = None) -> None:
+                 allow_download: bool | None = None, threads: int | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoProcessor
 
@@ -82,7 +92,7 @@ class ClipEncoder:
                 "(--encoder clip:/path/to/model)"
             ) from exc
         self._model.eval().to(self.device)
-        self._dtype = dtype
+        self._dtype, self.threads = dtype, threads
         self._lock = threading.Lock()
         basename = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
         self.name = f"clip:{basename}"
@@ -96,7 +106,7 @@ class ClipEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         inputs = self._processor(images=[img.convert("RGB") for img in images], return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, dtype=self._dtype)
-        with self._lock, torch.inference_mode():
+        with self._lock, inference_threads(self.device, self.threads), torch.inference_mode():
             features = self._model.get_image_features(pixel_values=pixels)
         return _to_numpy(features)
 
@@ -112,7 +122,7 @@ class ClipEncoder:
         if inputs["input_ids"].shape[1] >= max_length:
             logger.warning("a text reached the model's limit of %d tokens and was truncated", max_length)
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        with self._lock, torch.inference_mode():
+        with self._lock, inference_threads(self.device, self.threads), torch.inference_mode():
             features = self._model.get_text_features(**inputs)
         return _to_numpy(features)
 
