@@ -94,10 +94,6 @@ class LogState:
         return {VECTORS: self.rows * row_bytes(self.dtype, self.dim), REGION_IMAGE: self.rows * 8,
                 REGIONS: self.rows * 4 * _REGION_COLUMNS, RECORDS: self.records_bytes}
 
-    def wants_compaction(self) -> bool:
-        """Whether deleted images' rows pass :data:`COMPACT_SHARE` of the rows."""
-        return self.dead_rows > COMPACT_SHARE * max(self.rows, 1)
-
 
 def row_bytes(dtype: Any, dim: int) -> int:
     """Bytes of one vector row."""
@@ -124,6 +120,10 @@ def write_appended(target: Path, source: Path, state: LogState, snapshot: Snapsh
     if plan is None:
         return None
     kept, gone, changed = plan
+    dead = state.dead_rows + int(state.image_rows[np.isin(state.image_ids, gone)].sum())
+    rows = state.rows + len(snapshot.levels) - (int(snapshot.image_starts[kept]) if len(snapshot.levels) else 0)
+    if dead > COMPACT_SHARE * max(rows, 1):
+        return None  # deleted photos' rows would pass the share: rewrite (compact) instead
     for name in APPENDED_FILES:
         try:
             os.link(source / name, target / name)

@@ -1196,10 +1196,9 @@ class HiMIRIndex:
 
     def _append_base(self, directory: Path) -> Path | None:
         """The live version of ``directory`` when a save may append to its files: this index came from
-        it (or last saved it), its files are those this index knows, and few rows are dead."""
+        it (or last saved it) and its files are those this index knows."""
         live = _live_version_name(directory)
-        if self._log is None or self._disk_version != (os.path.realpath(directory), live) or \
-                self._log.wants_compaction():
+        if self._log is None or self._disk_version != (os.path.realpath(directory), live):
             return None
         try:
             manifest = manifest_schema.read_manifest(directory / live)  # type: ignore[operator]
