@@ -1192,6 +1192,8 @@ class HiMIRIndex:
                 raise
             self._disk_version, self._log = (os.path.realpath(directory), version.name), log
             self._stores_pending = checkpoint
+            if not checkpoint and self._candidate_stores is not None:
+                self._candidate_stores.mark_saved(version)
         return version
 
     def _append_base(self, directory: Path) -> Path | None:
@@ -1276,8 +1278,8 @@ class HiMIRIndex:
             log = write_appended(target, base, self._log, snapshot, skipped=skipped, fsync=_fsync)  # type: ignore[arg-type]
         if log is None:
             log = write_full(target, snapshot, skipped=skipped, fsync=_fsync)
-        if self.store is None and len(snapshot) and with_stores:
-            self.candidate_stores.save(target, snapshot)  # loading them is all the first query costs
+        if self.store is None and len(snapshot) and with_stores:  # loading them is all the first query costs
+            self.candidate_stores.save(target, snapshot, previous=base)
         self._thumbnails.write(target, snapshot.images)
         files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name not in log.sizes()}
         manifest = {

@@ -18,7 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from himir_rag.appendlog import APPENDED_FILES, COMPACT_SHARE
+from himir_rag.config import HiMIRConfig
 from himir_rag.errors import IndexConflictError, IndexFormatError
+from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex
 from tests.conftest import ColorEncoder, make_scene, save_format_1
 
@@ -295,3 +297,38 @@ def test_cli_compact(built, tmp_path, monkeypatch):
     assert ranked(HiMIRIndex.load(index_dir, encoder=ColorEncoder())) == ranked(index)
     missing = CliRunner().invoke(app, ["compact", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "no such index directory" in missing.output
+
+
+def test_ivf_candidate_stores_are_saved_as_a_base_and_deltas(tmp_path):
+    config = HiMIRConfig(scheduler={"index_kind": "ivf"})  # IVF from 64 vectors a level: 16 photos' regions
+    index = HiMIRIndex(ColorEncoder(), config)
+    index.add(more_photos(tmp_path / "photos", 40), progress=False)
+    first = index.save(tmp_path / "idx")
+    base = "candidates-v2.level2.ivf.faiss"
+    assert index.candidate_stores.store(Level.SEGMENT).kind == "ivf" and (first / base).is_file()
+    base_inode = (first / base).stat().st_ino
+
+    index.add(more_photos(tmp_path / "photos", 2, start=40), progress=False)
+    before = inodes(first)
+    second = index.save(tmp_path / "idx")
+    written = bytes_written(before, second)
+    assert (second / base).stat().st_ino == base_inode and written[base] == 0  # linked, not rewritten
+    delta = second / "candidates-v2.level2.ivf.delta1.faiss"
+    assert delta.is_file() and written[delta.name] == delta.stat().st_size < (second / base).stat().st_size / 4
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=ColorEncoder())
+    assert len(loaded.candidate_stores.store(Level.SEGMENT)) == index.snapshot.level_counts()["segment"]
+    assert ranked(loaded) == ranked(index)
+
+    loaded.delete([loaded.images[3].image_id])
+    loaded.add(more_photos(tmp_path / "photos", 1, start=42), progress=False)
+    third = loaded.save(tmp_path / "idx")  # a second delta; the deleted photo's vectors leave after loading
+    assert (third / "candidates-v2.level2.ivf.delta2.faiss").is_file()
+    reloaded = HiMIRIndex.load(tmp_path / "idx", encoder=ColorEncoder())
+    assert ranked(reloaded) == ranked(loaded)
+    fresh = HiMIRIndex.load(loaded.save(tmp_path / "fresh").parent, encoder=ColorEncoder())
+    assert not list(live(tmp_path / "fresh").glob("*.delta*.faiss")) and ranked(fresh) == ranked(loaded)
+
+    reloaded.add(more_photos(tmp_path / "photos", 12, start=43), progress=False)  # past DELTA_SHARE of the base
+    fourth = reloaded.save(tmp_path / "idx")
+    assert not list(fourth.glob("candidates-v2.level2.*delta*")) and (fourth / base).stat().st_ino != base_inode
+    assert ranked(HiMIRIndex.load(tmp_path / "idx", encoder=ColorEncoder())) == ranked(reloaded)
