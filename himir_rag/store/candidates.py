@@ -16,8 +16,8 @@ when their kind changes or the level has grown 4x since they were trained.
 
 On disk an IVF store is a *base* file plus *delta* files (``...level2.ivfpq.delta3.faiss``):
 a save onto the version the stores came from hard-links its files and writes one delta
-holding only the images added since (trained like the base, so a load merges it in with
-FAISS's ``merge_from``, no re-encoding); deleted images stay in the files and are removed
+holding only the images added since (encoded by the base's quantizer, which the delta file
+leaves out, so a load merges it in with FAISS's ``merge_from``, no re-encoding); deleted images stay in the files and are removed
 after loading. Once the deltas hold :data:`DELTA_SHARE` of the base's vectors (or there are
 :data:`MAX_DELTAS`), or the store was rebuilt, the next save writes it whole. Flat stores
 (at most ``flat_max`` vectors) are always written whole. Hits are
@@ -259,7 +259,7 @@ class CandidateStores:
         deltas = saved.deltas
         if len(delta):
             deltas += (f"{_FILE_PREFIX}{int(level)}.{store.kind}.delta{len(saved.deltas) + 1}.faiss",)
-            delta.save(directory / deltas[-1])
+            delta.save_delta(directory / deltas[-1])
         return _SavedFiles(store, "", saved.base, deltas, self._images.copy(), saved.base_vectors,
                            saved.delta_vectors + len(delta))
 

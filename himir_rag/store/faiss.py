@@ -234,12 +234,30 @@ class FaissStore:
         return copy
 
     def merge(self, other: FaissStore) -> None:
-        """Move the vectors of ``other`` (filled from an :meth:`empty_copy` of this store) into this one."""
+        """Move the vectors of ``other`` (an :meth:`empty_copy` of this store, filled, maybe read back from
+        :meth:`save_delta`) into this one."""
         if other._index is None or len(other) == 0:
             return
         with self._lock:
+            if self.kind != "flat":  # a delta shares this store's coarse quantizer (save_delta leaves it out)
+                other._index.quantizer, other._index.own_fields = self._index.quantizer, False
             self._index.merge_from(other._index, 0)
             self._gpu_index = None
+
+    def save_delta(self, path: Path) -> None:
+        """:meth:`save` an IVF :meth:`empty_copy` filled with vectors, without the coarse quantizer it shares
+        with the store it was copied from (nlist x dim floats): such a file is only :meth:`merge`-d into that store."""
+        faiss = import_faiss()
+        index = self._index
+        with self._lock:
+            quantizer, owned = index.quantizer, index.own_fields
+            index.quantizer, index.own_fields = faiss.IndexFlatIP(self.dim), False
+            try:
+                data = faiss.serialize_index(index)
+            finally:
+                index.quantizer, index.own_fields = quantizer, owned
+        with open(path, "wb") as fh:
+            fh.write(data.tobytes())
 
     def ids(self) -> np.ndarray:
         """(n,) int64 every id stored, in no particular order."""
