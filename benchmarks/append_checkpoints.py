@@ -4,6 +4,7 @@ Usage::
 
     nice python benchmarks/append_checkpoints.py OUT_DIR [--images 100000] [--checkpoint-every 256]
                                                  [--dim 384] [--precision float16]
+    nice python benchmarks/append_checkpoints.py OUT_DIR --load-only [--dim 384]   # time loads of OUT_DIR/index
 
 Runs the real ``HiMIRIndex.add(folder, checkpoint_dir=..., checkpoint_every=N)`` over OUT_DIR/photos
 (tiny 64x48 PNGs written first, one per photo) with a stand-in encoder that returns random unit
@@ -100,6 +101,18 @@ def write_photos(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def time_loads(index_dir: Path, encoder: RandomEncoder, times: int = 3) -> list[dict[str, float]]:
+    """Wall and CPU seconds of ``times`` loads of ``index_dir`` in a row (the first may read from disk; the
+    others are warm). CPU seconds tell what a load costs when other processes share the cores."""
+    seconds = []
+    for _ in range(times):
+        wall, cpu = time.perf_counter(), time.process_time()
+        loaded = HiMIRIndex.load(index_dir, encoder=encoder)
+        seconds.append({"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3)})
+        del loaded
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -107,7 +120,11 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=256)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--precision", default="float16")
+    parser.add_argument("--load-only", action="store_true", help="only time loads of the index OUT_DIR holds")
     args = parser.parse_args()
+    if args.load_only:
+        print(json.dumps({"load_s": time_loads(args.out / "index", RandomEncoder(args.dim))}))
+        return
     photos, index_dir = args.out / "photos", args.out / "index"
     write_photos(photos, args.images)
     extra = write_photos(args.out / "extra", 1)[0]
@@ -132,21 +149,14 @@ def main() -> None:
     saves = index.saves
     total_written = sum(s["bytes_written"] for s in saves)
 
-    loads = []
-    for _ in range(3):
-        tick = time.perf_counter()
-        loaded = HiMIRIndex.load(index_dir, encoder=encoder)
-        loads.append(time.perf_counter() - tick)
-        if _ < 2:
-            del loaded
-
+    loads = time_loads(index_dir, encoder)
     one = MeasuredIndex.load(index_dir, encoder=encoder)
     one.saves = []
     written_before = wchar()
     one.add([extra], progress=False)
     one.save(index_dir)
     one_save = {**one.saves[0], "wchar": wchar() - written_before}
-    del loaded, one
+    del one
 
     def chunk_stats(part: list[tuple[int, float]]) -> dict:
         return {"images_at": [part[0][0], part[-1][0]], "median_chunk_s": float(np.median([s for _, s in part]))}

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from himir_rag.appendlog import APPENDED_FILES, COMPACT_SHARE
+from himir_rag.catalog import ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import IndexConflictError, IndexFormatError
-from himir_rag.hierarchy import Level
+from himir_rag.hierarchy import GridDecomposer, Level
 from himir_rag.index import HiMIRIndex
 from tests.conftest import ColorEncoder, make_scene, save_format_1
 
@@ -332,3 +334,27 @@ def test_ivf_candidate_stores_are_saved_as_a_base_and_deltas(tmp_path):
     fourth = reloaded.save(tmp_path / "idx")
     assert not list(fourth.glob("candidates-v2.level2.*delta*")) and (fourth / base).stat().st_ino != base_inode
     assert ranked(HiMIRIndex.load(tmp_path / "idx", encoder=ColorEncoder())) == ranked(reloaded)
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, -np.nan])
+def test_non_finite_vectors_are_found_by_the_bit_test(tmp_path, precision, bad):
+    tree = GridDecomposer("1+4+16").decompose(Image.new("RGB", (64, 48)))
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal((len(tree), 9)) for _ in range(3)]
+    vectors[2][20, 8] = bad  # the very last value
+    records = [ImageRecord(i + 1, f"/p/{i}.png", 64, 48) for i in range(3)]
+    dtype = np.float16 if precision == "float16" else np.float32
+    snapshot = Snapshot.empty(9, dtype=dtype).with_images(records, [tree] * 3, vectors)
+    with pytest.raises(IndexFormatError, match="NaN or infinite"):
+        HiMIRIndex.from_snapshot(snapshot, encoder=ColorEncoder(), config=HiMIRConfig(precision=precision))
+    vectors[2][20, 8] = np.finfo(dtype).max  # the largest finite value is no infinity
+    snapshot = Snapshot.empty(9, dtype=dtype).with_images(records, [tree] * 3, vectors)
+    index = HiMIRIndex.from_snapshot(snapshot, encoder=ColorEncoder(), config=HiMIRConfig(precision=precision))
+    index.save(tmp_path / "idx")
+    vectors_file = live(tmp_path / "idx") / "vectors.bin"
+    data = np.fromfile(vectors_file, dtype=dtype)
+    data[len(data) // 2] = bad
+    data.tofile(vectors_file)
+    with pytest.raises(IndexFormatError, match="vectors.bin: holds NaN or infinite values"):
+        HiMIRIndex.load(tmp_path / "idx", encoder=ColorEncoder())
