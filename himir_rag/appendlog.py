@@ -171,7 +171,7 @@ def _append(target: Path, state: LogState, snapshot: Snapshot, *, kept: int, gon
             open(target / REGIONS, "ab") as reg_fh:
         for block in range(start, stop, _BLOCK_ROWS):
             rows = slice(block, min(stop, block + _BLOCK_ROWS))
-            vec_fh.write(np.ascontiguousarray(snapshot.vectors[rows]).tobytes())
+            vec_fh.write(np.ascontiguousarray(snapshot.vectors[rows], dtype=state.dtype.newbyteorder("<")).tobytes())
             img_fh.write(np.ascontiguousarray(snapshot.region_image[rows], dtype="<i8").tobytes())
             reg_fh.write(_region_columns(snapshot, rows).tobytes())
         for fh in (vec_fh, img_fh, reg_fh):
