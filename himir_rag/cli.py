@@ -391,6 +391,24 @@ def relocate_command(
                f"{report.outside_root} stored outside the root left as they are")
 
 
+@app.command("compact")
+def compact_command(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    wait: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--wait", min=0, help=_WAIT_HELP),
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Rewrite an index as one fresh version: drops deleted photos' rows (saves append; see README)."""
+    _setup_logging(verbose)
+    try:
+        index = HiMIRIndex.load(index_dir)
+        report = index.compact(index_dir, lock_timeout=wait)  # refuses if another writer saved since the load
+    except _USER_ERRORS as exc:
+        _fail(_error_text(exc))
+        return
+    typer.echo(f"compacted {index_dir}: {report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} "
+               f"MiB ({len(index)} photos, version {report.version.name})")
+
+
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("himir-demo"), help="Folder for the photos, the index and the picture."),

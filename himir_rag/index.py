@@ -5,12 +5,15 @@ On disk an index is a directory::
     INDEX_DIR/
       CURRENT                 name of the live version directory (replaced atomically)
       v<stamp>/manifest.json  format version, encoder name and dim, config, file sizes
-      v<stamp>/catalog.sqlite images, regions (bbox, level, parent), skipped files
-      v<stamp>/vectors.npy    (n_regions, dim) float32, rows grouped by image
-      v<stamp>/level*.faiss   FAISS stores of the coarse levels (candidate generation)
+      v<stamp>/vectors.bin, region_image.i64, regions.i32, images.jsonl
+                              the append-only files (see himir_rag.appendlog), hard-linked between versions
+      v<stamp>/skipped.json   the skipped-file report
+      v<stamp>/candidates-v2.level*.faiss   FAISS stores of the coarse levels (candidate generation)
 
-``save`` writes a new version beside the live one, verifies it and then swaps ``CURRENT``,
-so a crash at any point leaves the previous index loadable. Writers hold the directory's
+``save`` writes a new version beside the live one (appending to the live version's files
+when the index came from it), verifies it and then swaps ``CURRENT``, so a crash at any
+point leaves the previous index loadable. Format-1 versions (``vectors.npy`` +
+``catalog.sqlite``) are still read. Writers hold the directory's
 lock (``INDEX_DIR/.lock``, see :mod:`himir_rag.locking`); readers take none and retry when
 ``CURRENT`` moves during a load. What a load trusts is validated by :mod:`himir_rag.manifest`.
 Nothing is unpickled.
@@ -45,6 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from himir_rag import manifest as manifest_schema
+from himir_rag.appendlog import LogState, read_version, write_appended, write_full
 from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder
@@ -64,7 +68,7 @@ from himir_rag.threads import limit_threads
 from himir_rag.thumbnails import ThumbnailStore
 
 __all__ = ["HiMIRIndex", "BuildReport", "SearchHit", "SearchResult", "RegionMatch", "RelocateReport",
-           "FORMAT_VERSION"]
+           "CompactReport", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +146,15 @@ class RelocateReport:
     outside_root: int
 
 
+@dataclass(frozen=True)
+class CompactReport:
+    """What :meth:`HiMIRIndex.compact` did: the new version and the live version's bytes before and after."""
+
+    version: Path
+    bytes_before: int
+    bytes_after: int
+
+
 class HiMIRIndex:
     """A hierarchical multi-vector image index.
 
@@ -180,6 +193,8 @@ class HiMIRIndex:
         # (real path of an index dir, version name) this index was loaded from or last saved to
         self._disk_version: tuple[str, str] | None = None
         self._dirty = False  # changed since then
+        self._log: LogState | None = None  # the append-only files of that version (format 2), the next save's base
+        self._stores_pending = False  # that version is a checkpoint: its candidate stores are still to be written
         self._candidate_stores: Any = None  # CandidateStores, created with the first snapshot
         # how the scheduler parameters were chosen (auto_tune / himir tune record), saved with the index
         self.autoconfig: dict[str, Any] | None = None
@@ -421,7 +436,9 @@ class HiMIRIndex:
             leaves the last checkpoint loadable; running ``add`` again on the loaded
             index resumes (files already indexed are unchanged and not re-encoded).
         checkpoint_every : int
-            Files (indexed or skipped) between checkpoints; checked after each chunk.
+            Files to index (indexed or skipped on reading) between checkpoints: chunks end
+            at every multiple of it, so a checkpoint follows each ``checkpoint_every`` files.
+            Checkpoints are append-only saves without the candidate stores (see :meth:`save`).
         ray_address : str, optional
             Spread decoding, cropping and encoding over a Ray cluster (``"auto"``, an
             address such as ``"ray://head:10001"``, or ``"local"`` for a local Ray);
@@ -469,26 +486,28 @@ class HiMIRIndex:
         self._choose_root(source, paths)
         if checkpoint_dir is not None and paths:
             self._preflight(checkpoint_dir, len(paths))
-        saved_at = 0
+        saved_at = done = 0
+        every = None if checkpoint_dir is None else checkpoint_every
         bar = tqdm(total=len(paths), desc="indexing", unit="photo", disable=not progress)
         if ray_address is None:
             if paths:  # said on the bar: loading the models can take longer than the first photos
                 bar.set_description("loading models")
                 self._load_models()
                 bar.set_description("indexing")
-            batches = self._encode_locally(paths, metadata, report, chunk_images)
+            batches = self._encode_locally(paths, metadata, report, chunk_images, every)
         else:
             from himir_rag.distributed import encode_with_ray
 
             batches = encode_with_ray(self, paths, metadata=metadata, report=report, address=ray_address,
-                                      chunk_images=chunk_images)
+                                      chunk_images=min(chunk_images, every or chunk_images))
         for n_files, encoded in batches:
             self._commit(encoded, report)
             bar.update(n_files)
-            if checkpoint_dir is not None and _processed(report) - saved_at >= checkpoint_every:
+            done += n_files
+            if checkpoint_dir is not None and done - saved_at >= checkpoint_every:
                 self._record_skipped(report)
-                self.save(checkpoint_dir)
-                saved_at = _processed(report)
+                self.save(checkpoint_dir, checkpoint=True)
+                saved_at = done
             if on_chunk is not None:
                 on_chunk(report)
         bar.close()
@@ -529,10 +548,13 @@ class HiMIRIndex:
         return True
 
     def _encode_locally(self, paths: list[tuple[Path, int | None]], metadata: MetadataSource, report: BuildReport,
-                        chunk_images: int) -> Iterator[tuple[int, list[tuple[PreparedPhoto, np.ndarray]]]]:
-        """Decode and crop the next chunk in a worker thread while this one is encoded."""
+                        chunk_images: int, every: int | None
+                        ) -> Iterator[tuple[int, list[tuple[PreparedPhoto, np.ndarray]]]]:
+        """Decode and crop the next chunk in a worker thread while this one is encoded (chunks of at most
+        ``chunk_images`` files that end at every multiple of ``every``)."""
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images), self._prepare_chunk, metadata, report):
+            for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images, every), self._prepare_chunk, metadata,
+                                            report):
                 yield n_files, self._encode_chunk(chunk, report)
 
     def _record_skipped(self, report: BuildReport) -> None:
@@ -1132,12 +1154,18 @@ class HiMIRIndex:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str], *, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, checkpoint: bool = False) -> Path:
         """Write the index atomically into ``directory`` (see module docstring); returns the version dir.
 
         The directory's writer lock is held throughout. The new version is read back and
         checked (manifest schema, file sizes, counts) before ``CURRENT`` names it; only then
         are older versions removed. On any error the previous version stays live and intact.
+
+        When ``directory`` holds the version this index was loaded from or last saved to,
+        the save is append-only: it links that version's files and appends the new rows,
+        new or changed records and deletions (see :mod:`himir_rag.appendlog`); otherwise,
+        and once deleted rows pass a quarter of the rows, it writes everything (as
+        :meth:`compact` does).
 
         Parameters
         ----------
@@ -1148,6 +1176,10 @@ class HiMIRIndex:
         overwrite : bool
             Publish even if another writer saved ``directory`` after this index was loaded
             from it (or last saved to it); that writer's changes are then lost.
+        checkpoint : bool
+            An intermediate save of a build (what ``add(checkpoint_dir=...)`` does): the
+            candidate stores are not written (a load rebuilds them on the first search); the
+            next save writes them even if nothing else changed.
 
         Returns
         -------
@@ -1163,44 +1195,113 @@ class HiMIRIndex:
         IndexWriteError
             Disk full, permission denied or a read-only file system.
         """
+        return self._save(Path(directory), lock_timeout=lock_timeout, overwrite=overwrite, checkpoint=checkpoint,
+                          full=False)
+
+    def compact(self, directory: str | os.PathLike[str] | None = None, *,
+                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> CompactReport:
+        """Rewrite ``directory`` as one fresh full version: rows of deleted images and replaced
+        records are dropped, the append-only files start anew (see :mod:`himir_rag.appendlog`).
+
+        Parameters
+        ----------
+        directory : path-like, optional
+            The index directory; by default the one this index was loaded from or last saved to.
+        lock_timeout : float or None
+            As in :meth:`save`.
+
+        Returns
+        -------
+        CompactReport
+            The new version and the bytes of the live version before and after.
+
+        Raises
+        ------
+        ConfigError
+            No ``directory`` given and the index was never loaded or saved.
+        IndexConflictError, IndexLockedError, IndexWriteError
+            As :meth:`save`.
+
+        Example
+        -------
+        >>> index = HiMIRIndex.load("photos.himir"); index.delete("photos/old.jpg")  # doctest: +SKIP
+        >>> index.compact().bytes_after  # doctest: +SKIP
+        """
+        if directory is None:
+            if self._disk_version is None:
+                raise ConfigError("this index was never loaded or saved; name the directory to compact")
+            directory = self._disk_version[0]
         directory = Path(directory)
+        before = _live_bytes(directory)
+        version = self._save(directory, lock_timeout=lock_timeout, overwrite=False, checkpoint=False, full=True)
+        return CompactReport(version, before, _tree_bytes(version))
+
+    def _save(self, directory: Path, *, lock_timeout: float | None, overwrite: bool, checkpoint: bool,
+              full: bool) -> Path:
+        """:meth:`save` (``full``: write every file anew)."""
         with lock_index(directory, timeout=lock_timeout, create=True):
             self._check_not_stale(directory, overwrite=overwrite)
             with self._write_lock:
                 snapshot, skipped, dirty = self.snapshot, list(self._skipped), self._dirty
                 next_id = max(self._next_id, max(snapshot.images, default=0) + 1)  # what load requires
                 self._dirty = False
+            base = None if full else self._append_base(directory)
             try:
-                version = self._publish(directory, snapshot, skipped, next_id)
+                version, log = self._publish(directory, snapshot, skipped, next_id, base=base,
+                                             with_stores=not checkpoint)
             except BaseException:
                 self._dirty = self._dirty or dirty
                 raise
-            self._disk_version = (os.path.realpath(directory), version.name)
+            self._disk_version, self._log = (os.path.realpath(directory), version.name), log
+            self._stores_pending = checkpoint
+            if not checkpoint and self._candidate_stores is not None:
+                self._candidate_stores.mark_saved(version)
         return version
 
-    def _publish(self, directory: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int) -> Path:
+    def _append_base(self, directory: Path) -> Path | None:
+        """The live version of ``directory`` when a save may append to its files: this index came from
+        it (or last saved it) and its files are those this index knows."""
+        live = _live_version_name(directory)
+        if self._log is None or self._disk_version != (os.path.realpath(directory), live):
+            return None
+        try:
+            manifest = manifest_schema.read_manifest(directory / live)  # type: ignore[operator]
+        except (IndexFormatError, IncompatibleIndexError):
+            return None
+        if manifest.get("chain") != self._log.chain or manifest.get("appended") != self._log.sizes():
+            return None
+        return directory / live  # type: ignore[operator]
+
+    def _publish(self, directory: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int, *,
+                 base: Path | None, with_stores: bool) -> tuple[Path, LogState]:
         """Write, verify and publish a new version (the lock is held); then remove older versions."""
-        needed = _version_bytes(snapshot)
+        needed = _version_bytes(snapshot) if base is None else _appended_bytes(snapshot, self._log)
         version = f"v{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         staging = directory / f".{version}.tmp"
         try:
             _check_free_space(directory, needed)
             staging.mkdir()
-            self._write_version(staging, snapshot, skipped, next_id)
+            log = self._write_version(staging, snapshot, skipped, next_id, base=base, with_stores=with_stores)
             _verify_version(staging, snapshot)
             _fsync_dir(staging)  # the files' directory entries are durable before the version is published
             os.rename(staging, directory / version)
             _fsync_dir(directory)
             _atomic_write_text(directory / "CURRENT", version + "\n")
         except (OSError, sqlite3.Error) as exc:
-            _discard_unpublished(directory, staging, version)
+            _discard_unpublished(directory, staging, version, shared=self._shared_sizes(base))
             raise IndexWriteError.from_os_error(directory, _as_os_error(exc), needed_bytes=needed) from exc
         except BaseException:
-            _discard_unpublished(directory, staging, version)
+            _discard_unpublished(directory, staging, version, shared=self._shared_sizes(base))
             raise
         _remove_old_versions(directory, keep=version)
         self._thumbnails.saved(directory / version, snapshot.images)
-        return directory / version
+        return directory / version, log
+
+    def _shared_sizes(self, base: Path | None) -> dict[Path, int]:
+        """The append-only files of the live version ``base`` with the sizes it reads (none for a full write)."""
+        if base is None or self._log is None:
+            return {}
+        return {base / name: size for name, size in self._log.sizes().items()}
 
     def _check_not_stale(self, directory: Path, *, overwrite: bool = False) -> None:
         """Refuse to replace a version of ``directory`` newer than the one this index came from."""
@@ -1215,7 +1316,8 @@ class HiMIRIndex:
 
     def _needs_save(self, directory: Path) -> bool:
         """False when ``directory`` already holds exactly this index (nothing changed since)."""
-        return self._dirty or self._disk_version != (os.path.realpath(directory), _live_version_name(directory))
+        return self._dirty or self._stores_pending or \
+            self._disk_version != (os.path.realpath(directory), _live_version_name(directory))
 
     def _preflight(self, directory: Path, n_new: int) -> None:
         """Before encoding: ``directory`` is writable and has room for the index with ``n_new`` more images."""
@@ -1230,15 +1332,18 @@ class HiMIRIndex:
         except OSError as exc:
             raise IndexWriteError.from_os_error(directory, exc, needed_bytes=needed) from exc
 
-    def _write_version(self, target: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int) -> None:
-        with open(target / "vectors.npy", "wb") as fh:
-            np.save(fh, snapshot.vectors, allow_pickle=False)
-            _fsync(fh)
-        snapshot.write_catalog(target / "catalog.sqlite", skipped=skipped)
-        if self.store is None and len(snapshot):
-            self.candidate_stores.save(target, snapshot)  # loading them is all the first query costs
+    def _write_version(self, target: Path, snapshot: Snapshot, skipped: list[tuple[str, str]], next_id: int, *,
+                       base: Path | None, with_stores: bool) -> LogState:
+        """Write a format-2 version into ``target``: appended to ``base``'s files, or in full when None."""
+        log = None
+        if base is not None:
+            log = write_appended(target, base, self._log, snapshot, skipped=skipped, fsync=_fsync)  # type: ignore[arg-type]
+        if log is None:
+            log = write_full(target, snapshot, skipped=skipped, fsync=_fsync)
+        if self.store is None and len(snapshot) and with_stores:  # loading them is all the first query costs
+            self.candidate_stores.save(target, snapshot, previous=base)
         self._thumbnails.write(target, snapshot.images)
-        files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
+        files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name not in log.sizes()}
         manifest = {
             "format": manifest_schema.FORMAT_NAME, "format_version": FORMAT_VERSION,
             "encoder": {"name": self._encoder_name or self.encoder.name, "dim": snapshot.dim,
@@ -1246,13 +1351,15 @@ class HiMIRIndex:
             "config": self.config.to_dict(), "next_image_id": next_id,
             "vectors": {"dtype": str(snapshot.vectors.dtype), "shape": list(snapshot.vectors.shape)},
             "counts": {"images": len(snapshot), "regions": int(len(snapshot.levels)), **snapshot.level_counts()},
-            "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files, "appended": log.sizes(), "chain": log.chain,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "store": {"kind": "faiss"} if self.store is None else self.store.describe(),
             "root": self.root,
         }
         if self.autoconfig is not None:
             manifest["autoconfig"] = self.autoconfig
         _atomic_write_text(target / "manifest.json", json.dumps(manifest, indent=2))
+        return log
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, encoder: Encoder | str | None = None,
@@ -1316,13 +1423,21 @@ class HiMIRIndex:
         if dtype not in VECTOR_DTYPES:
             raise IndexFormatError(f"{where}: vector type {dtype!r} is not one of {sorted(VECTOR_DTYPES)}; "
                                    "rebuild the index")
-        vectors = _read_vectors(version_dir / "vectors.npy", dim, dtype=dtype)
         index.root = manifest.get("root") if isinstance(manifest.get("root"), str) else None
-        try:
-            snapshot, skipped = Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors,
-                                                      records_only=index.store is not None, root=index.root)
-        except Exception as exc:  # sqlite3.DatabaseError, ValueError, json errors...
-            raise IndexFormatError(f"{version_dir / 'catalog.sqlite'}: unreadable catalog ({exc}); rebuild the index") from exc
+        if manifest["format_version"] == 1:
+            snapshot, skipped = _read_version_1(version_dir, dim, dtype, root=index.root,
+                                                records_only=index.store is not None)
+        else:
+            try:
+                snapshot, skipped, index._log = read_version(
+                    version_dir, chain=manifest["chain"], sizes=manifest["appended"], dim=dim, dtype=dtype,
+                    root=index.root, records_only=index.store is not None)
+            except Exception as exc:  # ValueError, OSError, json errors...
+                raise IndexFormatError(f"{version_dir}: unreadable catalog or region files ({exc}); rebuild the "
+                                       "index") from exc
+            if not _all_finite(snapshot.vectors):
+                raise IndexFormatError(f"{version_dir / 'vectors.bin'}: holds NaN or infinite values; the index is "
+                                       "damaged, rebuild it")
         if index.store is not None:  # the store's payloads are the catalog of record
             snapshot = Snapshot.empty(dim).with_records(sorted(
                 (dataclasses.replace(r, relpath=relative_to_root(r.path, index.root)) for r in index.store.records()),
@@ -1386,6 +1501,34 @@ def _pointer_or_none(directory: Path) -> str | None:
         return None
 
 
+def _read_version_1(version_dir: Path, dim: int, dtype: str, *, root: str | None,
+                    records_only: bool) -> tuple[Snapshot, list[tuple[str, str]]]:
+    """The snapshot and skipped files of a format-1 version (``vectors.npy`` + ``catalog.sqlite``)."""
+    vectors = _read_vectors(version_dir / "vectors.npy", dim, dtype=dtype)
+    try:
+        return Snapshot.read_catalog(version_dir / "catalog.sqlite", vectors, records_only=records_only, root=root)
+    except Exception as exc:  # sqlite3.DatabaseError, ValueError, json errors...
+        raise IndexFormatError(f"{version_dir / 'catalog.sqlite'}: unreadable catalog ({exc}); rebuild the index") from exc
+
+
+def _appended_bytes(snapshot: Snapshot, log: LogState | None) -> int:
+    """A conservative size of what an append-only save of ``snapshot`` onto ``log`` writes."""
+    rows = max(len(snapshot.levels) - (0 if log is None else log.rows), 0)
+    return rows * (snapshot.vectors.dtype.itemsize * snapshot.dim + 64) + 2 * int(snapshot.vectors.nbytes // 16) + \
+        1024 * len(snapshot) // 8 + (256 << 10)
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (apparent sizes, hard-linked ones counted in full)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _live_bytes(directory: Path) -> int:
+    """Bytes of the live version of ``directory`` (0 when it has none)."""
+    name = _live_version_name(directory)
+    return 0 if name is None else _tree_bytes(directory / name)
+
+
 def _version_bytes(snapshot: Snapshot) -> int:
     """A conservative size of the version ``save`` writes for ``snapshot`` (vectors, candidate stores, catalog)."""
     return 2 * int(snapshot.vectors.nbytes) + 64 * len(snapshot.levels) + 1024 * len(snapshot) + (256 << 10)
@@ -1412,18 +1555,20 @@ def _verify_version(target: Path, snapshot: Snapshot) -> None:
     """The version just written reads back as ``snapshot`` (schema, sizes, counts, vector shape)."""
     manifest = manifest_schema.read_manifest(target)
     counts = manifest.get("counts", {})
-    with open(target / "vectors.npy", "rb") as fh:
-        np.lib.format.read_magic(fh)
-        shape = np.lib.format.read_array_header_1_0(fh)[0]
+    shape = manifest["vectors"]["shape"]
     if (counts.get("images"), counts.get("regions"), tuple(shape)) != (len(snapshot), len(snapshot.levels),
                                                                          tuple(snapshot.vectors.shape)):
         raise IndexFormatError(f"{target}: the version written does not read back as the index in memory "
                                "(counts or vector shape differ); the previous version is kept")
 
 
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _chunks(items: list[Any], size: int, every: int | None = None) -> Iterator[list[Any]]:
+    """``items`` in runs of at most ``size``, none crossing a multiple of ``every`` (checkpoints fall there)."""
+    start = 0
+    while start < len(items):
+        stop = start + size if every is None else min(start + size, (start // every + 1) * every)
+        yield items[start:stop]
+        start = stop
 
 
 def _prefetch(pool: ThreadPoolExecutor, chunks: Iterator[list[Any]], prepare: Callable[..., Any],
@@ -1437,11 +1582,6 @@ def _prefetch(pool: ThreadPoolExecutor, chunks: Iterator[list[Any]], prepare: Ca
         pending = future
     if pending is not None:
         yield pending.result()
-
-
-def _processed(report: BuildReport) -> int:
-    """Files this ``add`` has dealt with so far (indexed or skipped)."""
-    return report.added + report.updated + len(report.skipped)
 
 
 def _common_folder(paths: list[str]) -> str | None:
@@ -1588,11 +1728,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _discard_unpublished(directory: Path, staging: Path, version: str) -> None:
-    """After a failed save: remove its staging folder, and its version unless ``CURRENT`` already names it."""
+def _discard_unpublished(directory: Path, staging: Path, version: str, *, shared: Mapping[Path, int]) -> None:
+    """After a failed save: remove its staging folder, and its version unless ``CURRENT`` already names it;
+    then cut the live version's ``shared`` append-only files back to their sizes (what the save appended)."""
     shutil.rmtree(staging, ignore_errors=True)
     if _pointer_or_none(directory) != version:
         shutil.rmtree(directory / version, ignore_errors=True)
+        for path, size in shared.items():
+            with contextlib.suppress(OSError):  # best effort: the next save cuts them back anyway
+                if path.stat().st_size > size:
+                    os.truncate(path, size)
 
 
 def _remove_old_versions(directory: Path, *, keep: str) -> None:
@@ -1639,7 +1784,32 @@ def _read_vectors(path: Path, dim: int, *, dtype: str = "float32") -> np.ndarray
     return vectors
 
 
+_FLOAT_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFF_FFFF, 0x7F80_0000)}  # (as, |x| mask, inf)
+_CHECK_BYTES = 32 << 20  # bytes of the bit-test temporary
+
+
 def _all_finite(vectors: np.ndarray) -> bool:
-    """Whether the (n, dim) ``vectors`` hold no NaN or infinity; checked in blocks of rows (no full-size temporary)."""
-    return all(np.isfinite(vectors[start : start + _CHECK_ROWS]).all()
-               for start in range(0, len(vectors), _CHECK_ROWS))
+    """Whether the (n, dim) ``vectors`` hold no NaN or infinity; checked in blocks of rows (no full-size temporary).
+
+    Native float16 / float32 rows are tested on their bits: a value is NaN or infinite exactly when
+    its magnitude bits reach those of infinity, and an integer AND + max runs at memory speed
+    where ``np.isfinite`` on float16 is 7x slower (0.3 s instead of 2 s for 100k photos at 1+4+16).
+    """
+    n = len(vectors)
+    bits = _FLOAT_BITS.get(vectors.dtype.itemsize) if vectors.dtype.kind == "f" and vectors.dtype.isnative else None
+    if bits is None or n == 0 or vectors.ndim != 2:
+        return all(np.isfinite(vectors[start : start + _CHECK_ROWS]).all() for start in range(0, n, _CHECK_ROWS))
+    as_uint, magnitude, infinity = bits
+    rows = max(1, min(_CHECK_ROWS, _CHECK_BYTES // max(vectors.dtype.itemsize * vectors.shape[1], 1)))
+    scratch = np.empty((min(rows, n), vectors.shape[1]), as_uint)
+    for start in range(0, n, rows):
+        block = vectors[start : start + rows]
+        if not block.flags.c_contiguous:
+            if not np.isfinite(block).all():
+                return False
+            continue
+        out = scratch[: len(block)]
+        np.bitwise_and(block.view(as_uint), magnitude, out=out)
+        if out.max() >= infinity:
+            return False
+    return True

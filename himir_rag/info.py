@@ -22,8 +22,10 @@ def describe_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
     manifest = manifest_schema.read_manifest(version_dir)
     config = manifest_schema.parse_config(manifest, where=str(version_dir))
     version = version_dir.name
-    live = sum(int(size) for size in manifest.get("files", {}).values())
-    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    live = sum(int(size) for part in ("files", "appended") for size in manifest.get(part, {}).values())
+    # hard links (append-only files shared by versions) counted once
+    total = sum({(s.st_dev, s.st_ino): s.st_size for s in (p.stat() for p in directory.rglob("*") if p.is_file())
+                 }.values())
     scheduler = {key: _plain(value) for key, value in dataclasses.asdict(config.scheduler_params).items()}
     return {
         "path": str(directory.absolute()), "version": version, "format_version": manifest.get("format_version"),

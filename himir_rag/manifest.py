@@ -8,13 +8,19 @@ read) the image records and ``next_image_id``. Any violation is one
 Manifest fields (``save`` writes them all; ``?`` = optional, for older indexes)::
 
     format          "himir-rag index"
-    format_version  int, == FORMAT_VERSION (else IncompatibleIndexError)
+    format_version  int, 1 or 2 == FORMAT_VERSION (else IncompatibleIndexError); 2 = append-only files
     encoder         {name: str, dim: int 1..65536, spec?: str}
     config?         {HiMIRConfig field: value of that field's type}
     next_image_id?  int >= 1, > every image id of the catalog
     vectors?        {dtype?: str, shape?: [int >= 0, dim]}
     counts?         {name: int >= 0}; images / regions checked against the catalog
-    files           {plain file name: size in bytes}, with vectors.npy and catalog.sqlite
+    files           {plain file name: exact size in bytes}; version 1: with vectors.npy and catalog.sqlite,
+                    version 2: with skipped.json
+    appended        version 2 only: {vectors.bin, region_image.i64, regions.i32, images.jsonl: bytes the
+                    version reads}; each file at least that long, the three row files of one row count
+                    (>= vectors.shape[0]: rows of deleted images stay until
+                    compaction; see himir_rag.appendlog)
+    chain           version 2 only: str of 1..64 hex digits naming the append-only files
     saved_at?       str
     store?          {kind: "faiss"} | {kind: "qdrant", collection: str, url?: str|null, path?: str|null}
     root?           absolute path of the collection folder | null (see himir_rag.paths)
@@ -34,10 +40,11 @@ from typing import Any
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError, IncompatibleIndexError, IndexFormatError, UntrustedLocationError
 
-__all__ = ["FORMAT_VERSION", "FORMAT_NAME", "STORE_LOCATION_ENV", "current_version", "read_pointer", "read_manifest",
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "FORMAT_NAME", "STORE_LOCATION_ENV", "current_version", "read_pointer", "read_manifest",
            "validate_manifest", "parse_config", "check_catalog", "store_location"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: one vectors.npy + catalog.sqlite per version, rewritten by every save
 FORMAT_NAME = "himir-rag index"
 STORE_LOCATION_ENV = "HIMIR_STORE_LOCATION"
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KiB; anything this large is not one
@@ -99,14 +106,23 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
         raise IndexFormatError(f"{path}: nested too deeply to be a manifest; rebuild the index") from None
     validate_manifest(manifest, where=str(path))
     for name, size in manifest["files"].items():
-        if not (version_dir / name).is_file():
-            raise IndexFormatError(f"{version_dir}/{name}: missing; the index is incomplete, rebuild it")
-        actual = (version_dir / name).stat().st_size
+        actual = _file_size(version_dir, name)
         if actual != size:
             raise IndexFormatError(
                 f"{version_dir}/{name}: expected {size} bytes, found {actual}; the index is truncated or damaged"
             )
+    for name, size in manifest.get("appended", {}).items():  # append-only files: later saves may have grown them
+        actual = _file_size(version_dir, name)
+        if actual < size:
+            raise IndexFormatError(f"{version_dir}/{name}: expected at least {size} bytes, found {actual}; the "
+                                   "index is truncated or damaged")
     return manifest
+
+
+def _file_size(version_dir: Path, name: str) -> int:
+    if not (version_dir / name).is_file():
+        raise IndexFormatError(f"{version_dir}/{name}: missing; the index is incomplete, rebuild it")
+    return (version_dir / name).stat().st_size
 
 
 def validate_manifest(manifest: Any, *, where: str) -> dict[str, Any]:
@@ -115,10 +131,10 @@ def validate_manifest(manifest: Any, *, where: str) -> dict[str, Any]:
         raise IndexFormatError(f"{where}: not a himir-rag index manifest; rebuild the index")
     _check_depth(manifest, where)
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise IncompatibleIndexError(
-            f"{where}: index format version {version!r:.40}, this himir-rag reads version {FORMAT_VERSION}; "
-            "upgrade himir-rag or rebuild the index"
+            f"{where}: index format version {version!r:.40}, this himir-rag reads versions "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}; upgrade himir-rag or rebuild the index"
         )
     if manifest.get("format") != FORMAT_NAME:
         raise IndexFormatError(f"{where}: not a himir-rag index manifest; rebuild the index")
@@ -128,20 +144,51 @@ def validate_manifest(manifest: Any, *, where: str) -> dict[str, Any]:
         raise IndexFormatError(f"{where}: no encoder name and dim recorded; rebuild the index")
     if not isinstance(encoder.get("spec", ""), str):
         raise IndexFormatError(f"{where}: encoder.spec must be a string, got {_kind(encoder['spec'])}")
-    _check_files(manifest.get("files"), where)
+    _check_files(manifest.get("files"), where, version)
     _check_optional(manifest, where, int(encoder["dim"]))
+    if version == 2:
+        _check_appended(manifest, where, int(encoder["dim"]))
     _check_store(manifest.get("store", {"kind": "faiss"}), where)
     return manifest
 
 
-def _check_files(files: Any, where: str) -> None:
-    if not isinstance(files, dict) or not {"vectors.npy", "catalog.sqlite"} <= set(files):
-        raise IndexFormatError(f"{where}: does not list vectors.npy and catalog.sqlite; rebuild the index")
+def _check_files(files: Any, where: str, version: int) -> None:
+    required = {"vectors.npy", "catalog.sqlite"} if version == 1 else {"skipped.json"}
+    if not isinstance(files, dict) or not required <= set(files):
+        raise IndexFormatError(f"{where}: does not list {' and '.join(sorted(required))}; rebuild the index")
+    _check_sizes(files, where)
+
+
+def _check_sizes(files: Mapping[str, Any], where: str) -> None:
     for name, size in files.items():
         if not name or Path(name).name != name or name in (".", ".."):
             raise IndexFormatError(f"{where}: file name {name!r:.60} points outside the index")
         if not _is_int(size, 0, None):
             raise IndexFormatError(f"{where}: size of {name!r:.60} must be an int >= 0, got {size!r:.40}")
+
+
+_APPENDED = ("vectors.bin", "region_image.i64", "regions.i32", "images.jsonl")
+_ITEMSIZES = {"float32": 4, "float16": 2}
+
+
+def _check_appended(manifest: Mapping[str, Any], where: str, dim: int) -> None:
+    """``appended`` and ``chain`` of a version-2 manifest: the four files, one row count for all three row files."""
+    appended, chain = manifest.get("appended"), manifest.get("chain")
+    if not (isinstance(chain, str) and 0 < len(chain) <= 64 and all(c in "0123456789abcdef" for c in chain)):
+        raise IndexFormatError(f"{where}: chain must be 1 to 64 hex digits, got {chain!r:.80}")
+    if not isinstance(appended, dict) or set(appended) != set(_APPENDED):
+        raise IndexFormatError(f"{where}: appended must list exactly {', '.join(_APPENDED)}; rebuild the index")
+    _check_sizes(appended, where)
+    if set(appended) & set(manifest["files"]):
+        raise IndexFormatError(f"{where}: a file is listed both in files and in appended")
+    dtype = manifest.get("vectors", {}).get("dtype", "float32")
+    rows = appended["region_image.i64"] // 8
+    expected = {"vectors.bin": rows * dim * _ITEMSIZES.get(dtype, 0), "region_image.i64": rows * 8,
+                "regions.i32": rows * 24}
+    shape = manifest.get("vectors", {}).get("shape", [rows, dim])
+    if any(appended[name] != size for name, size in expected.items()) or shape[0] > rows:
+        raise IndexFormatError(f"{where}: appended sizes {appended!r:.160} do not hold one row count ({rows}) of "
+                               f"{dtype} vectors of dim {dim}, at least vectors.shape's; the manifest is damaged")
 
 
 def _check_optional(manifest: Mapping[str, Any], where: str, dim: int) -> None:

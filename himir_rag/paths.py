@@ -47,6 +47,8 @@ def resolve_stored(stored: str, root: str | os.PathLike[str] | None) -> tuple[st
     """
     if os.path.isabs(stored) or root is None:
         return stored, ""
+    if os.sep == "/":  # the same as joining the parts, without a path object per row (100k rows at load)
+        return os.path.normpath(os.path.join(root, stored)), stored
     return os.path.normpath(os.path.join(root, *PurePosixPath(stored).parts)), stored
 
 

@@ -155,3 +155,33 @@ def demo_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     photos = {p.stem: p for p in write_demo_photos(root / "photos")}
     HiMIRIndex.build(root / "photos", encoder="offline", progress=False).save(root / "index")
     return root / "index", photos
+
+
+def save_format_1(index, directory: Path) -> Path:
+    """Write ``index`` into ``directory`` as himir-rag wrote every version before format 2 (one
+    ``vectors.npy`` + ``catalog.sqlite`` per version); returns the version directory, named by ``CURRENT``."""
+    import json
+    import time
+    import uuid
+
+    from himir_rag.manifest import FORMAT_NAME
+
+    snapshot = index.snapshot
+    version = directory / f"v{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+    version.mkdir(parents=True)
+    np.save(version / "vectors.npy", np.asarray(snapshot.vectors), allow_pickle=False)
+    snapshot.write_catalog(version / "catalog.sqlite", skipped=index.skipped)
+    index.sync_candidate_stores()
+    index.candidate_stores.save(version, snapshot)
+    manifest = {
+        "format": FORMAT_NAME, "format_version": 1,
+        "encoder": {"name": index.encoder.name, "dim": snapshot.dim, "spec": index.encoder_spec},
+        "config": index.config.to_dict(), "next_image_id": max(snapshot.images, default=0) + 1,
+        "vectors": {"dtype": str(snapshot.vectors.dtype), "shape": list(snapshot.vectors.shape)},
+        "counts": {"images": len(snapshot), "regions": len(snapshot.levels), **snapshot.level_counts()},
+        "files": {p.name: p.stat().st_size for p in version.iterdir()}, "store": {"kind": "faiss"},
+        "root": index.root,
+    }
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    (directory / "CURRENT").write_text(version.name + "\n")
+    return version

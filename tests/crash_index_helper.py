@@ -15,7 +15,7 @@ the process stands:
 - ``encode``: an encoder batch starts (then sleeps ``--encode-delay``)
 - ``save-begin`` / ``save-end``: a checkpoint or the final save
 - ``fsync NAME``: a file of the save was written and flushed (then sleeps ``--fsync-delay``);
-  NAME is ``vectors.npy``, ``manifest.json`` (staging) or ``CURRENT`` (the pointer swap)
+  NAME is ``vectors.bin`` (the new rows appended), ``manifest.json`` (staging) or ``CURRENT`` (the pointer swap)
 """
 
 from __future__ import annotations
@@ -62,21 +62,21 @@ def main() -> None:
     def fsync(fh) -> None:
         real_fsync(fh)
         name = Path(fh.name).name
-        event("fsync " + next((n for n in ("vectors.npy", "manifest.json", "CURRENT") if n in name), name))
+        event("fsync " + next((n for n in ("vectors.bin", "manifest.json", "CURRENT") if n in name), name))
         time.sleep(args.fsync_delay)
 
-    def save(self, directory):
+    def save(self, directory, **options):
         event("save-begin")
-        version = real_save(self, directory)
+        version = real_save(self, directory, **options)
         event("save-end")
         return version
 
     index_module.get_encoder = get_encoder
     index_module._fsync = fsync
     index_module.HiMIRIndex.save = save
-    # --checkpoint-every 1: a checkpoint after every chunk of 16 files that add() commits
+    # --checkpoint-every 16: a checkpoint after every 16 files (one chunk of add())
     app(["index", args.images, "--index", args.index, "--encoder", ColorEncoder.name, "--layout", args.layout,
-         "--no-progress", "--batch-size", "8", "--checkpoint-every", "1",
+         "--no-progress", "--batch-size", "8", "--checkpoint-every", "16",
          *([] if args.wait is None else ["--wait", args.wait])])
 
 

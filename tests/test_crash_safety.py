@@ -33,7 +33,7 @@ from tests.conftest import ColorEncoder, make_scene
 
 HELPER = Path(__file__).with_name("crash_index_helper.py")
 REPO = Path(__file__).resolve().parents[1]
-N_GOOD, CHUNK = 40, 16  # the CLI's add() commits 16 files per chunk; checkpoint after every chunk
+N_GOOD, CHUNK = 40, 16  # checkpoint every 16 files (--checkpoint-every 16, one chunk of the CLI's add())
 LAYOUT, N_REGIONS = "1+2+4", 7  # a small tree keeps the fake encoder's work (and the test) short
 BAD_FILES = {"broken.png": "not an image file", "zero.jpg": "empty file"}
 _COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black"]
@@ -106,7 +106,7 @@ def resume_in_process(photos: Path, index_dir: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(index_module, "get_encoder", lambda spec, device="cpu": ColorEncoder())
     result = CliRunner().invoke(app, ["index", str(photos), "--index", str(index_dir), "--encoder", "test:color",
-                                      "--layout", LAYOUT, "--no-progress", "--checkpoint-every", "1"])
+                                      "--layout", LAYOUT, "--no-progress", "--checkpoint-every", str(CHUNK)])
     assert result.exit_code == 0, result.output
 
 
@@ -177,7 +177,8 @@ def run_and_kill(photos: Path, index_dir: Path, kill_on, *, after_s: float = 0.0
 
 
 KILL_POINTS = {  # where the process stands when it dies
-    "first save, vectors written": nth("fsync vectors.npy", 1),
+    "first save, vectors written": nth("fsync vectors.bin", 1),
+    "second save, appended vectors written": nth("fsync vectors.bin", 2),
     "second save, staging complete": nth("fsync manifest.json", 2),
     "second save, renamed, CURRENT not swapped": nth("fsync CURRENT", 2),
     "first chunk, encoding": nth("encode", 3),
@@ -225,7 +226,8 @@ def test_killed_twice_then_resumed(photos, reference, tmp_path, monkeypatch):
 def test_uninterrupted_cli_run_matches_the_library_build(photos, reference, tmp_path, monkeypatch):
     saves = []
     real_save = HiMIRIndex.save
-    monkeypatch.setattr(HiMIRIndex, "save", lambda self, directory: saves.append(1) or real_save(self, directory))
+    monkeypatch.setattr(HiMIRIndex, "save", lambda self, directory, **options: saves.append(1) or
+                        real_save(self, directory, **options))
     resume_in_process(photos, tmp_path / "idx", monkeypatch)  # from scratch: a plain `himir index` run
     assert len(saves) == 3  # after each of the 3 chunks; the last one already holds everything
     assert_same_as_reference(tmp_path / "idx", reference)

@@ -164,10 +164,10 @@ def test_load_errors(index, tmp_path, color_encoder):
     with pytest.raises(IncompatibleIndexError, match="dim=9"):
         HiMIRIndex.load(tmp_path / "idx", encoder=WiderEncoder())
     (version / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(IncompatibleIndexError, match="format version 2"):
+    with pytest.raises(IncompatibleIndexError, match=f"format version {FORMAT_VERSION + 1}, this himir-rag reads"):
         HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
     (version / "manifest.json").write_text(json.dumps(manifest))
-    vectors = version / "vectors.npy"
+    vectors = version / "vectors.bin"
     vectors.write_bytes(vectors.read_bytes()[:-40])
     with pytest.raises(IndexFormatError, match="truncated"):
         HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
@@ -185,11 +185,14 @@ def test_save_is_atomic_and_replaces_old_version(index, tmp_path, color_encoder)
 
 def test_nothing_pickled_on_disk(index, tmp_path):
     version = index.save(tmp_path / "idx")
-    # the catalog is SQLite, vectors a plain .npy, candidate stores FAISS's own binary format
+    # records and the skipped report are JSON, vectors and regions raw arrays, candidate stores FAISS's own format
     assert sorted(p.name for p in version.iterdir()) == [
-        "candidates-v2.level1.flat.faiss", "candidates-v2.level2.flat.faiss", "catalog.sqlite", "manifest.json",
-        "vectors.npy"]
-    np.load(version / "vectors.npy", allow_pickle=False)
+        "candidates-v2.level1.flat.faiss", "candidates-v2.level2.flat.faiss", "images.jsonl", "manifest.json",
+        "region_image.i64", "regions.i32", "skipped.json", "vectors.bin"]
+    for line in (version / "images.jsonl").read_text().splitlines():
+        assert isinstance(json.loads(line), list)
+    assert json.loads((version / "skipped.json").read_text()) == []
+    assert (version / "vectors.bin").stat().st_size == index.snapshot.vectors.nbytes
 
 
 def test_granularity_pruning_drops_redundant_segments(scene_dir, color_encoder):

@@ -18,7 +18,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.decompose import LLMDecomposer, parse_subqueries
 from himir_rag.errors import ConfigError, IndexFormatError
 from himir_rag.index import HiMIRIndex
-from tests.conftest import ColorEncoder, make_scene, make_store
+from tests.conftest import ColorEncoder, make_scene, make_store, save_format_1
 
 runner = CliRunner()
 
@@ -136,7 +136,10 @@ def test_nan_metadata_never_reaches_json_output(saved_index, tmp_path, scene_dir
     records = [r for r in index.snapshot.images.values()]
     damaged = index.snapshot.with_records([type(r)(r.image_id, r.path, r.width, r.height, r.size, r.mtime_ns,
                                                     {"x": math.nan}) for r in records])
-    HiMIRIndex.from_snapshot(damaged, encoder=index.encoder, config=index.config).save(saved_index)
+    damaged_index = HiMIRIndex.from_snapshot(damaged, encoder=index.encoder, config=index.config)
+    with pytest.raises(ConfigError, match="its metadata is not JSON data"):  # never written in format 2
+        damaged_index.save(saved_index)
+    save_format_1(damaged_index, saved_index)  # as format 1 wrote it (no check)
     result = runner.invoke(app, ["search", str(saved_index), "red", "--json"])
     assert result.exit_code == 1 and "NaN or infinity" in result.stderr and result.stdout == ""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import http.server
 import json
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -137,19 +136,18 @@ def test_next_image_id_below_an_existing_id_is_refused_and_the_index_kept(saved,
 
 
 def test_catalog_metadata_must_be_json_objects(saved, manifest):
-    catalog = saved / "catalog.sqlite"
-    original = catalog.read_bytes()
+    records = saved / "images.jsonl"
+    original = records.read_bytes()
     try:
         for bad in ("[1, 2]", '"text"', "null", "[" * 100_000 + "]" * 100_000):
-            catalog.write_bytes(original)
-            with sqlite3.connect(catalog) as db:
-                db.execute("UPDATE images SET metadata = ? WHERE image_id = 2", (bad,))
-            db.close()
-            write(saved, {**manifest, "files": {**manifest["files"], "catalog.sqlite": catalog.stat().st_size}})
+            lines = original.decode().splitlines()
+            lines[1] = json.dumps(json.loads(lines[1])[:6])[:-1] + ", " + bad + "]"  # image 2's metadata
+            records.write_text("".join(line + "\n" for line in lines))
+            write(saved, {**manifest, "appended": {**manifest["appended"], "images.jsonl": records.stat().st_size}})
             with pytest.raises(IndexFormatError, match="catalog"):
                 load(saved)
     finally:
-        catalog.write_bytes(original)
+        records.write_bytes(original)
 
 
 # -- store locations -------------------------------------------------------------------------------

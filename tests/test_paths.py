@@ -25,7 +25,7 @@ from himir_rag.langchain import HiMIRRetriever as LangChainRetriever
 from himir_rag.langchain import documents_to_content_blocks, format_images
 from himir_rag.llama_index import HiMIRRetriever
 from himir_rag.retriever import file_to_base64
-from tests.conftest import ColorEncoder, make_scene
+from tests.conftest import ColorEncoder, make_scene, save_format_1
 
 SECRET = b"root:$6$not-an-image:19000:0:99999:7:::\n"  # stands in for /etc/shadow
 
@@ -171,8 +171,20 @@ def test_shipped_images_are_reencoded_not_file_bytes(tmp_path: Path) -> None:
         assert Image.open(io.BytesIO(data)).format == "JPEG" and Image.open(io.BytesIO(data)).size == (64, 48)
 
 
+def _edit_records(index_dir: Path, old_path: str, new_path: str) -> None:
+    """Rewrite the stored path ``old_path`` in the live version's ``images.jsonl`` (a tampered index), keeping
+    the manifest's recorded size in step."""
+    version = index_dir / (index_dir / "CURRENT").read_text().strip()
+    entries = [json.loads(line) for line in (version / "images.jsonl").read_text().splitlines()]
+    text = "".join(json.dumps([e[0], new_path, *e[2:]] if e[1] == old_path else e) + "\n" for e in entries)
+    (version / "images.jsonl").write_text(text)
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["appended"]["images.jsonl"] = len(text.encode())
+    (version / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _edit_catalog(index_dir: Path, sql: str, *args: object) -> None:
-    """Run ``sql`` on the live catalog and keep the manifest's recorded size in step (a tampered index)."""
+    """Run ``sql`` on the live catalog of a format-1 index and keep the manifest's recorded size in step."""
     version = index_dir / (index_dir / "CURRENT").read_text().strip()
     with sqlite3.connect(version / "catalog.sqlite") as db:
         db.execute(sql, args)
@@ -189,7 +201,7 @@ def test_edited_catalog_row_is_not_shipped(hostile: Path, outside: Path, tmp_pat
     index = HiMIRIndex(ColorEncoder())
     index.add([hostile / "red.png", hostile / "sub" / "blue.png"], progress=False)
     index.save(tmp_path / "index")
-    _edit_catalog(tmp_path / "index", "UPDATE images SET path = ? WHERE path = 'red.png'", row)
+    _edit_records(tmp_path / "index", "red.png", row)
 
     loaded = HiMIRIndex.load(tmp_path / "index", encoder=ColorEncoder())
     with caplog.at_level(logging.WARNING):
@@ -216,8 +228,7 @@ def test_catalog_stores_paths_relative_to_the_recorded_root(built: tuple[Path, P
     root, index_dir = built
     version = index_dir / (index_dir / "CURRENT").read_text().strip()
     assert HiMIRIndex.read_manifest(index_dir)["root"] == str(root)
-    with sqlite3.connect(f"file:{version / 'catalog.sqlite'}?mode=ro", uri=True) as db:
-        rows = sorted(r[0] for r in db.execute("SELECT path FROM images"))
+    rows = sorted(json.loads(line)[1] for line in (version / "images.jsonl").read_text().splitlines())
     assert rows == ["red.png", "trip/blue.png", "trip/red_blue.png"]
     loaded = HiMIRIndex.load(index_dir, encoder=ColorEncoder())
     assert sorted(r.path for r in loaded.images) == sorted(str(p) for p in root.rglob("*.png"))
@@ -278,7 +289,8 @@ def test_cli_relocate(built: tuple[Path, Path], tmp_path: Path) -> None:
 
 def test_old_index_with_absolute_paths_still_loads_and_relocates(built: tuple[Path, Path], tmp_path: Path) -> None:
     root, index_dir = built
-    version = index_dir / (index_dir / "CURRENT").read_text().strip()
+    index_dir = tmp_path / "format-1"  # indexes saved before roots were recorded are format 1
+    version = save_format_1(HiMIRIndex.load(built[1], encoder=ColorEncoder()), index_dir)
     for row in ("red.png", "trip/blue.png", "trip/red_blue.png"):  # what indexes saved before roots hold
         _edit_catalog(index_dir, "UPDATE images SET path = ? WHERE path = ?", str(root / row), row)
     manifest = json.loads((version / "manifest.json").read_text())

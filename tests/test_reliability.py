@@ -31,7 +31,7 @@ from himir_rag.errors import ConfigError, ImageLoadError, IncompatibleIndexError
 from himir_rag.hierarchy import Level
 from himir_rag.images import iter_image_files, load_image
 from himir_rag.index import FORMAT_VERSION, HiMIRIndex
-from tests.conftest import COLORS, ColorEncoder, make_scene
+from tests.conftest import COLORS, ColorEncoder, make_scene, save_format_1
 
 _COLOR_NAMES = list(COLORS)
 
@@ -509,10 +509,17 @@ def saved(index, tmp_path) -> Path:
     return index.save(tmp_path / "idx")
 
 
+@pytest.fixture
+def saved_v1(index, tmp_path) -> Path:
+    """The same index saved in format 1 (one vectors.npy + catalog.sqlite per version); its version directory."""
+    return save_format_1(index, tmp_path / "idx1")
+
+
 def refresh_sizes(version: Path) -> None:
     """Update the manifest's file sizes so damage reaches the checks past the size check."""
     manifest = json.loads((version / "manifest.json").read_text())
-    manifest["files"] = {p.name: p.stat().st_size for p in version.iterdir() if p.name != "manifest.json"}
+    manifest["files"] = {p.name: p.stat().st_size for p in version.iterdir()
+                         if p.is_file() and p.name != "manifest.json" and p.name not in manifest.get("appended", {})}
     (version / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -526,39 +533,39 @@ def load(version: Path, encoder=None) -> HiMIRIndex:
     return HiMIRIndex.load(version.parent, encoder=encoder or ColorEncoder())
 
 
-def test_missing_index_pieces_are_named(saved, tmp_path):
+def test_missing_index_pieces_are_named(saved_v1, tmp_path):
     with pytest.raises(IndexFormatError, match="no such index directory; build one with `himir index`"):
         HiMIRIndex.load(tmp_path / "nowhere", encoder=ColorEncoder())
     (tmp_path / "empty").mkdir()
     with pytest.raises(IndexFormatError, match=r"not a himir index \(no CURRENT file\)"):
         HiMIRIndex.load(tmp_path / "empty", encoder=ColorEncoder())
     for name in ("vectors.npy", "catalog.sqlite"):
-        backup = saved / name
+        backup = saved_v1 / name
         data = backup.read_bytes()
         backup.unlink()
         with pytest.raises(IndexFormatError, match=rf"{name}: missing; the index is incomplete"):
-            load(saved)
+            load(saved_v1)
         backup.write_bytes(data)
-    (saved / "manifest.json").rename(saved / "manifest.bak")
+    (saved_v1 / "manifest.json").rename(saved_v1 / "manifest.bak")
     with pytest.raises(IndexFormatError, match="manifest.json is missing"):
-        load(saved)
-    (saved / "manifest.bak").rename(saved / "manifest.json")
-    (saved.parent / "CURRENT").write_text("v123-gone\n")
+        load(saved_v1)
+    (saved_v1 / "manifest.bak").rename(saved_v1 / "manifest.json")
+    (saved_v1.parent / "CURRENT").write_text("v123-gone\n")
     with pytest.raises(IndexFormatError, match="CURRENT names 'v123-gone', which is missing"):
-        load(saved)
-    (saved.parent / "CURRENT").write_text("../../etc\n")
+        load(saved_v1)
+    (saved_v1.parent / "CURRENT").write_text("../../etc\n")
     with pytest.raises(IndexFormatError, match="CURRENT names"):
-        load(saved)
+        load(saved_v1)
 
 
-def test_truncated_vector_file_is_refused(saved):
-    vectors = saved / "vectors.npy"
+def test_truncated_vector_file_is_refused(saved_v1):
+    vectors = saved_v1 / "vectors.npy"
     vectors.write_bytes(vectors.read_bytes()[:-40])
     with pytest.raises(IndexFormatError, match=r"vectors.npy: expected \d+ bytes, found \d+; the index is truncated"):
-        load(saved)
-    refresh_sizes(saved)  # even with a matching manifest, the short array is refused
+        load(saved_v1)
+    refresh_sizes(saved_v1)  # even with a matching manifest, the short array is refused
     with pytest.raises(IndexFormatError, match="vectors.npy: unreadable vector file"):
-        load(saved)
+        load(saved_v1)
 
 
 def test_manifest_problems_are_named(saved):
@@ -576,7 +583,7 @@ def test_manifest_problems_are_named(saved):
 def test_newer_format_version_is_refused(saved):
     edit_manifest(saved, format_version=FORMAT_VERSION + 1)
     with pytest.raises(IncompatibleIndexError, match=rf"index format version {FORMAT_VERSION + 1}, this himir-rag "
-                                                     rf"reads version {FORMAT_VERSION}; upgrade himir-rag"):
+                                                     rf"reads versions 1 and {FORMAT_VERSION}; upgrade himir-rag"):
         load(saved)
 
 
@@ -613,52 +620,52 @@ class _Exploit:
         return os.mkdir, (str(self.marker),)
 
 
-def test_malicious_pickle_as_vectors_is_refused_not_executed(saved, tmp_path):
+def test_malicious_pickle_as_vectors_is_refused_not_executed(saved_v1, tmp_path):
     marker = tmp_path / "pwned"
-    with open(saved / "vectors.npy", "wb") as fh:
+    with open(saved_v1 / "vectors.npy", "wb") as fh:
         np.save(fh, np.array([_Exploit(marker)], dtype=object), allow_pickle=True)
-    refresh_sizes(saved)
+    refresh_sizes(saved_v1)
     with pytest.raises(IndexFormatError, match="vectors.npy: unreadable vector file .*allow_pickle=False"):
-        load(saved)
+        load(saved_v1)
     assert not marker.exists()
     # a raw pickle (not even .npy) is refused as well
-    (saved / "vectors.npy").write_bytes(pickle.dumps(_Exploit(marker)))
-    refresh_sizes(saved)
+    (saved_v1 / "vectors.npy").write_bytes(pickle.dumps(_Exploit(marker)))
+    refresh_sizes(saved_v1)
     with pytest.raises(IndexFormatError, match="unreadable vector file"):
-        load(saved)
+        load(saved_v1)
     assert not marker.exists()
 
 
-def test_other_vector_damage_is_refused(saved):
-    good = np.load(saved / "vectors.npy")
-    np.save(saved / "vectors.npy", good.astype(np.float64))
-    refresh_sizes(saved)
+def test_other_vector_damage_is_refused(saved_v1):
+    good = np.load(saved_v1 / "vectors.npy")
+    np.save(saved_v1 / "vectors.npy", good.astype(np.float64))
+    refresh_sizes(saved_v1)
     with pytest.raises(IncompatibleIndexError, match=r"vectors \(\d+, 9\) float64, manifest says \(n, 9\) float16"):
-        load(saved)
+        load(saved_v1)
     bad = good.copy()
     bad[3, 2] = np.nan
-    np.save(saved / "vectors.npy", bad)
-    refresh_sizes(saved)
+    np.save(saved_v1 / "vectors.npy", bad)
+    refresh_sizes(saved_v1)
     with pytest.raises(IndexFormatError, match="holds NaN or infinite values"):
-        load(saved)
-    with open(saved / "vectors.npy", "wb") as fh:
+        load(saved_v1)
+    with open(saved_v1 / "vectors.npy", "wb") as fh:
         np.savez(fh, vectors=good)
-    refresh_sizes(saved)
+    refresh_sizes(saved_v1)
     with pytest.raises(IndexFormatError, match="not a single .npy array"):
-        load(saved)
-    np.save(saved / "vectors.npy", good[:-1])
-    refresh_sizes(saved)
+        load(saved_v1)
+    np.save(saved_v1 / "vectors.npy", good[:-1])
+    refresh_sizes(saved_v1)
     with pytest.raises(IndexFormatError, match=r"catalog lists \d+ regions but the vector file holds \d+"):
-        load(saved)
+        load(saved_v1)
 
 
-def test_damaged_catalog_is_refused(saved):
-    catalog = saved / "catalog.sqlite"
+def test_damaged_catalog_is_refused(saved_v1):
+    catalog = saved_v1 / "catalog.sqlite"
     original = catalog.read_bytes()
     catalog.write_bytes(b"SQLite format 3\x00" + b"\x00" * (len(original) - 16))
-    refresh_sizes(saved)
+    refresh_sizes(saved_v1)
     with pytest.raises(IndexFormatError, match="catalog.sqlite: unreadable catalog"):
-        load(saved)
+        load(saved_v1)
     # a structurally valid catalog whose tree is inconsistent never reaches search
     for statement, fragment in [
         ("UPDATE regions SET parent = 30 WHERE row = 2", "parent belongs to another image"),
@@ -672,9 +679,9 @@ def test_damaged_catalog_is_refused(saved):
         with sqlite3.connect(catalog) as db:
             db.execute(statement)
         db.close()
-        refresh_sizes(saved)
+        refresh_sizes(saved_v1)
         with pytest.raises(IndexFormatError, match=fragment):
-            load(saved)
+            load(saved_v1)
 
 
 def test_damaged_faiss_store_is_refused(saved):

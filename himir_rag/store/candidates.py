@@ -12,17 +12,28 @@ the image, so a hit's exact similarity costs one dot product.
 The stores belong to the index, not to one snapshot: an add or delete updates them
 incrementally (new image ids added, removed ones deleted), they are written by
 ``HiMIRIndex.save`` and read back by ``load``, and they are rebuilt (retrained) only
-when their kind changes or the level has grown 4x since they were trained. Hits are
+when their kind changes or the level has grown 4x since they were trained.
+
+On disk an IVF store is a *base* file plus *delta* files (``...level2.ivfpq.delta3.faiss``):
+a save onto the version the stores came from hard-links its files and writes one delta
+holding only the images added since (encoded by the base's quantizer, which the delta file
+leaves out, so a load merges it in with FAISS's ``merge_from``, no re-encoding); deleted images stay in the files and are removed
+after loading. Once the deltas hold :data:`DELTA_SHARE` of the base's vectors (or there are
+:data:`MAX_DELTAS`), or the store was rebuilt, the next save writes it whole. Flat stores
+(at most ``flat_max`` vectors) are always written whole. Hits are
 image ids, so a search on a slightly older snapshot simply drops ids it does not hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import threading
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 _ADD_BLOCK = 65_536  # rows converted to float32 and added per step (bounded temporary memory)
 _RETRAIN_GROWTH = 4.0
+DELTA_SHARE = 0.25  # a store is written whole again once its delta files hold this share of its base file
+MAX_DELTAS = 64  # ...or this many delta files
 KEY_SHIFT = 16  # region key = image id << KEY_SHIFT | the region's index within its image
 _FILE_PREFIX = "candidates-v2.level"  # v1 ("candidates.level") stored image ids: ignored, rebuilt on first search
 
@@ -61,6 +74,8 @@ class CandidateStores:
         self._span = 0  # 1 + the largest local region index stored (bounds the keys of an image)
         self._synced: weakref.ref | None = None
         self._lock = threading.RLock()
+        self._saved: dict[Level, _SavedFiles] = {}  # the files of the live saved version, per level
+        self._unpublished: dict[Level, _SavedFiles] = {}  # those of the last save, until mark_saved
 
     def kind_for(self, n_level: int, *, index_kind: str = "auto", flat_max: int = FLAT_MAX, pq_min: int = PQ_MIN) -> str:
         """The store kind used for a level of ``n_level`` vectors."""
@@ -186,36 +201,153 @@ class CandidateStores:
             store.add(self._region_keys(snapshot, rows), snapshot.region_vectors(rows))
 
     # -- persistence -------------------------------------------------------------------------------
-    def save(self, directory: Path, snapshot) -> list[str]:
-        """Write the stores in sync with ``snapshot`` into ``directory``; returns the file names."""
+    def save(self, directory: Path, snapshot, *, previous: Path | None = None) -> list[str]:
+        """Write the stores in sync with ``snapshot`` into ``directory``; returns the file names.
+
+        With ``previous`` (the live version this index's stores were last saved to or loaded
+        from), an IVF store not rebuilt since links that version's files and adds one delta
+        file holding only the images added since (see the module docstring); otherwise, and
+        once its deltas pass :data:`DELTA_SHARE` of its base file, the store is written whole.
+        Call :meth:`mark_saved` once the version is published.
+        """
         names = []
         with self._lock:
             if self._synced is None or self._synced() is not snapshot:
                 self.sync(snapshot, list(self._stores))
+            self._unpublished = {}
             for level, store in sorted(self._stores.items()):
-                if len(store) or store.kind == "flat":
-                    name = f"{_FILE_PREFIX}{int(level)}.{store.kind}.faiss"
-                    store.save(directory / name)
-                    names.append(name)
+                if not (len(store) or store.kind == "flat"):
+                    continue
+                saved = self._with_delta(directory, snapshot, level, store, previous)
+                if saved is None:
+                    base = f"{_FILE_PREFIX}{int(level)}.{store.kind}.faiss"
+                    store.save(directory / base)
+                    saved = _SavedFiles(store, "", base, (), self._images.copy(), len(store), 0)
+                self._unpublished[level] = saved
+                names.extend((saved.base, *saved.deltas))
         return names
+
+    def mark_saved(self, version_dir: Path) -> None:
+        """The version the last :meth:`save` wrote is published at ``version_dir``: later saves may link it."""
+        with self._lock:
+            version = os.path.realpath(version_dir)
+            self._saved = {level: dataclasses.replace(saved, version=version)
+                           for level, saved in self._unpublished.items()}
+            self._unpublished = {}
+
+    def _with_delta(self, directory: Path, snapshot, level: Level, store: FaissStore,
+                    previous: Path | None) -> _SavedFiles | None:
+        """Link ``previous``'s files of ``level`` and write the images added since as a delta file; None
+        when the store must be written whole (no such files, rebuilt since, flat, or deltas too large)."""
+        saved = self._saved.get(level)
+        if previous is None or saved is None or saved.store is not store or store.kind == "flat" or \
+                saved.version != os.path.realpath(previous) or len(saved.deltas) >= MAX_DELTAS:
+            return None
+        added = snapshot.positions_of(np.setdiff1d(self._images, saved.images, assume_unique=True))
+        delta = store.empty_copy()
+        self._add_rows(delta, snapshot, level, added)
+        if saved.delta_vectors + len(delta) > DELTA_SHARE * max(saved.base_vectors, 1):
+            return None
+        names = (saved.base, *saved.deltas)
+        try:
+            for name in names:
+                os.link(previous / name, directory / name)
+        except OSError:  # no hard links on this file system: write whole
+            for name in names:
+                (directory / name).unlink(missing_ok=True)
+            return None
+        deltas = saved.deltas
+        if len(delta):
+            deltas += (f"{_FILE_PREFIX}{int(level)}.{store.kind}.delta{len(saved.deltas) + 1}.faiss",)
+            delta.save_delta(directory / deltas[-1])
+        return _SavedFiles(store, "", saved.base, deltas, self._images.copy(), saved.base_vectors,
+                           saved.delta_vectors + len(delta))
 
     @classmethod
     def load(cls, directory: Path, snapshot, *, threads: int = 1) -> CandidateStores:
-        """Read the stores written by :meth:`save`; counts that disagree with the catalog raise IndexFormatError."""
+        """Read the stores written by :meth:`save` (each base file with its deltas merged in), drop the
+        images deleted since they were written; counts that disagree with the catalog raise IndexFormatError."""
         stores = cls(snapshot.dim, threads=threads)
+        held = [np.zeros(0, np.int64)]
+        for level, (kind, base, deltas) in _store_files(directory).items():
+            store = FaissStore.load(base, dim=snapshot.dim, kind=kind, threads=threads)
+            base_vectors = len(store)
+            for delta in deltas:
+                try:
+                    store.merge(FaissStore.load(delta, dim=snapshot.dim, kind=kind, threads=threads))
+                except RuntimeError as exc:  # FAISS refuses a delta trained otherwise
+                    raise IndexFormatError(f"{delta}: does not fit {base.name} ({exc}); rebuild the index") from exc
+            keys = store.ids()
+            images = _distinct(keys >> KEY_SHIFT)
+            stores._span = max(stores._span, int((keys & ((1 << KEY_SHIFT) - 1)).max(initial=-1)) + 1)
+            stores._stores[level], stores._trained_size[level] = store, base_vectors
+            stores._saved[level] = _SavedFiles(store, os.path.realpath(directory), base.name,
+                                               tuple(d.name for d in deltas), images, base_vectors,
+                                               len(store) - base_vectors)
+            held.append(images)
+        stores._reconcile(snapshot, _distinct(np.concatenate(held)))
         counts = snapshot.level_counts()
-        for path in sorted(directory.glob(f"{_FILE_PREFIX}*.faiss")):
-            level_text, _, kind = path.name.removeprefix(_FILE_PREFIX).removesuffix(".faiss").partition(".")
-            if not level_text.isdigit() or int(level_text) not in {int(lv) for lv in Level} or kind not in INDEX_KINDS:
-                raise IndexFormatError(f"{path}: unexpected candidate store name; the index directory is damaged")
-            level = Level(int(level_text))
-            store = FaissStore.load(path, dim=snapshot.dim, kind=kind, threads=threads)
+        for level, store in stores._stores.items():
             if len(store) != counts[level.name.lower()]:
-                raise IndexFormatError(f"{path}: holds {len(store)} vectors, the catalog has "
-                                       f"{counts[level.name.lower()]}; the index is damaged, rebuild it")
-            stores._stores[level] = store
-            stores._trained_size[level] = len(store)
-        stores._images = np.sort(snapshot.image_ids)
-        stores._span = int(np.diff(snapshot.image_starts).max(initial=0))
-        stores._synced = weakref.ref(snapshot)
+                raise IndexFormatError(f"{directory}: the {level.name.lower()} candidate store holds {len(store)} "
+                                       f"vectors, the catalog has {counts[level.name.lower()]}; the index is damaged, "
+                                       "rebuild it")
         return stores
+
+    def _reconcile(self, snapshot, held: np.ndarray) -> None:
+        """Stores just read hold the images ``held``: remove those ``snapshot`` lacks, add those it has more."""
+        current = np.sort(snapshot.image_ids)
+        self._span = max(self._span, int(np.diff(snapshot.image_starts).max(initial=0)))
+        removed = np.setdiff1d(held, current, assume_unique=True)
+        added = snapshot.positions_of(np.setdiff1d(current, held, assume_unique=True))
+        for level, store in self._stores.items():
+            store.remove(self._keys_of(removed))
+            self._add_rows(store, snapshot, level, added)
+        self._images = current
+        self._synced = weakref.ref(snapshot)
+
+
+@dataclass(frozen=True)
+class _SavedFiles:
+    """The files of one level's store in a saved version: a whole ``base`` and ``deltas`` added since."""
+
+    store: FaissStore  # the in-memory store they were written from (a rebuilt store writes a new base)
+    version: str  # real path of the published version holding them ("" until published)
+    base: str
+    deltas: tuple[str, ...]
+    images: np.ndarray  # sorted ids of the images the files hold (deleted ones included)
+    base_vectors: int
+    delta_vectors: int
+
+
+def _distinct(ids: np.ndarray) -> np.ndarray:
+    """Sorted distinct non-negative ``ids``; a scatter into a mask when they are dense (10x faster than np.unique)."""
+    if len(ids) == 0:
+        return np.zeros(0, np.int64)
+    top = int(ids.max())
+    if int(ids.min()) < 0 or top > 4 * len(ids) + (1 << 20):
+        return np.unique(ids)
+    seen = np.zeros(top + 1, bool)
+    seen[ids] = True
+    return np.flatnonzero(seen).astype(np.int64)
+
+
+def _store_files(directory: Path) -> dict[Level, tuple[str, Path, list[Path]]]:
+    """``{level: (kind, base file, delta files in order)}`` of the candidate store files in ``directory``."""
+    found: dict[Level, tuple[str, Path, list[tuple[int, Path]]]] = {}
+    deltas = []
+    for path in sorted(directory.glob(f"{_FILE_PREFIX}*.faiss")):
+        parts = path.name.removeprefix(_FILE_PREFIX).removesuffix(".faiss").split(".")
+        number = parts[2].removeprefix("delta") if len(parts) == 3 and parts[2].startswith("delta") else ""
+        if not (len(parts) in (2, 3) and parts[0].isdigit() and int(parts[0]) in {int(lv) for lv in Level}
+                and parts[1] in INDEX_KINDS and (len(parts) == 2 or number.isdigit())):
+            raise IndexFormatError(f"{path}: unexpected candidate store name; the index directory is damaged")
+        if len(parts) == 2:
+            found[Level(int(parts[0]))] = (parts[1], path, [])
+        else:
+            deltas.append((Level(int(parts[0])), parts[1], int(number), path))
+    for level, kind, number, path in deltas:
+        if level not in found or found[level][0] != kind:
+            raise IndexFormatError(f"{path}: a delta without its base file; the index directory is damaged")
+        found[level][2].append((number, path))
+    return {level: (kind, base, [p for _, p in sorted(items)]) for level, (kind, base, items) in found.items()}

@@ -222,6 +222,55 @@ class FaissStore:
         except RuntimeError as exc:
             raise KeyError(f"some ids are not in the store: {exc}") from exc
 
+    def empty_copy(self) -> FaissStore:
+        """A store of this one's kind and training (IVF lists, PQ codebooks) holding no vectors."""
+        faiss = import_faiss()
+        copy = FaissStore(self.dim, kind=self.kind, nlist=self.nlist, nprobe=self.nprobe, threads=self.threads,
+                          use_gpu=self.use_gpu)
+        if self._index is not None:
+            with self._lock:
+                copy._index = faiss.clone_index(self._index)
+            copy._index.reset()
+        return copy
+
+    def merge(self, other: FaissStore) -> None:
+        """Move the vectors of ``other`` (an :meth:`empty_copy` of this store, filled, maybe read back from
+        :meth:`save_delta`) into this one."""
+        if other._index is None or len(other) == 0:
+            return
+        with self._lock:
+            if self.kind != "flat":  # a delta shares this store's coarse quantizer (save_delta leaves it out)
+                other._index.quantizer, other._index.own_fields = self._index.quantizer, False
+            self._index.merge_from(other._index, 0)
+            self._gpu_index = None
+
+    def save_delta(self, path: Path) -> None:
+        """:meth:`save` an IVF :meth:`empty_copy` filled with vectors, without the coarse quantizer it shares
+        with the store it was copied from (nlist x dim floats): such a file is only :meth:`merge`-d into that store."""
+        faiss = import_faiss()
+        index = self._index
+        with self._lock:
+            quantizer, owned = index.quantizer, index.own_fields
+            index.quantizer, index.own_fields = faiss.IndexFlatIP(self.dim), False
+            try:
+                data = faiss.serialize_index(index)
+            finally:
+                index.quantizer, index.own_fields = quantizer, owned
+        with open(path, "wb") as fh:
+            fh.write(data.tobytes())
+
+    def ids(self) -> np.ndarray:
+        """(n,) int64 every id stored, in no particular order."""
+        faiss = import_faiss()
+        if self._index is None:
+            return np.zeros(0, np.int64)
+        if self.kind == "flat":
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        lists = self._index.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                 for i in range(lists.nlist) if lists.list_size(i)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def save(self, path: Path) -> None:
         """Write the CPU index to ``path`` in FAISS's own binary format."""
         if self._index is None:
