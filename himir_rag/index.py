@@ -51,7 +51,7 @@ from himir_rag import manifest as manifest_schema
 from himir_rag.appendlog import LogState, read_version, write_appended, write_full
 from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
-from himir_rag.encoders import Encoder, get_encoder
+from himir_rag.encoders import Encoder, get_encoder, saved_encoder_spec
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, IncompatibleIndexError,
                               IndexConflictError, IndexFormatError, IndexWriteError)
 from himir_rag.filters import compile_filter, matching_ids
@@ -180,7 +180,8 @@ class HiMIRIndex:
         self.config = config or HiMIRConfig()
         # None: regions in memory + FAISS (default); a QdrantImageStore: regions in Qdrant
         self.store = store
-        self.encoder_spec = encoder if isinstance(encoder, str) else getattr(encoder, "name", "custom")
+        self.encoder_spec = encoder if isinstance(encoder, str) else getattr(encoder, "spec", None) or getattr(
+            encoder, "name", "custom")
         self._encoder: Encoder | None = None if isinstance(encoder, str) else encoder
         self._device = device
         self._decomposer = region_decomposer(self.config)
@@ -1411,7 +1412,8 @@ class HiMIRIndex:
         manifest = manifest_schema.read_manifest(version_dir)
         where = str(version_dir / "manifest.json")
         dim = int(manifest["encoder"]["dim"])
-        index = cls(encoder if encoder is not None else manifest["encoder"].get("spec", "offline"),
+        saved_spec = saved_encoder_spec(manifest["encoder"].get("spec", "offline"), manifest["encoder"].get("name"))
+        index = cls(encoder if encoder is not None else saved_spec,
                     manifest_schema.parse_config(manifest, where=where), device=device)
         index._encoder_name, index._dim = manifest["encoder"]["name"], dim
         if index._encoder is not None:

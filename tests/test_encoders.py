@@ -166,3 +166,47 @@ def test_clip_cannot_do_roi_and_says_so_in_one_line(tiny_clip, tmp_path):
     assert len(index) == 0
     crops = HiMIRIndex(encoder, HiMIRConfig(region_encoding="crops"))
     assert crops.add(tmp_path, progress=False).added == 1
+
+
+def test_offline_class_texts_options_and_specs():
+    from himir_rag.encoders.offline import CLASS_TEMPLATES, OfflineEncoder, class_text_groups
+
+    prompt, ensemble = class_text_groups("prompt"), class_text_groups("ensemble")
+    assert len(prompt) == len(ensemble) == 1000
+    assert prompt[285] == ["a photo of a Egyptian cat"]
+    assert len(ensemble[285]) % len(CLASS_TEMPLATES) == 0 and "a photo of a Egyptian cat" in ensemble[285]
+    assert max(len(group) for group in ensemble) > len(CLASS_TEMPLATES)  # classes with several names
+    default = get_encoder("offline")  # builds the object only: nothing is loaded
+    assert default.class_texts == "ensemble" and default.name.endswith(":ensemble")
+    assert default.spec == "offline:lite0:ensemble"
+    old = get_encoder("offline:lite0:prompt")
+    assert old.class_texts == "prompt" and old.name == "offline:efficientnet-lite0+all-minilm-l6-v2:top20"
+    with pytest.raises(ConfigError, match="class_texts 'bogus' is unknown"):
+        get_encoder("offline:lite0:bogus")
+    with pytest.raises(ValueError, match="class_texts"):
+        OfflineEncoder(class_texts="bogus")
+
+
+@pytest.mark.parametrize("class_texts", ["prompt", "ensemble"])
+def test_an_index_reopens_with_the_class_texts_it_was_built_with(tmp_path, class_texts):
+    """Indexes saved before the option (spec "offline", name without suffix) used one prompt a class."""
+    import json
+
+    from himir_rag.encoders.offline import OfflineEncoder
+    from himir_rag.hierarchy import GridDecomposer
+    from himir_rag.index import HiMIRIndex
+
+    tree = GridDecomposer("1+1+1").decompose(Image.new("RGB", (32, 32)))
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(2 * len(tree), 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = HiMIRIndex.from_vectors(vectors, tree, encoder=OfflineEncoder(class_texts=class_texts))
+    index.save(tmp_path / "idx")
+    assert HiMIRIndex.load(tmp_path / "idx").encoder.class_texts == class_texts
+    # what an older version wrote: the bare spec
+    manifest_path = next((tmp_path / "idx").glob("v*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["encoder"]["spec"] == f"offline:lite0:{class_texts}"
+    manifest["encoder"]["spec"] = "offline"
+    manifest_path.write_text(json.dumps(manifest))
+    assert HiMIRIndex.load(tmp_path / "idx").encoder.class_texts == class_texts

@@ -97,13 +97,18 @@ def test_default_location_is_the_platform_user_cache_dir(monkeypatch):
 
 
 def test_the_offline_encoder_uses_the_cache(offline_encoder):
-    """The session's encoder wrote the 1000 class prompts' embeddings where HIMIR_CACHE_DIR points."""
-    from himir_rag.encoders.offline import class_prompts, sentence_model_key
+    """The session's encoder wrote its class texts' embeddings where HIMIR_CACHE_DIR points, and a
+    class stands for the unit mean of its texts' embeddings."""
+    from himir_rag.encoders.offline import class_text_groups, sentence_model_key
 
     offline_encoder.load()
-    prompts = class_prompts()
-    path = cache_path(sentence_model_key(), prompts)
+    groups = class_text_groups(offline_encoder.class_texts)
+    texts = [text for group in groups for text in group]
+    path = cache_path(sentence_model_key(), texts)
     assert path.is_file()
     cached = np.load(path, allow_pickle=False)
-    assert cached.shape == (1000, 384)
-    np.testing.assert_allclose(cached[285], offline_encoder.embed_texts([prompts[285]])[0], atol=1e-5)
+    assert cached.shape == (len(texts), 384)
+    start = sum(len(group) for group in groups[:285])
+    np.testing.assert_allclose(cached[start], offline_encoder.embed_texts([groups[285][0]])[0], atol=1e-5)
+    mean = offline_encoder.embed_texts(groups[285]).mean(axis=0)
+    np.testing.assert_allclose(offline_encoder._class_embeddings[285], mean / np.linalg.norm(mean), atol=1e-5)

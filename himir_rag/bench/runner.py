@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from himir_rag.bench.metrics import box_iou, mrr, ndcg_at_k, percentile, recall_at_k
 from himir_rag.bench.scenes import read_jsonl
 from himir_rag.config import HiMIRConfig
-from himir_rag.encoders import Encoder, RegionEncoder, set_inference_threads
+from himir_rag.encoders import Encoder, RegionEncoder, get_encoder, set_inference_threads
 from himir_rag.errors import ConfigError, HiMIRError
 from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex, SearchResult
@@ -545,6 +545,8 @@ def _load_benchmark(bench_dir: Path, limit_queries: int | None) -> tuple[list[_Q
 
 def _encoder_matches(manifest: Mapping[str, Any], encoder: Encoder | str) -> bool:
     recorded = manifest.get("encoder", {})
+    if isinstance(encoder, str) and encoder.startswith("offline"):  # the spec's defaults may have changed
+        return get_encoder(encoder).name == recorded.get("name")  # builds the object only: loads nothing
     if isinstance(encoder, str):
         return recorded.get("spec") == encoder or recorded.get("name") == encoder
     return recorded.get("name") == getattr(encoder, "name", None)
