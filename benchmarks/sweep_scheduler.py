@@ -38,16 +38,9 @@ from himir_rag.decompose import RuleDecomposer
 _COUNTERS = ("candidates", "candidate_dot_products", "coarse_dot_products", "segments_visited",
              "images_pruned", "levels_skipped")
 
-# --stages: each pruning stage of the pass switched off (or, for the ones off by default, on),
-# so each one's savings and recall cost show against the defaults
-STAGES = {
-    "defaults": {},
-    "no candidate generation (every image scored)": {"candidate_k": -1},
-    "no ANN caps on segment bounds": {"ann_bound": False},
-    "no segment bounds, no image pruning": {"ann_bound": False, "bound_scale": 1e6},
-    "consistency depth skipping on (overlap 0.8)": {"consistency_overlap": 0.8},
-    "hierarchy sparsity on (margin 0.1)": {"sparsity_margin": 0.1},
-}
+# --stages: the rows of himir_rag.bench.stages (each pruning stage switched off, or on, in turn);
+# `himir bench run --stages` / `himir bench scale --stages` put the same table in their reports
+from himir_rag.bench.stages import STAGES  # noqa: E402
 
 
 def main(bench_dir: str, settings: list[str], k: int = 10) -> None:

@@ -247,6 +247,30 @@ def test_limit_queries(tiny_bench):
     assert report["modes"]["single"]["n_queries"] == 2
 
 
+def test_stage_table_switches_each_stage_and_restores_the_settings(tiny_bench):
+    report = _quick_run(tiny_bench, modes="himir-full,himir", decomposer="oracle", stages=True)
+    rows = {row["stage"]: row for row in report["stages"]}
+    from himir_rag.bench.stages import STAGES
+
+    assert list(rows) == list(STAGES)
+    base, exhaustive = rows["index settings"], rows["no candidate generation (every image scored)"]
+    assert "dots_saved" not in base and base["agreement"] is not None
+    # scoring every image costs at least as much as the pass, and the differences are from the stage's side
+    assert exhaustive["dot_products"] >= base["dot_products"]
+    assert exhaustive["dots_saved"] == exhaustive["dot_products"] - base["dot_products"]
+    on = rows["hierarchy sparsity on (margin 0.1)"]
+    assert on["dots_saved"] == base["dot_products"] - on["dot_products"]
+    assert rows["consistency depth skipping on (overlap 0.8)"]["fired_by"] == "levels_skipped"
+    for row in rows.values():
+        assert 0.0 <= row["recall@k"] <= 1.0 and row["dot_products"] > 0
+    markdown = (tiny_bench / "report.md").read_text()
+    assert "## Pruning stages of himir" in markdown and "no ANN caps on segment bounds" in markdown
+    # the saved index keeps its own settings
+    from himir_rag import HiMIRIndex
+
+    assert HiMIRIndex.load(tiny_bench / "index").config.scheduler.overrides() == {}
+
+
 # -- pieces ------------------------------------------------------------------------------------
 def test_parse_modes():
     assert parse_modes("single, mvr,mvr,himir") == [RetrievalMode.SINGLE, RetrievalMode.MVR, RetrievalMode.HIMIR]
@@ -348,6 +372,16 @@ def test_scale_benchmark_finds_planted_targets(tmp_path):
     for name in ("report.json", "report.md"):
         assert (tmp_path / "scale" / name).is_file()
     assert "encode" not in report["modes"]["mvr"]["latency_ms"]
+
+
+def test_scale_benchmark_stage_table(tmp_path):
+    report = run_scale_benchmark(tmp_path / "scale", images=400, dim=32, queries=6, seed=1, signal=3.0,
+                                 distractors=5, modes="himir-full,himir", plots=False, progress=False, stages=True)
+    rows = {row["stage"]: row for row in report["stages"]}
+    assert "no candidate generation (every image scored)" in rows  # small: the exhaustive row is kept
+    assert rows["index settings"]["agreement"] is not None
+    assert rows["index settings"]["recall@k"] == report["modes"]["himir"]["recall@10"]
+    assert "## Pruning stages of himir" in (tmp_path / "scale" / "report.md").read_text()
 
 
 def test_scale_rejects_too_small_collection():

@@ -106,6 +106,8 @@ def run_command(
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
                                             help='Scheduler parameters of mode himir as JSON, e.g. \'{"probe_share": 0.2}\'.'),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    stages: bool = typer.Option(False, "--stages", help="Add the per-stage table of the scheduled pass (each "
+                                "pruning stage switched off or on in turn: its savings and its Recall@10 cost)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Index OUT_DIR/images once, run every mode on the same queries, write OUT_DIR/report.{md,json} and plots."""
@@ -117,7 +119,7 @@ def run_command(
                                limit_queries=limit_queries, index_dir=index_dir or None, device=device, batch_size=batch_size,
                                throughput_images=throughput_images, plots=plots, report_dir=report_dir,
                                scheduler=_parse_scheduler(scheduler), torch_threads=torch_threads,
-                               progress=progress, region_encodings=region_encoding)
+                               progress=progress, region_encodings=region_encoding, stages=stages)
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
         return
@@ -146,6 +148,7 @@ def scale_command(
     query_range: Optional[str] = typer.Option(None, "--query-range", help="Evaluate planted queries A:B only."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    stages: bool = typer.Option(False, "--stages", help="Add the per-stage table of the scheduled pass."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Matching engine at scale: synthetic vectors with planted multi-object targets (no encoder)."""
@@ -156,7 +159,8 @@ def scale_command(
         report = run_scale_benchmark(out, images=images, dim=dim, layout=layout, queries=queries, seed=seed,
                                      modes=modes, k=k, signal=signal, distractors=distractors, plots=plots,
                                      scheduler=_parse_scheduler(scheduler), precision=precision, save=save,
-                                     reuse=reuse, query_range=_parse_range(query_range), progress=progress)
+                                     reuse=reuse, query_range=_parse_range(query_range), progress=progress,
+                                     stages=stages)
     except (HiMIRError, ValueError, MemoryError) as exc:
         _fail(str(exc))
         return

@@ -107,6 +107,15 @@ def _region_encodings_table(report: Mapping[str, Any]) -> list[str]:
             _table(["encoding"] + mode_names + ["grounding", "indexing photos/s"], rows)]
 
 
+def _stages_section(report: Mapping[str, Any]) -> list[str]:
+    if not report.get("stages"):
+        return []
+    from himir_rag.bench.stages import stage_markdown
+
+    return ["## Pruning stages of himir (each switched off, or on, against the index's settings)\n",
+            *stage_markdown(report["stages"], k=max(int(report.get("config", {}).get("k", 10)), 10)), ""]
+
+
 def _pair(stage: Mapping[str, float] | None) -> str:
     if not stage:
         return "-"
@@ -131,6 +140,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{name} = {r['mean']:.2f}x (means), {r['median']:.2f}x (medians), {r['per_query_median']:.2f}x "
             "(median per-query ratio)" for name, r in ratios.items()) + "\n")
     parts += _indexing_section(report) + _memory_section(report) + _grounding_section(report)
+    parts += _stages_section(report)
     if report.get("plots"):
         parts.append("## Plots\n")
         parts += [f"![{name}]({path})\n" for name, path in report["plots"].items()]

@@ -791,7 +791,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   plots: bool = True, report_dir: str | os.PathLike[str] | None = None,
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
                   progress: bool = True,
-                  region_encodings: str | Iterable[str] = "crops") -> dict[str, Any]:
+                  region_encodings: str | Iterable[str] = "crops", stages: bool = False) -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
     Parameters
@@ -827,6 +827,10 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         ``torch.set_num_threads`` for this process and the encoders' CPU inference threads
         (:func:`~himir_rag.encoders.set_inference_threads`); default: the encoders' own (1 on CPU).
         On a CPU shared with other jobs, 1 thread avoids OpenMP oversubscription stalls.
+    stages : bool
+        Add the per-stage table of the scheduled pass (:mod:`himir_rag.bench.stages`) on the
+        first region encoding's index: each pruning stage switched off (or on) in turn, with
+        its savings and its Recall@10 cost.
     region_encodings : str or list of str
         ``"crops"``, ``"roi"`` or both (``"crops,roi"``): one index per encoding, the same
         queries on each; the report's main sections are the first encoding's, and
@@ -882,10 +886,26 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         "region_encodings": {name: run.summary(mode_list) for name, run in runs_by_encoding.items()},
         "subqueries": runs.subqueries, "per_query": runs.per_query, "grounding_rows": grounding,
     }
+    if stages:
+        report["stages"] = composite_stages(first, queries, scenes, bench_dir, k=10)
     from himir_rag.bench.report import write_report
 
     write_report(report, bench_dir if report_dir is None else Path(report_dir), plots=plots)
     return report
+
+
+def composite_stages(run: _EncodingRun, queries: Sequence[_Query], scenes: Mapping[str, dict[str, Any]],
+                     bench_dir: Path, *, k: int) -> list[dict[str, Any]]:
+    """The per-stage table on one encoding's index: the run's sub-queries, scenes as keys, the
+    reference mode's top-k of the run (when it ran) as the agreement target."""
+    from himir_rag.bench.stages import StageQuery, measure_stages
+
+    scene_of_path, _ = _scene_ids_by_image(run.index, bench_dir, scenes)
+    reference = {row["query_id"]: frozenset(row["top"][:k]) for row in run.runs.per_query
+                 if row["mode"] == reference_mode().value}
+    work = [StageQuery(run.index.encoder.embed_texts(run.runs.subqueries[q.query_id] or [q.text]),
+                       frozenset(q.relevant), reference.get(q.query_id)) for q in queries]
+    return measure_stages(run.index, work, k=k, key=lambda hit: scene_of_path.get(hit.path, hit.path))
 
 
 def _set_torch_threads(count: int) -> None:

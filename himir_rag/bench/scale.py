@@ -277,7 +277,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
                         signal: float = 2.0, distractors: int = 30, scheduler: dict[str, Any] | None = None,
                         precision: str = "float32", save: bool = True, reuse: bool = False,
                         query_range: tuple[int, int] | None = None, plots: bool = True,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, stages: bool = False) -> dict[str, Any]:
     """Build a synthetic collection, save and reload it, run every mode on its queries, write the report.
 
     Same report fields as the composite benchmark without encoding: quality against the
@@ -288,7 +288,9 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     With ``reuse`` an index saved by an earlier run with the same recipe (size, dim,
     layout, queries, seed...) is loaded instead of rebuilt, and ``scheduler`` overrides its
     parameters: a second setting costs only the queries. ``query_range=(a, b)`` evaluates
-    planted queries ``a:b`` only (e.g. tune on one range, report on another).
+    planted queries ``a:b`` only (e.g. tune on one range, report on another). ``stages`` adds
+    the per-stage table of the scheduled pass (:mod:`himir_rag.bench.stages`; above 20,000
+    images without the "no candidate generation" row, which is the exhaustive scan).
 
     Returns
     -------
@@ -356,10 +358,23 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
                    "process_peak_rss_mb": round(process_max_rss_mb(), 1)},
         "wall_s": time.perf_counter() - started, "per_query": runs.per_query,
     }
+    if stages:
+        report["stages"] = _scale_stages(index, evaluated, runs.per_query, k=min(k, images))
     from himir_rag.bench.report import write_report
 
     write_report(report, out_dir, plots=plots)
     return report
+
+
+def _scale_stages(index: HiMIRIndex, evaluated: list[PlantedQuery], per_query: list[dict[str, Any]], *,
+                  k: int) -> list[dict[str, Any]]:
+    from himir_rag.bench.stages import STAGES, StageQuery, measure_stages
+
+    reference = {row["query_id"]: frozenset(int(i) for i in row["top"][:k]) for row in per_query
+                 if row["mode"] == reference_mode().value}
+    work = [StageQuery(q.subquery_vectors, q.relevant, reference.get(q.query_id)) for q in evaluated]
+    skip = [name for name, setting in STAGES.items() if setting.get("candidate_k") == -1] if len(index) > 20_000 else []
+    return measure_stages(index, work, k=k, skip=skip)
 
 
 def _build_and_save(out_dir: Path, recipe: dict[str, Any], *, scheduler: dict[str, Any] | None, save: bool,
