@@ -33,7 +33,7 @@ def strict_json(line: str):
 @pytest.fixture
 def saved_index(scene_dir, tmp_path, monkeypatch) -> Path:
     """A small saved index whose encoder spec the CLI resolves to the colour encoder."""
-    import himir_rag.index
+    import himir_rag.scheduler
 
     monkeypatch.setattr(himir_rag.index, "get_encoder", lambda spec, device="cpu": ColorEncoder())
     target = tmp_path / "idx"
@@ -167,17 +167,17 @@ def test_non_finite_vectors_never_enter_an_index(scene_dir):
 
 
 def test_non_finite_scores_are_left_out(scene_dir, monkeypatch, caplog):
-    import himir_rag.index
+    import himir_rag.scheduler
 
     index = HiMIRIndex.build(scene_dir, encoder=ColorEncoder(), progress=False)
-    exhaustive = himir_rag.index.score_exhaustive
+    exhaustive = himir_rag.scheduler.score_exhaustive
 
     def one_nan(*args, **kwargs):  # stands for any scorer bug or overflow
         scored = exhaustive(*args, **kwargs)
         scored.best[:, 0] = np.nan
         return scored
 
-    monkeypatch.setattr(himir_rag.index, "score_exhaustive", one_nan)
+    monkeypatch.setattr(himir_rag.scheduler, "score_exhaustive", one_nan)
     with caplog.at_level(logging.WARNING):
         hits = index.search("red", k=6, mode="himir-full").hits
     assert len(hits) == 5 and all(math.isfinite(h.score) for h in hits)
@@ -329,7 +329,7 @@ def test_rerun_with_new_metadata_updates_without_re_encoding(scene_dir, store_ki
 
 
 def test_himir_index_metadata_file_rerun_updates_unchanged_photos(scene_dir, tmp_path, monkeypatch):
-    import himir_rag.index
+    import himir_rag.scheduler
 
     encoder = ColorEncoder()
     monkeypatch.setattr(himir_rag.index, "get_encoder", lambda spec, device="cpu": encoder)
