@@ -597,15 +597,17 @@ def _view_size(view: RegionView) -> int:
 def _every(store: ImageStore, allowed: np.ndarray | None) -> RegionView:
     """Every allowed image's regions, as one view."""
     views = list(store.scan(allowed))
-    if len(views) == 1:
-        return views[0]
-    return RegionView(gather([(v.snapshot, v.positions) for v in views], dim=store.dim))
+    return views[0] if len(views) == 1 else RegionView(gather([(v.snapshot, v.positions) for v in views],
+                                                              dim=store.dim))
 
 
 def gather(parts: list[tuple[Snapshot, np.ndarray | None]], *, dim: int) -> Snapshot:
-    """One snapshot of the images at ``positions`` (None = all) of each snapshot, in that order."""
+    """One snapshot of the images at ``positions`` (None = all) of each snapshot, in that order
+    (a single whole snapshot is returned as it is, not copied)."""
     if not parts:
         return Snapshot.empty(dim)
+    if len(parts) == 1 and parts[0][1] is None:
+        return parts[0][0]
     images, arrays = {}, {name: [] for name in ("vectors", "region_image", "levels", "parents", "boxes")}
     offset = 0
     for snapshot, positions in parts:

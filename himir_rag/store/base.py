@@ -87,7 +87,8 @@ class ImageStore(Protocol):
         ...
 
     def add_images(self, records: list[ImageRecord], trees: list[RegionTree], vectors: list[np.ndarray]) -> None:
-        """Store images: ``vectors[i]`` is (len(trees[i]), dim) float32, rows in tree order."""
+        """Store images (an id already stored is replaced): ``vectors[i]`` is (len(trees[i]), dim) float32,
+        rows in tree order."""
         ...
 
     def delete_images(self, image_ids: list[int]) -> int:
@@ -120,7 +121,7 @@ class ImageStore(Protocol):
         ...
 
     def vectors(self, image_ids: np.ndarray) -> RegionView:
-        """The regions of ``image_ids`` (sorted; ids not stored are left out)."""
+        """The regions of ``image_ids`` (ids not stored are left out), in the store's order (see :meth:`scan`)."""
         ...
 
     def scan(self, allowed: np.ndarray | None = None) -> Iterator[RegionView]:

@@ -61,8 +61,9 @@ class MemoryStore:
 
     # -- writing ------------------------------------------------------------------------------------
     def add_images(self, records: list[ImageRecord], trees: list[RegionTree], vectors: list[np.ndarray]) -> None:
-        """Append images (see :meth:`Snapshot.with_images`); the candidate stores follow at the next search."""
-        self.snapshot = self.snapshot.with_images(records, trees, vectors)
+        """Append images (an id already stored is replaced); the candidate stores follow at the next search."""
+        replaced = {r.image_id for r in records} & set(self.snapshot.images)
+        self.snapshot = self.snapshot.without_images(replaced).with_images(records, trees, vectors)
 
     def delete_images(self, image_ids: list[int]) -> int:
         """Delete images by id; returns how many were stored."""

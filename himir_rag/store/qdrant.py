@@ -355,22 +355,22 @@ class QdrantImageStore:
         """
         ids = np.unique(np.asarray(image_ids, np.int64))
         trees = self._trees(ids, with_records=True)
-        records, tree_list, vector_list = [], [], []
-        for image_id in sorted(trees):
-            levels, parents, boxes, record = trees[image_id]
-            keys = region_keys(np.full(len(levels), image_id), np.arange(len(levels))).tolist()
-            records.append(record)
-            tree_list.append((levels, parents, boxes))
-            vector_list.append(self._region_vectors(keys, levels))
-        return RegionView(_snapshot(self.dim, records, tree_list, vector_list), None)
+        found = sorted(trees)
+        records = [trees[i][3] for i in found]
+        tree_list = [trees[i][:3] for i in found]
+        keys = [region_keys(np.full(len(levels), image_id), np.arange(len(levels)))
+                for image_id, (levels, _, _) in zip(found, tree_list)]
+        levels = np.concatenate([levels for levels, _, _ in tree_list]) if found else np.zeros(0, np.int8)
+        vectors = self._region_vectors(np.concatenate(keys).tolist() if keys else [], levels)
+        return RegionView(_snapshot(self.dim, records, tree_list, vectors), None)
 
     def _region_vectors(self, keys: list[int], levels: np.ndarray) -> np.ndarray:
         """(len(keys), dim) float32 vectors of region points ``keys`` (of ``levels``), in ``keys`` order."""
         out = np.zeros((len(keys), self.dim), np.float32)
         where = {key: i for i, key in enumerate(keys)}
-        for start in range(0, len(keys), _BATCH):
-            for point in self.client.retrieve(self.collection, ids=keys[start : start + _BATCH], with_payload=False,
-                                              with_vectors=True):
+        for start in range(0, len(keys), _BATCH * 4):
+            for point in self.client.retrieve(self.collection, ids=keys[start : start + _BATCH * 4],
+                                              with_payload=False, with_vectors=True):
                 row = where[int(point.id)]
                 out[row] = point.vector[_LEVEL_VECTOR[Level(int(levels[row]))]]
         return out
@@ -405,14 +405,15 @@ def _points(record: ImageRecord, tree: RegionTree, vectors: np.ndarray, models: 
 
 
 def _snapshot(dim: int, records: list[ImageRecord], trees: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-              vectors: list[np.ndarray]) -> Snapshot:
-    """A snapshot of just these images (``trees``: (levels, parents, boxes) each, parents within the image)."""
+              vectors: np.ndarray) -> Snapshot:
+    """A snapshot of just these images (``trees``: (levels, parents, boxes) each, parents within the image;
+    ``vectors``: their rows, image after image)."""
     if not records:
         return Snapshot.empty(dim)
     sizes = np.array([len(levels) for levels, _, _ in trees], np.int64)
     offsets = np.repeat(np.r_[0, np.cumsum(sizes)[:-1]], sizes)
     parents = np.concatenate([p for _, p, _ in trees])
-    return Snapshot({r.image_id: r for r in records}, np.concatenate(vectors),
+    return Snapshot({r.image_id: r for r in records}, vectors,
                     np.repeat(np.array([r.image_id for r in records], np.int64), sizes),
                     np.concatenate([lv for lv, _, _ in trees]).astype(np.int8),
                     np.where(parents >= 0, parents + offsets, -1), np.concatenate([b for _, _, b in trees]))
