@@ -13,6 +13,12 @@ and how much of that work they skip:
 ============  ===========================================================
 
 The compute meter counts query-vector x region-vector inner products.
+
+This module is the only place that scores, whatever holds the regions: a store
+(:class:`himir_rag.store.base.ImageStore`) finds candidates per level and hands over the
+candidates' region vectors (or every image's, block by block, for the exhaustive modes),
+and :func:`rank` -- every search's entry point -- scores them here, so a mode ranks and
+counts alike on the in-memory/FAISS store and on Qdrant.
 """
 
 from __future__ import annotations
