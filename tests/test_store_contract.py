@@ -345,3 +345,18 @@ def test_memory_store_scores_as_score_exhaustive(tmp_path):
     scored = score_exhaustive(store.snapshot, q, levels=MODE_LEVELS[RetrievalMode.HIMIR_FULL])
     got = rank(store, q, mode="himir-full", k=5, stats=SearchStats("himir-full"))
     assert got.image_ids.tolist() == scored.image_ids[top_k(scored.scores, 5)].tolist()
+
+
+def test_qdrant_collection_of_the_old_layout_is_refused():
+    pytest.importorskip("qdrant_client")
+    from qdrant_client import QdrantClient, models
+
+    from himir_rag.errors import IncompatibleIndexError
+    from himir_rag.store.qdrant import QdrantImageStore
+
+    client = QdrantClient(location=":memory:")
+    client.create_collection("old", vectors_config={"full": models.VectorParams(
+        size=DIM, distance=models.Distance.DOT, multivector_config=models.MultiVectorConfig(
+            comparator=models.MultiVectorComparator.MAX_SIM))})
+    with pytest.raises(IncompatibleIndexError, match="older himir-rag.*rebuild the index"):
+        QdrantImageStore("old", dim=DIM, client=client)
