@@ -947,8 +947,9 @@ class HiMIRIndex:
         allowed = _FILTER_CACHE.get(snapshot, filters, _allowed_ids)
         ranking = rank(self.image_store, vectors, mode=mode, k=k, params=self.config.scheduler_params, stats=stats,
                        allowed=allowed, filters=filters if isinstance(filters, Mapping) else None)
+        # an external store may hold photos another process added since this catalog was read: not shown
         hits = _finite_hits(_hit(snapshot.images[int(image_id)], ranking, i, labels)
-                            for i, image_id in enumerate(ranking.image_ids))
+                            for i, image_id in enumerate(ranking.image_ids) if int(image_id) in snapshot.images)
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
         return SearchResult(query, tuple(subs), hits, stats)
