@@ -360,3 +360,34 @@ def test_qdrant_collection_of_the_old_layout_is_refused():
             comparator=models.MultiVectorComparator.MAX_SIM))})
     with pytest.raises(IncompatibleIndexError, match="older himir-rag.*rebuild the index"):
         QdrantImageStore("old", dim=DIM, client=client)
+
+
+def test_himir_tune_on_a_qdrant_index_scores_its_regions(tmp_path):
+    """``himir tune`` on a Qdrant index: the baselines and trials score the collection's regions (before the
+    store contract it tuned against a snapshot of records only: every count was 0)."""
+    pytest.importorskip("qdrant_client")
+    import json
+
+    from typer.testing import CliRunner
+
+    from himir_rag.cli import app
+    from himir_rag.demo import write_demo_photos
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in write_demo_photos(tmp_path / "all"):
+        if path.stem in ("cat", "coffee", "motorcycle"):
+            (photos / path.name).write_bytes(path.read_bytes())
+    index_dir = tmp_path / "idx"
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", str(photos), "--index", str(index_dir), "--store", "qdrant",
+                                 "--qdrant-path", str(index_dir / "qdrant"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "q.jsonl").write_text('{"id": 1, "query": "a cat"}\n{"id": 2, "query": "a cup of coffee"}\n')
+    result = runner.invoke(app, ["tune", str(index_dir), "--queries", str(tmp_path / "q.jsonl"), "-k", "1",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["baselines"]["himir-full"]["accuracy"] == 1.0
+    assert report["baselines"]["mvr"]["dot_products"] > report["chosen"]["dot_products"] > 0
+    assert HiMIRIndex.read_manifest(index_dir)["autoconfig"]["source"] == "tune"
