@@ -312,7 +312,7 @@ def rank(store: ImageStore, queries: np.ndarray, *, mode: str | RetrievalMode, k
                                           stats=stats)
         return Ranking.of(snapshot, scored, top_k(scored.scores, k))
     parts, scored_images = [], 0
-    for view in store.scan(allowed):
+    for view in store.scan(allowed, levels=MODE_LEVELS[mode]):
         scored = score_exhaustive(view.snapshot, queries, levels=MODE_LEVELS[mode], allowed=view.positions)
         stats.dot_products += scored.dot_products
         scored_images += len(scored.image_ids)

@@ -391,3 +391,18 @@ def test_himir_tune_on_a_qdrant_index_scores_its_regions(tmp_path):
     assert report["baselines"]["himir-full"]["accuracy"] == 1.0
     assert report["baselines"]["mvr"]["dot_products"] > report["chosen"]["dot_products"] > 0
     assert HiMIRIndex.read_manifest(index_dir)["autoconfig"]["source"] == "tune"
+
+
+def test_qdrant_exhaustive_modes_fetch_only_the_levels_they_score(tmp_path):
+    pytest.importorskip("qdrant_client")
+    from qdrant_client import QdrantClient
+
+    from himir_rag.store.qdrant import QdrantImageStore
+
+    client = CountingClient(QdrantClient(location=":memory:"))
+    store = QdrantImageStore("levels", dim=DIM, client=client)
+    store.add_images(*synthetic(30))
+    for mode, rows_per_image in (("single", 1), ("mvr", 1 + 16), ("himir-full", 21)):
+        client.reset()
+        rank(store, queries(0)[:1] if mode == "single" else queries(0), mode=mode, k=5, stats=SearchStats(mode))
+        assert client.points["retrieve"] == 30 * (1 + rows_per_image), mode  # the trees, then the scored vectors

@@ -124,8 +124,12 @@ class ImageStore(Protocol):
         """The regions of ``image_ids`` (ids not stored are left out), in the store's order (see :meth:`scan`)."""
         ...
 
-    def scan(self, allowed: np.ndarray | None = None) -> Iterator[RegionView]:
-        """Every image (or the ``allowed`` ids) in blocks of whole images, in insertion (= ascending id) order."""
+    def scan(self, allowed: np.ndarray | None = None, *, levels: Any = None) -> Iterator[RegionView]:
+        """Every image (or the ``allowed`` ids) in blocks of whole images, in insertion (= ascending id) order.
+
+        ``levels`` (a tuple of :class:`Level`) are the levels the caller scores: a store may
+        leave the vectors of the other rows as zeros instead of fetching them.
+        """
         ...
 
     def describe(self) -> dict[str, Any]:

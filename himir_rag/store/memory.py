@@ -116,8 +116,8 @@ class MemoryStore:
         positions = self.snapshot.positions_of(np.asarray(image_ids, np.int64))
         return RegionView(self.snapshot, np.sort(positions[positions >= 0]))
 
-    def scan(self, allowed: np.ndarray | None = None) -> Iterator[RegionView]:
-        """One view: the whole snapshot (``allowed``: at those images' positions)."""
+    def scan(self, allowed: np.ndarray | None = None, *, levels: Any = None) -> Iterator[RegionView]:
+        """One view: the whole snapshot (``allowed``: at those images' positions; every level is in memory)."""
         yield RegionView(self.snapshot) if allowed is None else self.vectors(allowed)
 
     def describe(self) -> dict[str, Any]:

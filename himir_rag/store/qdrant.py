@@ -347,21 +347,24 @@ class QdrantImageStore:
         return models.Filter(must=[models.FieldCondition(key="image_id",
                                                          match=models.MatchAny(any=[int(i) for i in allowed]))])
 
-    def vectors(self, image_ids: np.ndarray) -> RegionView:
+    def vectors(self, image_ids: np.ndarray, *, levels: Sequence[Level] | None = None) -> RegionView:
         """The regions of the stored ones of ``image_ids``: a snapshot of just those images, by ascending id.
 
-        Two retrieves by point id per batch (the global views' trees, then every region's
-        vector): work in proportion to ``image_ids``, not to the collection.
+        Two retrieves by point id per batch (the global views' trees, then the regions'
+        vectors): work in proportion to ``image_ids``, not to the collection. With
+        ``levels``, only those levels' vectors are fetched; the other rows hold zeros.
         """
         ids = np.unique(np.asarray(image_ids, np.int64))
         trees = self._trees(ids, with_records=True)
         found = sorted(trees)
         records = [trees[i][3] for i in found]
         tree_list = [trees[i][:3] for i in found]
-        keys = [region_keys(np.full(len(levels), image_id), np.arange(len(levels)))
-                for image_id, (levels, _, _) in zip(found, tree_list)]
-        levels = np.concatenate([levels for levels, _, _ in tree_list]) if found else np.zeros(0, np.int8)
-        vectors = self._region_vectors(np.concatenate(keys).tolist() if keys else [], levels)
+        keys = np.concatenate([region_keys(np.full(len(lv), image_id), np.arange(len(lv)))
+                               for image_id, (lv, _, _) in zip(found, tree_list)]) if found else np.zeros(0, np.int64)
+        row_levels = np.concatenate([lv for lv, _, _ in tree_list]) if found else np.zeros(0, np.int8)
+        fetched = np.ones(len(keys), bool) if levels is None else np.isin(row_levels, [int(lv) for lv in levels])
+        vectors = np.zeros((len(keys), self.dim), np.float32)
+        vectors[fetched] = self._region_vectors(keys[fetched].tolist(), row_levels[fetched])
         return RegionView(_snapshot(self.dim, records, tree_list, vectors), None)
 
     def _region_vectors(self, keys: list[int], levels: np.ndarray) -> np.ndarray:
@@ -375,14 +378,16 @@ class QdrantImageStore:
                 out[row] = point.vector[_LEVEL_VECTOR[Level(int(levels[row]))]]
         return out
 
-    def scan(self, allowed: np.ndarray | None = None) -> Iterator[RegionView]:
-        """Every image (or the ``allowed`` ids) by ascending id, ``_SCAN_IMAGES`` images a block (exhaustive modes)."""
+    def scan(self, allowed: np.ndarray | None = None, *,
+             levels: Sequence[Level] | None = None) -> Iterator[RegionView]:
+        """Every image (or the ``allowed`` ids) by ascending id, ``_SCAN_IMAGES`` images a block (exhaustive
+        modes); with ``levels``, only those levels' vectors are fetched (``single``: one point a photo)."""
         if allowed is None:
             ids = [int(point.id) >> KEY_SHIFT for point in self._scroll_globals(False)]
         else:
             ids = np.sort(np.asarray(allowed, np.int64)).tolist()
         for start in range(0, len(ids), _SCAN_IMAGES):
-            yield self.vectors(np.asarray(ids[start : start + _SCAN_IMAGES], np.int64))
+            yield self.vectors(np.asarray(ids[start : start + _SCAN_IMAGES], np.int64), levels=levels)
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records to reopen this store."""
