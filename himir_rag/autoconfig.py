@@ -1,7 +1,9 @@
 """The tuner: scheduler parameters with the best accuracy under a compute or latency budget.
 
 Sub-queries are decomposed and encoded once; every trial re-runs only the scheduled
-pass on the same vectors, so a trial costs milliseconds per query. The target is
+pass on the same vectors, so a trial costs milliseconds per query. Every search goes
+through the index's store contract (``HiMIRIndex.image_store``, :func:`himir_rag.scheduler.rank`),
+so a Qdrant index is tuned on its own regions exactly as an in-memory one. The target is
 Recall@k against relevance labels when given, otherwise agreement (overlap@k) with the
 exhaustive ``himir-full`` ranking. The search is coordinate descent over a grid of
 values per parameter, starting from the current configuration.
@@ -24,7 +26,7 @@ import numpy as np
 
 from himir_rag.index import HiMIRIndex
 from himir_rag.modes import MODES, RetrievalMode, Scorer, reference_mode
-from himir_rag.scheduler import SchedulerParams, SearchStats, score_mode, top_k
+from himir_rag.scheduler import SchedulerParams, SearchStats, gather, rank
 
 __all__ = ["tune", "auto_tune", "apply", "apply_record", "TuneReport", "Trial", "SEARCH_SPACE", "AUTO_SEARCH_SPACE", "read_qrels"]
 
@@ -178,9 +180,11 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
 
     started = time.perf_counter()
     k = min(k, len(index))
-    drawn = probe_queries(index.snapshot, count=probes, seed=seed)
+    store = index.image_store
+    drawn = probe_queries(gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim), count=probes,
+                          seed=seed)
     vectors = [p.vectors for p in drawn]
-    full_top = [_reference_top(index, v, k) for v in vectors]
+    full_top = [set(_top(store, v, reference_mode(), k).tolist()) for v in vectors]
     workload = _Workload(vectors, [{p.source} for p in drawn], full_top)
     report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall-of-probe-sources", k=k,
                         budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(drawn))
@@ -246,7 +250,7 @@ def _workload(index: HiMIRIndex, queries: Sequence[str], relevant: Sequence[set[
             logger.warning("%d labelled images are not in the index and count as misses (e.g. %s)",
                            len(unknown), unknown[0])
     else:
-        reference = [_reference_top(index, vecs, k) for vecs in vectors]
+        reference = [set(_top(index.image_store, vecs, reference_mode(), k).tolist()) for vecs in vectors]
     return _Workload(vectors, reference)
 
 
@@ -256,22 +260,22 @@ def _accuracy(found: np.ndarray, reference: set[int]) -> float:
     return len(set(found.tolist()) & reference) / len(reference)
 
 
-def _reference_top(index: HiMIRIndex, vectors: np.ndarray, k: int) -> set[int]:
-    """Image ids of the reference mode's (``himir-full``'s) top-``k`` for one query's vectors."""
-    mode = reference_mode()
-    scored = score_mode(mode, index.snapshot, vectors, k=k, stats=SearchStats(mode=mode.value))
-    return set(scored.image_ids[top_k(scored.scores, k)].tolist())
+def _top(store: Any, queries: np.ndarray, mode: RetrievalMode, k: int, params: Any = None,
+         stats: SearchStats | None = None) -> np.ndarray:
+    """The top-``k`` image ids of ``mode`` on ``store`` (the index's store contract: every backend alike)."""
+    stats = stats if stats is not None else SearchStats(mode=mode.value)
+    return rank(store, queries, mode=mode, k=k, params=params, stats=stats).image_ids
 
 
 def _evaluate_exhaustive(index: HiMIRIndex, workload: _Workload, mode: RetrievalMode, k: int) -> Trial:
     """A baseline mode's accuracy and cost on the workload (an exhaustive mode: no parameters to tune)."""
     assert MODES[mode].scorer is Scorer.EXHAUSTIVE, mode
     found, cost, latency = [], [], []
+    store = index.image_store
     for vecs in workload.vectors:
         stats = SearchStats(mode=mode.value)
         tick = time.perf_counter()
-        scored = score_mode(mode, index.snapshot, vecs, k=k, stats=stats)
-        found.append(scored.image_ids[top_k(scored.scores, k)])
+        found.append(_top(store, vecs, mode, k, stats=stats))
         latency.append((time.perf_counter() - tick) * 1000)
         cost.append(stats.dot_products)
     return _trial({"mode": mode.value}, workload, found, cost, latency)
@@ -291,12 +295,11 @@ def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int,
             return trial
     parsed = SchedulerParams.from_dict(params)
     found, cost, latency = [], [], []
+    store = index.image_store
     for vecs in workload.vectors:
         stats = SearchStats(mode=RetrievalMode.HIMIR.value)
         tick = time.perf_counter()
-        scored = score_mode(RetrievalMode.HIMIR, index.snapshot, vecs, k=k, params=parsed, stats=stats,
-                            stores=index.candidate_stores)
-        found.append(scored.image_ids[top_k(scored.scores, k)])
+        found.append(_top(store, vecs, RetrievalMode.HIMIR, k, parsed, stats))
         latency.append((time.perf_counter() - tick) * 1000)
         cost.append(stats.dot_products)
     trial = _trial(params, workload, found, cost, latency)

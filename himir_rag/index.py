@@ -63,7 +63,7 @@ from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import FORMAT_VERSION
 from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
 from himir_rag.modes import MODES, RetrievalMode, parse_mode
-from himir_rag.scheduler import SchedulerParams, SearchStats, score_mode, top_k
+from himir_rag.scheduler import Ranking, SchedulerParams, SearchStats, rank
 from himir_rag.threads import limit_threads
 from himir_rag.thumbnails import ThumbnailStore
 
@@ -232,6 +232,17 @@ class HiMIRIndex:
 
             self._candidate_stores = CandidateStores(self.snapshot.dim, threads=self.config.search_threads)
         return self._candidate_stores
+
+    @property
+    def image_store(self) -> Any:
+        """The :class:`~himir_rag.store.base.ImageStore` searches and the tuner read: the external store
+        (Qdrant) when the index has one, else a :class:`~himir_rag.store.memory.MemoryStore` over the
+        snapshot and its candidate stores."""
+        if self.store is not None:
+            return self.store
+        from himir_rag.store.memory import MemoryStore
+
+        return MemoryStore(self.snapshot, self.candidate_stores)
 
     def sync_candidate_stores(self) -> None:
         """Bring the candidate stores up to date with the collection (incremental; done after add/delete)."""
@@ -718,7 +729,9 @@ class HiMIRIndex:
             self._dirty = self._dirty or bool(records or replaced)
             if self.store is not None:
                 self.store.delete_images(sorted(replaced))
-                self.store.add_images(records, trees, vectors)
+                # stored as the config's precision would keep them, so every store scores the same numbers
+                dtype = VECTOR_DTYPES[self.config.precision]
+                self.store.add_images(records, trees, [np.asarray(v, dtype).astype(np.float32) for v in vectors])
                 self._snapshot = self.snapshot.without_images(replaced).with_records(records)
                 return
             self._snapshot = self.snapshot.without_images(replaced).with_images(records, trees, vectors)
@@ -1021,41 +1034,16 @@ class HiMIRIndex:
         tick = time.perf_counter()
         if labels is None:  # one name per query vector, reported in each hit's regions
             labels = subs if MODES[mode].subqueries else [query]
-        if self.store is not None:
-            hits = self._search_store(vectors, labels, k=k, mode=mode, filters=filters, stats=stats)
-            stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
-            stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
-            return SearchResult(query, tuple(subs), hits, stats)
         snapshot = self.snapshot
-        allowed = _FILTER_CACHE.get(snapshot, filters, _allowed_positions)
-        scored = score_mode(MODES[mode], snapshot, vectors, k=k, allowed=allowed, params=self.config.scheduler_params,
-                            stats=stats, stores=self.candidate_stores)
-        hits = _finite_hits(_hit(snapshot, scored, pos, labels) for pos in top_k(scored.scores, k))
+        allowed = _FILTER_CACHE.get(snapshot, filters, _allowed_ids)
+        ranking = rank(self.image_store, vectors, mode=mode, k=k, params=self.config.scheduler_params, stats=stats,
+                       allowed=allowed, filters=filters if isinstance(filters, Mapping) else None)
+        # an external store may hold photos another process added since this catalog was read: not shown
+        hits = _finite_hits(_hit(snapshot.images[int(image_id)], ranking, i, labels)
+                            for i, image_id in enumerate(ranking.image_ids) if int(image_id) in snapshot.images)
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
         return SearchResult(query, tuple(subs), hits, stats)
-
-    def _search_store(self, vectors: np.ndarray, labels: list[str], *, k: int, mode: RetrievalMode,
-                      filters: Filters, stats: SearchStats) -> tuple[SearchHit, ...]:
-        """Search an external store (Qdrant); its work counters go into ``stats``."""
-        candidate_k = int(self.config.scheduler_params.candidate_k)
-        image_ids = None
-        if filters is not None and not self.store.pushes_down(filters):  # runs here on the catalog, sent as ids
-            image_ids = _FILTER_CACHE.get(self.snapshot, filters, _allowed_ids).tolist()
-            filters = None
-        found, work = self.store.search(vectors, mode=mode.value, k=k, filters=filters, image_ids=image_ids,
-                                        candidate_k=max(candidate_k, 0))
-        stats.dot_products += sum(work.values())
-        stats.images_scored = len(self)
-        stats.extra.update(work)
-        hits = []
-        for item in found:
-            record = self.snapshot.images.get(item["record"].image_id) or item["record"]  # with its relpath
-            regions = tuple(RegionMatch(label, Level(int(level)).name.lower(), tuple(int(v) for v in box), float(sim))
-                            for label, level, box, sim in zip(labels, item["levels"], item["boxes"], item["best"]))
-            hits.append(SearchHit(record.image_id, record.key, record.path, item["score"], dict(record.metadata),
-                                  regions, record.width, record.height, record.relpath))  # type: ignore[arg-type]
-        return _finite_hits(hits)
 
     # -- photos on disk: containment, thumbnails, relocation, framework retrievers -------------
     def image_file(self, image_id: int) -> tuple[Path, str] | None:
@@ -1641,20 +1629,11 @@ class _FilterCache:
 _FILTER_CACHE = _FilterCache()
 
 
-def _allowed_positions(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
-    """Sorted image positions whose filter view passes ``filters`` (None = all); see :mod:`himir_rag.filters`."""
-    if filters is None:
-        return None
-    allowed = np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
-    positions = snapshot.positions_of(allowed)
-    return np.sort(positions[positions >= 0])
-
-
 def _allowed_ids(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
-    """Ids of the images (catalog order) whose filter view passes ``filters`` (None = all)."""
+    """Sorted ids of the images whose filter view passes ``filters`` (None = all)."""
     if filters is None:
         return None
-    return np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64)
+    return np.sort(np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64))
 
 
 def _tuned_params_in_use(config: HiMIRConfig, params: Any) -> bool:
@@ -1692,14 +1671,14 @@ def _unscaled(hits: tuple[SearchHit, ...], scales: np.ndarray) -> tuple[SearchHi
         for hit in hits)
 
 
-def _hit(snapshot: Snapshot, scored: Any, pos: int, labels: list[str]) -> SearchHit:
-    record = snapshot.images[int(scored.image_ids[pos])]
+def _hit(record: ImageRecord, ranking: Ranking, pos: int, labels: list[str]) -> SearchHit:
+    """The hit at ``pos`` of ``ranking``, for the image ``record``."""
     regions = tuple(
-        RegionMatch(label, Level(int(snapshot.levels[row])).name.lower(),
-                    tuple(int(v) for v in snapshot.boxes[row]), float(scored.best[s, pos]))  # type: ignore[arg-type]
-        for s, (label, row) in enumerate(zip(labels, scored.best_rows[:, pos]))
+        RegionMatch(label, Level(int(ranking.levels[s, pos])).name.lower(),
+                    tuple(int(v) for v in ranking.boxes[s, pos]), float(ranking.best[s, pos]))  # type: ignore[arg-type]
+        for s, label in enumerate(labels)
     )
-    return SearchHit(record.image_id, record.key, record.path, float(scored.scores[pos]), dict(record.metadata),
+    return SearchHit(record.image_id, record.key, record.path, float(ranking.scores[pos]), dict(record.metadata),
                      regions, record.width, record.height, record.relpath)
 
 

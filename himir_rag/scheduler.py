@@ -8,6 +8,12 @@ and how much of that work they skip: :data:`himir_rag.modes.MODES` says which, a
 pruning pass, :func:`scheduled_search`).
 
 The compute meter counts query-vector x region-vector inner products.
+
+This module is the only place that scores, whatever holds the regions: a store
+(:class:`himir_rag.store.base.ImageStore`) finds candidates per level and hands over the
+candidates' region vectors (or every image's, block by block, for the exhaustive modes),
+and :func:`rank` -- every search's entry point -- scores them here, so a mode ranks and
+counts alike on the in-memory/FAISS store and on Qdrant.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from himir_rag.catalog import Snapshot
 from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import Level
 from himir_rag.modes import MODE_LEVELS, MODES, ModeSpec, RetrievalMode, Scorer, parse_mode
+from himir_rag.store.base import KEY_SHIFT, Candidates, ImageStore, RegionView, locate
 from himir_rag.store.faiss import FLAT_MAX, PQ_MIN
 
 __all__ = [
     "RetrievalMode", "MaxSimScores", "SearchStats", "SchedulerParams", "maxsim", "segment_max", "score_exhaustive",
-    "scheduled_search", "score_mode", "parse_mode", "top_k", "MODE_LEVELS", "default_stores",
+    "scheduled_search", "scheduled_pass", "score_mode", "rank", "Ranking", "gather", "parse_mode", "top_k",
+    "MODE_LEVELS", "default_stores",
 ]
 
 
@@ -203,6 +211,86 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return part[np.lexsort((part, -scores[part]))]
 
 
+# -- ranking over a store: the one entry point every caller and every store goes through ---------
+@dataclass(frozen=True)
+class Ranking:
+    """The top images of one search, best first, with each sub-query's best region.
+
+    Attributes
+    ----------
+    image_ids, scores : np.ndarray
+        (n,) int64 and float32.
+    best : np.ndarray
+        (s, n) float32 best similarity per sub-query.
+    levels, boxes : np.ndarray
+        (s, n) int8 level and (s, n, 4) int32 box of that best region.
+    """
+
+    image_ids: np.ndarray
+    scores: np.ndarray
+    best: np.ndarray
+    levels: np.ndarray
+    boxes: np.ndarray
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, scored: MaxSimScores, picks: np.ndarray) -> Ranking:
+        """The images at ``picks`` (indices into ``scored``), in that order; rows read from ``snapshot``."""
+        rows = scored.best_rows[:, picks]
+        return cls(scored.image_ids[picks], scored.scores[picks].astype(np.float32), scored.best[:, picks],
+                   snapshot.levels[rows], snapshot.boxes[rows])
+
+    def take(self, picks: np.ndarray) -> Ranking:
+        return Ranking(self.image_ids[picks], self.scores[picks], self.best[:, picks], self.levels[:, picks],
+                       self.boxes[:, picks])
+
+    @staticmethod
+    def concat(parts: list[Ranking], n_queries: int) -> Ranking:
+        if not parts:
+            return Ranking(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((n_queries, 0), np.float32),
+                           np.zeros((n_queries, 0), np.int8), np.zeros((n_queries, 0, 4), np.int32))
+        return Ranking(*(np.concatenate([getattr(p, name) for p in parts], axis=axis) for name, axis in
+                         (("image_ids", 0), ("scores", 0), ("best", 1), ("levels", 1), ("boxes", 1))))
+
+
+def rank(store: ImageStore, queries: np.ndarray, *, mode: str | RetrievalMode, k: int,
+         params: dict[str, Any] | SchedulerParams | None = None, stats: SearchStats,
+         allowed: np.ndarray | None = None, filters: Any = None) -> Ranking:
+    """The top ``k`` images of ``store`` for (s, dim) ``queries`` in ``mode``; its cost goes into ``stats``.
+
+    ``himir`` runs :func:`scheduled_pass`; the exhaustive modes score every allowed image
+    with :func:`score_exhaustive`, block by block as the store hands them over
+    (:meth:`ImageStore.scan`), keeping each block's top ``k``. Ties are broken by the
+    store's image order (insertion order, i.e. ascending image id), on every store.
+
+    Parameters
+    ----------
+    allowed : np.ndarray, optional
+        Sorted image ids a metadata filter allows (None = all).
+    filters : mapping, optional
+        The filter ``allowed`` came from (a store that applies filters pushes it down).
+
+    Example
+    -------
+    >>> from himir_rag.store.memory import MemoryStore
+    >>> rank(MemoryStore(snapshot), queries, mode="himir", k=5, stats=SearchStats("himir"))  # doctest: +SKIP
+    """
+    spec = MODES[parse_mode(mode)]
+    queries = np.asarray(queries, dtype=np.float32)
+    if spec.scorer is Scorer.SCHEDULED:
+        snapshot, scored = scheduled_pass(store, queries, k=k, allowed=allowed, filters=filters, params=params,
+                                          stats=stats)
+        return Ranking.of(snapshot, scored, top_k(scored.scores, k))
+    parts, scored_images = [], 0
+    for view in store.scan(allowed, levels=spec.levels):
+        scored = score_exhaustive(view.snapshot, queries, levels=spec.levels, allowed=view.positions)
+        stats.dot_products += scored.dot_products
+        scored_images += len(scored.image_ids)
+        parts.append(Ranking.of(view.snapshot, scored, np.sort(top_k(scored.scores, k))))  # in store order
+    stats.images_scored = scored_images
+    merged = Ranking.concat(parts, len(queries))
+    return merged.take(top_k(merged.scores, k))
+
+
 # -- the scheduled pruning pass ----------------------------------------------------------------
 @dataclass(frozen=True)
 class SchedulerParams:
@@ -333,9 +421,25 @@ class SchedulerParams:
 def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.ndarray | None = None,
                      params: dict[str, Any] | SchedulerParams | None = None, stats: SearchStats,
                      stores: Any = None) -> MaxSimScores:
-    """HiMIR's scheduled pruning pass over the 1+M+N hierarchy.
+    """:func:`scheduled_pass` over a snapshot in memory (``allowed``: sorted image positions).
 
-    1. candidate generation: ANN search of the candidate levels, per sub-query;
+    ``stores`` are the index's candidate stores (default: stores cached on the snapshot).
+    The returned rows are rows of ``snapshot``.
+    """
+    from himir_rag.store.memory import MemoryStore
+
+    store = MemoryStore(snapshot, stores if stores is not None else default_stores(snapshot))
+    ids = None if allowed is None else np.sort(snapshot.image_ids[np.asarray(allowed, np.int64)])
+    return scheduled_pass(store, queries, k=k, allowed=ids, params=params, stats=stats)[1]
+
+
+def scheduled_pass(store: ImageStore, queries: np.ndarray, *, k: int, allowed: np.ndarray | None = None,
+                   filters: Any = None, params: dict[str, Any] | SchedulerParams | None = None,
+                   stats: SearchStats) -> tuple[Snapshot, MaxSimScores]:
+    """HiMIR's scheduled pruning pass over the 1+M+N hierarchy, on any image store.
+
+    1. candidate generation: the store's search of the candidate levels, per sub-query;
+       the candidates' region vectors are then read from the store;
     2. exact coarse MaxSim (global view, then regions) of the candidates;
     3. cross-hierarchy consistency: if the global-only and the coarse top-k agree with a
        clear margin, the fine level is skipped (hierarchy-depth skipping);
@@ -345,26 +449,32 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
        top-k (two rounds: the first k images by upper bound set the threshold, the rest
        are pruned against it).
 
-    Nothing here is proportional to the collection: candidates are found by the stores,
-    then only their rows are touched (through the snapshot's cached offsets).
+    Nothing here is proportional to the collection: candidates are found by the store,
+    then only their rows are touched.
 
     Parameters
     ----------
+    store : ImageStore
+        Where the regions live (:mod:`himir_rag.store.base`).
     queries : np.ndarray
         (s, dim) sub-query vectors.
     allowed : np.ndarray, optional
-        Sorted image positions allowed by the metadata filter (None = all).
-    stores : CandidateStores, optional
-        The index's candidate stores; default: stores cached on the snapshot.
+        Sorted image ids allowed by the metadata filter (None = all).
+    filters : mapping, optional
+        The filter ``allowed`` came from, for a store that applies it itself.
 
     Returns
     -------
-    MaxSimScores
+    snapshot : Snapshot
+        The candidates' regions (the rows of the scores index it).
+    scored : MaxSimScores
         Scores of the candidate images (pruned images keep their coarse lower bound).
     """
     p = SchedulerParams.from_dict(params)
     queries = np.asarray(queries, dtype=np.float32)
-    positions, caps = _candidates(snapshot, queries, k=k, allowed=allowed, params=p, stats=stats, stores=stores)
+    view, caps = _candidates(store, queries, k=k, allowed=allowed, filters=filters, params=p, stats=stats)
+    snapshot = view.snapshot
+    positions = np.arange(len(snapshot), dtype=np.int64) if view.positions is None else view.positions
     rows = snapshot.rows_of(positions)
     row_levels = snapshot.levels[rows]
     coarse_rows = rows[row_levels <= Level.REGION]
@@ -377,14 +487,14 @@ def scheduled_search(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed
     stats.extra.update(levels_skipped=0, images_descended=0, images_pruned=0, segments_visited=0)
     if _consistent(on_global, coarse, k=k, params=p):
         stats.extra["levels_skipped"] = 1
-        return coarse
+        return snapshot, coarse
     counts = snapshot.image_starts[positions + 1] - snapshot.image_starts[positions]
     owner = np.repeat(np.arange(len(positions)), counts)  # candidate index of each row
     is_segment = row_levels == Level.SEGMENT
     segments = (rows[is_segment], owner[is_segment])
     cap = None if caps is None else _segment_caps(positions, *caps)
-    return _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims, coarse_vectors), segments, k=k, params=p,
-                    stats=stats, cap=cap)
+    return snapshot, _descend(snapshot, queries, coarse, (coarse_rows, coarse_sims, coarse_vectors), segments, k=k,
+                              params=p, stats=stats, cap=cap)
 
 
 def score_mode(mode: ModeSpec | RetrievalMode | str, snapshot: Snapshot, queries: np.ndarray, *, k: int,
@@ -440,63 +550,100 @@ def _coarse_scores(snapshot: Snapshot, rows: np.ndarray, sims: np.ndarray) -> tu
     return on_global, coarse
 
 
-def _candidates(snapshot: Snapshot, queries: np.ndarray, *, k: int, allowed: np.ndarray | None,
-                params: SchedulerParams, stats: SearchStats, stores: Any) -> tuple[np.ndarray, Any]:
-    """Sorted image positions worth scoring, from ANN hits at the candidate levels.
+def _candidates(store: ImageStore, queries: np.ndarray, *, k: int, allowed: np.ndarray | None, filters: Any,
+                params: SchedulerParams, stats: SearchStats) -> tuple[RegionView, Any]:
+    """The regions of the images worth scoring, from the store's hits at the candidate levels.
 
     Also returns, when ``ann_bound`` is on, the segment level's hits as ``(exact scores,
-    image positions, rows, level below which nothing was returned)`` (else None): see
-    :func:`_segment_caps`.
+    image positions, rows, level below which nothing was returned)`` in the returned
+    view's snapshot (else None): see :func:`_segment_caps`.
     """
-    n_allowed = len(snapshot) if allowed is None else len(allowed)
-    every = (lambda: np.arange(len(snapshot), dtype=np.int64)) if allowed is None else (lambda: allowed)
+    n_allowed = len(store) if allowed is None else len(allowed)
     want = params.candidate_k or max(2 * k, 16)
     stats.extra["candidate_dot_products"] = 0
+    stats.extra["candidates"] = n_allowed
     if params.candidate_k < 0 or n_allowed <= want:
-        stats.extra["candidates"] = n_allowed
-        return every(), None
-    stores = stores if stores is not None else default_stores(snapshot)
-    counts = snapshot.level_counts()
-    plan = []
-    for level in (Level[name.upper()] for name in params.candidate_levels):
-        n_level = counts[level.name.lower()]
-        kind = stores.kind_for(n_level, index_kind=params.index_kind, flat_max=params.flat_max, pq_min=params.pq_min)
-        cost = stores.estimate_cost(kind, n_level, probe_share=params.probe_share, nprobe=params.nprobe)
-        plan.append((level, n_level, cost, params.pq_refine if kind == "ivfpq" else 1))
-    share = n_allowed / max(len(snapshot), 1)
-    cheaper_to_score_all = sum(cost for _, _, cost, _ in plan) >= (counts["global"] + counts["region"]) * share
-    if params.index_kind == "auto" and cheaper_to_score_all:
-        stats.extra["candidates"] = n_allowed  # small collection: scoring everything is cheaper
-        return every(), None
-    stores.sync(snapshot, [level for level, *_ in plan], index_kind=params.index_kind, flat_max=params.flat_max,
-                pq_min=params.pq_min)
-    # a metadata filter hides images from the stores: fetch more hits, in proportion to what is hidden
-    fetch = int(want / max(share, 1e-9))
-    found, spent, caps = [], 0, None
-    for level, n_level, _, refine in plan:
-        scores, keys, cost, exact_scores = stores.search(level, queries, min(fetch * refine, max(n_level, 1)),
-                                                         probe_share=params.probe_share, nprobe=params.nprobe)
-        hit_positions, hit_rows = stores.locate(snapshot, keys)
-        valid = hit_rows >= 0
-        found.append(hit_positions[valid])
+        return _every(store, allowed), None
+    levels = [Level[name.upper()] for name in params.candidate_levels]
+    share = n_allowed / max(len(store), 1)
+    if store.in_memory and params.index_kind == "auto":
+        counts = store.level_counts()
+        if sum(store.candidate_cost(level, params) for level in levels) >= (counts["global"] + counts["region"]) * share:
+            return _every(store, allowed), None  # small collection: scoring everything is cheaper
+    # a metadata filter the store cannot apply hides images from it: fetch more hits, in proportion
+    fetch = want if store.applies_filters else int(want / max(share, 1e-9))
+    found, spent, segment_hits = [], 0, None
+    for level in levels:
+        hits = store.candidates(queries, level, fetch, params=params, allowed=allowed, filters=filters)
+        found.append(hits.keys[hits.keys >= 0] >> KEY_SHIFT)
         if level is Level.SEGMENT and params.ann_bound:  # only these hits' scores are used
-            # below the last hit: what a segment the search did not return can score at most
-            last = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), np.inf)
-            if not exact_scores:  # PQ estimates: one exact dot product a hit makes them exact
-                estimates, scores = scores, _exact_hit_scores(snapshot, queries, hit_rows)
-                cost += int(valid.sum())
-                last = last + _estimate_error(scores, estimates, valid, params.pq_error_quantile)
-            caps = (scores, hit_positions, hit_rows, last.astype(np.float32))
-        spent += cost
+            segment_hits = hits
+        spent += hits.dot_products
+    ids = np.unique(np.concatenate(found))
+    if allowed is not None:
+        ids = ids[np.isin(ids, allowed, assume_unique=True)]
+    view = store.vectors(ids)
+    if _view_size(view) < k:  # too few left after the filter: every allowed image is a candidate
+        view = _every(store, allowed)
+    else:
+        stats.extra["candidates"] = _view_size(view)
+    caps = None
+    if segment_hits is not None:
+        caps, rescored = _hit_caps(view.snapshot, queries, segment_hits, params)
+        spent += rescored
     stats.dot_products += spent
     stats.extra["candidate_dot_products"] = spent
-    positions = np.unique(np.concatenate(found))
-    if allowed is not None:
-        positions = positions[np.isin(positions, allowed, assume_unique=True)]
-    if len(positions) < k:  # too few left after the filter: every allowed image is a candidate
-        positions = every()
-    stats.extra["candidates"] = len(positions)
-    return positions, caps
+    return view, caps
+
+
+def _hit_caps(snapshot: Snapshot, queries: np.ndarray, hits: Candidates,
+              params: SchedulerParams) -> tuple[tuple[np.ndarray, ...], int]:
+    """The segment hits located in ``snapshot`` with the score below which nothing was returned
+    (see :func:`_segment_caps`), and the dot products spent making estimated scores exact."""
+    scores = hits.scores
+    hit_positions, hit_rows = locate(snapshot, hits.keys)
+    valid = hit_rows >= 0
+    last = np.where(valid.any(axis=1), np.where(valid, scores, np.inf).min(axis=1), np.inf)
+    spent = 0
+    if not hits.exact:  # PQ estimates: one exact dot product a hit makes them exact
+        estimates, scores = scores, _exact_hit_scores(snapshot, queries, hit_rows)
+        spent = int(valid.sum())
+        last = last + _estimate_error(scores, estimates, valid, params.pq_error_quantile)
+    return (scores, hit_positions, hit_rows, last.astype(np.float32)), spent
+
+
+def _view_size(view: RegionView) -> int:
+    return len(view.snapshot) if view.positions is None else len(view.positions)
+
+
+def _every(store: ImageStore, allowed: np.ndarray | None) -> RegionView:
+    """Every allowed image's regions, as one view."""
+    views = list(store.scan(allowed))
+    return views[0] if len(views) == 1 else RegionView(gather([(v.snapshot, v.positions) for v in views],
+                                                              dim=store.dim))
+
+
+def gather(parts: list[tuple[Snapshot, np.ndarray | None]], *, dim: int) -> Snapshot:
+    """One snapshot of the images at ``positions`` (None = all) of each snapshot, in that order
+    (a single whole snapshot is returned as it is, not copied)."""
+    if not parts:
+        return Snapshot.empty(dim)
+    if len(parts) == 1 and parts[0][1] is None:
+        return parts[0][0]
+    images, arrays = {}, {name: [] for name in ("vectors", "region_image", "levels", "parents", "boxes")}
+    offset = 0
+    for snapshot, positions in parts:
+        positions = np.arange(len(snapshot)) if positions is None else np.asarray(positions, np.int64)
+        rows = snapshot.rows_of(positions)
+        sizes = snapshot.image_starts[positions + 1] - snapshot.image_starts[positions]
+        shift = np.repeat(offset + np.r_[0, np.cumsum(sizes)[:-1]] - snapshot.image_starts[positions], sizes)
+        parents = snapshot.parents[rows]
+        arrays["parents"].append(np.where(parents >= 0, parents + shift, -1))
+        for name in ("vectors", "region_image", "levels", "boxes"):
+            arrays[name].append(getattr(snapshot, name)[rows])
+        images.update({int(i): snapshot.images[int(i)] for i in snapshot.image_ids[positions]})
+        offset += len(rows)
+    return Snapshot(images, **{name: np.concatenate(values) for name, values in arrays.items()})
 
 
 def _estimate_error(exact: np.ndarray, estimates: np.ndarray, valid: np.ndarray, quantile: float) -> np.ndarray:

@@ -162,10 +162,10 @@ def test_layout_change_rebuilds_index(tiny_bench):
 def test_unavailable_mode_is_skipped_not_faked(tiny_bench, monkeypatch, caplog):
     import himir_rag.scheduler
 
-    def missing(*args, **kwargs):
-        raise NotImplementedError("scheduled_search is not in this build")
+    def missing(*args, **kwargs):  # the pass mode himir runs, as a core without it answers
+        raise NotImplementedError("scheduled_pass is not available")
 
-    monkeypatch.setattr(himir_rag.scheduler, "scheduled_search", missing)
+    monkeypatch.setattr(himir_rag.scheduler, "scheduled_pass", missing)
     report = _quick_run(tiny_bench, modes="mvr,himir", decomposer="oracle")
     assert list(report["modes"]) == ["mvr"] and "himir" in report["skipped_modes"]
     assert "not available" in caplog.text

@@ -33,7 +33,7 @@ def strict_json(line: str):
 @pytest.fixture
 def saved_index(scene_dir, tmp_path, monkeypatch) -> Path:
     """A small saved index whose encoder spec the CLI resolves to the colour encoder."""
-    import himir_rag.index
+    import himir_rag.scheduler
 
     monkeypatch.setattr(himir_rag.index, "get_encoder", lambda spec, device="cpu": ColorEncoder())
     target = tmp_path / "idx"
@@ -332,7 +332,7 @@ def test_rerun_with_new_metadata_updates_without_re_encoding(scene_dir, store_ki
 
 
 def test_himir_index_metadata_file_rerun_updates_unchanged_photos(scene_dir, tmp_path, monkeypatch):
-    import himir_rag.index
+    import himir_rag.scheduler
 
     encoder = ColorEncoder()
     monkeypatch.setattr(himir_rag.index, "get_encoder", lambda spec, device="cpu": encoder)

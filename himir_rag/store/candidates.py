@@ -40,6 +40,7 @@ import numpy as np
 
 from himir_rag.errors import IndexFormatError
 from himir_rag.hierarchy import Level
+from himir_rag.store.base import KEY_SHIFT, locate, region_keys
 from himir_rag.store.faiss import (FLAT_MAX, INDEX_KINDS, PQ_MIN, FaissStore, auto_index_kind, ivf_nlist,
                                    pq_subquantizers, search_cost, training_rows)
 
@@ -51,7 +52,6 @@ _ADD_BLOCK = 65_536  # rows converted to float32 and added per step (bounded tem
 _RETRAIN_GROWTH = 4.0
 DELTA_SHARE = 0.25  # a store is written whole again once its delta files hold this share of its base file
 MAX_DELTAS = 64  # ...or this many delta files
-KEY_SHIFT = 16  # region key = image id << KEY_SHIFT | the region's index within its image
 _FILE_PREFIX = "candidates-v2.level"  # v1 ("candidates.level") stored image ids: ignored, rebuilt on first search
 
 
@@ -167,26 +167,17 @@ class CandidateStores:
 
     @staticmethod
     def locate(snapshot, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image positions and rows in ``snapshot`` of region ``keys`` (any shape); -1 for padding
-        and for regions of images the snapshot does not hold."""
-        keys = np.asarray(keys, dtype=np.int64)
-        positions = snapshot.positions_of(np.where(keys >= 0, keys >> KEY_SHIFT, -1))
-        held = positions >= 0
-        safe = np.where(held, positions, 0)
-        starts = snapshot.image_starts[safe]
-        local = keys & ((1 << KEY_SHIFT) - 1)
-        held &= (keys >= 0) & (local < snapshot.image_starts[safe + 1] - starts)
-        return np.where(held, positions, -1), np.where(held, starts + local, -1)
+        """Image positions and rows in ``snapshot`` of region ``keys``: see :func:`himir_rag.store.base.locate`."""
+        return locate(snapshot, keys)
 
     def _region_keys(self, snapshot, rows: np.ndarray) -> np.ndarray:
         """Region keys of snapshot ``rows``."""
         images = snapshot.region_image[rows]
         local = rows - snapshot.image_starts[np.searchsorted(snapshot.image_starts, rows, side="right") - 1]
+        keys = region_keys(images, local)
         if len(local):
-            if int(local.max()) >= 1 << KEY_SHIFT:
-                raise ValueError(f"an image holds more than {1 << KEY_SHIFT} regions")
             self._span = max(self._span, int(local.max()) + 1)
-        return (images << KEY_SHIFT) | local
+        return keys
 
     def _keys_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Every region key the stores may hold for ``image_ids``."""
