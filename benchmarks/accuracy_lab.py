@@ -255,9 +255,12 @@ def probe_texts(encoder: OfflineEncoder, n: int, seed: int) -> np.ndarray:
 def sweep(lab: Lab, variants: list[str]) -> None:
     """One row per variant: ``emb=prompt|synonyms|templates|both``, ``top=N``, ``t=T``,
     ``cal=none|probe`` joined by ``+`` (e.g. ``emb=both+top=10+cal=probe``)."""
-    header = "| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding |"
+    header = ("| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding | "
+              "regions a photo | himir-full dots a query |")
     print(header)
-    print("|---" * 8 + "|")
+    print("|---" * 10 + "|")
+    per_photo = len(lab.levels) / lab.n_images
+    mean_subs = float(np.mean([len(subs) for subs in lab.subqueries]))
     cache: dict[str, np.ndarray] = {}
     for variant in variants:
         opts = dict(part.split("=") for part in variant.split("+") if part)
@@ -284,7 +287,8 @@ def sweep(lab: Lab, variants: list[str]) -> None:
         f = r["himir-full"]
         print(f"| {variant or 'baseline'} | {r['single']['recall@10']:.3f} | {r['mvr']['recall@10']:.3f} | "
               f"{f['recall@1']:.3f} | {f['recall@5']:.3f} | {f['recall@10']:.3f} | {f['ndcg@10']:.3f} | "
-              f"{r['grounding']['himir-full']:.3f} |", flush=True)
+              f"{r['grounding']['himir-full']:.3f} | {per_photo:.1f} | {per_photo * mean_subs * lab.n_images:,.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -93,19 +93,23 @@ def test_search_jsonl_mode(index_dir, tmp_path):
         for hit in line["results"]:
             assert set(hit) >= {"path", "score", "regions"}
             assert all(set(r) >= {"subquery", "level", "bbox", "score"} for r in hit["regions"])
-    assert Path(lines[0]["results"][0]["path"]).name == "cat.jpg"
+    # the cat photo, or the composed scene that holds it, comes first
+    assert Path(lines[0]["results"][0]["path"]).name in ("cat.jpg", "scene_cat_and_coffee.jpg")
+    assert "cat.jpg" in [Path(hit["path"]).name for hit in lines[0]["results"]]
     assert Path(lines[2]["results"][0]["path"]).name == "astronaut.jpg"
 
 
 @pytest.mark.parametrize(
     "query, expected",
-    [("a cat", "cat.jpg"), ("an astronaut", "astronaut.jpg"), ("a cup of espresso", "coffee.jpg"),
-     ("a red motorcycle", "motorcycle.jpg"), ("a daisy flower", "flower.jpg")],
+    # a photo holding the object; the composed scene_cat_and_coffee.jpg holds the cat photo too
+    [("a cat", ("cat.jpg", "scene_cat_and_coffee.jpg")), ("an astronaut", ("astronaut.jpg",)),
+     ("a cup of espresso", ("coffee.jpg",)), ("a red motorcycle", ("motorcycle.jpg",)),
+     ("a daisy flower", ("flower.jpg",))],
 )
 def test_end_to_end_real_photos_rank_right_photo_first(index_dir, query, expected):
     result = runner.invoke(app, ["search", str(index_dir), query, "-k", "1", "--json"])
     assert result.exit_code == 0, result.output
-    assert Path(json.loads(result.stdout)["results"][0]["path"]).name == expected
+    assert Path(json.loads(result.stdout)["results"][0]["path"]).name in expected
 
 
 def test_cli_errors_are_clear(index_dir, tmp_path):
