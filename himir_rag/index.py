@@ -1007,20 +1007,23 @@ class HiMIRIndex:
                            len(subs), limit, limit)
         return subs[:limit]
 
-    def _load_models(self, stats: SearchStats | None = None) -> None:
+    def _load_models(self, stats: SearchStats | None = None, *, text_only: bool = False) -> None:
         """Build and load the encoder's models if this is their first use, timed as ``load_models``
-        in ``stats`` (not as the first query's ``encode``)."""
-        if self._encoder is not None and getattr(self._encoder, "loaded", True):
+        in ``stats`` (not as the first query's ``encode``); ``text_only``: only what embedding
+        texts needs, where the encoder can load that alone (``load_text``)."""
+        if self._encoder is not None and getattr(self._encoder, "text_loaded" if text_only else "loaded",
+                                                 getattr(self._encoder, "loaded", True)):
             return
         tick = time.perf_counter()
         load = getattr(self.encoder, "load", None)  # the offline encoder loads lazily; CLIP when built
+        load = getattr(self.encoder, "load_text", load) if text_only else load
         if callable(load):
             load()
         if stats is not None:
             stats.latency_ms["load_models"] = (time.perf_counter() - tick) * 1000
 
     def _embed_queries(self, query: str, subs: list[str], mode: RetrievalMode, stats: SearchStats) -> np.ndarray:
-        self._load_models(stats)
+        self._load_models(stats, text_only=True)
         tick = time.perf_counter()
         with limit_threads(self.config.search_threads, torch=True):
             vectors = self.encoder.embed_texts(subs if MODES[mode].subqueries else [query])

@@ -153,6 +153,16 @@ class OfflineEncoder:
         """Load the classifier, the sentence model and the class-prompt embeddings now."""
         self._ensure_loaded()
 
+    @property
+    def text_loaded(self) -> bool:
+        """True once :meth:`embed_texts` needs nothing more to load."""
+        return self._sentence_model is not None
+
+    def load_text(self) -> None:
+        """Load only what :meth:`embed_texts` needs (the sentence model): a text query's cold start."""
+        if self._sentence_model is None:
+            self._sentence_model = _shared_sentence_model(self.device)
+
     def _ensure_loaded(self) -> None:
         if self._class_embeddings is None:
             self._classifier, self._sentence_model, self._class_embeddings = _shared_models(
@@ -167,7 +177,7 @@ class OfflineEncoder:
         Texts longer than the model's ``max_seq_length`` tokens (256) are truncated by
         sentence-transformers; a warning says so.
         """
-        self._ensure_loaded()
+        self.load_text()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         texts = list(texts)
@@ -345,7 +355,7 @@ _MODELS_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=4)
 def _cached_models(variant: str, device: str, class_texts: str) -> tuple[Any, Any, np.ndarray]:
-    sentence_model = _load_sentence_model(device)
+    sentence_model = _cached_sentence_model(device)
     classifier = _load_classifier(variant, device)
     groups = class_text_groups(class_texts)
     texts = [text for group in groups for text in group]
@@ -368,6 +378,17 @@ def sentence_model_key() -> str:
         return f"{_SENTENCE_MODEL}=={version(_SENTENCE_MODEL)}"
     except PackageNotFoundError:
         return _SENTENCE_MODEL
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_sentence_model(device: str) -> Any:
+    return _load_sentence_model(device)
+
+
+def _shared_sentence_model(device: str) -> Any:
+    """The sentence model alone, shared like :func:`_shared_models` (which reuses it)."""
+    with _MODELS_LOCK:
+        return _cached_sentence_model(device)
 
 
 def _shared_models(variant: str, device: str, class_texts: str) -> tuple[Any, Any, np.ndarray]:
