@@ -441,7 +441,7 @@ class HiMIRIndex:
             being re-encoded (``report.metadata_updated``).
         chunk_images : int
             Images decoded, encoded and committed together; ``on_chunk`` runs after each
-            (and the progress bar, in photos and photos/s, moves by that many).
+            (the progress bar, in photos and photos/s, moves photo by photo as they are encoded).
         checkpoint_dir : path-like, optional
             Save the index there (atomically, see :meth:`save`) whenever ``checkpoint_every``
             more files were processed, and once at the end. A run killed at any point
@@ -501,12 +501,17 @@ class HiMIRIndex:
         saved_at = done = 0
         every = None if checkpoint_dir is None else checkpoint_every
         bar = tqdm(total=len(paths), desc="indexing", unit="photo", disable=not progress)
+        shown = [0]  # photos of the current chunk the bar already moved for, as they were encoded
+
+        def moved(n: int) -> None:
+            bar.update(n)
+            shown[0] += n
         if ray_address is None:
             if paths:  # said on the bar: loading the models can take longer than the first photos
                 bar.set_description("loading models")
                 self._load_models()
                 bar.set_description("indexing")
-            batches = self._encode_locally(paths, metadata, report, chunk_images, every)
+            batches = self._encode_locally(paths, metadata, report, chunk_images, every, on_photos=moved)
         else:
             from himir_rag.distributed import encode_with_ray
 
@@ -514,7 +519,8 @@ class HiMIRIndex:
                                       chunk_images=min(chunk_images, every or chunk_images))
         for n_files, encoded in batches:
             self._commit(encoded, report)
-            bar.update(n_files)
+            bar.update(max(0, n_files - shown[0]))  # the chunk's unchanged, skipped or remote files
+            shown[0] = 0
             done += n_files
             if checkpoint_dir is not None and done - saved_at >= checkpoint_every:
                 self._record_skipped(report)
@@ -560,14 +566,14 @@ class HiMIRIndex:
         return True
 
     def _encode_locally(self, paths: list[tuple[Path, int | None]], metadata: MetadataSource, report: BuildReport,
-                        chunk_images: int, every: int | None
+                        chunk_images: int, every: int | None, on_photos: Callable[[int], None] | None = None
                         ) -> Iterator[tuple[int, list[tuple[PreparedPhoto, np.ndarray]]]]:
         """Decode and crop the next chunk in a worker thread while this one is encoded (chunks of at most
-        ``chunk_images`` files that end at every multiple of ``every``)."""
+        ``chunk_images`` files that end at every multiple of ``every``); ``on_photos(n)`` as photos are encoded."""
         with ThreadPoolExecutor(max_workers=1) as pool:
             for n_files, chunk in _prefetch(pool, _chunks(paths, chunk_images, every), self._prepare_chunk, metadata,
                                             report):
-                yield n_files, self._encode_chunk(chunk, report)
+                yield n_files, self._encode_chunk(chunk, report, on_photos)
 
     def _record_skipped(self, report: BuildReport) -> None:
         """Merge the report's skipped files into :attr:`skipped`; earlier entries indexed since are dropped."""
@@ -701,9 +707,10 @@ class HiMIRIndex:
                 prepared.append(photo)
         return len(chunk), prepared
 
-    def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport) -> list[tuple[PreparedPhoto, np.ndarray]]:
+    def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport,
+                      on_photos: Callable[[int], None] | None = None) -> list[tuple[PreparedPhoto, np.ndarray]]:
         encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size,
-                                         region_encoding=self.config.region_encoding)
+                                         region_encoding=self.config.region_encoding, on_photos=on_photos)
         report.crops_encoded += sum(len(item.tree) for item in chunk)
         report.skipped.extend(skipped)
         return encoded

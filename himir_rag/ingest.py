@@ -119,10 +119,16 @@ def prepare_or_skip(path: Path, replaces: int | None, metadata: MetadataSource, 
         return f"unexpected error ({type(exc).__name__}: {exc}); please report it"
 
 
-def encode_crops(crops: list[Image.Image], encoder: Encoder, *, batch_size: int) -> np.ndarray:
-    """(len(crops), dim) vectors of the crops, in batches of ``batch_size``."""
-    return np.concatenate([encoder.embed_images(crops[i : i + batch_size])
-                           for i in range(0, len(crops), batch_size)])
+def encode_crops(crops: list[Image.Image], encoder: Encoder, *, batch_size: int,
+                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """(len(crops), dim) vectors of the crops, in batches of ``batch_size``; ``on_batch(n)``
+    after each batch, with the number of crops encoded so far."""
+    parts = []
+    for i in range(0, len(crops), batch_size):
+        parts.append(encoder.embed_images(crops[i : i + batch_size]))
+        if on_batch is not None:
+            on_batch(min(i + batch_size, len(crops)))
+    return np.concatenate(parts)
 
 
 def view_boxes(tree: RegionTree, view_size: tuple[int, int]) -> np.ndarray:
@@ -149,10 +155,12 @@ def encode_views(views: Sequence[Image.Image], trees: Sequence[RegionTree], enco
 
 
 def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *, batch_size: int,
-                  region_encoding: str = "crops") -> tuple[list[tuple[PreparedPhoto, np.ndarray]],
-                                                           list[tuple[str, str]]]:
+                  region_encoding: str = "crops", on_photos: Callable[[int], None] | None = None
+                  ) -> tuple[list[tuple[PreparedPhoto, np.ndarray]], list[tuple[str, str]]]:
     """The regions of ``photos`` encoded together: their crops in batches of ``batch_size``, or with
-    ``region_encoding="roi"`` pooled from one pass over each photo's :attr:`PreparedPhoto.view`.
+    ``region_encoding="roi"`` pooled from one pass over each photo's :attr:`PreparedPhoto.view`
+    (``batch_size`` photos a call). ``on_photos(n)`` says each time ``n`` more photos are encoded
+    (a progress bar that moves photo by photo, not chunk by chunk).
 
     Returns
     -------
@@ -162,12 +170,27 @@ def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *, batch_size: 
         The others: NaN scores would follow them into every search.
     """
     if region_encoding == "roi":
-        vectors = encode_views([item.view for item in photos], [item.tree for item in photos], encoder)
         counts = [len(item.tree) for item in photos]
+        parts = []
+        for i in range(0, len(photos), batch_size):
+            group = photos[i : i + batch_size]
+            parts.append(encode_views([item.view for item in group], [item.tree for item in group], encoder))
+            if on_photos is not None:
+                on_photos(len(group))
+        vectors = np.concatenate(parts) if parts else None
     else:
         crops = [crop for item in photos for crop in item.crops]
-        vectors = encode_crops(crops, encoder, batch_size=batch_size) if crops else None
         counts = [len(item.crops) for item in photos]
+        ends = np.cumsum(counts)
+        done = [0]
+
+        def photos_done(n_crops: int) -> None:
+            finished = int(np.searchsorted(ends, n_crops, side="right"))
+            if on_photos is not None and finished > done[0]:
+                on_photos(finished - done[0])
+                done[0] = finished
+
+        vectors = encode_crops(crops, encoder, batch_size=batch_size, on_batch=photos_done) if crops else None
     if not photos or vectors is None:
         return [], []
     bounds = np.cumsum([0] + counts)

