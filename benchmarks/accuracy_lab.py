@@ -53,11 +53,11 @@ def _pad_box(box: tuple[int, int, int, int], size: tuple[int, int], pad: float) 
 
 
 def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str, decomposer: str,
-                 overlap: float) -> None:
+                 overlap: float, variant: str = "lite0") -> None:
     import torch
 
     torch.set_num_threads(1)
-    encoder = OfflineEncoder()
+    encoder = OfflineEncoder(variant=variant)
     encoder.load()
     classifier = encoder._classifier
     config = HiMIRConfig(layout=layout, decomposer=decomposer, region_overlap=overlap)
@@ -232,6 +232,7 @@ def main() -> None:
     c.add_argument("--layout", default="1+4+16")
     c.add_argument("--decomposer", default="grid")
     c.add_argument("--overlap", type=float, default=HiMIRConfig().region_overlap)
+    c.add_argument("--variant", default="lite0", help="classifier: lite0 (default) or lite2")
     s = sub.add_parser("score")
     s.add_argument("bench", type=Path)
     s.add_argument("--logits", type=Path, required=True)
@@ -239,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "cache":
         cache_logits(args.bench, args.out, pad=args.pad, batch=args.batch, layout=args.layout,
-                     decomposer=args.decomposer, overlap=args.overlap)
+                     decomposer=args.decomposer, overlap=args.overlap, variant=args.variant)
         return
     lab = Lab(args.bench, args.logits)
     sweep(lab, args.variants.split(","))
