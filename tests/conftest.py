@@ -65,6 +65,21 @@ class ColorEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+
+class RegionColorEncoder(ColorEncoder):
+    """The colour encoder with an ``embed_regions`` that crops: enough to exercise the roi plumbing
+    (``region_calls`` counts its calls: one per chunk of photos)."""
+
+    name = "test:color-regions"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.region_calls = 0
+
+    def embed_regions(self, images, boxes):
+        self.region_calls += 1
+        return self.embed_images([im.crop(tuple(int(v) for v in box)) for im, bs in zip(images, boxes) for box in bs])
+
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows of ``x`` L2-normalised, float32."""
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)

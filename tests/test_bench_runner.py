@@ -26,7 +26,7 @@ from himir_rag.bench.runner import (
 from himir_rag.bench.scale import build_synthetic_collection, run_scale_benchmark
 from himir_rag.errors import ConfigError
 from himir_rag.scheduler import RetrievalMode
-from tests.conftest import ColorEncoder, make_scene
+from tests.conftest import ColorEncoder, RegionColorEncoder, make_scene
 
 SIZE = (160, 120)
 _SQUARE_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -182,22 +182,8 @@ def test_index_dir_without_the_scenes_is_rejected(tiny_bench, tmp_path, scene_di
         _quick_run(tiny_bench, encoder=color_encoder, index_dir=tmp_path / "other")
 
 
-class _RegionColorEncoder(ColorEncoder):
-    """The colour encoder with an ``embed_regions`` (one call per chunk of photos, crops inside)."""
-
-    name = "test:color-regions"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.region_calls = 0
-
-    def embed_regions(self, images, boxes):
-        self.region_calls += 1
-        return self.embed_images([im.crop(tuple(int(v) for v in box)) for im, bs in zip(images, boxes) for box in bs])
-
-
 def test_region_encodings_side_by_side_one_index_each(tiny_bench):
-    encoder = _RegionColorEncoder()
+    encoder = RegionColorEncoder()
     report = _quick_run(tiny_bench, encoder=encoder, modes="mvr,himir-full", region_encodings="crops,roi",
                         decomposer="oracle", throughput_images=2)
     assert encoder.region_calls > 0
@@ -221,7 +207,7 @@ def test_region_encodings_side_by_side_one_index_each(tiny_bench):
 
 
 def test_index_dir_per_encoding_is_built_when_absent_and_checked_when_present(tiny_bench, tmp_path):
-    encoder = _RegionColorEncoder()
+    encoder = RegionColorEncoder()
     target = tmp_path / "roi-index"
     built = _quick_run(tiny_bench, encoder=encoder, region_encodings="roi", index_dir=target)
     assert built["indexing"]["measured"] and not built["indexing"]["reused"] and (target / "CURRENT").is_file()

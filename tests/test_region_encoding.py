@@ -14,7 +14,7 @@ from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import get_decomposer
 from himir_rag.index import HiMIRIndex
 from himir_rag.ingest import cut, encode_crops, encode_views, view_boxes
-from tests.conftest import ColorEncoder
+from tests.conftest import ColorEncoder, RegionColorEncoder
 
 ODD_PHOTOS = {"1x1": (1, 1), "10000x3": (10000, 3), "3x10000": (3, 10000), "2x2": (2, 2), "640x480": (640, 480)}
 LAYOUTS = ["1+1+1", "1+4+16", "1+9+36"]
@@ -129,20 +129,6 @@ def test_an_encoder_without_embed_regions_is_refused_in_one_line():
     tree, _, work = cut(image, get_decomposer("grid", "1+4+16"), min_region_frac=0.0)
     with pytest.raises(ConfigError, match="'test:color' cannot encode all regions.*use --region-encoding crops"):
         encode_views([work], [tree], ColorEncoder())
-
-
-class RegionColorEncoder(ColorEncoder):
-    """The colour encoder with an ``embed_regions`` that crops: enough to exercise the roi plumbing."""
-
-    name = "test:color-regions"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.region_calls = 0
-
-    def embed_regions(self, images, boxes):
-        self.region_calls += 1
-        return self.embed_images([im.crop(tuple(int(v) for v in box)) for im, bs in zip(images, boxes) for box in bs])
 
 
 def test_config_field_is_validated_and_old_manifests_mean_crops():
