@@ -201,7 +201,17 @@ async def adecompose_query(
 # ------------------------------------------------------- identity and cached decomposers
 
 
-class IdentityDecomposer:
+class DecomposerOptions:
+    """The options every decomposer takes: ``max_subqueries`` (validated) and ``include_full_query``."""
+
+    def __init__(
+        self, *, max_subqueries: int = DEFAULT_MAX_SUBQUERIES, include_full_query: bool = False
+    ) -> None:
+        self.max_subqueries = validate_max_subqueries(max_subqueries)
+        self.include_full_query = include_full_query
+
+
+class IdentityDecomposer(DecomposerOptions):
     """The baseline: the whole query is the only sub-query.
 
     Parameters
@@ -217,12 +227,6 @@ class IdentityDecomposer:
     >>> IdentityDecomposer().decompose("  a dog   on a beach ")
     ['a dog on a beach']
     """
-
-    def __init__(
-        self, *, max_subqueries: int = DEFAULT_MAX_SUBQUERIES, include_full_query: bool = False
-    ) -> None:
-        self.max_subqueries = validate_max_subqueries(max_subqueries)
-        self.include_full_query = include_full_query
 
     def __repr__(self) -> str:
         return "IdentityDecomposer()"

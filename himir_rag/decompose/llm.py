@@ -18,12 +18,12 @@ from typing import Any
 
 from himir_rag.decompose.base import (
     DEFAULT_MAX_SUBQUERIES,
+    DecomposerOptions,
     LRUCache,
     QueryDecomposer,
     adecompose_query,
     cache_key,
     decompose_query,
-    validate_max_subqueries,
     validate_query,
     with_full_query,
 )
@@ -159,7 +159,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-class LLMDecomposer:
+class LLMDecomposer(DecomposerOptions):
     """Query decomposition by one LLM prompt, with an offline fallback.
 
     Parameters
@@ -213,9 +213,9 @@ class LLMDecomposer:
         cache_size: int = 1024,
         include_full_query: bool = False,
     ) -> None:
+        super().__init__(max_subqueries=max_subqueries, include_full_query=include_full_query)
         self.llm = llm
         self._backend = _detect_backend(llm)
-        self.max_subqueries = validate_max_subqueries(max_subqueries)
         self._cache = LRUCache(cache_size)
         self.prompt = prompt
         if timeout is not None and not timeout > 0:
@@ -224,7 +224,6 @@ class LLMDecomposer:
         if fallback is None:
             fallback = RuleDecomposer(max_subqueries=max_subqueries)
         self.fallback = fallback
-        self.include_full_query = include_full_query
 
     def __repr__(self) -> str:
         return (

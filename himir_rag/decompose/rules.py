@@ -6,9 +6,8 @@ import re
 from typing import Any
 
 from himir_rag.decompose.base import (
-    DEFAULT_MAX_SUBQUERIES,
+    DecomposerOptions,
     dedup,
-    validate_max_subqueries,
     validate_query,
     with_full_query,
 )
@@ -116,7 +115,7 @@ def _clean_fragment(fragment: str) -> str:
     return " ".join(words)
 
 
-class RuleDecomposer:
+class RuleDecomposer(DecomposerOptions):
     """Offline, deterministic query decomposer built from regular expressions.
 
     Splits on conjunctions ("and", "as well as", "plus", "&"), punctuation and relations
@@ -143,12 +142,6 @@ class RuleDecomposer:
     >>> RuleDecomposer().decompose("A photo of a dog on a beach next to a red bicycle")
     ['a dog', 'a beach', 'a red bicycle']
     """
-
-    def __init__(
-        self, *, max_subqueries: int = DEFAULT_MAX_SUBQUERIES, include_full_query: bool = False
-    ) -> None:
-        self.max_subqueries = validate_max_subqueries(max_subqueries)
-        self.include_full_query = include_full_query
 
     def __repr__(self) -> str:
         return (
