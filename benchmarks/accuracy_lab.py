@@ -35,12 +35,10 @@ from himir_rag.bench.metrics import box_iou
 from himir_rag.bench.runner import match_objects, ranking_metrics
 from himir_rag.config import HiMIRConfig
 from himir_rag.decompose import get_decomposer
-from himir_rag.encoders.offline import OfflineEncoder, imagenet_class_names
+from himir_rag.encoders.offline import (CLASS_TEMPLATES, OfflineEncoder, imagenet_class_lemmas, imagenet_class_names,
+                                        sentence_model_key, to_pixels)
+from himir_rag.encoders.prompt_cache import cached_sentence_embeddings
 from himir_rag.ingest import cut, region_decomposer
-
-TEMPLATES = ("a photo of a {}", "a photo of the {}", "a close-up photo of a {}", "a cropped photo of a {}",
-             "a picture of a {}", "{}")
-
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -73,7 +71,7 @@ def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str,
             sx = work.size[0] / image.size[0]
             crops = [work.crop(_pad_box(tuple(int(v * sx) for v in box), work.size, pad)) for box in tree.boxes]
         pixels = np.stack([np.asarray(c.resize((side, side), Image.BILINEAR)) for c in crops])
-        tensor = torch.from_numpy((pixels.astype(np.float32) - 127.0) / 128.0).permute(0, 3, 1, 2)
+        tensor = to_pixels(pixels)
         with torch.inference_mode():
             out_logits = torch.cat([classifier(tensor[i:i + batch]) for i in range(0, len(tensor), batch)])
         logits.append(out_logits.numpy().astype(np.float32))
@@ -100,7 +98,7 @@ class Lab:
         self.queries = _jsonl(bench / "queries.jsonl")
         self.qrels = {r["query_id"]: set(r["scene_ids"]) for r in _jsonl(bench / "qrels.jsonl")}
         self.encoder = OfflineEncoder()
-        self.encoder.load()
+        self.encoder.load_text()  # class texts are embedded per variant (class_embeddings)
         rule = get_decomposer("rule")
         self.subqueries = [list(rule.decompose(q["query"])) or [q["query"]] for q in self.queries]
         self.flat = sorted({s for subs in self.subqueries for s in subs} | {q["query"] for q in self.queries})
@@ -198,16 +196,12 @@ class Lab:
 def class_embeddings(encoder: OfflineEncoder, how: str) -> np.ndarray:
     """(1000, 384) class-text vectors: ``prompt`` (today's), ``synonyms`` (all lemmas, one prompt),
     ``templates`` (first lemma, several prompts), ``both`` (all lemmas x prompts, averaged)."""
-    import importlib.resources
-
-    text = importlib.resources.files("himir_rag").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
-    rows = [line.split("\t", 1)[1] for line in text.splitlines() if line and not line.startswith("#")]
-    lemmas = [[name.strip() for name in row.split(",") if name.strip()] for row in rows]
-    names = [ls if how in ("synonyms", "both") else ls[:1] for ls in lemmas]
-    templates = TEMPLATES if how in ("templates", "both") else TEMPLATES[:1]
+    names = [ls if how in ("synonyms", "both") else ls[:1] for ls in imagenet_class_lemmas()]
+    templates = CLASS_TEMPLATES if how in ("templates", "both") else CLASS_TEMPLATES[:1]
     texts = [[t.format(n) for n in ns for t in templates] for ns in names]
     flat = [t for ts in texts for t in ts]
-    vectors = encoder.embed_texts(flat)
+    # the encoder's own prompt cache: `both` and `prompt` are the ensemble / prompt class texts it already embedded
+    vectors = cached_sentence_embeddings(sentence_model_key(), flat, dim=encoder.dim, encode=encoder.embed_texts)
     bounds = np.cumsum([0] + [len(ts) for ts in texts])
     means = np.stack([vectors[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
     return means / np.linalg.norm(means, axis=1, keepdims=True)

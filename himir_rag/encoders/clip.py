@@ -58,11 +58,6 @@ class ClipEncoder:
     It embeds crops only: it has no ``embed_regions``, so an index with
     ``region_encoding="roi"`` refuses it with a one-line error (use ``crops``).
 
-    Notes
-    -----
-    It embeds crops only: it has no ``embed_regions``, so an index with
-    ``region_encoding="roi"`` refuses it with a one-line error (use ``crops``).
-
     Example
     -------
     >>> enc = ClipEncoder("openai/clip-vit-base-patch32")  # doctest: +SKIP

@@ -33,7 +33,7 @@ from himir_rag.encoders.prompt_cache import cached_sentence_embeddings
 from himir_rag.errors import EncoderUnavailableError
 
 __all__ = ["OfflineEncoder", "imagenet_class_names", "imagenet_class_lemmas", "class_prompts", "class_text_groups",
-           "sentence_model_key", "ROI_SIDES", "CLASS_TEMPLATES", "CLASS_TEXTS"]
+           "sentence_model_key", "to_pixels", "ROI_SIDES", "CLASS_TEMPLATES", "CLASS_TEXTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ _STRIDE = 32
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names in classifier output order (first lemma of each)."""
-    text = importlib.resources.files("himir_rag").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
-    rows = [line.split("\t", 1)[1] for line in text.splitlines() if line and not line.startswith("#")]
-    return [row.split(",")[0].strip() for row in rows]
+    return [names[0] for names in imagenet_class_lemmas()]
 
 
 def imagenet_class_lemmas() -> list[list[str]]:
@@ -192,7 +190,7 @@ class OfflineEncoder:
         self._ensure_loaded()
         side = self.image_size
         batch = np.stack([np.asarray(img.convert("RGB").resize((side, side), Image.BILINEAR)) for img in images])
-        pixels = torch.from_numpy((batch.astype(np.float32) - 127.0) / 128.0).permute(0, 3, 1, 2)
+        pixels = to_pixels(batch)
         with inference_threads(self.device, self.threads), torch.inference_mode():
             logits = self._classifier(pixels.to(self.device))
         return logits.softmax(dim=-1).float().cpu().numpy()
@@ -262,7 +260,7 @@ class OfflineEncoder:
         """Class probabilities of the boxes of same-shaped photos -> one (n_i, 1000) array each."""
         import torch
 
-        pixels = torch.from_numpy((np.stack(inputs).astype(np.float32) - 127.0) / 128.0).permute(0, 3, 1, 2)
+        pixels = to_pixels(np.stack(inputs))
         with inference_threads(self.device, self.threads), torch.inference_mode():
             features = self._classifier.extract_features(pixels.to(self.device))
             pooled = roi_align_mean(features, [torch.from_numpy(b) for b in unit_boxes])
@@ -357,7 +355,7 @@ _MODELS_LOCK = threading.Lock()
 @functools.lru_cache(maxsize=4)
 def _cached_models(variant: str, device: str, class_texts: str) -> tuple[Any, Any, np.ndarray]:
     sentence_model = _cached_sentence_model(device)
-    classifier = _load_classifier(variant, device)
+    classifier = _cached_classifier(variant, device)
     groups = class_text_groups(class_texts)
     texts = [text for group in groups for text in group]
     embeddings = cached_sentence_embeddings(sentence_model_key(), texts, dim=OfflineEncoder.dim,
@@ -379,6 +377,11 @@ def sentence_model_key() -> str:
         return f"{_SENTENCE_MODEL}=={version(_SENTENCE_MODEL)}"
     except PackageNotFoundError:
         return _SENTENCE_MODEL
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_classifier(variant: str, device: str) -> Any:
+    return _load_classifier(variant, device)  # one per variant, shared by every class-texts option
 
 
 @functools.lru_cache(maxsize=4)
@@ -422,6 +425,13 @@ def _encode_sentences(model: Any, texts: list[str]) -> np.ndarray:
     vectors = model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
                            show_progress_bar=False)
     return l2_normalize(vectors)
+
+
+def to_pixels(batch: np.ndarray) -> Any:
+    """(n, h, w, 3) uint8 RGB -> the classifier's (n, 3, h, w) float input, scaled to about [-1, 1]."""
+    import torch
+
+    return torch.from_numpy((batch.astype(np.float32) - 127.0) / 128.0).permute(0, 3, 1, 2)
 
 
 def _load_classifier(variant: str, device: str) -> Any:
