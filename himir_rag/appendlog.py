@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from himir_rag.catalog import ImageRecord, Snapshot
+from himir_rag.catalog import ImageRecord, Snapshot, run_starts
 from himir_rag.errors import ConfigError, IndexFormatError
 from himir_rag.paths import resolve_stored
 
@@ -236,13 +236,13 @@ def read_version(version_dir: Path, *, chain: str, sizes: dict[str, int], dim: i
     if len(region_image) != rows or len(columns) != rows:
         raise ValueError("the region files are shorter than the manifest says")
     records, deleted, max_id = _replay(_read_prefix(version_dir / RECORDS, sizes[RECORDS]), root)
-    file_starts = _run_starts(region_image)
+    file_starts = run_starts(region_image)
     state = LogState(chain, np.dtype(dtype), dim, rows, sizes[RECORDS], region_image[file_starts[:-1]].copy(),
                      np.diff(file_starts), np.asarray(sorted(deleted), np.int64), records, max_id)
     if len(state.deleted):  # rows of deleted images: the live rows are copied out
         keep = ~np.isin(region_image, state.deleted)
         vectors, region_image, columns = np.ascontiguousarray(vectors[keep]), region_image[keep], columns[keep]
-    starts = _run_starts(region_image)
+    starts = run_starts(region_image) if len(state.deleted) else file_starts
     image_start = np.repeat(starts[:-1], np.diff(starts))
     local = columns[:, 1].astype(np.int64)
     parents = np.where(local >= 0, local + image_start, -1)
@@ -251,15 +251,7 @@ def read_version(version_dir: Path, *, chain: str, sizes: dict[str, int], dim: i
     if not records_only:
         snapshot.check_integrity()
     skipped = _read_skipped(version_dir / SKIPPED)
-    return snapshot, skipped, replace(state, records=snapshot.images)
-
-
-def _run_starts(region_image: np.ndarray) -> np.ndarray:
-    """(n_images + 1,) first row of each run of equal image ids, then the row count."""
-    n = len(region_image)
-    if n == 0:
-        return np.zeros(1, np.int64)
-    return np.r_[np.flatnonzero(np.r_[True, region_image[1:] != region_image[:-1]]), n].astype(np.int64)
+    return snapshot, skipped, state  # the snapshot holds state.records itself
 
 
 def _read_prefix(path: Path, size: int) -> bytes:

@@ -25,7 +25,7 @@ import numpy as np
 from himir_rag.hierarchy import Level, RegionTree
 from himir_rag.paths import resolve_stored
 
-__all__ = ["ImageRecord", "Snapshot", "VECTOR_DTYPES"]
+__all__ = ["ImageRecord", "Snapshot", "VECTOR_DTYPES", "run_starts"]
 
 _CACHE_LOCK = threading.RLock()
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -95,6 +95,14 @@ class _Buffers:
         self.filled = stop
         return {name: self.arrays[name][:stop] for name in self.names}
 
+
+
+def run_starts(region_image: np.ndarray) -> np.ndarray:
+    """(n_images + 1,) int64 first row of each run of equal image ids, then the row count."""
+    n = len(region_image)
+    if n == 0:
+        return np.zeros(1, np.int64)
+    return np.r_[np.flatnonzero(np.r_[True, region_image[1:] != region_image[:-1]]), n].astype(np.int64)
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -204,13 +212,7 @@ class Snapshot:
     @property
     def image_starts(self) -> np.ndarray:
         """(n_images + 1,) int64 first row of each image position, then the row count."""
-        def compute() -> np.ndarray:
-            n = len(self.region_image)
-            if n == 0:
-                return np.zeros(1, np.int64)
-            starts = np.flatnonzero(np.r_[True, self.region_image[1:] != self.region_image[:-1]])
-            return np.r_[starts, n].astype(np.int64)
-        return self._cached("image_starts", compute)
+        return self._cached("image_starts", lambda: run_starts(self.region_image))
 
     def positions_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Image positions of ``image_ids`` (any shape); -1 where an id is not in this snapshot."""
@@ -313,7 +315,7 @@ class Snapshot:
             raise ValueError("region arrays differ in length")
         if not np.isin(self.levels, [int(lv) for lv in Level]).all():
             raise ValueError("a region has an unknown level")
-        starts = np.flatnonzero(np.r_[True, self.region_image[1:] != self.region_image[:-1]]) if n else np.zeros(0, int)
+        starts = run_starts(self.region_image)[:-1]
         owners = self.region_image[starts]
         if len(set(owners.tolist())) != len(owners) or set(owners.tolist()) != set(self.images):
             raise ValueError("images and region rows do not match (every image needs one contiguous run of rows)")

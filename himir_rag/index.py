@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from himir_rag import manifest as manifest_schema
-from himir_rag.appendlog import LogState, read_version, write_appended, write_full
+from himir_rag.appendlog import APPENDED_FILES, LogState, read_version, write_appended, write_full
 from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder, saved_encoder_spec
@@ -1045,7 +1045,7 @@ class HiMIRIndex:
         if labels is None:  # one name per query vector, reported in each hit's regions
             labels = subs if MODES[mode].subqueries else [query]
         snapshot = self.snapshot
-        allowed = _FILTER_CACHE.get(snapshot, filters, _allowed_ids)
+        allowed = _FILTER_CACHE.get(snapshot, filters)
         ranking = rank(self.image_store, vectors, mode=mode, k=k, params=self.config.scheduler_params, stats=stats,
                        allowed=allowed, filters=filters if isinstance(filters, Mapping) else None)
         # an external store may hold photos another process added since this catalog was read: not shown
@@ -1281,7 +1281,7 @@ class HiMIRIndex:
             _check_free_space(directory, needed)
             staging.mkdir()
             log = self._write_version(staging, snapshot, skipped, next_id, base=base, with_stores=with_stores)
-            _verify_version(staging, snapshot)
+            _verify_version(staging)
             _fsync_dir(staging)  # the files' directory entries are durable before the version is published
             os.rename(staging, directory / version)
             _fsync_dir(directory)
@@ -1342,7 +1342,8 @@ class HiMIRIndex:
         if self.store is None and len(snapshot) and with_stores:  # loading them is all the first query costs
             self.candidate_stores.save(target, snapshot, previous=base)
         self._thumbnails.write(target, snapshot.images)
-        files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name not in log.sizes()}
+        files = {p.name: p.stat().st_size for p in sorted(target.iterdir())
+                 if p.is_file() and p.name not in APPENDED_FILES}
         manifest = {
             "format": manifest_schema.FORMAT_NAME, "format_version": FORMAT_VERSION,
             "encoder": {"name": self._encoder_name or self.encoder.name, "dim": snapshot.dim,
@@ -1551,15 +1552,10 @@ def _check_free_space(directory: Path, needed: int) -> None:
         raise OSError(errno.ENOSPC, f"{free} bytes free, about {needed} needed", str(directory))
 
 
-def _verify_version(target: Path, snapshot: Snapshot) -> None:
-    """The version just written reads back as ``snapshot`` (schema, sizes, counts, vector shape)."""
-    manifest = manifest_schema.read_manifest(target)
-    counts = manifest.get("counts", {})
-    shape = manifest["vectors"]["shape"]
-    if (counts.get("images"), counts.get("regions"), tuple(shape)) != (len(snapshot), len(snapshot.levels),
-                                                                         tuple(snapshot.vectors.shape)):
-        raise IndexFormatError(f"{target}: the version written does not read back as the index in memory "
-                               "(counts or vector shape differ); the previous version is kept")
+def _verify_version(target: Path) -> None:
+    """The version just written reads back: its manifest parses and every file it lists has the size it
+    says (:func:`himir_rag.manifest.read_manifest`; the counts in it come from the snapshot itself)."""
+    manifest_schema.read_manifest(target)
 
 
 def _chunks(items: list[Any], size: int, every: int | None = None) -> Iterator[list[Any]]:
@@ -1604,30 +1600,29 @@ def _merge_skipped(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> li
 
 
 class _FilterCache:
-    """What a dict filter selects of a snapshot (sorted image positions, or image ids for an external
-    store), computed once per (snapshot, filter, what): a repeated filter costs nothing per query.
+    """What a dict filter selects of a snapshot (sorted image ids), computed once per (snapshot,
+    filter): a repeated filter costs nothing per query.
     Snapshots are held weakly; the least recently used entries are dropped."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.entries: OrderedDict[tuple[int, str, str], tuple[Any, np.ndarray]] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, str], tuple[Any, np.ndarray]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, snapshot: Snapshot, filters: Filters,
-            compute: Callable[[Snapshot, Filters], np.ndarray | None]) -> np.ndarray | None:
-        """``compute(snapshot, filters)``, cached when ``filters`` is JSON (None for no filter)."""
+    def get(self, snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
+        """:func:`_allowed_ids` of ``snapshot``, cached when ``filters`` is JSON (None for no filter)."""
         if filters is None:
             return None
         try:  # callables, sets and other non-JSON filters are evaluated every time
-            key = (id(snapshot), compute.__name__, json.dumps(filters, sort_keys=True, allow_nan=False))
+            key = (id(snapshot), json.dumps(filters, sort_keys=True, allow_nan=False))
         except (TypeError, ValueError):
-            return compute(snapshot, filters)
+            return _allowed_ids(snapshot, filters)
         with self.lock:
             entry = self.entries.get(key)
             if entry is not None and entry[0]() is snapshot:
                 self.entries.move_to_end(key)
                 return entry[1]
-        selected = compute(snapshot, filters)
+        selected = _allowed_ids(snapshot, filters)
         selected.setflags(write=False)
         with self.lock:
             self.entries[key] = (weakref.ref(snapshot), selected)
@@ -1639,10 +1634,8 @@ class _FilterCache:
 _FILTER_CACHE = _FilterCache()
 
 
-def _allowed_ids(snapshot: Snapshot, filters: Filters) -> np.ndarray | None:
-    """Sorted ids of the images whose filter view passes ``filters`` (None = all)."""
-    if filters is None:
-        return None
+def _allowed_ids(snapshot: Snapshot, filters: Filters) -> np.ndarray:
+    """Sorted ids of the images whose filter view passes ``filters``."""
     return np.sort(np.asarray(matching_ids(snapshot.images.values(), filters), dtype=np.int64))
 
 

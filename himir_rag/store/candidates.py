@@ -235,9 +235,12 @@ class CandidateStores:
                 saved.version != os.path.realpath(previous) or len(saved.deltas) >= MAX_DELTAS:
             return None
         added = snapshot.positions_of(np.setdiff1d(self._images, saved.images, assume_unique=True))
-        delta = store.empty_copy()
-        self._add_rows(delta, snapshot, level, added)
-        if saved.delta_vectors + len(delta) > DELTA_SHARE * max(saved.base_vectors, 1):
+        delta = None
+        if len(added):  # an empty copy clones the store's lists: only made when there is something to add
+            delta = store.empty_copy()
+            self._add_rows(delta, snapshot, level, added)
+        new_vectors = len(delta) if delta is not None else 0
+        if saved.delta_vectors + new_vectors > DELTA_SHARE * max(saved.base_vectors, 1):
             return None
         names = (saved.base, *saved.deltas)
         try:
@@ -248,11 +251,11 @@ class CandidateStores:
                 (directory / name).unlink(missing_ok=True)
             return None
         deltas = saved.deltas
-        if len(delta):
+        if new_vectors:
             deltas += (f"{_FILE_PREFIX}{int(level)}.{store.kind}.delta{len(saved.deltas) + 1}.faiss",)
             delta.save_delta(directory / deltas[-1])
         return _SavedFiles(store, "", saved.base, deltas, self._images.copy(), saved.base_vectors,
-                           saved.delta_vectors + len(delta))
+                           saved.delta_vectors + new_vectors)
 
     @classmethod
     def load(cls, directory: Path, snapshot, *, threads: int = 1) -> CandidateStores:
