@@ -184,11 +184,11 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     drawn = probe_queries(gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim), count=probes,
                           seed=seed)
     vectors = [p.vectors for p in drawn]
-    full_top = [set(_top(store, v, reference_mode(), k).tolist()) for v in vectors]
-    workload = _Workload(vectors, [{p.source} for p in drawn], full_top)
+    reference = _exhaustive_pass(store, vectors, reference_mode(), k)  # once: the reference top-k and its trial
+    workload = _Workload(vectors, [{p.source} for p in drawn], [set(found.tolist()) for found in reference[0]])
     report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall-of-probe-sources", k=k,
                         budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(drawn))
-    full = _evaluate_exhaustive(index, workload, reference_mode(), k)
+    full = _trial({"mode": reference_mode().value}, workload, *reference)
     before = _run(index, workload, index.config.scheduler.overrides(), k, report)
     best = before
     for _ in range(passes):
@@ -215,7 +215,7 @@ def _choose_auto(trials: list[Trial], floor: float, agreement_tolerance: float, 
     most accurate trial that fits it (the cheapest of those)."""
     cost = (lambda t: (t.latency_ms, t.dot_products)) if budget_ms is not None else (lambda t: (t.dot_products,))
     if budget_dot_products is not None or budget_ms is not None:  # as himir tune chooses; else the cheapest
-        return _choose(trials, budget_dot_products, budget_ms) or min(trials, key=cost)
+        return _choose(trials, budget_dot_products, budget_ms, cost) or min(trials, key=cost)
     reached = [t for t in trials if t.accuracy >= floor - 1e-9]
     if not reached:
         top = max(t.accuracy for t in trials)
@@ -269,16 +269,21 @@ def _top(store: Any, queries: np.ndarray, mode: RetrievalMode, k: int, params: A
 
 def _evaluate_exhaustive(index: HiMIRIndex, workload: _Workload, mode: RetrievalMode, k: int) -> Trial:
     """A baseline mode's accuracy and cost on the workload (an exhaustive mode: no parameters to tune)."""
+    return _trial({"mode": mode.value}, workload, *_exhaustive_pass(index.image_store, workload.vectors, mode, k))
+
+
+def _exhaustive_pass(store: Any, vectors: Sequence[np.ndarray], mode: RetrievalMode,
+                     k: int) -> tuple[list[np.ndarray], list[int], list[float]]:
+    """An exhaustive mode's top-``k`` ids, dot products and ms for each query's vectors."""
     assert MODES[mode].scorer is Scorer.EXHAUSTIVE, mode
     found, cost, latency = [], [], []
-    store = index.image_store
-    for vecs in workload.vectors:
+    for vecs in vectors:
         stats = SearchStats(mode=mode.value)
         tick = time.perf_counter()
         found.append(_top(store, vecs, mode, k, stats=stats))
         latency.append((time.perf_counter() - tick) * 1000)
         cost.append(stats.dot_products)
-    return _trial({"mode": mode.value}, workload, found, cost, latency)
+    return found, cost, latency
 
 
 def _trial(params: dict[str, Any], workload: _Workload, found: list[np.ndarray], cost: list[float],
@@ -326,14 +331,17 @@ def _better(candidate: Trial, best: Trial, budget_dot_products: float | None, bu
     return candidate.dot_products < best.dot_products
 
 
-def _choose(trials: list[Trial], budget_dot_products: float | None, budget_ms: float | None) -> Trial | None:
-    """Best accuracy within the budget; without one, the cheapest within 1 point of the best."""
+def _choose(trials: list[Trial], budget_dot_products: float | None, budget_ms: float | None,
+            cost: Any = None) -> Trial | None:
+    """Best accuracy within the budget; without one, the cheapest within 1 point of the best (cheapest by
+    ``cost``, default dot products)."""
     feasible = [t for t in trials if _fits(t, budget_dot_products, budget_ms)]
     if not feasible:
         return None
     top = max(t.accuracy for t in feasible)
     slack = 0.01 if budget_dot_products is None and budget_ms is None else 1e-9
-    return min((t for t in feasible if t.accuracy >= top - slack), key=lambda t: (t.dot_products, -t.accuracy))
+    return min((t for t in feasible if t.accuracy >= top - slack),
+               key=cost or (lambda t: (t.dot_products, -t.accuracy)))
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
