@@ -4,8 +4,8 @@ Every caller reads :data:`MODES` instead of naming modes: ``HiMIRIndex.search`` 
 query vector or sub-queries, which scorer), the tuner (its exact reference), the
 benchmarks (which modes exist), the CLI and the adapters (whether to decompose).
 Adding a mode is one :class:`RetrievalMode` member and one :class:`ModeSpec` row (plus a
-:class:`Scorer` and its branch in :func:`himir_rag.scheduler.rank` and
-:func:`himir_rag.scheduler.score_mode` if no existing scorer fits). Every store, Qdrant
+:class:`Scorer` and its branch in :func:`himir_rag.scheduler.score_mode`, which
+:func:`himir_rag.scheduler.rank` calls per block, if no existing scorer fits). Every store, Qdrant
 included, only supplies candidates and vectors: the scheduler scores every mode.
 
 ==============  ===========  =========  ==========  =========================================

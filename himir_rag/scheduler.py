@@ -282,8 +282,7 @@ def rank(store: ImageStore, queries: np.ndarray, *, mode: str | RetrievalMode, k
         return Ranking.of(snapshot, scored, top_k(scored.scores, k))
     parts, scored_images = [], 0
     for view in store.scan(allowed, levels=spec.levels):
-        scored = score_exhaustive(view.snapshot, queries, levels=spec.levels, allowed=view.positions)
-        stats.dot_products += scored.dot_products
+        scored = score_mode(spec, view.snapshot, queries, k=k, allowed=view.positions, stats=stats)
         scored_images += len(scored.image_ids)
         parts.append(Ranking.of(view.snapshot, scored, np.sort(top_k(scored.scores, k))))  # in store order
     stats.images_scored = scored_images
