@@ -443,8 +443,8 @@ def _region_crop(hit: SearchHit, result: SearchResult, crop: Image.Image, box: t
                 "height": crop.height, "score": score, "regions": [region_dict(r) for r in regions]}
     matched = ", ".join(f'"{r.subquery}" ({r.score:.3f})' for r in regions)
     text = f'{regions[0].level.capitalize()} {box} of photo "{metadata["file_name"]}", matching {matched}.'
-    return RegionCrop(f"{photo_id(hit)}#{','.join(str(v) for v in box)}", photo_id(hit), text, data, mime, score,
-                      metadata)
+    parent = photo_id(hit)
+    return RegionCrop(f"{parent}#{','.join(str(v) for v in box)}", parent, text, data, mime, score, metadata)
 
 
 def photo_id(hit: SearchHit) -> str:

@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["limit_threads"]
+__all__ = ["limit_threads", "torch_threads"]
 
 _LOCK = threading.RLock()
 
@@ -34,15 +34,30 @@ def limit_threads(threads: int | None, *, torch: bool = False) -> Iterator[None]
 
     with _LOCK:  # held while switching only: a search must not wait for another to finish
         previous = faiss.omp_get_max_threads()
-        torch_module = sys.modules.get("torch") if torch else None  # never import torch just for this
-        torch_previous = torch_module.get_num_threads() if torch_module is not None else None
         faiss.omp_set_num_threads(int(threads))
-        if torch_module is not None and torch_previous != threads:
-            torch_module.set_num_threads(int(threads))
+    # never import torch just for this
+    torch_pool = torch_threads(threads) if torch and "torch" in sys.modules else contextlib.nullcontext()
     try:
-        yield
+        with torch_pool:
+            yield
     finally:
         with _LOCK:
             faiss.omp_set_num_threads(previous)
-            if torch_module is not None and torch_previous != threads:
-                torch_module.set_num_threads(torch_previous)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with torch's intra-op pool on ``threads`` threads, restoring its count on exit
+    (under the same lock as :func:`limit_threads`: both switch process-wide pools)."""
+    import torch
+
+    with _LOCK:
+        previous = torch.get_num_threads()
+        if previous != threads:
+            torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if previous != threads:
+            with _LOCK:
+                torch.set_num_threads(previous)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+from himir_rag.threads import torch_threads
 
 __all__ = ["Encoder", "RegionEncoder", "l2_normalize", "resolve_device", "inference_threads",
            "set_inference_threads", "DEFAULT_CPU_THREADS"]
@@ -17,7 +18,6 @@ __all__ = ["Encoder", "RegionEncoder", "l2_normalize", "resolve_device", "infere
 # 1 thread was the fastest CPU inference measured on 2 shared cores (benchmarks/encoder_batches.py:
 # 55.5 crops/s at batch 4; 2 threads were 1.7-4x slower): OpenMP threads stall each other there.
 DEFAULT_CPU_THREADS = 1
-_THREADS_LOCK = threading.Lock()
 _process_threads: int | None = None  # set_inference_threads: the caller's choice for this process
 
 
@@ -79,18 +79,8 @@ def inference_threads(device: str, threads: int | None) -> Iterator[None]:
     if threads is None or not device.startswith("cpu"):
         yield
         return
-    import torch
-
-    with _THREADS_LOCK:
-        previous = torch.get_num_threads()
-        if previous != threads:
-            torch.set_num_threads(int(threads))
-    try:
+    with torch_threads(threads):
         yield
-    finally:
-        if previous != threads:
-            with _THREADS_LOCK:
-                torch.set_num_threads(previous)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
