@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ _COUNTERS = ("candidates", "candidate_dot_products", "coarse_dot_products", "seg
 
 # --stages: the rows of himir_rag.bench.stages (each pruning stage switched off, or on, in turn);
 # `himir bench run --stages` / `himir bench scale --stages` put the same table in their reports
-from himir_rag.bench.stages import STAGES  # noqa: E402
+from himir_rag.bench.stages import STAGES, StageQuery, measure_setting  # noqa: E402
 
 
 def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
@@ -53,19 +52,19 @@ def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
             item = json.loads(line)
             qrels[item["query_id"]] = {str((root / p).absolute()) for p in item["paths"]}
     splitter = RuleDecomposer()
-    work = [(index.encoder.embed_texts(splitter.decompose(q["query"]) or [q["query"]]), qrels[q["id"]], None)
-            for q in queries]
+    work = [StageQuery(index.encoder.embed_texts(splitter.decompose(q["query"]) or [q["query"]]),
+                       frozenset(qrels[q["id"]]), None) for q in queries]
     base = index.config
     rows = []
     for name, mode, scheduler in [("mvr", "mvr", {}), ("himir-full", "himir-full", {}),
                                   *[(s, "himir", _setting(s)) for s in settings]]:
         index.set_config(base.replace(scheduler=scheduler))
         rows.append((name, _measure(index, work, k=k, mode=mode, key=lambda hit: hit.path)))
-    mvr_dots = rows[0][1]["dots"]
+    mvr_dots = rows[0][1]["dot_products"]
     print(f"{'setting':60s} Recall@{k}  mean dots  mvr/mode")
     for name, m in rows:
-        print(f"{name:60s} {m['recall']:8.4f} {m['dots']:10.0f} {mvr_dots / m['dots']:8.2f}  "
-              f"ms={m['ms_mean']:.0f} {m['counters']}")
+        print(f"{name:60s} {m['recall@k']:8.4f} {m['dot_products']:10.0f} {mvr_dots / m['dot_products']:8.2f}  "
+              f"ms={m['search_ms_mean']:.0f} {_counters(m)}")
 
 
 def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 10) -> None:
@@ -86,36 +85,25 @@ def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 1
         cache.write_text(json.dumps({q: sorted(ids) for q, ids in full.items()}))
     truth = [len(full[q.query_id] & q.relevant) / len(q.relevant) for q in planted]
     print(f"himir-full Recall@{k} {np.mean(truth):.4f} on queries {start}:{stop}")
-    work = [(q.subquery_vectors, q.relevant, full[q.query_id]) for q in planted]
+    work = [StageQuery(q.subquery_vectors, frozenset(q.relevant), frozenset(full[q.query_id])) for q in planted]
     base = index.config
     print(f"{'setting':60s} Recall@{k}  vs-full  mean dots  p50 ms")
     for setting in settings:
         index.set_config(base.replace(scheduler=_setting(setting)))
         index.search_vectors(planted[0].subquery_vectors, k=k)  # builds stores the setting asks for
         m = _measure(index, work, k=k)
-        print(f"{setting:60s} {m['recall']:8.4f} {m['agreement']:8.4f} {m['dots']:10.0f} {m['ms_p50']:7.1f}  "
-              f"{m['counters']}")
+        print(f"{setting:60s} {m['recall@k']:8.4f} {m['agreement']:8.4f} {m['dot_products']:10.0f} "
+              f"{m['search_ms_p50']:7.1f}  {_counters(m)}")
 
 
-def _measure(index: HiMIRIndex, work: list, *, k: int, mode: str = "himir", key=lambda hit: hit.image_id) -> dict:
-    """One setting over ``work`` = [(query vectors, relevant keys, reference top-k keys or None)]:
-    mean Recall@k, mean share of the reference top-k, mean dot products, search ms, counters."""
-    recall, agree, dots, times, extra = [], [], [], [], {}
-    for vectors, relevant, reference in work:
-        tick = time.perf_counter()
-        result = index.search_vectors(vectors, k=k, mode=mode)
-        times.append(1000 * (time.perf_counter() - tick))
-        found = {key(hit) for hit in result.hits}
-        recall.append(len(found & relevant) / len(relevant))
-        if reference is not None:
-            agree.append(len(found & reference) / max(len(reference), 1))
-        dots.append(result.stats.dot_products)
-        for name in _COUNTERS:
-            extra.setdefault(name, []).append(result.stats.extra.get(name, 0))
-    return {"recall": float(np.mean(recall)), "agreement": float(np.mean(agree)) if agree else float("nan"),
-            "dots": float(np.mean(dots)), "ms_mean": float(np.mean(times)), "ms_p50": float(np.median(times)),
-            "counters": " ".join(f"{name}={np.mean(values):.0f}" for name, values in extra.items())}
+def _measure(index: HiMIRIndex, work: list[StageQuery], *, k: int, mode: str = "himir",
+             key=lambda hit: hit.image_id) -> dict:
+    """One setting over ``work`` (:func:`himir_rag.bench.stages.measure_setting`, with the scheduler's cost counters)."""
+    return measure_setting(index, work, k=k, key=key, mode=mode, counters=_COUNTERS)
 
+
+def _counters(m: dict) -> str:
+    return " ".join(f"{name}={value:.0f}" for name, value in m["counters"].items())
 
 def _setting(name: str) -> dict:
     """A JSON setting, or the name of a --stages row."""

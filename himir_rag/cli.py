@@ -503,10 +503,11 @@ def tune_command(
     if as_json:
         typer.echo(_dumps(report.to_dict()))
         return
-    chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines[reference_mode().value]
+    reference = reference_mode().value
+    chosen, mvr, full = report.chosen, report.baselines["mvr"], report.baselines[reference]
     typer.echo(f"target: {report.target}@{report.k} on {len(items)} queries; {len(report.trials)} trials "
                f"in {report.seconds:.1f}s")
-    for name, trial in (("mvr", mvr), (reference_mode().value, full), ("himir (chosen)", chosen)):
+    for name, trial in (("mvr", mvr), (reference, full), ("himir (chosen)", chosen)):
         typer.echo(f"  {name:<15} accuracy {trial.accuracy:.3f}  dot products {trial.dot_products:>10.0f}  "
                    f"p50 {trial.latency_ms:.2f} ms")
     typer.echo(f"  {mvr.dot_products / max(chosen.dot_products, 1):.1f}x fewer dot products than mvr")

@@ -830,7 +830,7 @@ class HiMIRIndex:
         >>> index.search("on a beach", image="horse.jpg", image_weight=0.7)  # doctest: +SKIP
         """
         started = time.perf_counter()
-        mode = self._mode(mode)
+        mode = self.resolve_mode(mode)
         compile_filter(filters)  # a malformed filter fails before any encoding
         if image is None:
             k = self._check_query(query, k)
@@ -914,7 +914,7 @@ class HiMIRIndex:
         >>> index.search_vectors(index.encoder.embed_texts(["a cat", "a cup"]), k=5)  # doctest: +SKIP
         """
         started = time.perf_counter()
-        mode = self._mode(mode)
+        mode = self.resolve_mode(mode)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.snapshot.dim or len(vectors) == 0:
             raise ValueError(f"vectors must be (s, {self.snapshot.dim}) with s >= 1, got {vectors.shape}")
@@ -928,7 +928,7 @@ class HiMIRIndex:
         return self._search_vectors(query, labels, vectors, k=k, mode=mode, filters=filters, stats=stats,
                                     started=started)
 
-    def _mode(self, mode: str | RetrievalMode | None) -> RetrievalMode:
+    def resolve_mode(self, mode: str | RetrievalMode | None) -> RetrievalMode:
         """``mode``, or the config's default mode when None (unknown names raise ConfigError)."""
         return parse_mode(self.config.default_mode if mode is None else mode)
 

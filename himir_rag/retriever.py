@@ -194,8 +194,8 @@ def search_options(*, k: Any, mode: Any = None, filters: Any = None, name: str =
 
 
 def effective_mode(index: HiMIRIndex, mode: str | None) -> str:
-    """``mode``, or the index's ``config.default_mode`` when None."""
-    return index.config.default_mode if mode is None else mode
+    """``mode``, or the index's ``config.default_mode`` when None (:meth:`HiMIRIndex.resolve_mode`)."""
+    return index.resolve_mode(mode).value
 
 
 def make_decomposer(llm: Any = None, decomposer: QueryDecomposer | None = None, *,

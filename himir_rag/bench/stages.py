@@ -24,7 +24,7 @@ import numpy as np
 from himir_rag.index import HiMIRIndex, SearchHit
 from himir_rag.modes import RetrievalMode
 
-__all__ = ["STAGES", "StageQuery", "measure_stages"]
+__all__ = ["STAGES", "StageQuery", "measure_stages", "measure_setting"]
 
 # name -> scheduler overrides against the index's settings ({} = the settings themselves); rows
 # whose name ends "on" switch a stage on, the others switch one off
@@ -76,8 +76,8 @@ def measure_stages(index: HiMIRIndex, queries: Sequence[StageQuery], *, k: int =
             params = base.scheduler.overrides() | dict(overrides)
             index.set_config(base.replace(scheduler=params))
             index.search_vectors(queries[0].vectors, k=k, mode=RetrievalMode.HIMIR)  # builds what it asks for
-            rows.append({"stage": name, "setting": dict(overrides), **_measure(index, queries, k=k, key=key,
-                                                                                 fired_by=_FIRED_BY.get(name))})
+            rows.append({"stage": name, "setting": dict(overrides),
+                         **measure_setting(index, queries, k=k, key=key, fired_by=_FIRED_BY.get(name))})
     finally:
         index.set_config(base)
     reference = rows[0] if rows and rows[0]["stage"] == "index settings" else None
@@ -89,27 +89,33 @@ def measure_stages(index: HiMIRIndex, queries: Sequence[StageQuery], *, k: int =
     return rows
 
 
-def _measure(index: HiMIRIndex, queries: Sequence[StageQuery], *, k: int, key: Callable[[SearchHit], Hashable],
-             fired_by: str | None) -> dict[str, Any]:
+def measure_setting(index: HiMIRIndex, queries: Sequence[StageQuery], *, k: int,
+                    key: Callable[[SearchHit], Hashable], fired_by: str | None = None,
+                    mode: RetrievalMode | str = RetrievalMode.HIMIR,
+                    counters: Sequence[str] = _COUNTERS) -> dict[str, Any]:
+    """``queries`` in ``mode`` at the index's settings: mean Recall@k (hits keyed by ``key``), share of
+    each query's reference top-k, mean dot products, search ms (p50, mean), the share of queries on
+    which counter ``fired_by`` was positive and the mean of each of ``counters``."""
     recall, agree, dots, times, fired = [], [], [], [], []
-    counters: dict[str, list[float]] = {name: [] for name in _COUNTERS}
+    seen: dict[str, list[float]] = {name: [] for name in counters}
     for query in queries:
         tick = time.perf_counter()
-        result = index.search_vectors(query.vectors, k=k, mode=RetrievalMode.HIMIR)
+        result = index.search_vectors(query.vectors, k=k, mode=mode)
         times.append(1000 * (time.perf_counter() - tick))
         found = {key(hit) for hit in result.hits}
         recall.append(len(found & query.relevant) / max(len(query.relevant), 1))
         if query.reference is not None:
             agree.append(len(found & query.reference) / max(len(query.reference), 1))
         dots.append(result.stats.dot_products)
-        for name in _COUNTERS:
-            counters[name].append(float(result.stats.extra.get(name, 0)))
+        for name in counters:
+            seen[name].append(float(result.stats.extra.get(name, 0)))
         if fired_by is not None:
             fired.append(float(result.stats.extra.get(fired_by, 0)) > 0)
     return {"recall@k": float(np.mean(recall)), "agreement": float(np.mean(agree)) if agree else None,
             "dot_products": float(np.mean(dots)), "search_ms_p50": float(np.median(times)),
+            "search_ms_mean": float(np.mean(times)),
             "fired_share": float(np.mean(fired)) if fired else None, "fired_by": fired_by,
-            "counters": {name: float(np.mean(values)) for name, values in counters.items()}}
+            "counters": {name: float(np.mean(values)) for name, values in seen.items()}}
 
 
 def stage_markdown(rows: Sequence[Mapping[str, Any]], k: int = 10) -> list[str]:
