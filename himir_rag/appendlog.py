@@ -36,16 +36,15 @@ import numpy as np
 
 from himir_rag.catalog import ImageRecord, Snapshot, run_starts
 from himir_rag.errors import ConfigError, IndexFormatError
+from himir_rag.manifest import (APPENDED_FILES, RECORDS, REGION_COLUMNS, REGION_IMAGE, REGIONS, VECTORS,
+                                row_file_sizes)
 from himir_rag.paths import resolve_stored
 
 __all__ = ["LogState", "VECTORS", "REGION_IMAGE", "REGIONS", "RECORDS", "SKIPPED", "APPENDED_FILES",
            "COMPACT_SHARE", "write_full", "write_appended", "read_version", "row_bytes"]
 
-VECTORS, REGION_IMAGE, REGIONS, RECORDS, SKIPPED = (
-    "vectors.bin", "region_image.i64", "regions.i32", "images.jsonl", "skipped.json")
-APPENDED_FILES = (VECTORS, REGION_IMAGE, REGIONS, RECORDS)
+SKIPPED = "skipped.json"
 COMPACT_SHARE = 0.25  # a save rewrites everything once rows of deleted images pass this share of the rows
-_REGION_COLUMNS = 6
 _BLOCK_ROWS = 65_536  # rows written per step (bounded temporary memory)
 
 
@@ -91,8 +90,7 @@ class LogState:
 
     def sizes(self) -> dict[str, int]:
         """The ``appended`` field of the manifest: bytes of each file this version reads."""
-        return {VECTORS: self.rows * row_bytes(self.dtype, self.dim), REGION_IMAGE: self.rows * 8,
-                REGIONS: self.rows * 4 * _REGION_COLUMNS, RECORDS: self.records_bytes}
+        return {**row_file_sizes(self.rows, np.dtype(self.dtype).itemsize, self.dim), RECORDS: self.records_bytes}
 
 
 def row_bytes(dtype: Any, dim: int) -> int:
@@ -232,7 +230,7 @@ def read_version(version_dir: Path, *, chain: str, sizes: dict[str, int], dim: i
     vectors = (np.memmap(version_dir / VECTORS, dtype=np.dtype(dtype).newbyteorder("<"), mode="r",
                          shape=(rows, dim)) if rows else np.zeros((0, dim), dtype))
     region_image = np.fromfile(version_dir / REGION_IMAGE, dtype="<i8", count=rows).astype(np.int64, copy=False)
-    columns = np.fromfile(version_dir / REGIONS, dtype="<i4", count=rows * _REGION_COLUMNS).reshape(rows, _REGION_COLUMNS)
+    columns = np.fromfile(version_dir / REGIONS, dtype="<i4", count=rows * REGION_COLUMNS).reshape(rows, REGION_COLUMNS)
     if len(region_image) != rows or len(columns) != rows:
         raise ValueError("the region files are shorter than the manifest says")
     records, deleted, max_id = _replay(_read_prefix(version_dir / RECORDS, sizes[RECORDS]), root)

@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from himir_rag import manifest as manifest_schema
-from himir_rag.appendlog import APPENDED_FILES, LogState, read_version, write_appended, write_full
+from himir_rag.appendlog import APPENDED_FILES, VECTORS, LogState, read_version, write_appended, write_full
 from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder, saved_encoder_spec
@@ -1437,7 +1437,7 @@ class HiMIRIndex:
                 raise IndexFormatError(f"{version_dir}: unreadable catalog or region files ({exc}); rebuild the "
                                        "index") from exc
             if not _all_finite(snapshot.vectors):
-                raise IndexFormatError(f"{version_dir / 'vectors.bin'}: holds NaN or infinite values; the index is "
+                raise IndexFormatError(f"{version_dir / VECTORS}: holds NaN or infinite values; the index is "
                                        "damaged, rebuild it")
         if index.store is not None:  # the store's payloads are the catalog of record
             snapshot = Snapshot.empty(dim).with_records(sorted(

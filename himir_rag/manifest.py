@@ -41,7 +41,8 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError, IncompatibleIndexError, IndexFormatError, UntrustedLocationError
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "FORMAT_NAME", "STORE_LOCATION_ENV", "current_version", "read_pointer", "read_manifest",
-           "validate_manifest", "parse_config", "check_catalog", "store_location"]
+           "validate_manifest", "parse_config", "check_catalog", "store_location", "VECTORS", "REGION_IMAGE",
+           "REGIONS", "RECORDS", "APPENDED_FILES", "REGION_COLUMNS", "row_file_sizes"]
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: one vectors.npy + catalog.sqlite per version, rewritten by every save
@@ -167,8 +168,16 @@ def _check_sizes(files: Mapping[str, Any], where: str) -> None:
             raise IndexFormatError(f"{where}: size of {name!r:.60} must be an int >= 0, got {size!r:.40}")
 
 
-_APPENDED = ("vectors.bin", "region_image.i64", "regions.i32", "images.jsonl")
+# the append-only files of a version-2 index (written and read by himir_rag.appendlog; checked here)
+VECTORS, REGION_IMAGE, REGIONS, RECORDS = "vectors.bin", "region_image.i64", "regions.i32", "images.jsonl"
+APPENDED_FILES = (VECTORS, REGION_IMAGE, REGIONS, RECORDS)
+REGION_COLUMNS = 6  # int32 columns of REGIONS: level, local parent, box (4)
 _ITEMSIZES = {"float32": 4, "float16": 2}
+
+
+def row_file_sizes(rows: int, itemsize: int, dim: int) -> dict[str, int]:
+    """Bytes of the three row files (vectors, region image ids, region columns) holding ``rows`` rows."""
+    return {VECTORS: rows * dim * itemsize, REGION_IMAGE: rows * 8, REGIONS: rows * 4 * REGION_COLUMNS}
 
 
 def _check_appended(manifest: Mapping[str, Any], where: str, dim: int) -> None:
@@ -176,15 +185,14 @@ def _check_appended(manifest: Mapping[str, Any], where: str, dim: int) -> None:
     appended, chain = manifest.get("appended"), manifest.get("chain")
     if not (isinstance(chain, str) and 0 < len(chain) <= 64 and all(c in "0123456789abcdef" for c in chain)):
         raise IndexFormatError(f"{where}: chain must be 1 to 64 hex digits, got {chain!r:.80}")
-    if not isinstance(appended, dict) or set(appended) != set(_APPENDED):
-        raise IndexFormatError(f"{where}: appended must list exactly {', '.join(_APPENDED)}; rebuild the index")
+    if not isinstance(appended, dict) or set(appended) != set(APPENDED_FILES):
+        raise IndexFormatError(f"{where}: appended must list exactly {', '.join(APPENDED_FILES)}; rebuild the index")
     _check_sizes(appended, where)
     if set(appended) & set(manifest["files"]):
         raise IndexFormatError(f"{where}: a file is listed both in files and in appended")
     dtype = manifest.get("vectors", {}).get("dtype", "float32")
-    rows = appended["region_image.i64"] // 8
-    expected = {"vectors.bin": rows * dim * _ITEMSIZES.get(dtype, 0), "region_image.i64": rows * 8,
-                "regions.i32": rows * 24}
+    rows = appended[REGION_IMAGE] // 8
+    expected = row_file_sizes(rows, _ITEMSIZES.get(dtype, 0), dim)
     shape = manifest.get("vectors", {}).get("shape", [rows, dim])
     if any(appended[name] != size for name, size in expected.items()) or shape[0] > rows:
         raise IndexFormatError(f"{where}: appended sizes {appended!r:.160} do not hold one row count ({rows}) of "
