@@ -869,8 +869,7 @@ class HiMIRIndex:
         n = len(words) + len(photo)
         scales = np.concatenate([np.full(len(words), (1 - image_weight) * n / len(words)),
                                  np.full(len(photo), image_weight * n / len(photo))]).astype(np.float32)
-        text_labels = subs
-        return text_labels + labels, np.concatenate([words, photo]), scales
+        return subs + labels, np.concatenate([words, photo]), scales
 
     def _photo_queries(self, image: QueryImage, mode: RetrievalMode, stats: SearchStats) -> tuple[list[str], np.ndarray]:
         """The query photo cut and encoded as an indexed photo is: a label and a vector per stored region."""

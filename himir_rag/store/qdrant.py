@@ -335,8 +335,7 @@ class QdrantImageStore:
             for s, response in enumerate(self.client.query_batch_points(self.collection, requests=requests)):
                 for j, point in enumerate(response.points[:k]):
                     scores[s, j], keys[s, j] = point.score, int(point.id)
-        cost = n_queries * self._counts[_LEVEL_VECTOR[Level(level)]]
-        return Candidates(scores, keys, int(cost), exact=True)
+        return Candidates(scores, keys, int(n_queries * self.candidate_cost(level, params)), exact=True)
 
     def _filter(self, allowed: np.ndarray | None, filters: Mapping[str, Any] | None) -> Any:
         """The payload filter selecting the allowed images' points (None: every image)."""
