@@ -38,7 +38,7 @@ from himir_rag.catalog import ImageRecord, Snapshot, run_starts
 from himir_rag.errors import ConfigError, IndexFormatError
 from himir_rag.manifest import (APPENDED_FILES, RECORDS, REGION_COLUMNS, REGION_IMAGE, REGIONS, VECTORS,
                                 row_file_sizes)
-from himir_rag.paths import resolve_stored
+from himir_rag.paths import stored_resolver
 
 __all__ = ["LogState", "VECTORS", "REGION_IMAGE", "REGIONS", "RECORDS", "SKIPPED", "APPENDED_FILES",
            "COMPACT_SHARE", "write_full", "write_appended", "read_version", "row_bytes"]
@@ -266,7 +266,7 @@ def _replay(data: bytes, root: str | None) -> tuple[dict[int, ImageRecord], set[
     records: dict[int, ImageRecord] = {}
     deleted: set[int] = set()
     max_id = 0
-    resolve = _resolver(root)
+    resolve = stored_resolver(root)
     for entry in entries:
         if not (isinstance(entry, list) and len(entry) in (1, 7) and type(entry[0]) is int and entry[0] >= 1):
             raise ValueError(f"malformed record {str(entry)[:80]}")
@@ -281,22 +281,6 @@ def _replay(data: bytes, root: str | None) -> tuple[dict[int, ImageRecord], set[
         absolute, relpath = resolve(entry[1])
         records[image_id] = ImageRecord(image_id, absolute, *entry[2:6], entry[6], relpath)
     return records, deleted, max_id
-
-
-def _resolver(root: str | None) -> Any:
-    """:func:`~himir_rag.paths.resolve_stored` against ``root``, with a fast path for plain relative rows:
-    no empty, ``.`` or ``..`` part (nothing for ``normpath`` to change), which is every row a save writes."""
-    if root is None or os.sep != "/":
-        return lambda stored: resolve_stored(stored, root)
-    base = os.path.normpath(root)
-    prefix = base if base.endswith("/") else base + "/"
-
-    def resolve(stored: str) -> tuple[str, str]:
-        if stored and not stored.startswith(("/", ".")) and "//" not in stored and "/." not in stored \
-                and not stored.endswith("/"):
-            return prefix + stored, stored
-        return resolve_stored(stored, root)
-    return resolve
 
 
 def _read_skipped(path: Path) -> list[tuple[str, str]]:

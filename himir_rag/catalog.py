@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from himir_rag.hierarchy import Level, RegionTree
-from himir_rag.paths import resolve_stored
+from himir_rag.paths import stored_resolver
 
 __all__ = ["ImageRecord", "Snapshot", "VECTOR_DTYPES", "run_starts"]
 
@@ -287,9 +287,9 @@ class Snapshot:
         """
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            images = {}
+            images, resolve = {}, stored_resolver(root)
             for row in db.execute("SELECT * FROM images ORDER BY image_id"):
-                absolute, relpath = resolve_stored(row[1], root)
+                absolute, relpath = resolve(row[1])
                 images[row[0]] = ImageRecord(row[0], absolute, row[2], row[3], row[4], row[5], json.loads(row[6]),
                                              relpath)
             rows = _read_region_rows(db)

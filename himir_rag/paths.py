@@ -14,9 +14,10 @@ outside the collection into an index or into a chat model's prompt.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-__all__ = ["relative_to_root", "resolve_stored", "is_within", "outside_reason", "photo_base"]
+__all__ = ["relative_to_root", "resolve_stored", "stored_resolver", "is_within", "outside_reason", "photo_base"]
 
 
 def relative_to_root(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str:
@@ -51,6 +52,23 @@ def resolve_stored(stored: str, root: str | os.PathLike[str] | None) -> tuple[st
         return os.path.normpath(os.path.join(root, stored)), stored
     return os.path.normpath(os.path.join(root, *PurePosixPath(stored).parts)), stored
 
+
+
+def stored_resolver(root: str | os.PathLike[str] | None) -> Callable[[str], tuple[str, str]]:
+    """:func:`resolve_stored` against ``root`` for many rows (a catalog's), with the root normalised once
+    and a fast path for plain relative rows: no empty, ``.`` or ``..`` part (nothing for ``normpath`` to
+    change), which is every row a save writes."""
+    if root is None or os.sep != "/":
+        return lambda stored: resolve_stored(stored, root)
+    base = os.path.normpath(root)
+    prefix = base if base.endswith("/") else base + "/"
+
+    def resolve(stored: str) -> tuple[str, str]:
+        if stored and not stored.startswith(("/", ".")) and "//" not in stored and "/." not in stored \
+                and not stored.endswith("/"):
+            return prefix + stored, stored
+        return resolve_stored(stored, root)
+    return resolve
 
 def photo_base(path: str, relpath: str, root: str | os.PathLike[str] | None) -> str:
     """The folder ``path`` must stay inside: the root for root-relative photos, else its own folder."""
