@@ -1048,8 +1048,7 @@ class HiMIRIndex:
         ranking = rank(self.image_store, vectors, mode=mode, k=k, params=self.config.scheduler_params, stats=stats,
                        allowed=allowed, filters=filters if isinstance(filters, Mapping) else None)
         # an external store may hold photos another process added since this catalog was read: not shown
-        hits = _finite_hits(_hit(snapshot.images[int(image_id)], ranking, i, labels)
-                            for i, image_id in enumerate(ranking.image_ids) if int(image_id) in snapshot.images)
+        hits = _finite_hits(_hits(snapshot, ranking, labels))
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
         return SearchResult(query, tuple(subs), hits, stats)
@@ -1673,15 +1672,20 @@ def _unscaled(hits: tuple[SearchHit, ...], scales: np.ndarray) -> tuple[SearchHi
         for hit in hits)
 
 
-def _hit(record: ImageRecord, ranking: Ranking, pos: int, labels: list[str]) -> SearchHit:
-    """The hit at ``pos`` of ``ranking``, for the image ``record``."""
-    regions = tuple(
-        RegionMatch(label, Level(int(ranking.levels[s, pos])).name.lower(),
-                    tuple(int(v) for v in ranking.boxes[s, pos]), float(ranking.best[s, pos]))  # type: ignore[arg-type]
-        for s, label in enumerate(labels)
-    )
-    return SearchHit(record.image_id, record.key, record.path, float(ranking.scores[pos]), dict(record.metadata),
-                     regions, record.width, record.height, record.relpath)
+def _hits(snapshot: Snapshot, ranking: Ranking, labels: list[str]) -> list[SearchHit]:
+    """The hits of ``ranking`` whose image ``snapshot`` holds, best first (arrays read as Python lists once)."""
+    levels = [[Level(v).name.lower() for v in row] for row in ranking.levels.T.tolist()]
+    boxes, best, scores = ranking.boxes.transpose(1, 0, 2).tolist(), ranking.best.T.tolist(), ranking.scores.tolist()
+    hits = []
+    for pos, image_id in enumerate(ranking.image_ids.tolist()):
+        record = snapshot.images.get(image_id)
+        if record is None:
+            continue
+        regions = tuple(RegionMatch(label, level, tuple(box), score)  # type: ignore[arg-type]
+                        for label, level, box, score in zip(labels, levels[pos], boxes[pos], best[pos]))
+        hits.append(SearchHit(record.image_id, record.key, record.path, scores[pos], dict(record.metadata), regions,
+                              record.width, record.height, record.relpath))
+    return hits
 
 
 def _fsync(fh: Any) -> None:

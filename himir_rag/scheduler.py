@@ -310,7 +310,8 @@ class SchedulerParams:
     probe_share : float
         Share of a level's IVF lists visited per sub-query. The list count grows as
         ~2 sqrt(n), so a fixed probe count finds ever fewer true neighbours as the
-        collection grows; a fixed share keeps the recall of the candidates.
+        collection grows; a fixed share keeps the recall of the candidates. 0.15 (chosen on
+        the 100k synthetic tuning collection, seed 1: 0.1 lost 0.9 points of Recall@10 there).
     nprobe : int
         A fixed count of IVF lists instead of ``probe_share`` (0 = use the share).
     consistency_overlap, consistency_margin : float
@@ -339,13 +340,16 @@ class SchedulerParams:
         hit): a candidate's best segment is its best hit, with that hit's row, and one
         without a hit cannot beat the lowest hit. Exact for flat stores; for IVF as exact
         as the probed lists and for IVF-PQ as its codes' ranking (the approximations the
-        candidates already make).
+        candidates already make). Off by default: with IVF-PQ candidates (every level of
+        more than :data:`PQ_MIN` vectors) the caps rest on estimated scores, and on the
+        tuning sets (seed-1 composite, 100k synthetic seed 1) they cost 0.5-1.0 points of
+        Recall@10 for 10% fewer dot products and no time saved (benchmarks/README.md,
+        "Candidate codes").
     pq_error_quantile : float
-        IVF-PQ hits are re-scored exactly; a segment the search did not return is taken to
-        score at most the lowest hit's estimate plus this quantile of the hits' estimate
-        errors (1.0 = the largest error seen: safest, prunes least; 0 = trust the codes).
-        0.75 was chosen on the tuning sets (seed-1 composite, planted queries 0-99 at 100k;
-        see benchmarks/README.md): 0.5 lost 0.5 points of Recall@10 at 100k.
+        With ``ann_bound``: IVF-PQ hits are re-scored exactly; a segment the search did not
+        return is taken to score at most the lowest hit's estimate plus this quantile of the
+        hits' estimate errors (1.0 = the largest error seen: safest, prunes least; 0 = trust
+        the codes).
     """
 
     candidate_k: int = 0
@@ -353,13 +357,13 @@ class SchedulerParams:
     index_kind: str = "auto"
     flat_max: int = FLAT_MAX
     pq_min: int = PQ_MIN
-    probe_share: float = 0.1
+    probe_share: float = 0.15
     nprobe: int = 0
     consistency_overlap: float = 2.0
     consistency_margin: float = 0.05
     bound_scale: float = 1.0
     sparsity_margin: float = float("inf")
-    ann_bound: bool = True
+    ann_bound: bool = False
     pq_refine: int = 1
     pq_error_quantile: float = 0.75
 
@@ -647,12 +651,13 @@ def gather(parts: list[tuple[Snapshot, np.ndarray | None]], *, dim: int) -> Snap
 
 def _estimate_error(exact: np.ndarray, estimates: np.ndarray, valid: np.ndarray, quantile: float) -> np.ndarray:
     """(s,) the ``quantile`` of the hits' underestimates ``exact - estimate`` per sub-query (>= 0; 0 without hits)."""
-    errors = np.full(exact.shape, np.nan)
-    errors[valid] = exact[valid] - estimates[valid]
     spread = np.zeros(len(exact))
-    some = valid.any(axis=1)
-    if some.any():
-        spread[some] = np.nanquantile(errors[some], quantile, axis=1)
+    for q in range(len(exact)):  # a handful of sub-queries, a few dozen hits each
+        errors = np.sort(exact[q, valid[q]] - estimates[q, valid[q]])
+        if len(errors):  # numpy's default ("linear") quantile, without np.quantile's overhead
+            at = quantile * (len(errors) - 1)
+            low = int(at)
+            spread[q] = errors[low] + (at - low) * (errors[min(low + 1, len(errors) - 1)] - errors[low])
     return spread.clip(min=0.0)
 
 
@@ -735,7 +740,7 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
     parent_sim = sims[:, parent_col]
     best_region = coarse.best[:, image_pos]  # (s, n_seg) best coarse similarity of the segment's image
     seg_vectors = snapshot.region_vectors(seg_rows)
-    exact = _segment_bound(queries, seg_vectors, coarse_vectors[parent_col], parent_sim)
+    exact = _segment_bound(queries, segment_geometry(seg_vectors, coarse_vectors, parent_col), parent_sim)
     bound_known = None
     if cap is not None:  # what the segment ANN search already showed (see _segment_caps)
         cap_values, hit_best, hit_rows, known = cap
@@ -765,24 +770,46 @@ def _descend(snapshot: Snapshot, queries: np.ndarray, coarse: MaxSimScores,
 
 
 _BOUND_SLACK = 1e-4  # float32 / float16 rounding: a bound never falls below the true similarity
+_GEOMETRY_SLACK = 2e-5  # relative rounding of a float32 dot product of a few hundred terms, with a margin
+_NORM, _PARENT_NORM, _ANGLE, _DISTANCE = range(4)  # columns of segment_geometry
 
 
-def _segment_bound(queries: np.ndarray, seg: np.ndarray, par: np.ndarray, parent_sim: np.ndarray) -> np.ndarray:
+def segment_geometry(segments: np.ndarray, parents: np.ndarray, parent_of: np.ndarray | None = None) -> np.ndarray:
+    """(n, 4) float32 query-independent geometry of (n, dim) ``segments`` against their parents:
+    the segment's norm ``|v|``, the parent's norm ``|p|``, the angle between them and ``||v - p||``.
+
+    ``parent_of`` (n,) picks each segment's parent among the rows of ``parents`` (None: row i
+    is segment i's parent). Three dot products a segment (no (n, dim) temporaries); the angle
+    and the distance are rounded up by more than float32 rounding can take away, so the bounds
+    built on them stay upper bounds.
+    """
+    parent_sq = np.einsum("ij,ij->i", parents, parents)
+    picked = parents if parent_of is None else parents[parent_of]
+    if parent_of is not None:
+        parent_sq = parent_sq[parent_of]
+    seg_sq = np.einsum("ij,ij->i", segments, segments)
+    dot = np.einsum("ij,ij->i", segments, picked)
+    seg_norm, par_norm = np.sqrt(seg_sq), np.sqrt(parent_sq)
+    cos_vp = dot / np.maximum(seg_norm * par_norm, 1e-12) - _GEOMETRY_SLACK
+    distance = np.sqrt(np.maximum(seg_sq + parent_sq - 2 * dot, 0) + _GEOMETRY_SLACK * (seg_sq + parent_sq))
+    return np.stack([seg_norm, par_norm, np.arccos(np.clip(cos_vp, -1, 1)), distance], axis=1).astype(np.float32)
+
+
+def _segment_bound(queries: np.ndarray, geometry: np.ndarray, parent_sim: np.ndarray) -> np.ndarray:
     """(s, n_seg) exact upper bound of ``q . v`` for each segment ``v`` from its parent ``p``.
 
     On the sphere the angle between q and v is at least |angle(q, p) - angle(v, p)|, so
     ``q . v <= |q| |v| cos(max(0, angle(q, p) - angle(v, p)))``; the Cauchy-Schwarz bound
     ``q . p + |q| ||v - p||`` also holds, and the smaller of the two is used. Both need only
-    the parent's similarity (already computed) and query-independent segment geometry.
-    ``seg`` and ``par`` are the (n_seg, dim) vectors of the segments and of their parents.
+    the parent's similarity (already computed) and the segments' query-independent
+    ``geometry`` (:func:`segment_geometry`).
     """
-    seg_norm, par_norm = np.linalg.norm(seg, axis=1), np.linalg.norm(par, axis=1)
+    seg_norm, par_norm = geometry[:, _NORM], geometry[:, _PARENT_NORM]
     q_norm = np.linalg.norm(queries, axis=1)[:, None]
-    cos_vp = np.einsum("ij,ij->i", seg, par) / np.maximum(seg_norm * par_norm, 1e-12)
     cos_qp = parent_sim / np.maximum(q_norm * par_norm[None, :], 1e-12)
-    gap = np.maximum(np.arccos(np.clip(cos_qp, -1, 1)) - np.arccos(np.clip(cos_vp, -1, 1))[None, :], 0.0)
+    gap = np.maximum(np.arccos(np.clip(cos_qp, -1, 1)) - geometry[None, :, _ANGLE], 0.0)
     angular = q_norm * seg_norm[None, :] * np.cos(gap)
-    radius = parent_sim + q_norm * np.linalg.norm(seg - par, axis=1)[None, :]
+    radius = parent_sim + q_norm * geometry[None, :, _DISTANCE]
     return (np.minimum(angular, radius) + _BOUND_SLACK).astype(np.float32)
 
 
@@ -790,26 +817,25 @@ def _visit(queries: np.ndarray, scored: MaxSimScores, segments: tuple[np.ndarray
            useful: np.ndarray, images: np.ndarray, stats: SearchStats) -> MaxSimScores:
     """Score the useful segments of ``images`` (candidate indices) and fold them into ``scored``.
 
-    ``segments`` is (rows, candidate index of each row's image, (n, dim) float32 vectors).
+    ``segments`` is (rows, candidate index of each row's image (non-decreasing), (n, dim) float32 vectors).
     """
     seg_rows, image_pos, seg_vectors = segments
-    best, rows = scored.best.copy(), scored.best_rows.copy()
     chosen = np.zeros(len(scored.image_ids), bool)
     chosen[images] = True
-    chosen = chosen[image_pos]
+    visit = useful & chosen[image_pos][None, :]
+    best, rows = scored.best.copy(), scored.best_rows.copy()
     visited = 0
     for q in range(len(queries)):
-        sel = np.flatnonzero(useful[q] & chosen)
+        sel = np.flatnonzero(visit[q])
         if len(sel) == 0:
             continue
         sims = seg_vectors[sel] @ queries[q]
         visited += len(sel)
-        order = np.lexsort((-sims, image_pos[sel]))  # per image, best segment first
-        first = order[np.r_[True, image_pos[sel][order][1:] != image_pos[sel][order][:-1]]]
-        pos, top_sims = image_pos[sel][first], sims[first]
-        better = top_sims > best[q, pos]
-        best[q, pos[better]] = top_sims[better]
-        rows[q, pos[better]] = seg_rows[sel][first][better]
+        top, arg = segment_max(sims[None, :], image_pos[sel])  # per image, its first best segment
+        pos, top, first = image_pos[sel[arg[0]]], top[0], sel[arg[0]]
+        better = top > best[q, pos]
+        best[q, pos[better]] = top[better]
+        rows[q, pos[better]] = seg_rows[first[better]]
     stats.dot_products += visited
     stats.extra["segments_visited"] = stats.extra.get("segments_visited", 0) + visited
     return MaxSimScores(scored.image_ids, best, rows, scored.dot_products + visited)

@@ -250,7 +250,7 @@ def test_stage_table_switches_each_stage_and_restores_the_settings(tiny_bench):
     for row in rows.values():
         assert 0.0 <= row["recall@k"] <= 1.0 and row["dot_products"] > 0
     markdown = (tiny_bench / "report.md").read_text()
-    assert "## Pruning stages of himir" in markdown and "no ANN caps on segment bounds" in markdown
+    assert "## Pruning stages of himir" in markdown and "ANN caps of segment bounds on" in markdown
     # the saved index keeps its own settings
     from himir_rag import HiMIRIndex
 

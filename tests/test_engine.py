@@ -187,7 +187,7 @@ def test_search_vectors_validates_its_input(planted):
 
 
 def test_segment_bound_is_never_below_the_true_similarity(planted):
-    from himir_rag.scheduler import _segment_bound
+    from himir_rag.scheduler import _segment_bound, segment_geometry
 
     snapshot, _, _, _ = planted
     rng = np.random.default_rng(3)
@@ -196,12 +196,29 @@ def test_segment_bound_is_never_below_the_true_similarity(planted):
     for scale in (1.0, 0.3):  # unit and non-unit query vectors
         queries = unit(rng.normal(size=(4, DIM))) * scale
         parent_sim = queries @ snapshot.region_vectors(parents).T
-        bound = _segment_bound(queries, snapshot.region_vectors(rows), snapshot.region_vectors(parents), parent_sim)
+        bound = _segment_bound(queries, segment_geometry(snapshot.region_vectors(rows), snapshot.region_vectors(parents)),
+                               parent_sim)
         true = queries @ snapshot.region_vectors(rows).T
         assert (bound >= true).all()
         distance = np.linalg.norm(snapshot.region_vectors(rows) - snapshot.region_vectors(parents), axis=1)
         radius = parent_sim + np.linalg.norm(queries, axis=1)[:, None] * distance[None, :]
         assert (bound <= radius + 1e-3).all() and (bound < radius - 1e-3).mean() > 0.5  # tighter than C-S
+
+
+def test_segment_bound_holds_for_segments_next_to_their_parent():
+    """A segment equal or almost equal to its parent (where float32 rounding of the geometry
+    matters most) keeps a bound at or above its true similarity, for unit and scaled vectors."""
+    from himir_rag.scheduler import _segment_bound, segment_geometry
+
+    rng = np.random.default_rng(5)
+    parents = unit(rng.normal(size=(600, DIM))).astype(np.float32)
+    nudge = np.repeat([0.0, 1e-6, 1e-4, 1e-2], 150)[:, None] * rng.normal(size=(600, DIM))
+    for scale in (1.0, 7.0, 0.05):
+        segments = (scale * (parents + nudge)).astype(np.float32)
+        queries = np.concatenate([parents[:3], unit(rng.normal(size=(3, DIM)))]).astype(np.float32) * scale
+        parent_sim = queries @ (scale * parents).T
+        bound = _segment_bound(queries, segment_geometry(segments, scale * parents), parent_sim)
+        assert (bound >= queries @ segments.T).all()
 
 
 def test_with_precision_converts_and_keeps_the_catalog(planted, tmp_path):
