@@ -244,13 +244,17 @@ class HiMIRIndex:
 
         return MemoryStore(self.snapshot, self.candidate_stores)
 
-    def sync_candidate_stores(self) -> None:
-        """Bring the candidate stores up to date with the collection (incremental; done after add/delete)."""
+    def sync_candidate_stores(self, *, retrain_codes: bool = False) -> None:
+        """Bring the candidate stores up to date with the collection (incremental; done after add/delete).
+
+        ``retrain_codes``: also rebuild IVF-PQ stores built with other codes than this version's (compact does).
+        """
         if self.store is not None or self._snapshot is None:
             return
         params = self.config.scheduler_params
         self.candidate_stores.sync(self.snapshot, [Level[name.upper()] for name in params.candidate_levels],
-                                   index_kind=params.index_kind, flat_max=params.flat_max, pq_min=params.pq_min)
+                                   index_kind=params.index_kind, flat_max=params.flat_max, pq_min=params.pq_min,
+                                   retrain_codes=retrain_codes)
 
     @property
     def images(self) -> list[ImageRecord]:
@@ -1198,7 +1202,9 @@ class HiMIRIndex:
     def compact(self, directory: str | os.PathLike[str] | None = None, *,
                 lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> CompactReport:
         """Rewrite ``directory`` as one fresh full version: rows of deleted images and replaced
-        records are dropped, the append-only files start anew (see :mod:`himir_rag.appendlog`).
+        records are dropped, the append-only files start anew (see :mod:`himir_rag.appendlog`),
+        and IVF-PQ candidate stores built with other codes than this version builds (an index
+        saved by an older version) are retrained.
 
         Parameters
         ----------
@@ -1230,6 +1236,7 @@ class HiMIRIndex:
             directory = self._disk_version[0]
         directory = Path(directory)
         before = _live_bytes(directory)
+        self.sync_candidate_stores(retrain_codes=True)
         version = self._save(directory, lock_timeout=lock_timeout, overwrite=False, checkpoint=False, full=True)
         return CompactReport(version, before, _tree_bytes(version))
 

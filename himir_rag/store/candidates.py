@@ -103,15 +103,21 @@ class CandidateStores:
         return self._stores.get(Level(level))
 
     def sync(self, snapshot, levels: Iterable[Level], *, index_kind: str = "auto", flat_max: int = FLAT_MAX,
-             pq_min: int = PQ_MIN) -> None:
-        """Make the stores of ``levels`` (and every store already built) hold exactly ``snapshot``'s images."""
+             pq_min: int = PQ_MIN, retrain_codes: bool = False) -> None:
+        """Make the stores of ``levels`` (and every store already built) hold exactly ``snapshot``'s images.
+
+        ``retrain_codes`` also rebuilds IVF-PQ stores whose codes differ from what this version
+        builds (:func:`~himir_rag.store.faiss.pq_subquantizers`; e.g. stores saved by an older
+        version): ``HiMIRIndex.compact`` asks for it, a search never does (it would retrain at query time).
+        """
         levels = {Level(lv) for lv in levels}
         counts = snapshot.level_counts()
         with self._lock:
             kinds = {level: self.kind_for(counts[level.name.lower()], index_kind=index_kind, flat_max=flat_max,
                                           pq_min=pq_min) for level in levels | set(self._stores)}
             in_sync = self._synced is not None and self._synced() is snapshot
-            if in_sync and all(lv in self._stores and self._stores[lv].kind == kinds[lv] for lv in levels):
+            if in_sync and not retrain_codes and \
+                    all(lv in self._stores and self._stores[lv].kind == kinds[lv] for lv in levels):
                 return  # same snapshot, and the requested levels already have the kind these settings ask for
             current = np.sort(snapshot.image_ids)
             removed = np.setdiff1d(self._images, current, assume_unique=True)
@@ -119,7 +125,8 @@ class CandidateStores:
             for level, kind in kinds.items():
                 n_level = counts[level.name.lower()]
                 store = self._stores.get(level)
-                if store is None or store.kind != kind or self._outgrown(level, n_level):
+                if store is None or store.kind != kind or self._outgrown(level, n_level) or \
+                        (retrain_codes and not store.current_codes):
                     self._build(snapshot, level, kind)
                 else:
                     store.remove(self._keys_of(removed))

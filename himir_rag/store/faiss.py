@@ -150,6 +150,11 @@ class FaissStore:
         return 0 if self._index is None else int(self._index.ntotal)
 
     @property
+    def current_codes(self) -> bool:
+        """False for an IVF-PQ store whose sub-quantizer count is not :func:`pq_subquantizers` of its dimension."""
+        return self.kind != "ivfpq" or self._index is None or int(self._index.M) == pq_subquantizers(self.dim)
+
+    @property
     def lists(self) -> int:
         """IVF lists (1 for flat)."""
         return 1 if self._index is None or self.kind == "flat" else int(self._index.nlist)
