@@ -20,6 +20,7 @@ from himir_rag.bench.runner import (
     parse_modes,
     ranking_metrics,
     run_benchmark,
+    run_modes,
     summarize_grounding,
     target_checks,
 )
@@ -327,6 +328,39 @@ def test_summarize_grounding():
 
 
 # -- scale -------------------------------------------------------------------------------------
+def test_run_modes_orders_by_query_or_by_mode_with_the_same_rows():
+    from types import SimpleNamespace
+
+    from himir_rag.index import SearchResult
+    from himir_rag.scheduler import SearchStats
+
+    queries = [SimpleNamespace(query_id=f"q{i}", relevant=frozenset({i})) for i in range(3)]
+    modes = [RetrievalMode.MVR, RetrievalMode.HIMIR]
+    calls, decomposed = [], []
+
+    def search(mode, query, subs):
+        calls.append((mode.value, query.query_id))
+        stats = SearchStats(mode.value, dot_products=len(subs), latency_ms={"search": 1.0})
+        return SearchResult(query.query_id, tuple(subs), (), stats)
+
+    def decompose(query):
+        decomposed.append(query.query_id)
+        return [query.query_id, "b"]
+
+    runs = {}
+    for mode_major in (False, True):
+        calls.clear()
+        runs[mode_major] = run_modes(queries, modes, search, decompose=decompose, rank_ids=lambda r: [], time_decompose=False,
+                                     mode_major=mode_major)
+        timed = calls[len(modes):]  # after one warm-up search a mode
+        expected = [(m.value, q.query_id) for m in modes for q in queries] if mode_major else \
+            [(m.value, q.query_id) for q in queries for m in modes]
+        assert timed == expected
+    key = lambda row: (row["mode"], row["query_id"])  # noqa: E731
+    assert sorted(runs[True].per_query, key=key) == sorted(runs[False].per_query, key=key)
+    assert decomposed.count("q1") == 2  # once per run: every mode gets the same sub-queries
+
+
 def test_synthetic_collection_plants_targets():
     # signal/distractors of the planted model set explicitly: the defaults are sized for dim 384
     collection = build_synthetic_collection(images=500, dim=32, queries=10, seed=1, signal=3.0, distractors=10,

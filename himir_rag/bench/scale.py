@@ -328,7 +328,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
         runs = run_modes(
             evaluated, mode_list, lambda mode, query, subs: _search(index, mode, query, search_k),
             decompose=lambda query: query.subqueries, rank_ids=lambda result: [hit.image_id for hit in result.hits],
-            progress=progress, time_decompose=False)
+            progress=progress, time_decompose=False, mode_major=True)
     snapshot = index.snapshot
     summary = summarize_run(runs.per_query, mode_list, runs.skipped)
     _add_agreement(summary, runs.per_query, k=min(k, images))
