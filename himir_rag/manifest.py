@@ -261,6 +261,8 @@ def _checked_fields(values: Mapping[str, Any], cls: type, prefix: str, where: st
         if name not in fields:
             continue  # HiMIRConfig ignores keys of newer versions; SchedulerParams refuses them itself
         default = fields[name].default if fields[name].default is not dataclasses.MISSING else {}
+        if default is None and value is not None:  # an optional field ("float | None"): the kind it holds when set
+            default = _optional_sample(str(fields[name].type))
         if _is_int(default, None, None) and isinstance(value, float) and value.is_integer():
             checked[name] = value = int(value)
         if not _same_kind(value, default):
@@ -345,6 +347,15 @@ def _check_depth(value: Any, where: str) -> None:
 def _is_int(value: Any, low: int | None, high: int | None) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
             and (high is None or value <= high))
+
+
+def _optional_sample(annotation: str) -> Any:
+    """A value of the first plain JSON type named in an ``X | None`` annotation (None when there is none)."""
+    samples = {"bool": False, "int": 0, "float": 0.0, "str": ""}
+    for part in annotation.replace("Optional[", "").replace("]", "").split("|"):
+        if part.strip() in samples:
+            return samples[part.strip()]
+    return None
 
 
 def _same_kind(value: Any, default: Any) -> bool:

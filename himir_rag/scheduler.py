@@ -29,7 +29,7 @@ from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import Level
 from himir_rag.modes import MODE_LEVELS, MODES, ModeSpec, RetrievalMode, Scorer, parse_mode
 from himir_rag.store.base import KEY_SHIFT, Candidates, ImageStore, RegionView, locate
-from himir_rag.store.faiss import FLAT_MAX, PQ_MIN
+from himir_rag.store.faiss import FLAT_MAX, LARGE_LEVEL, PQ_MIN
 
 __all__ = [
     "RetrievalMode", "MaxSimScores", "SearchStats", "SchedulerParams", "maxsim", "segment_max", "score_exhaustive",
@@ -310,8 +310,11 @@ class SchedulerParams:
     probe_share : float
         Share of a level's IVF lists visited per sub-query. The list count grows as
         ~2 sqrt(n), so a fixed probe count finds ever fewer true neighbours as the
-        collection grows; a fixed share keeps the recall of the candidates. 0.15 (chosen on
-        the 100k synthetic tuning collection, seed 1: 0.1 lost 0.9 points of Recall@10 there).
+        collection grows; a fixed share keeps the recall of the candidates. None (the
+        default) = by the level's size: 0.1 below :data:`LARGE_LEVEL` vectors, 0.15 from it
+        (:meth:`probe_share_for`). Chosen on the tuning sets: on the seed-1 composite set
+        (1,600 / 6,400 vectors a level) 0.15 found no more and cost 7% more dot products; on
+        the 100k synthetic seed-1 collection 0.1 lost 0.9 points of Recall@10.
     nprobe : int
         A fixed count of IVF lists instead of ``probe_share`` (0 = use the share).
     consistency_overlap, consistency_margin : float
@@ -340,11 +343,13 @@ class SchedulerParams:
         hit): a candidate's best segment is its best hit, with that hit's row, and one
         without a hit cannot beat the lowest hit. Exact for flat stores; for IVF as exact
         as the probed lists and for IVF-PQ as its codes' ranking (the approximations the
-        candidates already make). Off by default: with IVF-PQ candidates (every level of
-        more than :data:`PQ_MIN` vectors) the caps rest on estimated scores, and on the
-        tuning sets (seed-1 composite, 100k synthetic seed 1) they cost 0.5-1.0 points of
-        Recall@10 for 10% fewer dot products and no time saved (benchmarks/README.md,
-        "Candidate codes").
+        candidates already make). None (the default) = on while the segment level holds
+        fewer than :data:`LARGE_LEVEL` vectors (:meth:`ann_bound_for`). With IVF-PQ the caps
+        rest on estimates: "nothing the search did not return beats the lowest hit by more
+        than the hits' errors" is a claim about the extreme of every scanned code, which
+        weakens as the scan grows. On the seed-1 composite set they save 8% of the dot
+        products at no loss; on the 100k synthetic seed-1 collection they cost 1 point of
+        Recall@10 and save no time (benchmarks/README.md, "Candidate codes").
     pq_error_quantile : float
         With ``ann_bound``: IVF-PQ hits are re-scored exactly; a segment the search did not
         return is taken to score at most the lowest hit's estimate plus this quantile of the
@@ -357,13 +362,13 @@ class SchedulerParams:
     index_kind: str = "auto"
     flat_max: int = FLAT_MAX
     pq_min: int = PQ_MIN
-    probe_share: float = 0.15
+    probe_share: float | None = None
     nprobe: int = 0
     consistency_overlap: float = 2.0
     consistency_margin: float = 0.05
     bound_scale: float = 1.0
     sparsity_margin: float = float("inf")
-    ann_bound: bool = False
+    ann_bound: bool | None = None
     pq_refine: int = 1
     pq_error_quantile: float = 0.75
 
@@ -398,7 +403,7 @@ class SchedulerParams:
             raise ConfigError("bound_scale and nprobe must be >= 0, pq_refine >= 1")
         if not 0 <= self.pq_error_quantile <= 1:
             raise ConfigError(f"pq_error_quantile must be in [0, 1], got {self.pq_error_quantile}")
-        if not 0 < self.probe_share <= 1:
+        if self.probe_share is not None and not 0 < self.probe_share <= 1:
             raise ConfigError(f"probe_share must be in (0, 1] (a share of the IVF lists), got {self.probe_share}")
 
     def overrides(self) -> dict[str, Any]:
@@ -414,6 +419,16 @@ class SchedulerParams:
         default = SchedulerParams()
         return {f.name: list(value) if isinstance(value, tuple) else value for f in dataclasses.fields(self)
                 if (value := getattr(self, f.name)) != getattr(default, f.name)}
+
+    def probe_share_for(self, n_level: int) -> float:
+        """The share of the lists probed in a level of ``n_level`` vectors (see ``probe_share``)."""
+        if self.probe_share is not None:
+            return self.probe_share
+        return 0.15 if n_level >= LARGE_LEVEL else 0.1
+
+    def ann_bound_for(self, n_segments: int) -> bool:
+        """Whether the segment hits cap the bounds, for a segment level of ``n_segments`` (see ``ann_bound``)."""
+        return n_segments < LARGE_LEVEL if self.ann_bound is None else self.ann_bound
 
     @classmethod
     def exact(cls) -> SchedulerParams:
@@ -576,10 +591,11 @@ def _candidates(store: ImageStore, queries: np.ndarray, *, k: int, allowed: np.n
     # a metadata filter the store cannot apply hides images from it: fetch more hits, in proportion
     fetch = want if store.applies_filters else int(want / max(share, 1e-9))
     found, spent, segment_hits = [], 0, None
+    ann_bound = params.ann_bound_for(store.level_counts()["segment"])
     for level in levels:
         hits = store.candidates(queries, level, fetch, params=params, allowed=allowed, filters=filters)
         found.append(hits.keys[hits.keys >= 0] >> KEY_SHIFT)
-        if level is Level.SEGMENT and params.ann_bound:  # only these hits' scores are used
+        if level is Level.SEGMENT and ann_bound:  # only these hits' scores are used
             segment_hits = hits
         spent += hits.dot_products
     ids = np.unique(np.concatenate(found))

@@ -139,19 +139,21 @@ def test_candidate_stores_survive_save_and_load(planted, tmp_path):
 def test_compact_retrains_pq_stores_saved_with_other_codes(planted, tmp_path, monkeypatch):
     """An index saved by a version that built other PQ codes keeps its stores on load (no retraining
     at query time); compact retrains them, and they then rank as freshly built ones."""
+    import himir_rag.store.candidates as candidate_module
     import himir_rag.store.faiss as faiss_store
 
     snapshot, queries, _, _ = planted
     config = F32.replace(scheduler={"index_kind": "ivfpq"})
-    current = faiss_store.pq_subquantizers(DIM)
+    current = faiss_store.pq_subquantizers(DIM, snapshot.level_counts()["segment"])
     with monkeypatch.context() as patch:  # the "older version": half as many sub-quantizers
-        patch.setattr(faiss_store, "pq_subquantizers", lambda dim: dim // 8)
+        for module in (faiss_store, candidate_module):
+            patch.setattr(module, "pq_subquantizers", lambda dim, n_vectors=0: dim // 8)
         old = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=config)
         old.sync_candidate_stores()
         old.save(tmp_path / "idx")
     loaded = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
     stale = loaded.candidate_stores.store(Level.SEGMENT)
-    assert stale._index.M == DIM // 8 != current and not stale.current_codes
+    assert stale._index.M == DIM // 8 != current and not stale.current_codes(len(stale))
     loaded.search_vectors(queries[0], k=5)  # searches keep the stores they were given
     assert loaded.candidate_stores.store(Level.SEGMENT) is stale
 
@@ -159,7 +161,8 @@ def test_compact_retrains_pq_stores_saved_with_other_codes(planted, tmp_path, mo
     compacted = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
     for level in (Level.REGION, Level.SEGMENT):
         store = compacted.candidate_stores.store(level)
-        assert store._index.M == current and store.current_codes and len(store) == snapshot.level_counts()[level.name.lower()]
+        assert store._index.M == current and store.current_codes(len(store))
+        assert len(store) == snapshot.level_counts()[level.name.lower()]
     fresh = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=config)
     for q in queries:
         a, b = compacted.search_vectors(q, k=5), fresh.search_vectors(q, k=5)

@@ -94,6 +94,8 @@ def test_deeply_nested_json_is_one_clean_error(saved, manifest):
     ({"config.scheduler": {"candidate_levels": 5}}, "config.scheduler.candidate_levels must be a list"),
     ({"config.scheduler": {"bound_scale": float("nan")}}, "config.scheduler.bound_scale must be a number"),
     ({"config.scheduler": {"no_such": 1}}, r"config is invalid \(unknown scheduler parameters"),
+    ({"config.scheduler": {"probe_share": "0.2"}}, "config.scheduler.probe_share must be a number, got a string"),
+    ({"config.scheduler": {"ann_bound": 1}}, "config.scheduler.ann_bound must be a boolean, got an int"),
     ({"config.layout": 4}, "config.layout must be a string"),
     ({"next_image_id": "5"}, "next_image_id must be an int >= 1"),
     ({"next_image_id": 0}, "next_image_id must be an int >= 1"),
@@ -119,6 +121,16 @@ def test_mistyped_fields_are_named(saved, manifest, change, message):
     write(saved, changed)
     with pytest.raises(IndexFormatError, match=message):
         load(saved)
+
+
+def test_optional_scheduler_fields_load_set_or_null(saved, manifest):
+    """probe_share / ann_bound default to None (by the level's size): null and a value both load."""
+    for values in ({"probe_share": 0.2, "ann_bound": False}, {"probe_share": None, "ann_bound": None}):
+        changed = copy.deepcopy(manifest)
+        changed["config"]["scheduler"] = values
+        write(saved, changed)
+        params = load(saved).config.scheduler_params
+        assert (params.probe_share, params.ann_bound) == (values["probe_share"], values["ann_bound"])
 
 
 def test_next_image_id_below_an_existing_id_is_refused_and_the_index_kept(saved, manifest, monkeypatch, tmp_path):

@@ -89,7 +89,8 @@ class CandidateStores:
         """Inner products one sub-query costs at a level of ``n_level`` vectors (before it is built)."""
         nlist = ivf_nlist(n_level)
         return search_cost(kind, n_level, dim=self.dim, nlist=nlist,
-                           nprobe=self.nprobe_for(nlist, probe_share=probe_share, nprobe=nprobe))
+                           nprobe=self.nprobe_for(nlist, probe_share=probe_share, nprobe=nprobe),
+                           subquantizers=pq_subquantizers(self.dim, n_level))
 
     @staticmethod
     def nprobe_for(n_lists: int, *, probe_share: float, nprobe: int = 0) -> int:
@@ -126,7 +127,7 @@ class CandidateStores:
                 n_level = counts[level.name.lower()]
                 store = self._stores.get(level)
                 if store is None or store.kind != kind or self._outgrown(level, n_level) or \
-                        (retrain_codes and not store.current_codes):
+                        (retrain_codes and not store.current_codes(n_level)):
                     self._build(snapshot, level, kind)
                 else:
                     store.remove(self._keys_of(removed))
@@ -140,7 +141,8 @@ class CandidateStores:
 
     def _build(self, snapshot, level: Level, kind: str) -> None:
         rows_all = np.flatnonzero(snapshot.levels == level)
-        store = FaissStore(self.dim, kind=kind, threads=self.threads)
+        store = FaissStore(self.dim, kind=kind, threads=self.threads,
+                           subquantizers=pq_subquantizers(self.dim, len(rows_all)) if kind == "ivfpq" else None)
         if kind != "flat" and len(rows_all):
             store.nlist = ivf_nlist(len(rows_all))
             # sample the rows first: only the training sample is converted to float32

@@ -13,7 +13,7 @@ from himir_rag.errors import ConfigError, IndexFormatError, MissingDependencyErr
 from himir_rag.threads import limit_threads
 
 __all__ = ["FaissStore", "import_faiss", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost",
-           "training_rows", "INDEX_KINDS", "PQ_DIMS", "FAISS_MISSING", "FLAT_MAX", "PQ_MIN"]
+           "training_rows", "INDEX_KINDS", "LARGE_LEVEL", "FAISS_MISSING", "FLAT_MAX", "PQ_MIN"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +51,26 @@ def ivf_nlist(n_vectors: int) -> int:
     return max(1, min(4096, int(2 * math.sqrt(max(n_vectors, 1))), n_vectors // 39))
 
 
-PQ_DIMS = 8  # dimensions per 4-bit sub-quantizer of the IVF-PQ fast-scan stores (dim >= 256)
-_PQ_MIN_SUBQUANTIZERS = 32  # below this many codes a vector is ranked too coarsely: 4 dimensions a code
+LARGE_LEVEL = 100_000  # vectors in a level from which its candidate scan is a large part of a query
+_PQ_MIN_SUBQUANTIZERS = 32  # below this many codes a vector is ranked too coarsely
 
 
-def pq_subquantizers(dim: int) -> int:
-    """Sub-quantizers of the 4-bit fast-scan PQ; 0 = not possible (``dim`` not a multiple of 4).
+def pq_subquantizers(dim: int, n_vectors: int = 0) -> int:
+    """Sub-quantizers of the 4-bit fast-scan PQ of a level of ``n_vectors``; 0 = not possible
+    (``dim`` not a multiple of 4).
 
-    One per :data:`PQ_DIMS` dimensions (48 at dim 384: 24 bytes a vector), one per 4 when that
-    gives fewer than 32. 8 dimensions a code scan in ~60% of the time of 4: on the 100k
-    synthetic tuning collection (seed 1) they keep himir-full's Recall@10 within 0.5 points
-    at 15% of the lists probed, as 4 do, at 0.8x the latency (benchmarks/README.md,
-    "Candidate codes"). Stores saved with other codes keep theirs.
+    One per 4 dimensions (96 at dim 384: 48 bytes a vector); from :data:`LARGE_LEVEL` vectors
+    on, one per 8 (24 bytes) when that still gives 32 or more. Coarser codes scan in ~60% of
+    the time and pay off only where the scan is much of a query: on the 100k synthetic tuning
+    collection they kept himir-full's Recall@10 as the finer ones do at 0.8x the latency, while
+    on the 400-photo composite sets (1,600 and 6,400 vectors a level) they found worse
+    candidates (2-3 points of Recall@10 on seeds 0 and 2; benchmarks/README.md, "Candidate codes").
     """
-    if dim % PQ_DIMS == 0 and dim // PQ_DIMS >= _PQ_MIN_SUBQUANTIZERS:
-        return dim // PQ_DIMS
-    return dim // 4 if dim % 4 == 0 and dim >= 8 else 0
+    if dim % 4 or dim < 8:
+        return 0
+    if n_vectors >= LARGE_LEVEL and dim % 8 == 0 and dim // 8 >= _PQ_MIN_SUBQUANTIZERS:
+        return dim // 8
+    return dim // 4
 
 
 def search_cost(kind: str, n_vectors: int, *, dim: int, nlist: int, nprobe: int, n_queries: int = 1,
@@ -124,12 +128,13 @@ class FaissStore:
     """
 
     def __init__(self, dim: int, *, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
-                 threads: int = 1, use_gpu: bool | None = None) -> None:
+                 threads: int = 1, use_gpu: bool | None = None, subquantizers: int | None = None) -> None:
         if kind not in INDEX_KINDS:
             raise ConfigError(f"faiss index kind {kind!r} is unknown; use one of {INDEX_KINDS}")
         if kind == "ivfpq" and not pq_subquantizers(dim):
             raise ConfigError(f"ivfpq needs a dimension divisible by 4 (>= 8), got dim={dim}; use kind='ivf'")
         self.dim, self.kind, self.nlist, self.nprobe, self.threads = dim, kind, nlist, nprobe, threads
+        self.subquantizers = subquantizers  # PQ codes of an ivfpq store trained here; None = pq_subquantizers(dim)
         self.use_gpu = faiss_gpu_available() if use_gpu is None else use_gpu
         self.distance_computations = 0
         self._index = self._new_index(0) if kind == "flat" else None
@@ -143,16 +148,16 @@ class FaissStore:
         nlist = self.nlist or ivf_nlist(n_train)
         if self.kind == "ivf":
             return faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        return faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(self.dim), self.dim, nlist, pq_subquantizers(self.dim), 4,
+        return faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(self.dim), self.dim, nlist,
+                                        self.subquantizers or pq_subquantizers(self.dim), 4,
                                         faiss.METRIC_INNER_PRODUCT)
 
     def __len__(self) -> int:
         return 0 if self._index is None else int(self._index.ntotal)
 
-    @property
-    def current_codes(self) -> bool:
-        """False for an IVF-PQ store whose sub-quantizer count is not :func:`pq_subquantizers` of its dimension."""
-        return self.kind != "ivfpq" or self._index is None or int(self._index.M) == pq_subquantizers(self.dim)
+    def current_codes(self, n_level: int) -> bool:
+        """False for an IVF-PQ store whose codes are not those :func:`pq_subquantizers` gives a level of ``n_level``."""
+        return self.kind != "ivfpq" or self._index is None or int(self._index.M) == pq_subquantizers(self.dim, n_level)
 
     @property
     def lists(self) -> int:
@@ -246,7 +251,7 @@ class FaissStore:
         """A store of this one's kind and training (IVF lists, PQ codebooks) holding no vectors."""
         faiss = import_faiss()
         copy = FaissStore(self.dim, kind=self.kind, nlist=self.nlist, nprobe=self.nprobe, threads=self.threads,
-                          use_gpu=self.use_gpu)
+                          use_gpu=self.use_gpu, subquantizers=self.subquantizers)
         if self._index is not None:
             with self._lock:
                 copy._index = faiss.clone_index(self._index)

@@ -91,9 +91,9 @@ class MemoryStore:
 
     def candidate_cost(self, level: Level, params: Any) -> float:
         """Inner products of one sub-query's search of ``level``'s store, of the kind ``params`` pick."""
-        return self.candidate_stores.estimate_cost(self._kind(level, params),
-                                                   self.level_counts()[Level(level).name.lower()],
-                                                   probe_share=params.probe_share, nprobe=params.nprobe)
+        n_level = self.level_counts()[Level(level).name.lower()]
+        return self.candidate_stores.estimate_cost(self._kind(level, params), n_level,
+                                                   probe_share=params.probe_share_for(n_level), nprobe=params.nprobe)
 
     def candidates(self, queries: np.ndarray, level: Level, k: int, *, params: Any,
                    allowed: np.ndarray | None = None, filters: Mapping[str, Any] | None = None) -> Candidates:
@@ -106,8 +106,9 @@ class MemoryStore:
         kind = self._kind(level, params)
         stores.sync(self.snapshot, [level], index_kind=params.index_kind, flat_max=params.flat_max,
                     pq_min=params.pq_min)
-        wanted = min(k * (params.pq_refine if kind == "ivfpq" else 1), max(self.level_counts()[level.name.lower()], 1))
-        scores, keys, cost, exact = stores.search(level, queries, wanted, probe_share=params.probe_share,
+        n_level = self.level_counts()[level.name.lower()]
+        wanted = min(k * (params.pq_refine if kind == "ivfpq" else 1), max(n_level, 1))
+        scores, keys, cost, exact = stores.search(level, queries, wanted, probe_share=params.probe_share_for(n_level),
                                                   nprobe=params.nprobe)
         return Candidates(scores, keys, int(cost), exact=exact)
 
