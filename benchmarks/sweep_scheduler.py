@@ -20,6 +20,17 @@ skipped, and the median search time is printed too (indicative: one process, no 
 ``--stages`` adds one row per pruning stage of the pass, switched off (or on, for the ones
 off by default): what each stage saves and what it costs in Recall@10 (``ms`` is the mean
 search time of a setting: indicative, one process).
+
+``--index NAME`` sweeps ``BENCH_DIR/NAME`` instead of ``BENCH_DIR/index`` (e.g. ``index-416``
+of ``himir bench run --index-dir``). ``--dims-per-code D`` rebuilds the loaded index's
+candidate stores first with one 4-bit PQ sub-quantizer per D dimensions in every IVF-PQ level
+(the library picks 4 or 8 by the level's size, see ``himir_rag.store.faiss.pq_subquantizers``;
+this overrides that rule for the sweep only; nothing is saved). ``--no-reference`` (scale
+directories) skips himir-full's top-k and reports Recall@10 against the planted targets only::
+
+    python benchmarks/sweep_scheduler.py /tmp/s100k-tune --range 0:200 --dims-per-code 4 '{}' '{"probe_share": 0.1}'
+    python benchmarks/sweep_scheduler.py /tmp/bench-tune --index index-416 --dims-per-code 8 '{}'
+    python benchmarks/sweep_scheduler.py /tmp/s1m --range 100:200 --no-reference '{}' '{"probe_share": 0.1}'
 """
 
 from __future__ import annotations
@@ -42,9 +53,10 @@ _COUNTERS = ("candidates", "candidate_dot_products", "coarse_dot_products", "seg
 from himir_rag.bench.stages import STAGES, StageQuery, measure_setting  # noqa: E402
 
 
-def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
+def main(bench_dir: str, settings: list[str], k: int = 10, *, index_name: str = "index",
+         dims_per_code: int = 0) -> None:
     root = Path(bench_dir)
-    index = HiMIRIndex.load(root / "index")
+    index = _load(root / index_name, dims_per_code)
     queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
     qrels = {}
     for line in (root / "qrels.jsonl").read_text().splitlines():
@@ -67,7 +79,8 @@ def main(bench_dir: str, settings: list[str], k: int = 10) -> None:
               f"ms={m['search_ms_mean']:.0f} {_counters(m)}")
 
 
-def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 10) -> None:
+def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 10, *, index_name: str = "index",
+               dims_per_code: int = 0, reference: bool = True) -> None:
     from himir_rag.bench.scale import saved_collection
 
     root = Path(bench_dir)
@@ -75,24 +88,29 @@ def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 1
     planted, _ = saved_collection(root, recipe)
     start, stop = (int(x) for x in query_range.split(":"))
     planted = planted[start:stop]
-    index = HiMIRIndex.load(root / "index")
+    index = _load(root / index_name, dims_per_code)
     cache = root / f"sweep-full-{start}-{stop}.json"
-    if cache.is_file():
+    if not reference:  # recall against the planted targets only (at 1M each exhaustive query takes seconds)
+        full = None
+    elif cache.is_file():
         full = {q: set(ids) for q, ids in json.loads(cache.read_text()).items()}
     else:
         full = {q.query_id: {h.image_id for h in index.search_vectors(q.subquery_vectors, k=k, mode="himir-full").hits}
                 for q in planted}
         cache.write_text(json.dumps({q: sorted(ids) for q, ids in full.items()}))
-    truth = [len(full[q.query_id] & q.relevant) / len(q.relevant) for q in planted]
-    print(f"himir-full Recall@{k} {np.mean(truth):.4f} on queries {start}:{stop}")
-    work = [StageQuery(q.subquery_vectors, frozenset(q.relevant), frozenset(full[q.query_id])) for q in planted]
+    if full is not None:
+        truth = [len(full[q.query_id] & q.relevant) / len(q.relevant) for q in planted]
+        print(f"himir-full Recall@{k} {np.mean(truth):.4f} on queries {start}:{stop}")
+    work = [StageQuery(q.subquery_vectors, frozenset(q.relevant), None if full is None else frozenset(full[q.query_id]))
+            for q in planted]
     base = index.config
     print(f"{'setting':60s} Recall@{k}  vs-full  mean dots  p50 ms")
     for setting in settings:
         index.set_config(base.replace(scheduler=_setting(setting)))
         index.search_vectors(planted[0].subquery_vectors, k=k)  # builds stores the setting asks for
         m = _measure(index, work, k=k)
-        print(f"{setting:60s} {m['recall@k']:8.4f} {m['agreement']:8.4f} {m['dot_products']:10.0f} "
+        agreement = "-" if m["agreement"] is None else f"{m['agreement']:.4f}"
+        print(f"{setting:60s} {m['recall@k']:8.4f} {agreement:>8s} {m['dot_products']:10.0f} "
               f"{m['search_ms_p50']:7.1f}  {_counters(m)}")
 
 
@@ -105,6 +123,28 @@ def _measure(index: HiMIRIndex, work: list[StageQuery], *, k: int, mode: str = "
 def _counters(m: dict) -> str:
     return " ".join(f"{name}={value:.0f}" for name, value in m["counters"].items())
 
+def _load(directory: Path, dims_per_code: int) -> HiMIRIndex:
+    """The saved index; with ``dims_per_code``, its candidate stores rebuilt with that PQ code size."""
+    index = HiMIRIndex.load(directory)
+    if dims_per_code:
+        import himir_rag.store.candidates as candidates
+        from himir_rag.store.candidates import CandidateStores
+
+        candidates.pq_subquantizers = lambda dim, n_vectors=0: dim // dims_per_code if dim % dims_per_code == 0 else 0
+        index._candidate_stores = CandidateStores(index.snapshot.dim, threads=index.config.search_threads)
+        index.sync_candidate_stores()
+        print(f"candidate stores rebuilt with {dims_per_code} dimensions a PQ code")
+    return index
+
+
+def _option(args: list[str], name: str, default: str) -> tuple[str, list[str]]:
+    """The value of ``--name VALUE`` in ``args`` (``default`` when absent) and the other arguments."""
+    if name not in args:
+        return default, args
+    at = args.index(name)
+    return args[at + 1], args[:at] + args[at + 2:]
+
+
 def _setting(name: str) -> dict:
     """A JSON setting, or the name of a --stages row."""
     return dict(STAGES[name]) if name in STAGES else json.loads(name)
@@ -114,10 +154,12 @@ if __name__ == "__main__":
     args = sys.argv[2:]
     if "--stages" in args:
         args = [a for a in args if a != "--stages"] + list(STAGES)
+    index_name, args = _option(args, "--index", "index")
+    dims, args = _option(args, "--dims-per-code", "0")
     if (Path(sys.argv[1]) / "collection.json").is_file():
-        chosen = "0:100"
-        if args[:1] == ["--range"]:
-            chosen, args = args[1], args[2:]
-        main_scale(sys.argv[1], args, chosen)
+        chosen, args = _option(args, "--range", "0:100")
+        reference = "--no-reference" not in args
+        args = [a for a in args if a != "--no-reference"]
+        main_scale(sys.argv[1], args, chosen, index_name=index_name, dims_per_code=int(dims), reference=reference)
     else:
-        main(sys.argv[1], args)
+        main(sys.argv[1], args, index_name=index_name, dims_per_code=int(dims))
