@@ -15,8 +15,9 @@ __all__ = ["describe_index", "format_info"]
 
 
 def describe_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Counts, layout, encoder, store, config (with the effective scheduler parameters), the
-    autotuning record and the bytes on disk of the index in ``directory`` (plain JSON)."""
+    """Counts, layout, encoder, store, config (with the effective scheduler parameters: those that
+    depend on a level's size resolved for the index's counts), the autotuning record and the
+    bytes on disk of the index in ``directory`` (plain JSON)."""
     directory = Path(directory)
     version_dir = manifest_schema.current_version(directory)  # CURRENT read once: the version described
     manifest = manifest_schema.read_manifest(version_dir)
@@ -26,7 +27,12 @@ def describe_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
     # hard links (append-only files shared by versions) counted once
     total = sum({(s.st_dev, s.st_ino): s.st_size for s in (p.stat() for p in directory.rglob("*") if p.is_file())
                  }.values())
-    scheduler = {key: _plain(value) for key, value in dataclasses.asdict(config.scheduler_params).items()}
+    params = config.scheduler_params
+    scheduler = {key: _plain(value) for key, value in dataclasses.asdict(params).items()}
+    counts = {level: int(manifest.get("counts", {}).get(level, 0)) for level in ("global", "region", "segment")}
+    if params.probe_share is None:  # by each level's size: the share each candidate level gets now
+        scheduler["probe_share"] = {level: params.probe_share_for(counts[level]) for level in params.candidate_levels}
+    scheduler["ann_bound"] = params.ann_bound_for(counts["segment"])
     return {
         "path": str(directory.absolute()), "version": version, "format_version": manifest.get("format_version"),
         "saved_at": manifest.get("saved_at"), "counts": manifest.get("counts", {}),

@@ -134,6 +134,16 @@ def test_himir_info_prints_counts_and_the_autoconfig_record(tmp_path, color_enco
     assert missing.exit_code == 1 and "error:" in missing.output and "Traceback" not in missing.output
 
 
+def test_himir_info_resolves_the_size_dependent_scheduler_defaults(tmp_path, color_encoder):
+    index = HiMIRIndex(color_encoder, HiMIRConfig())
+    index.add(_photos(tmp_path / "photos", 3), progress=False)
+    index.save(tmp_path / "idx")
+    info = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "idx"), "--json"]).output)
+    assert info["config"]["scheduler"] == {}  # nothing set by hand
+    effective = info["scheduler_effective"]
+    assert effective["probe_share"] == {"region": 0.1, "segment": 0.1} and effective["ann_bound"] is True
+
+
 def test_apply_record_sets_the_parameters(planted_index):
     index = HiMIRIndex.from_snapshot(planted_index.snapshot, encoder=_NoEncoder(), config=F32)
     apply_record(index, {"source": "auto", "params": {"candidate_k": 12}, "images": len(index)})
