@@ -800,11 +800,10 @@ def segment_geometry(segments: np.ndarray, parents: np.ndarray, parent_of: np.nd
     built on them stay upper bounds.
     """
     parent_sq = np.einsum("ij,ij->i", parents, parents)
-    picked = parents if parent_of is None else parents[parent_of]
-    if parent_of is not None:
-        parent_sq = parent_sq[parent_of]
+    if parent_of is not None:  # one parent row per segment (a parent's norm computed once)
+        parents, parent_sq = parents[parent_of], parent_sq[parent_of]
     seg_sq = np.einsum("ij,ij->i", segments, segments)
-    dot = np.einsum("ij,ij->i", segments, picked)
+    dot = np.einsum("ij,ij->i", segments, parents)
     seg_norm, par_norm = np.sqrt(seg_sq), np.sqrt(parent_sq)
     cos_vp = dot / np.maximum(seg_norm * par_norm, 1e-12) - _GEOMETRY_SLACK
     distance = np.sqrt(np.maximum(seg_sq + parent_sq - 2 * dot, 0) + _GEOMETRY_SLACK * (seg_sq + parent_sq))
@@ -848,7 +847,8 @@ def _visit(queries: np.ndarray, scored: MaxSimScores, segments: tuple[np.ndarray
         sims = seg_vectors[sel] @ queries[q]
         visited += len(sel)
         top, arg = segment_max(sims[None, :], image_pos[sel])  # per image, its first best segment
-        pos, top, first = image_pos[sel[arg[0]]], top[0], sel[arg[0]]
+        first, top = sel[arg[0]], top[0]
+        pos = image_pos[first]
         better = top > best[q, pos]
         best[q, pos[better]] = top[better]
         rows[q, pos[better]] = seg_rows[first[better]]
