@@ -352,10 +352,7 @@ def _is_int(value: Any, low: int | None, high: int | None) -> bool:
 def _optional_sample(annotation: str) -> Any:
     """A value of the first plain JSON type named in an ``X | None`` annotation (None when there is none)."""
     samples = {"bool": False, "int": 0, "float": 0.0, "str": ""}
-    for part in annotation.replace("Optional[", "").replace("]", "").split("|"):
-        if part.strip() in samples:
-            return samples[part.strip()]
-    return None
+    return next((samples[part.strip()] for part in annotation.split("|") if part.strip() in samples), None)
 
 
 def _same_kind(value: Any, default: Any) -> bool:

@@ -584,14 +584,14 @@ def _candidates(store: ImageStore, queries: np.ndarray, *, k: int, allowed: np.n
         return _every(store, allowed), None
     levels = [Level[name.upper()] for name in params.candidate_levels]
     share = n_allowed / max(len(store), 1)
+    counts = store.level_counts()
     if store.in_memory and params.index_kind == "auto":
-        counts = store.level_counts()
         if sum(store.candidate_cost(level, params) for level in levels) >= (counts["global"] + counts["region"]) * share:
             return _every(store, allowed), None  # small collection: scoring everything is cheaper
     # a metadata filter the store cannot apply hides images from it: fetch more hits, in proportion
     fetch = want if store.applies_filters else int(want / max(share, 1e-9))
     found, spent, segment_hits = [], 0, None
-    ann_bound = params.ann_bound_for(store.level_counts()["segment"])
+    ann_bound = params.ann_bound_for(counts["segment"])
     for level in levels:
         hits = store.candidates(queries, level, fetch, params=params, allowed=allowed, filters=filters)
         found.append(hits.keys[hits.keys >= 0] >> KEY_SHIFT)

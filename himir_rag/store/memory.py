@@ -84,15 +84,17 @@ class MemoryStore:
         """Stored regions per level (cached on the snapshot)."""
         return self.snapshot.level_counts()
 
-    def _kind(self, level: Level, params: Any) -> str:
-        return self.candidate_stores.kind_for(self.level_counts()[Level(level).name.lower()],
-                                              index_kind=params.index_kind, flat_max=params.flat_max,
+    def _count(self, level: Level) -> int:
+        return self.level_counts()[Level(level).name.lower()]
+
+    def _kind(self, n_level: int, params: Any) -> str:
+        return self.candidate_stores.kind_for(n_level, index_kind=params.index_kind, flat_max=params.flat_max,
                                               pq_min=params.pq_min)
 
     def candidate_cost(self, level: Level, params: Any) -> float:
         """Inner products of one sub-query's search of ``level``'s store, of the kind ``params`` pick."""
-        n_level = self.level_counts()[Level(level).name.lower()]
-        return self.candidate_stores.estimate_cost(self._kind(level, params), n_level,
+        n_level = self._count(level)
+        return self.candidate_stores.estimate_cost(self._kind(n_level, params), n_level,
                                                    probe_share=params.probe_share_for(n_level), nprobe=params.nprobe)
 
     def candidates(self, queries: np.ndarray, level: Level, k: int, *, params: Any,
@@ -103,10 +105,10 @@ class MemoryStore:
         """
         level = Level(level)
         stores = self.candidate_stores
-        kind = self._kind(level, params)
+        n_level = self._count(level)
+        kind = self._kind(n_level, params)
         stores.sync(self.snapshot, [level], index_kind=params.index_kind, flat_max=params.flat_max,
                     pq_min=params.pq_min)
-        n_level = self.level_counts()[level.name.lower()]
         wanted = min(k * (params.pq_refine if kind == "ivfpq" else 1), max(n_level, 1))
         scores, keys, cost, exact = stores.search(level, queries, wanted, probe_share=params.probe_share_for(n_level),
                                                   nprobe=params.nprobe)
