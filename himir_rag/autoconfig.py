@@ -135,11 +135,14 @@ def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[st
         raise ValueError(f"{len(queries)} queries but {len(relevant)} relevance sets")
     started = time.perf_counter()
     k = min(k, len(index))
-    workload = _workload(index, queries, relevant, k=k, decomposer=decomposer)
+    workload, reference_pass = _workload(index, queries, relevant, k=k, decomposer=decomposer)
     report = TuneReport(chosen=Trial({}, 0.0, 0.0, 0.0), target="recall" if relevant else "agreement-with-himir-full",
                         k=k, budget_dot_products=budget_dot_products, budget_ms=budget_ms, queries=len(queries))
-    report.baselines = {mode.value: _evaluate_exhaustive(index, workload, mode, k)
-                        for mode in (RetrievalMode.MVR, reference_mode())}
+    full = reference_mode()
+    report.baselines = {
+        RetrievalMode.MVR.value: _evaluate_exhaustive(index, workload, RetrievalMode.MVR, k),
+        full.value: _evaluate_exhaustive(index, workload, full, k) if reference_pass is None
+        else _trial({"mode": full.value}, workload, *reference_pass)}
     current = dataclasses.asdict(index.config.scheduler_params)
     best = _run(index, workload, current, k, report)
     for _ in range(passes):
@@ -233,7 +236,10 @@ def apply_record(index: HiMIRIndex, record: dict[str, Any]) -> None:
 
 
 def _workload(index: HiMIRIndex, queries: Sequence[str], relevant: Sequence[set[str]] | None, *, k: int,
-              decomposer: Any) -> _Workload:
+              decomposer: Any) -> tuple[_Workload, tuple[list[np.ndarray], list[int], list[float]] | None]:
+    """The encoded queries with their reference sets; without ``relevant`` the reference is
+    himir-full's top-``k``, and its pass (:func:`_exhaustive_pass`) is returned too (else None)."""
+    reference_pass = None
     if decomposer is None:
         from himir_rag.decompose import RuleDecomposer
 
@@ -251,8 +257,9 @@ def _workload(index: HiMIRIndex, queries: Sequence[str], relevant: Sequence[set[
             logger.warning("%d labelled images are not in the index and count as misses (e.g. %s)",
                            len(unknown), unknown[0])
     else:
-        reference = [set(_top(index.image_store, vecs, reference_mode(), k).tolist()) for vecs in vectors]
-    return _Workload(vectors, reference)
+        reference_pass = _exhaustive_pass(index.image_store, vectors, reference_mode(), k)
+        reference = [set(found.tolist()) for found in reference_pass[0]]
+    return _Workload(vectors, reference), reference_pass
 
 
 def _accuracy(found: np.ndarray, reference: set[int]) -> float:
