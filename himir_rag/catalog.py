@@ -96,13 +96,13 @@ class _Buffers:
         return {name: self.arrays[name][:stop] for name in self.names}
 
 
-
 def run_starts(region_image: np.ndarray) -> np.ndarray:
     """(n_images + 1,) int64 first row of each run of equal image ids, then the row count."""
     n = len(region_image)
     if n == 0:
         return np.zeros(1, np.int64)
     return np.r_[np.flatnonzero(np.r_[True, region_image[1:] != region_image[:-1]]), n].astype(np.int64)
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -315,8 +315,7 @@ class Snapshot:
             raise ValueError("region arrays differ in length")
         if not np.isin(self.levels, [int(lv) for lv in Level]).all():
             raise ValueError("a region has an unknown level")
-        starts = run_starts(self.region_image)[:-1]
-        owners = self.region_image[starts]
+        starts, owners = self.image_starts[:-1], self.image_ids  # cached: the first search reuses them
         if len(set(owners.tolist())) != len(owners) or set(owners.tolist()) != set(self.images):
             raise ValueError("images and region rows do not match (every image needs one contiguous run of rows)")
         if (self.levels[starts] != Level.GLOBAL).any() or (self.parents[starts] != -1).any():

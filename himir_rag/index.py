@@ -1286,7 +1286,7 @@ class HiMIRIndex:
             _check_free_space(directory, needed)
             staging.mkdir()
             log = self._write_version(staging, snapshot, skipped, next_id, base=base, with_stores=with_stores)
-            _verify_version(staging)
+            manifest_schema.read_manifest(staging)  # it reads back: the manifest parses, every listed file has its size
             _fsync_dir(staging)  # the files' directory entries are durable before the version is published
             os.rename(staging, directory / version)
             _fsync_dir(directory)
@@ -1555,12 +1555,6 @@ def _check_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"{free} bytes free, about {needed} needed", str(directory))
-
-
-def _verify_version(target: Path) -> None:
-    """The version just written reads back: its manifest parses and every file it lists has the size it
-    says (:func:`himir_rag.manifest.read_manifest`; the counts in it come from the snapshot itself)."""
-    manifest_schema.read_manifest(target)
 
 
 def _chunks(items: list[Any], size: int, every: int | None = None) -> Iterator[list[Any]]:

@@ -53,7 +53,6 @@ def resolve_stored(stored: str, root: str | os.PathLike[str] | None) -> tuple[st
     return os.path.normpath(os.path.join(root, *PurePosixPath(stored).parts)), stored
 
 
-
 def stored_resolver(root: str | os.PathLike[str] | None) -> Callable[[str], tuple[str, str]]:
     """:func:`resolve_stored` against ``root`` for many rows (a catalog's), with the root normalised once
     and a fast path for plain relative rows: no empty, ``.`` or ``..`` part (nothing for ``normpath`` to
@@ -69,6 +68,7 @@ def stored_resolver(root: str | os.PathLike[str] | None) -> Callable[[str], tupl
             return prefix + stored, stored
         return resolve_stored(stored, root)
     return resolve
+
 
 def photo_base(path: str, relpath: str, root: str | os.PathLike[str] | None) -> str:
     """The folder ``path`` must stay inside: the root for root-relative photos, else its own folder."""

@@ -65,7 +65,6 @@ class ColorEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-
 class RegionColorEncoder(ColorEncoder):
     """The colour encoder with an ``embed_regions`` that crops: enough to exercise the roi plumbing
     (``region_calls`` counts its calls: one per chunk of photos)."""
@@ -79,6 +78,7 @@ class RegionColorEncoder(ColorEncoder):
     def embed_regions(self, images, boxes):
         self.region_calls += 1
         return self.embed_images([im.crop(tuple(int(v) for v in box)) for im, bs in zip(images, boxes) for box in bs])
+
 
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows of ``x`` L2-normalised, float32."""
