@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from himir_rag import manifest as manifest_schema
-from himir_rag.appendlog import APPENDED_FILES, VECTORS, LogState, read_version, write_appended, write_full
+from himir_rag.appendlog import LogState, read_version, write_appended, write_full
 from himir_rag.catalog import VECTOR_DTYPES, ImageRecord, Snapshot
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, get_encoder, saved_encoder_spec
@@ -60,7 +60,7 @@ from himir_rag.images import decode_image, image_header_problem, iter_image_file
 from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
                               encode_photos, encode_views, granularity_keep, prepare_or_skip, region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
-from himir_rag.manifest import FORMAT_VERSION
+from himir_rag.manifest import APPENDED_FILES, FORMAT_VERSION, VECTORS
 from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
 from himir_rag.modes import MODES, RetrievalMode, parse_mode
 from himir_rag.scheduler import Ranking, SchedulerParams, SearchStats, rank
