@@ -70,11 +70,14 @@ def index_command(
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
     decomposer: str = typer.Option("grid", help="Image decomposer: grid | segments."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Crops per encoder batch (4: fastest on CPU)."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Crops per encoder batch (2: fastest on CPU)."),
     region_encoding: Optional[str] = typer.Option(
         None, "--region-encoding", help="crops (each region encoded on its own) | roi (one forward per photo, "
         "regions pooled from it; offline encoder) [default: crops, or as the index was built]."),
     device: str = _DEVICE,
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="torch threads of the encoder on CPU [default: 1, the fastest on a "
+                                               "shared machine; on idle cores their count is faster]."),
     prune_cosine: Optional[float] = typer.Option(None, help="Drop segments this similar to their parent (0-1)."),
     precision: str = typer.Option("float16", help="Stored vector type of a new index: float16 (default, half the size) | float32."),
     checkpoint_every: int = typer.Option(256, min=1, help="Save the index every N images (resumable)."),
@@ -102,6 +105,10 @@ def index_command(
     """Index a photo folder. Re-running indexes only new or changed files."""
     _setup_logging(verbose)
     _set_offline(offline)
+    if threads is not None:
+        from himir_rag.encoders import set_inference_threads
+
+        set_inference_threads(threads)
     location = qdrant_url or (None if qdrant_path is None else str(qdrant_path.absolute()))
     try:
         user_metadata = None if metadata is None else _read_metadata(metadata)

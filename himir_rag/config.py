@@ -104,7 +104,8 @@ class HiMIRConfig:
         Segments whose embedding has cosine above this with their parent's are not
         stored (offline granularity pruning). 1.0 disables.
     batch_size : int
-        Crops encoded per batch (4 was the fastest measured on CPU; see benchmarks/README.md).
+        Crops encoded per batch (2 was the fastest measured on CPU, with a build's parallel encoder
+        calls; see benchmarks/README.md, "Indexing throughput").
     region_encoding : str
         How regions are embedded: ``"crops"`` (each region cut out and encoded on its own)
         or ``"roi"`` (one forward per photo, each region pooled from its feature map; needs
@@ -154,7 +155,7 @@ class HiMIRConfig:
     max_image_pixels: int = 50_000_000
     min_region_frac: float = 0.002
     prune_cosine: float = 1.0
-    batch_size: int = 4
+    batch_size: int = 2
     region_encoding: str = "crops"
     scheduler: SchedulerParams = field(default_factory=_default_scheduler)
     default_mode: str = "himir"  # himir_rag.modes.DEFAULT_MODE

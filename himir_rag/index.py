@@ -58,7 +58,8 @@ from himir_rag.filters import compile_filter, matching_ids
 from himir_rag.hierarchy import Level, RegionTree
 from himir_rag.images import decode_image, image_header_problem, iter_image_files
 from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
-                              encode_photos, encode_views, granularity_keep, prepare_or_skip, region_decomposer)
+                              encode_photos, encode_views, encode_workers, granularity_keep, prepare_or_skip,
+                              region_decomposer)
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
 from himir_rag.manifest import APPENDED_FILES, FORMAT_VERSION, VECTORS
 from himir_rag.paths import outside_reason, photo_base, relative_to_root, resolve_stored
@@ -714,7 +715,8 @@ class HiMIRIndex:
     def _encode_chunk(self, chunk: list[PreparedPhoto], report: BuildReport,
                       on_photos: Callable[[int], None] | None = None) -> list[tuple[PreparedPhoto, np.ndarray]]:
         encoded, skipped = encode_photos(chunk, self.encoder, batch_size=self.config.batch_size,
-                                         region_encoding=self.config.region_encoding, on_photos=on_photos)
+                                         region_encoding=self.config.region_encoding, on_photos=on_photos,
+                                         workers=encode_workers(self.encoder))
         report.crops_encoded += sum(len(item.tree) for item in chunk)
         report.skipped.extend(skipped)
         return encoded

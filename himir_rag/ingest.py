@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ from PIL import Image
 from himir_rag.catalog import ImageRecord
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, RegionEncoder
+from himir_rag.encoders.base import cpu_threads
 from himir_rag.errors import ConfigError, HiMIRError, ImageLoadError
 from himir_rag.hierarchy import ImageDecomposer, Level, RegionTree, get_decomposer
 from himir_rag.images import load_image
 from himir_rag.thumbnails import make_thumbnail
 
 __all__ = ["PreparedPhoto", "MetadataSource", "MetadataLookup", "CROP_MAX_SIDE", "region_decomposer", "cut",
-           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_views", "encode_photos", "view_boxes",
+           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_views", "encode_photos", "encode_workers", "view_boxes",
            "metadata_for", "checked_metadata", "crop_box", "area_keep", "granularity_keep"]
 
 logger = logging.getLogger(__name__)
@@ -119,13 +121,46 @@ def prepare_or_skip(path: Path, replaces: int | None, metadata: MetadataSource, 
         return f"unexpected error ({type(exc).__name__}: {exc}); please report it"
 
 
+_MAX_WORKERS = 8
+
+
+def encode_workers(encoder: Encoder) -> int:
+    """How many encoder calls an in-process build runs at once.
+
+    An encoder whose ``concurrent_calls`` attribute is true (the offline encoder on CPU) runs
+    one call per core that its torch threads leave free: with the default 1 thread a call,
+    one per core (at most 8). Parallel calls on one thread each use the cores without the
+    OpenMP pool's wake-ups and stalls: on 2 shared cores 6.4 photos/s against 3.4 for one
+    call at a time (benchmarks/README.md, "Indexing throughput"). Else (GPU, CLIP, or
+    ``OMP_NUM_THREADS`` set: torch's own pool then spreads each call) 1.
+    """
+    if not getattr(encoder, "concurrent_calls", False):
+        return 1
+    threads = cpu_threads(getattr(encoder, "threads", None))
+    if threads is None:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(_MAX_WORKERS, cores // threads))
+
+
+def _in_order(work: Callable[[int], np.ndarray], starts: Sequence[int], workers: int) -> Iterator[np.ndarray]:
+    """``work(start)`` for each of ``starts``, in order, ``workers`` calls at a time."""
+    if workers <= 1 or len(starts) <= 1:
+        yield from map(work, starts)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="himir-encode") as pool:
+        yield from pool.map(work, starts)
+
+
 def encode_crops(crops: list[Image.Image], encoder: Encoder, *, batch_size: int,
-                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """(len(crops), dim) vectors of the crops, in batches of ``batch_size``; ``on_batch(n)``
-    after each batch, with the number of crops encoded so far."""
+                 on_batch: Callable[[int], None] | None = None, workers: int = 1) -> np.ndarray:
+    """(len(crops), dim) vectors of the crops, in batches of ``batch_size``, ``workers`` batches
+    at a time (:func:`encode_workers`); ``on_batch(n)`` after each batch, in order, with the
+    number of crops encoded so far."""
+    starts = range(0, len(crops), batch_size)
     parts = []
-    for i in range(0, len(crops), batch_size):
-        parts.append(encoder.embed_images(crops[i : i + batch_size]))
+    for i, part in zip(starts, _in_order(lambda i: encoder.embed_images(crops[i : i + batch_size]), starts, workers)):
+        parts.append(part)
         if on_batch is not None:
             on_batch(min(i + batch_size, len(crops)))
     return np.concatenate(parts)
@@ -155,12 +190,13 @@ def encode_views(views: Sequence[Image.Image], trees: Sequence[RegionTree], enco
 
 
 def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *, batch_size: int,
-                  region_encoding: str = "crops", on_photos: Callable[[int], None] | None = None
-                  ) -> tuple[list[tuple[PreparedPhoto, np.ndarray]], list[tuple[str, str]]]:
+                  region_encoding: str = "crops", on_photos: Callable[[int], None] | None = None,
+                  workers: int = 1) -> tuple[list[tuple[PreparedPhoto, np.ndarray]], list[tuple[str, str]]]:
     """The regions of ``photos`` encoded together: their crops in batches of ``batch_size``, or with
     ``region_encoding="roi"`` pooled from one pass over each photo's :attr:`PreparedPhoto.view`
-    (``batch_size`` photos a call). ``on_photos(n)`` says each time ``n`` more photos are encoded
-    (a progress bar that moves photo by photo, not chunk by chunk).
+    (``batch_size`` photos a call); ``workers`` calls at a time (:func:`encode_workers`).
+    ``on_photos(n)`` says each time ``n`` more photos are encoded (a progress bar that moves
+    photo by photo, not chunk by chunk).
 
     Returns
     -------
@@ -171,12 +207,16 @@ def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *, batch_size: 
     """
     if region_encoding == "roi":
         counts = [len(item.tree) for item in photos]
-        parts = []
-        for i in range(0, len(photos), batch_size):
+        parts, starts = [], range(0, len(photos), batch_size)
+
+        def views_of(i: int) -> np.ndarray:
             group = photos[i : i + batch_size]
-            parts.append(encode_views([item.view for item in group], [item.tree for item in group], encoder))
+            return encode_views([item.view for item in group], [item.tree for item in group], encoder)
+
+        for i, part in zip(starts, _in_order(views_of, starts, workers)):
+            parts.append(part)
             if on_photos is not None:
-                on_photos(len(group))
+                on_photos(len(photos[i : i + batch_size]))
         vectors = np.concatenate(parts) if parts else None
     else:
         crops = [crop for item in photos for crop in item.crops]
@@ -190,7 +230,8 @@ def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *, batch_size: 
                 on_photos(finished - done[0])
                 done[0] = finished
 
-        vectors = encode_crops(crops, encoder, batch_size=batch_size, on_batch=photos_done) if crops else None
+        vectors = (encode_crops(crops, encoder, batch_size=batch_size, on_batch=photos_done, workers=workers)
+                   if crops else None)
     if not photos or vectors is None:
         return [], []
     bounds = np.cumsum([0] + counts)

@@ -96,7 +96,7 @@ def run_command(
     region_encoding: str = typer.Option("crops", "--region-encoding",
                                         help="crops | roi | crops,roi (one index each, side by side in the report)."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto (encoder device)."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Crops per encoder batch (new index)."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Crops per encoder batch (new index)."),
     throughput_images: int = typer.Option(20, min=0, help="Images whose crops time the encoder alone (0: skip)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where the report goes (default OUT_DIR)."),

@@ -793,7 +793,7 @@ def _run_encoding(bench_dir: Path, queries: list[Any], scenes: Mapping[str, dict
 def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[str] = DEFAULT_MODES,
                   encoder: Encoder | str = "offline", decomposer: str = "rule", layout: str = "1+4+16",
                   k: int = 10, limit_queries: int | None = None, index_dir: str | os.PathLike[str] | None = None,
-                  device: str = "cpu", batch_size: int = 4, throughput_images: int = 20,
+                  device: str = "cpu", batch_size: int = 2, throughput_images: int = 20,
                   plots: bool = True, report_dir: str | os.PathLike[str] | None = None,
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
                   progress: bool = True,

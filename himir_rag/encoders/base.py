@@ -13,10 +13,11 @@ from PIL import Image
 from himir_rag.threads import torch_threads
 
 __all__ = ["Encoder", "RegionEncoder", "l2_normalize", "resolve_device", "inference_threads",
-           "set_inference_threads", "DEFAULT_CPU_THREADS"]
+           "set_inference_threads", "cpu_threads", "DEFAULT_CPU_THREADS"]
 
 # 1 thread was the fastest CPU inference measured on 2 shared cores (benchmarks/encoder_batches.py:
 # 55.5 crops/s at batch 4; 2 threads were 1.7-4x slower): OpenMP threads stall each other there.
+# A build uses the other cores with parallel calls instead (himir_rag.ingest.encode_workers).
 DEFAULT_CPU_THREADS = 1
 _process_threads: int | None = None  # set_inference_threads: the caller's choice for this process
 
@@ -72,15 +73,22 @@ def inference_threads(device: str, threads: int | None) -> Iterator[None]:
     own count when the user set ``OMP_NUM_THREADS``, else :data:`DEFAULT_CPU_THREADS`. GPU
     work and a count already in force change nothing.
     """
-    if threads is None:
-        threads = _process_threads
-    if threads is None and "OMP_NUM_THREADS" not in os.environ:
-        threads = DEFAULT_CPU_THREADS
+    threads = cpu_threads(threads)
     if threads is None or not device.startswith("cpu"):
         yield
         return
     with torch_threads(threads):
         yield
+
+
+def cpu_threads(threads: int | None) -> int | None:
+    """The torch threads a CPU forward runs on for an encoder built with ``threads`` (see
+    :func:`inference_threads`); None = torch's own count (the user set ``OMP_NUM_THREADS``)."""
+    if threads is None:
+        threads = _process_threads
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = DEFAULT_CPU_THREADS
+    return threads
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
