@@ -120,6 +120,10 @@ class HiMIRConfig:
         ``"himir"`` (the scheduled pass), or any other of :data:`himir_rag.modes.MODES`.
     search_threads : int
         Threads for query-time FAISS and torch work (1 is fastest on small or shared machines).
+    scan_workers : int
+        Threads a large candidate scan (IVF, at least ``store.faiss.SPLIT_MIN_SCAN`` vectors,
+        e.g. 1M photos) splits its probed lists over, each on one FAISS thread: one per core
+        when 0 (the default, at most 8); 1 never splits. Exact: the same hits either way.
     precision : str
         Storage type of the region vectors: ``"float32"`` or ``"float16"`` (half the memory
         and disk; scores are computed in float32 either way).
@@ -160,6 +164,7 @@ class HiMIRConfig:
     scheduler: SchedulerParams = field(default_factory=_default_scheduler)
     default_mode: str = "himir"  # himir_rag.modes.DEFAULT_MODE
     search_threads: int = 1
+    scan_workers: int = 0
     precision: str = "float16"
     auto_tune: bool = False
     auto_tune_min_images: int = 300
@@ -183,6 +188,8 @@ class HiMIRConfig:
             raise ConfigError(f"precision {self.precision!r} is unknown; use 'float32' or 'float16'")
         if isinstance(self.search_threads, bool) or not isinstance(self.search_threads, int) or self.search_threads < 1:
             raise ConfigError(f"search_threads must be an int >= 1, got {self.search_threads!r}")
+        if isinstance(self.scan_workers, bool) or not isinstance(self.scan_workers, int) or self.scan_workers < 0:
+            raise ConfigError(f"scan_workers must be an int >= 0 (0: one per core), got {self.scan_workers!r}")
         for name in ("max_query_chars", "max_subqueries", "max_subquery_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

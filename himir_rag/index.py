@@ -228,10 +228,13 @@ class HiMIRIndex:
     @property
     def candidate_stores(self) -> Any:
         """The :class:`~himir_rag.store.candidates.CandidateStores` the scheduler searches for candidates."""
+        from himir_rag.store.faiss import scan_workers_for
+
         if self._candidate_stores is None:
             from himir_rag.store.candidates import CandidateStores
 
             self._candidate_stores = CandidateStores(self.snapshot.dim, threads=self.config.search_threads)
+        self._candidate_stores.scan_workers = scan_workers_for(self.config.scan_workers)  # follows set_config
         return self._candidate_stores
 
     @property

@@ -118,6 +118,40 @@ def test_faiss_store_contract():
         FaissStore(16, kind="hnsw")
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_a_large_ivf_scan_split_over_threads_gives_the_same_hits_and_count(kind, monkeypatch):
+    import himir_rag.store.faiss as faiss_store
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(6000, 32)).astype(np.float32)
+    queries = rng.normal(size=(3, 32)).astype(np.float32)
+    whole = FaissStore(32, kind=kind, nlist=40, nprobe=11)
+    whole.add(np.arange(6000), vectors)
+    split = whole.empty_copy()
+    split.add(np.arange(6000), vectors)  # same training, same lists
+    split.scan_workers = 3
+    expected_scores, expected_ids = whole.search(queries, 25)
+    monkeypatch.setattr(faiss_store, "SPLIT_MIN_SCAN", 0)  # split even this small scan
+    scores, ids = split.search(queries, 25)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(expected_ids, axis=1))
+    np.testing.assert_allclose(np.sort(scores, axis=1), np.sort(expected_scores, axis=1), rtol=1e-6)
+    assert split.distance_computations == whole.distance_computations  # the same vectors scanned
+    index = faiss_store.import_faiss()
+    index.cvar.indexIVF_stats.reset()
+    whole._index.nprobe = 11
+    whole._index.search(queries, 25)
+    scanned = int(index.cvar.indexIVF_stats.ndis)  # FAISS's own count of the vectors its scan visited
+    assert whole._cost(3, scanned) == whole.distance_computations
+    split.add(np.arange(6000, 9000), vectors[:3000])  # a change refreshes the list sizes the count uses
+    before = split.distance_computations
+    split.search(queries, 25)
+    index.cvar.indexIVF_stats.reset()
+    split._index.nprobe = 11
+    split._index.search(queries, 25)
+    grown = int(index.cvar.indexIVF_stats.ndis)
+    assert grown > scanned and split.distance_computations - before == split._cost(3, grown)
+
+
 def test_ray_build_equals_single_process(scene_dir):
     pytest.importorskip("ray")
     (scene_dir / "broken.png").write_text("not an image")

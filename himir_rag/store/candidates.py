@@ -64,10 +64,13 @@ class CandidateStores:
         Vector dimension.
     threads : int
         OpenMP threads for searches.
+    scan_workers : int
+        Threads a large IVF search splits its lists over (:attr:`FaissStore.scan_workers
+        <himir_rag.store.faiss.FaissStore>`); the index sets it from ``HiMIRConfig.scan_workers``.
     """
 
-    def __init__(self, dim: int, *, threads: int = 1) -> None:
-        self.dim, self.threads = dim, threads
+    def __init__(self, dim: int, *, threads: int = 1, scan_workers: int = 1) -> None:
+        self.dim, self.threads, self.scan_workers = dim, threads, scan_workers
         self._stores: dict[Level, FaissStore] = {}
         self._trained_size: dict[Level, int] = {}
         self._images = np.zeros(0, np.int64)  # sorted image ids the stores hold
@@ -170,6 +173,7 @@ class CandidateStores:
         """
         store = self._stores[Level(level)]
         store.nprobe = self.nprobe_for(store.lists, probe_share=probe_share, nprobe=nprobe)
+        store.scan_workers = self.scan_workers
         before = store.distance_computations
         scores, ids = store.search(queries, k)
         return scores, ids, store.distance_computations - before, store.kind in ("flat", "ivf")

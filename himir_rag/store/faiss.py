@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ from himir_rag.errors import ConfigError, IndexFormatError, MissingDependencyErr
 from himir_rag.threads import limit_threads
 
 __all__ = ["FaissStore", "import_faiss", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost",
-           "training_rows", "INDEX_KINDS", "LARGE_LEVEL", "FAISS_MISSING", "FLAT_MAX", "PQ_MIN"]
+           "training_rows", "scan_workers_for", "INDEX_KINDS", "LARGE_LEVEL", "FAISS_MISSING", "FLAT_MAX", "PQ_MIN",
+           "SPLIT_MIN_SCAN"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,12 @@ FLAT_MAX = 256  # exact search up to this many vectors
 PQ_MIN = 1024
 _TRAIN_POINTS_PER_LIST = 64
 _PQ_LUT_DOTS = 16  # 4-bit codes: 16 centroids per sub-quantizer, one dim-long table per query
+# An IVF search scanning at least this many vectors splits its probed lists over the store's
+# scan workers (a thread each, one OpenMP thread per thread): at 1M images (16M segments, 15%
+# probed: ~6M codes a query) the two levels' scans took 16.8 ms instead of 28.5 ms on 2 idle
+# cores. Below it (the 100k collection scans ~0.6M) one thread does it all.
+SPLIT_MIN_SCAN = 1_000_000
+_MAX_SCAN_WORKERS = 8
 
 
 FAISS_MISSING = ("faiss is not installed; install himir-rag with a faiss extra: pip install 'himir-rag[cpu]' "
@@ -116,6 +125,10 @@ class FaissStore:
         IVF lists visited per query.
     threads : int
         OpenMP threads for search (1 is fastest for a handful of queries on small machines).
+    scan_workers : int
+        Threads a large IVF search (at least :data:`SPLIT_MIN_SCAN` vectors scanned) splits
+        its probed lists over, each on one OpenMP thread; the hits are merged exactly (the
+        same top-k as one scan). 1 = never split.
     use_gpu : bool or None
         Search on GPU; None = when a GPU build of faiss with a GPU is installed.
 
@@ -128,7 +141,8 @@ class FaissStore:
     """
 
     def __init__(self, dim: int, *, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
-                 threads: int = 1, use_gpu: bool | None = None, subquantizers: int | None = None) -> None:
+                 threads: int = 1, use_gpu: bool | None = None, subquantizers: int | None = None,
+                 scan_workers: int = 1) -> None:
         if kind not in INDEX_KINDS:
             raise ConfigError(f"faiss index kind {kind!r} is unknown; use one of {INDEX_KINDS}")
         if kind == "ivfpq" and not pq_subquantizers(dim):
@@ -136,8 +150,10 @@ class FaissStore:
         self.dim, self.kind, self.nlist, self.nprobe, self.threads = dim, kind, nlist, nprobe, threads
         self.subquantizers = subquantizers  # PQ codes of an ivfpq store trained here; None = pq_subquantizers(dim)
         self.use_gpu = faiss_gpu_available() if use_gpu is None else use_gpu
+        self.scan_workers = scan_workers
         self.distance_computations = 0
         self._index = self._new_index(0) if kind == "flat" else None
+        self._list_sizes: np.ndarray | None = None  # vectors per IVF list (what a probe scans), until the next change
         self._gpu_index = None
         self._lock = threading.RLock()
 
@@ -170,7 +186,7 @@ class FaissStore:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._lock, limit_threads(None):
-            self._index = self._new_index(len(vectors))
+            self._index, self._list_sizes = self._new_index(len(vectors)), None
             self._index.train(_training_sample(vectors, int(self._index.nlist)))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -186,7 +202,7 @@ class FaissStore:
             if self._index is None:
                 self.train(vectors)
             self._index.add_with_ids(vectors, ids)
-            self._gpu_index = None
+            self._gpu_index = self._list_sizes = None
 
     def remove(self, ids: np.ndarray) -> int:
         """Delete every vector stored under ``ids``; returns how many were removed."""
@@ -196,7 +212,7 @@ class FaissStore:
         with self._lock:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
             removed = int(self._index.remove_ids(selector))
-            self._gpu_index = None
+            self._gpu_index = self._list_sizes = None
         return removed
 
     def _searchable(self):
@@ -216,17 +232,50 @@ class FaissStore:
         n_queries = queries.shape[0]
         if len(self) == 0 or k <= 0:
             return np.full((n_queries, max(k, 0)), -np.inf, np.float32), np.full((n_queries, max(k, 0)), -1, np.int64)
-        faiss = import_faiss()
         with self._lock, limit_threads(self.threads):
             index = self._searchable()
-            if self.kind != "flat":
-                index.nprobe = min(self.nprobe, self.lists)
-                faiss.cvar.indexIVF_stats.reset()
-            scores, ids = index.search(queries, k)
-            scanned = int(faiss.cvar.indexIVF_stats.ndis) if self.kind != "flat" and index is self._index else None
+            if self.kind != "flat" and index is self._index:
+                scores, ids, scanned = self._ivf_search(queries, k)
+            else:  # exact, or an IVF store on GPU (its scan is estimated from the mean list size)
+                if self.kind != "flat":
+                    index.nprobe = min(self.nprobe, self.lists)
+                scores, ids = index.search(queries, k)
+                scanned = None
             self.distance_computations += self._cost(n_queries, scanned)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids
+
+    def _ivf_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """An IVF search on CPU from its coarse assignment: (scores, ids, vectors scanned).
+
+        The probed lists of every query are split over up to :attr:`scan_workers` threads
+        when the scan is large (:data:`SPLIT_MIN_SCAN`); each thread returns its lists' top
+        ``k`` and the merge keeps the best ``k``: every vector lies in one list, so that is
+        the top ``k`` of one scan. The count of scanned vectors comes from the list sizes
+        (FAISS's global search statistics are not safe under concurrent searches).
+        """
+        nprobe = min(self.nprobe, self.lists)
+        centroid_scores, lists = self._index.quantizer.search(queries, nprobe)
+        scanned = int(self._sizes()[lists[lists >= 0]].sum())
+        workers = min(self.scan_workers, nprobe) if scanned >= SPLIT_MIN_SCAN else 1
+        if workers <= 1:
+            return (*_scan_lists(self._index, queries, k, lists, centroid_scores), scanned)
+        pool = _scan_pool(workers - 1)
+        parts = [pool.submit(_scan_lists, self._index, queries, k, lists[:, w::workers], centroid_scores[:, w::workers])
+                 for w in range(1, workers)]
+        mine = _scan_lists(self._index, queries, k, lists[:, 0::workers], centroid_scores[:, 0::workers])
+        found = [mine] + [part.result() for part in parts]
+        scores = np.concatenate([np.where(i >= 0, d, -np.inf) for d, i in found], axis=1)
+        ids = np.concatenate([i for _, i in found], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1), scanned
+
+    def _sizes(self) -> np.ndarray:
+        """(nlist,) vectors in each IVF list (cached until the store changes)."""
+        if self._list_sizes is None:
+            lists = self._index.invlists
+            self._list_sizes = np.fromiter((lists.list_size(i) for i in range(lists.nlist)), np.int64, lists.nlist)
+        return self._list_sizes
 
     def _cost(self, n_queries: int, scanned: int | None) -> int:
         """Inner products of one search of ``n_queries`` (see :func:`search_cost`); ``scanned`` as
@@ -251,7 +300,7 @@ class FaissStore:
         """A store of this one's kind and training (IVF lists, PQ codebooks) holding no vectors."""
         faiss = import_faiss()
         copy = FaissStore(self.dim, kind=self.kind, nlist=self.nlist, nprobe=self.nprobe, threads=self.threads,
-                          use_gpu=self.use_gpu, subquantizers=self.subquantizers)
+                          use_gpu=self.use_gpu, subquantizers=self.subquantizers, scan_workers=self.scan_workers)
         if self._index is not None:
             with self._lock:
                 copy._index = faiss.clone_index(self._index)
@@ -267,7 +316,7 @@ class FaissStore:
             if self.kind != "flat":  # a delta shares this store's coarse quantizer (save_delta leaves it out)
                 other._index.quantizer, other._index.own_fields = self._index.quantizer, False
             self._index.merge_from(other._index, 0)
-            self._gpu_index = None
+            self._gpu_index = self._list_sizes = None
 
     def save_delta(self, path: Path) -> None:
         """:meth:`save` an IVF :meth:`empty_copy` filled with vectors, without the coarse quantizer it shares
@@ -337,3 +386,44 @@ def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
     """The rows of ``vectors`` that :func:`training_rows` picks."""
     rows = training_rows(len(vectors), nlist)
     return vectors if len(rows) == len(vectors) else vectors[rows]
+
+
+def scan_workers_for(setting: int) -> int:
+    """The scan workers of a setting: ``setting`` when >= 1, else (0) one per available core, at most 8."""
+    if setting >= 1:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(_MAX_SCAN_WORKERS, cores))
+
+
+def _scan_lists(index, queries: np.ndarray, k: int, lists: np.ndarray,
+                centroid_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of an IVF ``index`` over the given probed ``lists`` (q, p) per query."""
+    faiss = import_faiss()
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    centroid_scores = np.ascontiguousarray(centroid_scores, dtype=np.float32)
+    n = len(queries)
+    scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = lists.shape[1]
+    index.search_preassigned_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
+                               faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params, None)
+    return scores, ids
+
+
+_POOL_LOCK = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _scan_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's scan threads (at least ``workers``), each running FAISS on one OpenMP thread."""
+    global _pool, _pool_size
+    with _POOL_LOCK:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="himir-scan",
+                                       initializer=lambda: import_faiss().omp_set_num_threads(1))
+            _pool_size = workers
+        return _pool
