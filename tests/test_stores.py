@@ -244,3 +244,18 @@ def test_cli_index_into_qdrant(tmp_path):
     assert "cat.jpg" in result.stdout.splitlines()[2]
     result = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx2"), "--store", "qdrant"])
     assert result.exit_code == 1 and "exactly one of --qdrant-url" in result.stderr
+
+
+def test_scan_workers_setting_is_validated_and_reaches_the_candidate_stores(scene_dir, monkeypatch):
+    import himir_rag.store.faiss as faiss_store
+
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match="scan_workers"):
+            HiMIRConfig(scan_workers=bad)
+    monkeypatch.setattr(faiss_store.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert faiss_store.scan_workers_for(0) == 8 and faiss_store.scan_workers_for(3) == 3
+    index = HiMIRIndex(ColorEncoder(), HiMIRConfig(layout="1+4+16"))
+    index.add(scene_dir, progress=False)
+    assert index.candidate_stores.scan_workers == 8  # 0: one per core, at most 8
+    index.set_config(index.config.replace(scan_workers=1))
+    assert index.candidate_stores.scan_workers == 1
