@@ -123,7 +123,8 @@ class HiMIRConfig:
     scan_workers : int
         Threads a large candidate scan (IVF, at least ``store.faiss.SPLIT_MIN_SCAN`` vectors,
         e.g. 1M photos) splits its probed lists over, each on one FAISS thread: one per core
-        when 0 (the default, at most 8); 1 never splits. Exact: the same hits either way.
+        when 0 (the default, at most 8); 1 never splits. The same hits either way, up to
+        which of several IVF-PQ hits tied at the k-th score is kept.
     precision : str
         Storage type of the region vectors: ``"float32"`` or ``"float16"`` (half the memory
         and disk; scores are computed in float32 either way).

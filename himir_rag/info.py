@@ -55,8 +55,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"layout     {info['layout']} ({info['decomposer']} decomposer), vectors {info['vectors'].get('dtype')}",
         f"encoder    {encoder.get('name')} (dim {encoder.get('dim')}, spec {encoder.get('spec')!r})",
         f"store      {json.dumps(info['store'])}",
-        f"search     default mode {config['default_mode']}, {config['search_threads']} thread(s), large scans split "
-        f"over {config.get('scan_workers', 0) or 'one thread per core'}",
+        f"search     default mode {config['default_mode']}, {config['search_threads']} thread(s), large scans "
+        + {0: "split over one thread per core", 1: "not split"}.get(config.get("scan_workers", 0),
+                                                                   f"split over {config.get('scan_workers')} threads"),
         f"scheduler  {json.dumps(config['scheduler']) if config['scheduler'] else 'defaults'}",
         f"size       {_mib(info['bytes_on_disk']['live_version'])} live version, "
         f"{_mib(info['bytes_on_disk']['directory'])} directory",

@@ -45,37 +45,23 @@ def limit_threads(threads: int | None, *, torch: bool = False) -> Iterator[None]
             faiss.omp_set_num_threads(previous)
 
 
-_torch_holders = 0  # torch_threads blocks running now, in all threads
-_torch_restore = 0  # torch's count before the first of them entered
-_torch_depth = threading.local()  # per thread: how many torch_threads blocks it is inside
-
-
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with torch's intra-op pool on ``threads`` threads (under the same lock as
-    :func:`limit_threads`: both switch process-wide pools).
+    """Run the block with torch's intra-op pool on ``threads`` threads, restoring its count on exit
+    (under the same lock as :func:`limit_threads`).
 
-    A block nested in another of the same thread gives the outer block's count back on exit;
-    blocks running in several threads at once (parallel encoder calls) keep the count until
-    the last of them exits, which restores what torch had before the first.
+    With torch's OpenMP backend the count is per thread (a thread that never set one starts
+    from the last count set anywhere), so parallel encoder calls each set and restore their own.
     """
     import torch
 
-    global _torch_holders, _torch_restore
     with _LOCK:
-        outer = torch.get_num_threads()
-        if _torch_holders == 0:
-            _torch_restore = outer
-        _torch_holders += 1
-        _torch_depth.value = getattr(_torch_depth, "value", 0) + 1
-        if outer != threads:
+        previous = torch.get_num_threads()
+        if previous != threads:
             torch.set_num_threads(int(threads))
     try:
         yield
     finally:
-        with _LOCK:
-            _torch_holders -= 1
-            _torch_depth.value -= 1
-            back = _torch_restore if _torch_holders == 0 else outer if _torch_depth.value else None
-            if back is not None and torch.get_num_threads() != back:
-                torch.set_num_threads(back)
+        if previous != threads:
+            with _LOCK:
+                torch.set_num_threads(previous)

@@ -68,7 +68,11 @@ def test_encode_workers_counts_free_cores_for_concurrent_cpu_encoders(monkeypatc
     assert encode_workers(encoder) == 1
 
 
-def test_a_build_with_parallel_calls_stores_what_a_serial_build_stores(scene_dir):
+def test_a_build_with_parallel_calls_stores_what_a_serial_build_stores(scene_dir, monkeypatch):
+    import himir_rag.ingest as ingest
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ingest.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # any runner: 3 calls
     serial = HiMIRIndex(ColorEncoder(), HiMIRConfig(layout="1+4+16", batch_size=3))
     serial.add(scene_dir, progress=False)
     encoder = _Concurrent()
@@ -79,7 +83,7 @@ def test_a_build_with_parallel_calls_stores_what_a_serial_build_stores(scene_dir
     assert [r.path for r in parallel.snapshot.images.values()] == [r.path for r in serial.snapshot.images.values()]
 
 
-def test_torch_threads_nested_and_concurrent_blocks_restore_the_right_count():
+def test_torch_threads_gives_each_thread_its_own_count_back():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
     try:
@@ -90,20 +94,25 @@ def test_torch_threads_nested_and_concurrent_blocks_restore_the_right_count():
                 assert torch.get_num_threads() == 3
             assert torch.get_num_threads() == 1  # the outer block's count comes back
         assert torch.get_num_threads() == 2
-        seen, entered = [], threading.Barrier(2)
+        inside, release, seen = threading.Event(), threading.Event(), {}
 
-        def call(pause: float) -> None:
+        def call() -> None:
+            torch.set_num_threads(3)
             with torch_threads(1):
-                entered.wait()
-                time.sleep(pause)  # the short call exits while the long one still runs
-                seen.append(torch.get_num_threads())
+                seen["during"] = torch.get_num_threads()
+                inside.set()
+                release.wait(5)
+            seen["after"] = torch.get_num_threads()
 
-        workers = [threading.Thread(target=call, args=(pause,)) for pause in (0.0, 0.2)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        assert seen == [1, 1]  # the first exit did not give the running call 2 threads
+        worker = threading.Thread(target=call)
+        worker.start()
+        assert inside.wait(5)
+        with torch_threads(1):  # this block exits while the worker's is still open
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # the main thread has its own count back at once
+        release.set()
+        worker.join()
+        assert seen == {"during": 1, "after": 3}  # and so does the worker
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -131,11 +131,25 @@ def test_a_large_ivf_scan_split_over_threads_gives_the_same_hits_and_count(kind,
     split.add(np.arange(6000), vectors)  # same training, same lists
     split.scan_workers = 3
     expected_scores, expected_ids = whole.search(queries, 25)
+    whole._index.nprobe = 11
+    own_scores, own_ids = whole._index.search(queries, 25)  # FAISS's own search of the same lists
+    np.testing.assert_array_equal(expected_ids, own_ids)
+    np.testing.assert_allclose(expected_scores, own_scores, rtol=1e-6)
+    scans = []
+    real_scan = faiss_store._scan_lists
+    monkeypatch.setattr(faiss_store, "_scan_lists", lambda *args: scans.append(args[3].shape) or real_scan(*args))
     monkeypatch.setattr(faiss_store, "SPLIT_MIN_SCAN", 0)  # split even this small scan
     scores, ids = split.search(queries, 25)
+    assert sorted(scans) == [(3, 3), (3, 4), (3, 4)]  # 11 probed lists a query, in three shares
     np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(expected_ids, axis=1))
     np.testing.assert_allclose(np.sort(scores, axis=1), np.sort(expected_scores, axis=1), rtol=1e-6)
     assert split.distance_computations == whole.distance_computations  # the same vectors scanned
+    padded = [store.search(queries[:1], 2000)[1] for store in (whole, split)]  # more than the probed lists hold
+    assert (padded[0] == -1).sum() == (padded[1] == -1).sum() > 0
+    np.testing.assert_array_equal(np.sort(padded[0]), np.sort(padded[1]))
+    whole.distance_computations = split.distance_computations = 0
+    whole.search(queries, 25)
+    split.search(queries, 25)
     index = faiss_store.import_faiss()
     index.cvar.indexIVF_stats.reset()
     whole._index.nprobe = 11

@@ -125,6 +125,8 @@ class OfflineEncoder:
             raise ValueError(f"variant {variant!r} is unknown; use one of {sorted(_VARIANTS)}")
         if class_texts not in CLASS_TEXTS:
             raise ValueError(f"class_texts {class_texts!r} is unknown; use one of {', '.join(CLASS_TEXTS)}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an int >= 1 (or None for the default), got {threads!r}")
         self.class_texts = class_texts
         self.variant, self.device, self.top_classes = variant, resolve_device(device), top_classes
         self.threads = threads

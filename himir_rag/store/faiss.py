@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +127,8 @@ class FaissStore:
         OpenMP threads for search (1 is fastest for a handful of queries on small machines).
     scan_workers : int
         Threads a large IVF search (at least :data:`SPLIT_MIN_SCAN` vectors scanned) splits
-        its probed lists over, each on one OpenMP thread; the hits are merged exactly (the
-        same top-k as one scan). 1 = never split.
+        its probed lists over, each on one OpenMP thread; the hits are merged (the top-k of
+        one scan, up to ties at the k-th score). 1 = never split.
     use_gpu : bool or None
         Search on GPU; None = when a GPU build of faiss with a GPU is installed.
 
@@ -251,7 +251,8 @@ class FaissStore:
         The probed lists of every query are split over up to :attr:`scan_workers` threads
         when the scan is large (:data:`SPLIT_MIN_SCAN`); each thread returns its lists' top
         ``k`` and the merge keeps the best ``k``: every vector lies in one list, so that is
-        the top ``k`` of one scan. The count of scanned vectors comes from the list sizes
+        the top ``k`` of one scan, up to which of several vectors tied at the k-th score is
+        kept (IVF-PQ scores are quantized; the merge keeps the smallest ids). The count of scanned vectors comes from the list sizes
         (FAISS's global search statistics are not safe under concurrent searches).
         """
         nprobe = min(self.nprobe, self.lists)
@@ -260,14 +261,16 @@ class FaissStore:
         workers = min(self.scan_workers, nprobe) if scanned >= SPLIT_MIN_SCAN else 1
         if workers <= 1:
             return (*_scan_lists(self._index, queries, k, lists, centroid_scores), scanned)
-        pool = _scan_pool(workers - 1)
-        parts = [pool.submit(_scan_lists, self._index, queries, k, lists[:, w::workers], centroid_scores[:, w::workers])
-                 for w in range(1, workers)]
-        mine = _scan_lists(self._index, queries, k, lists[:, 0::workers], centroid_scores[:, 0::workers])
-        found = [mine] + [part.result() for part in parts]
+        parts = [_scan_pool(workers - 1).submit(_scan_lists, self._index, queries, k, lists[:, w::workers],
+                                                centroid_scores[:, w::workers]) for w in range(1, workers)]
+        try:
+            found = [_scan_lists(self._index, queries, k, lists[:, 0::workers], centroid_scores[:, 0::workers])]
+        finally:  # no thread may still read the index once the caller releases the lock
+            wait(parts)
+        found += [part.result() for part in parts]
         scores = np.concatenate([np.where(i >= 0, d, -np.inf) for d, i in found], axis=1)
         ids = np.concatenate([i for _, i in found], axis=1)
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best = np.lexsort((ids, -scores), axis=1)[:, :k]  # ties (PQ scores are quantized) by id
         return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1), scanned
 
     def _sizes(self) -> np.ndarray:
@@ -417,13 +420,23 @@ _pool_size = 0
 
 
 def _scan_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's scan threads (at least ``workers``), each running FAISS on one OpenMP thread."""
+    """The process's scan threads (at least ``workers``, started as needed), each running FAISS on
+    one OpenMP thread. A larger pool replaces a smaller one without shutting it down: a search
+    may still be submitting to it."""
     global _pool, _pool_size
     with _POOL_LOCK:
         if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="himir-scan",
+            _pool_size = max(workers, _MAX_SCAN_WORKERS)
+            _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="himir-scan",
                                        initializer=lambda: import_faiss().omp_set_num_threads(1))
-            _pool_size = workers
         return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's pool threads do not exist: start a new pool there."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
