@@ -122,7 +122,7 @@ class HiMIRConfig:
         Threads for query-time FAISS and torch work (1 is fastest on small or shared machines).
     scan_workers : int
         Threads a large candidate scan (IVF, at least ``store.faiss.SPLIT_MIN_SCAN`` vectors,
-        e.g. 1M photos) splits its probed lists over, each on one FAISS thread: one per core
+        e.g. from about 100k photos) splits its probed lists over, each on one FAISS thread: one per core
         when 0 (the default, at most 8); 1 never splits. The same hits either way, up to
         which of several IVF-PQ hits tied at the k-th score is kept.
     precision : str

@@ -28,10 +28,12 @@ PQ_MIN = 1024
 _TRAIN_POINTS_PER_LIST = 64
 _PQ_LUT_DOTS = 16  # 4-bit codes: 16 centroids per sub-quantizer, one dim-long table per query
 # An IVF search scanning at least this many vectors splits its probed lists over the store's
-# scan workers (a thread each, one OpenMP thread per thread): at 1M images (16M segments, 15%
-# probed: ~6M codes a query) the two levels' scans took 16.8 ms instead of 28.5 ms on 2 idle
-# cores. Below it (the 100k collection scans ~0.6M) one thread does it all.
-SPLIT_MIN_SCAN = 1_000_000
+# scan workers (a thread each, one OpenMP thread per thread). On 2 idle cores: at 1M images
+# (16M segments, 15% probed: ~6M vectors a search) 18-19 ms a query instead of 29 ms; on the
+# 100k tuning collection (seed 1; ~0.6M segment and ~0.15M region vectors a search) 6.0 ms
+# instead of 7.0 ms, with thresholds of 0, 100k and 300k alike. Smaller scans (a few thousand
+# photos) stay on one thread: a hand-off to another thread costs more than they take.
+SPLIT_MIN_SCAN = 200_000
 _MAX_SCAN_WORKERS = 8
 
 
