@@ -33,11 +33,12 @@ from himir_rag.encoders.base import cpu_threads
 from himir_rag.errors import ConfigError, HiMIRError, ImageLoadError
 from himir_rag.hierarchy import ImageDecomposer, Level, RegionTree, get_decomposer
 from himir_rag.images import load_image
+from himir_rag.threads import worker_count
 from himir_rag.thumbnails import make_thumbnail
 
 __all__ = ["PreparedPhoto", "MetadataSource", "MetadataLookup", "CROP_MAX_SIDE", "region_decomposer", "cut",
-           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_views", "encode_photos", "encode_workers", "view_boxes",
-           "metadata_for", "checked_metadata", "crop_box", "area_keep", "granularity_keep"]
+           "prepare_photo", "prepare_or_skip", "encode_crops", "encode_views", "encode_photos", "encode_workers",
+           "view_boxes", "metadata_for", "checked_metadata", "crop_box", "area_keep", "granularity_keep"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,6 @@ def prepare_or_skip(path: Path, replaces: int | None, metadata: MetadataSource, 
         return f"unexpected error ({type(exc).__name__}: {exc}); please report it"
 
 
-_MAX_WORKERS = 8
-
-
 def encode_workers(encoder: Encoder) -> int:
     """How many encoder calls an in-process build runs at once.
 
@@ -137,10 +135,7 @@ def encode_workers(encoder: Encoder) -> int:
     if not getattr(encoder, "concurrent_calls", False):
         return 1
     threads = cpu_threads(getattr(encoder, "threads", None))
-    if threads is None:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(_MAX_WORKERS, cores // threads))
+    return 1 if threads is None else worker_count(threads)
 
 
 def _in_order(work: Callable[[int], np.ndarray], starts: Sequence[int], workers: int) -> Iterator[np.ndarray]:
@@ -216,7 +211,7 @@ def encode_photos(photos: list[PreparedPhoto], encoder: Encoder, *, batch_size: 
         for i, part in zip(starts, _in_order(views_of, starts, workers)):
             parts.append(part)
             if on_photos is not None:
-                on_photos(len(photos[i : i + batch_size]))
+                on_photos(min(batch_size, len(photos) - i))
         vectors = np.concatenate(parts) if parts else None
     else:
         crops = [crop for item in photos for crop in item.crops]

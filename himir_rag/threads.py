@@ -1,4 +1,4 @@
-"""Thread counts for query-time work (FAISS's OpenMP pool and torch).
+"""Thread counts: query-time work (FAISS's OpenMP pool and torch) and parallel calls (:func:`worker_count`).
 
 A search runs a handful of query vectors: spreading that over several OpenMP threads
 costs more in wake-ups than it saves, and on small or shared machines two threads
@@ -10,13 +10,22 @@ keeps every core.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["limit_threads", "torch_threads"]
+__all__ = ["limit_threads", "torch_threads", "worker_count", "MAX_WORKERS"]
 
 _LOCK = threading.RLock()
+MAX_WORKERS = 8  # parallel calls (encoder calls of a build, candidate scan shares) at most
+
+
+def worker_count(threads_each: int = 1) -> int:
+    """Parallel calls of ``threads_each`` threads that fit on the cores this process may use (1 to
+    :data:`MAX_WORKERS`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cores // threads_each))
 
 
 @contextlib.contextmanager

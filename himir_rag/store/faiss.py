@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from himir_rag.errors import ConfigError, IndexFormatError, MissingDependencyError
-from himir_rag.threads import limit_threads
+from himir_rag.threads import MAX_WORKERS, limit_threads, worker_count
 
 __all__ = ["FaissStore", "import_faiss", "faiss_gpu_available", "auto_index_kind", "ivf_nlist", "search_cost",
            "training_rows", "scan_workers_for", "INDEX_KINDS", "LARGE_LEVEL", "FAISS_MISSING", "FLAT_MAX", "PQ_MIN",
@@ -34,7 +34,6 @@ _PQ_LUT_DOTS = 16  # 4-bit codes: 16 centroids per sub-quantizer, one dim-long t
 # instead of 7.0 ms, with thresholds of 0, 100k and 300k alike. Smaller scans (a few thousand
 # photos) stay on one thread: a hand-off to another thread costs more than they take.
 SPLIT_MIN_SCAN = 200_000
-_MAX_SCAN_WORKERS = 8
 
 
 FAISS_MISSING = ("faiss is not installed; install himir-rag with a faiss extra: pip install 'himir-rag[cpu]' "
@@ -254,8 +253,9 @@ class FaissStore:
         when the scan is large (:data:`SPLIT_MIN_SCAN`); each thread returns its lists' top
         ``k`` and the merge keeps the best ``k``: every vector lies in one list, so that is
         the top ``k`` of one scan, up to which of several vectors tied at the k-th score is
-        kept (IVF-PQ scores are quantized; the merge keeps the smallest ids). The count of scanned vectors comes from the list sizes
-        (FAISS's global search statistics are not safe under concurrent searches).
+        kept (IVF-PQ scores are quantized; the merge keeps the smallest ids). The count of
+        scanned vectors comes from the list sizes (FAISS's global search statistics are not
+        safe under concurrent searches).
         """
         nprobe = min(self.nprobe, self.lists)
         centroid_scores, lists = self._index.quantizer.search(queries, nprobe)
@@ -283,8 +283,8 @@ class FaissStore:
         return self._list_sizes
 
     def _cost(self, n_queries: int, scanned: int | None) -> int:
-        """Inner products of one search of ``n_queries`` (see :func:`search_cost`); ``scanned`` as
-        counted by FAISS, or None (GPU) to estimate it from the mean list size."""
+        """Inner products of one search of ``n_queries`` (see :func:`search_cost`); ``scanned`` = the
+        probed lists' vectors, or None (GPU) to estimate it from the mean list size."""
         if self.kind == "flat":
             return n_queries * len(self)
         return int(math.ceil(search_cost(self.kind, len(self), dim=self.dim, nlist=self.lists, nprobe=self.nprobe,
@@ -395,10 +395,7 @@ def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
 
 def scan_workers_for(setting: int) -> int:
     """The scan workers of a setting: ``setting`` when >= 1, else (0) one per available core, at most 8."""
-    if setting >= 1:
-        return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(_MAX_SCAN_WORKERS, cores))
+    return setting if setting >= 1 else worker_count()
 
 
 def _scan_lists(index, queries: np.ndarray, k: int, lists: np.ndarray,
@@ -428,7 +425,7 @@ def _scan_pool(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _POOL_LOCK:
         if _pool is None or _pool_size < workers:
-            _pool_size = max(workers, _MAX_SCAN_WORKERS)
+            _pool_size = max(workers, MAX_WORKERS)
             _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="himir-scan",
                                        initializer=lambda: import_faiss().omp_set_num_threads(1))
         return _pool
