@@ -6,7 +6,9 @@ Usage (a directory written by ``himir bench build`` and indexed by ``himir bench
 
 Queries are decomposed (rule decomposer) and encoded once; each setting then runs every
 query through ``HiMIRIndex.search_vectors``. Prints Recall@10 against the qrels, the mean
-dot products and ``mvr mean / mode mean`` for ``mvr``, ``himir-full`` and each setting.
+dot products and ``mvr mean / mode mean`` for ``mvr``, ``himir-full`` and each setting, and
+``vs-full``: the share of ``himir-full``'s top-10 each setting returns (a measure of how exactly
+the pass keeps the exhaustive ranking that does not depend on the qrels).
 Use it on a collection built with another ``--seed`` than the one you report on, so the
 chosen defaults are not tuned on the evaluation queries.
 
@@ -64,8 +66,10 @@ def main(bench_dir: str, settings: list[str], k: int = 10, *, index_name: str = 
             item = json.loads(line)
             qrels[item["query_id"]] = {str((root / p).absolute()) for p in item["paths"]}
     splitter = RuleDecomposer()
-    work = [StageQuery(index.encoder.embed_texts(splitter.decompose(q["query"]) or [q["query"]]),
-                       frozenset(qrels[q["id"]]), None) for q in queries]
+    vectors = [index.encoder.embed_texts(splitter.decompose(q["query"]) or [q["query"]]) for q in queries]
+    # himir-full's top-k of each query: the reference the agreement column compares with
+    full = [frozenset(hit.path for hit in index.search_vectors(v, k=k, mode="himir-full").hits) for v in vectors]
+    work = [StageQuery(v, frozenset(qrels[q["id"]]), ref) for v, q, ref in zip(vectors, queries, full)]
     base = index.config
     rows = []
     for name, mode, scheduler in [("mvr", "mvr", {}), ("himir-full", "himir-full", {}),
@@ -73,10 +77,10 @@ def main(bench_dir: str, settings: list[str], k: int = 10, *, index_name: str = 
         index.set_config(base.replace(scheduler=scheduler))
         rows.append((name, _measure(index, work, k=k, mode=mode, key=lambda hit: hit.path)))
     mvr_dots = rows[0][1]["dot_products"]
-    print(f"{'setting':60s} Recall@{k}  mean dots  mvr/mode")
+    print(f"{'setting':60s} Recall@{k}  vs-full  mean dots  mvr/mode")
     for name, m in rows:
-        print(f"{name:60s} {m['recall@k']:8.4f} {m['dot_products']:10.0f} {mvr_dots / m['dot_products']:8.2f}  "
-              f"ms={m['search_ms_mean']:.0f} {_counters(m)}")
+        print(f"{name:60s} {m['recall@k']:8.4f} {m['agreement']:8.4f} {m['dot_products']:10.0f} "
+              f"{mvr_dots / m['dot_products']:8.2f}  ms={m['search_ms_mean']:.0f} {_counters(m)}")
 
 
 def main_scale(bench_dir: str, settings: list[str], query_range: str, k: int = 10, *, index_name: str = "index",

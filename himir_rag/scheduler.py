@@ -306,15 +306,16 @@ class SchedulerParams:
         accurate (a segment holding the object is close to the sub-query).
     index_kind : str
         Candidate store kind: ``"auto"`` (flat up to ``flat_max`` vectors per level,
-        IVF-Flat up to ``pq_min``, IVF-PQ fast-scan above), ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
+        IVF-Flat below ``pq_min`` (:data:`LARGE_LEVEL`), IVF-PQ fast-scan from it), ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
     probe_share : float
         Share of a level's IVF lists visited per sub-query. The list count grows as
         ~2 sqrt(n), so a fixed probe count finds ever fewer true neighbours as the
         collection grows; a fixed share keeps the recall of the candidates. None (the
-        default) = by the level's size: 0.1 below :data:`LARGE_LEVEL` vectors, 0.15 from it
-        (:meth:`probe_share_for`). Chosen on the tuning sets: on the seed-1 composite set
-        (1,600 / 6,400 vectors a level) 0.15 found no more and cost 7% more dot products; on
-        the 100k synthetic seed-1 collection 0.1 lost 0.9 points of Recall@10.
+        default) = by the level's size: 0.06 below :data:`LARGE_LEVEL` vectors (IVF-Flat
+        there), 0.15 from it (IVF-PQ; :meth:`probe_share_for`). Chosen on the tuning sets: on
+        the composite tuning sets (seeds 1, 11 and 12, 1,200 queries; 1,600 / 6,400 vectors a
+        level) 0.06 kept the most of himir-full's top-10 within 1/3.5 of mvr's dot products
+        (0.08 cost more); on the 100k synthetic seed-1 collection 0.1 lost 0.9 points of Recall@10.
     nprobe : int
         A fixed count of IVF lists instead of ``probe_share`` (0 = use the share).
     consistency_overlap, consistency_margin : float
@@ -424,7 +425,7 @@ class SchedulerParams:
         """The share of the lists probed in a level of ``n_level`` vectors (see ``probe_share``)."""
         if self.probe_share is not None:
             return self.probe_share
-        return 0.15 if n_level >= LARGE_LEVEL else 0.1
+        return 0.15 if n_level >= LARGE_LEVEL else 0.06
 
     def ann_bound_for(self, n_segments: int) -> bool:
         """Whether the segment hits cap the bounds, for a segment level of ``n_segments`` (see ``ann_bound``)."""

@@ -221,7 +221,7 @@ def test_code_size_probe_share_and_ann_caps_follow_the_level_size():
     assert pq_subquantizers(16) == 4 and pq_subquantizers(18) == 0
     params = SchedulerParams()
     assert params.probe_share is None and params.ann_bound is None
-    assert params.probe_share_for(LARGE_LEVEL - 1) == 0.1 and params.probe_share_for(LARGE_LEVEL) == 0.15
+    assert params.probe_share_for(LARGE_LEVEL - 1) == 0.06 and params.probe_share_for(LARGE_LEVEL) == 0.15
     assert params.ann_bound_for(LARGE_LEVEL - 1) and not params.ann_bound_for(LARGE_LEVEL)
     chosen = SchedulerParams.from_dict({"probe_share": 0.3, "ann_bound": True})
     assert chosen.probe_share_for(10) == 0.3 and chosen.ann_bound_for(10**7)
