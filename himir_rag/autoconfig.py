@@ -53,6 +53,7 @@ AUTO_SEARCH_SPACE: dict[str, list[Any]] = {
     "candidate_k": [0, 8, 12, 16, 32],
     "probe_share": [0.03, 0.06, 0.1, 0.15, 0.2, 0.3],
     "ann_bound": [True, False],
+    "candidate_pool": [1, 4, 16],
     "pq_error_quantile": [0.5, 0.75, 0.9, 1.0],
 }
 

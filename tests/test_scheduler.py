@@ -132,6 +132,8 @@ def test_bad_scheduler_params():
         SchedulerParams.from_dict({"probe_share": 0})
     with pytest.raises(ConfigError, match="candidate_levels"):
         SchedulerParams.from_dict({"candidate_levels": ["patch"]})
+    with pytest.raises(ConfigError, match="candidate_pool"):
+        SchedulerParams.from_dict({"candidate_pool": 0})
     assert set(SEARCH_SPACE) <= set(SchedulerParams.__dataclass_fields__)
 
 
@@ -227,3 +229,28 @@ def test_code_size_probe_share_and_ann_caps_follow_the_level_size():
     assert chosen.probe_share_for(10) == 0.3 and chosen.ann_bound_for(10**7)
     assert chosen.overrides() == {"probe_share": 0.3, "ann_bound": True}
     assert SchedulerParams.from_dict(params.overrides()) == params
+
+
+def test_upper_bound_pick_prefers_photos_matching_every_sub_query():
+    from himir_rag.scheduler import _upper_bound_pick
+    from himir_rag.store.base import KEY_SHIFT, Candidates
+
+    def keys(*images):
+        return [(image << KEY_SHIFT) | 1 for image in images]
+
+    # sub-query 0: image 1 best, image 3 fair; sub-query 1: image 2 best, image 3 fair; image 4 only once
+    hits = Candidates(np.array([[0.9, 0.6, 0.5, 0.2], [0.9, 0.6, 0.2, -np.inf]], np.float32),
+                      np.array([keys(1, 3, 4, 5), keys(2, 3, 5) + [-1]], np.int64), 0)
+    # bounds: 3 -> (0.6 + 0.6) / 2; 1 -> (0.9 + 0.2) / 2, since the lowest pooled score of sub-query 1 is 0.2
+    assert _upper_bound_pick([hits], 1).tolist() == [3]
+    assert _upper_bound_pick([hits], 3).tolist() == [3, 1, 2]
+    empty = Candidates(np.full((2, 3), -np.inf, np.float32), np.full((2, 3), -1, np.int64), 0)
+    assert _upper_bound_pick([empty], 5).size == 0
+
+
+def test_upper_bound_pick_only_adds_candidates(collection):
+    snapshot, queries, _ = collection
+    for q in queries[:5]:
+        with_pick = run_himir(snapshot, q, SchedulerParams())[1].extra["candidates"]
+        without = run_himir(snapshot, q, SchedulerParams(candidate_pool=1))[1].extra["candidates"]
+        assert with_pick >= without

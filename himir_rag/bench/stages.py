@@ -31,6 +31,7 @@ __all__ = ["STAGES", "StageQuery", "measure_stages", "measure_setting"]
 STAGES: dict[str, dict[str, Any]] = {
     "index settings": {},
     "no candidate generation (every image scored)": {"candidate_k": -1},
+    "no upper-bound pick of candidates": {"candidate_pool": 1},
     "no ANN caps on segment bounds": {"ann_bound": False},
     "ANN caps of segment bounds on": {"ann_bound": True},
     "no segment bounds, no image pruning": {"ann_bound": False, "bound_scale": 1e6},
