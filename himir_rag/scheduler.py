@@ -352,16 +352,17 @@ class SchedulerParams:
         products at no loss; on the 100k synthetic seed-1 collection they cost 1 point of
         Recall@10 and save no time (benchmarks/README.md, "Candidate codes").
     candidate_pool : int
-        Levels whose hits are exact (flat, IVF-Flat, Qdrant): hits fetched per sub-query and level,
-        as a multiple of ``candidate_k``, for the *upper-bound pick*: an image's mean over the
-        sub-queries of its best pooled hit (or, without one, the lowest pooled score) bounds
-        what the pooled lists say of its score, and the ``candidate_k`` images with the highest
-        bound join the candidates. It finds photos that match every sub-query fairly well but
-        none of them best (the multi-object questions); the scan costs the same, only the
-        heap is longer. 1 = off. 16 (the default) kept the most of himir-full's top-10 on the
-        composite tuning sets (seeds 1, 11, 12: 0.955 against 0.939 without, of the pools 1, 4, 8
-        and 16) for 1.4% more dot products; the segment caps still come from each level's own
-        ``candidate_k`` hits.
+        Levels below ``pq_min`` vectors whose hits are exact (flat and IVF-Flat stores, Qdrant):
+        hits fetched per sub-query and level, as a multiple of the hits wanted (``candidate_k``,
+        or its default), for the *upper-bound pick*: per sub-query, an image's bound is its best
+        pooled hit or, without one, the highest of the levels' lowest pooled scores; the images
+        wanted with the highest mean bound over the sub-queries join the candidates. It finds
+        photos that match every sub-query fairly well but none of them best (the multi-object
+        questions). With FAISS the probed lists are scanned anyway (the same dot products, a
+        longer heap); a Qdrant server returns 16x the hits. 1 = off. 16 (the default) kept the
+        most of himir-full's top-10 on the composite tuning sets (seeds 1, 11, 12: 0.955 against
+        0.939 without, of the pools 1, 4, 8 and 16) for 1.4% more dot products; the segment caps
+        still come from each level's own top hits.
     pq_error_quantile : float
         With ``ann_bound``: IVF-PQ hits are re-scored exactly; a segment the search did not
         return is taken to score at most the lowest hit's estimate plus this quantile of the
@@ -412,6 +413,9 @@ class SchedulerParams:
             raise ConfigError(f"candidate_levels {self.candidate_levels} must name global, region or segment")
         if self.index_kind not in ("auto", "flat", "ivf", "ivfpq"):
             raise ConfigError(f"index_kind {self.index_kind!r} is unknown; use auto, flat, ivf or ivfpq")
+        for name in ("pq_refine", "candidate_pool"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.bound_scale < 0 or self.nprobe < 0 or self.pq_refine < 1 or self.candidate_pool < 1:
             raise ConfigError("bound_scale and nprobe must be >= 0, pq_refine and candidate_pool >= 1")
         if not 0 <= self.pq_error_quantile <= 1:
@@ -608,14 +612,12 @@ def _candidates(store: ImageStore, queries: np.ndarray, *, k: int, allowed: np.n
     pool = params.candidate_pool if params.index_kind in ("auto", "flat", "ivf") else 1
     for level in levels:
         exact_kind = pool > 1 and counts[level.name.lower()] < params.pq_min  # flat / IVF-Flat: exact hits
-        hits = store.candidates(queries, level, fetch * pool if exact_kind else fetch, params=params,
-                                allowed=allowed, filters=filters)
+        wanted = max(fetch, min(fetch * pool, _POOL_MAX)) if exact_kind else fetch
+        hits = store.candidates(queries, level, wanted, params=params, allowed=allowed, filters=filters)
         if exact_kind and hits.exact:
             pooled.append(hits)
-            top = hits.keys[:, :fetch]  # best first: the level's own top hits
-            found.append(top[top >= 0] >> KEY_SHIFT)
-        else:
-            found.append(hits.keys[hits.keys >= 0] >> KEY_SHIFT)
+        top = hits.keys[:, :fetch] if exact_kind else hits.keys  # best first: the level's own top hits
+        found.append(top[top >= 0] >> KEY_SHIFT)
         if level is Level.SEGMENT and ann_bound:  # only these hits' scores are used
             segment_hits = hits
             if pooled and pooled[-1] is hits:  # caps from the level's own top hits: the pool's lowest
@@ -642,6 +644,9 @@ def _candidates(store: ImageStore, queries: np.ndarray, *, k: int, allowed: np.n
     return view, caps
 
 
+_POOL_MAX = 2048  # most hits a pooled search asks for (FAISS's GPU k limit; a filter scales the hits wanted up)
+
+
 def _upper_bound_pick(pooled: list[Candidates], count: int) -> np.ndarray:
     """The ``count`` image ids whose mean over the sub-queries of an upper bound of their similarity,
     as far as the pooled hits tell, is highest.
@@ -657,8 +662,10 @@ def _upper_bound_pick(pooled: list[Candidates], count: int) -> np.ndarray:
     if not valid.any():
         return np.zeros(0, np.int64)
     n_queries = keys.shape[0]
-    floor = np.max([np.where(h.keys >= 0, h.scores, np.inf).min(axis=1) for h in pooled], axis=0)
-    floor = np.where(np.isfinite(floor), floor, -np.inf)  # a sub-query without hits bounds nothing
+    lowest = [np.where(h.keys >= 0, h.scores, np.inf).min(axis=1) for h in pooled]
+    # a level without hits at a sub-query (e.g. an empty level) says nothing: the other levels' floor holds
+    floor = np.max([np.where(np.isfinite(low), low, -np.inf) for low in lowest], axis=0)
+    floor = np.where(valid.any(axis=1), floor, 0.0)  # no hit anywhere: the sub-query ranks no image
     images, column = np.unique(keys[valid] >> KEY_SHIFT, return_inverse=True)
     bound = np.broadcast_to(floor[:, None], (n_queries, len(images))).astype(np.float64)
     np.maximum.at(bound, (np.nonzero(valid)[0], column), scores[valid])

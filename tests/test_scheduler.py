@@ -134,6 +134,8 @@ def test_bad_scheduler_params():
         SchedulerParams.from_dict({"candidate_levels": ["patch"]})
     with pytest.raises(ConfigError, match="candidate_pool"):
         SchedulerParams.from_dict({"candidate_pool": 0})
+    with pytest.raises(ConfigError, match="candidate_pool must be an int"):
+        SchedulerParams.from_dict({"candidate_pool": 1.5})
     assert set(SEARCH_SPACE) <= set(SchedulerParams.__dataclass_fields__)
 
 
@@ -246,6 +248,13 @@ def test_upper_bound_pick_prefers_photos_matching_every_sub_query():
     assert _upper_bound_pick([hits], 3).tolist() == [3, 1, 2]
     empty = Candidates(np.full((2, 3), -np.inf, np.float32), np.full((2, 3), -1, np.int64), 0)
     assert _upper_bound_pick([empty], 5).size == 0
+    # an empty level (no hits at all) leaves the other level's bounds as they were
+    assert _upper_bound_pick([hits, empty], 3).tolist() == [3, 1, 2]
+    assert _upper_bound_pick([empty, hits], 3).tolist() == [3, 1, 2]
+    # a sub-query without any hit ranks no image: the others decide
+    one_sided = Candidates(hits.scores.copy(), hits.keys.copy(), 0)
+    one_sided.keys[1], one_sided.scores[1] = -1, -np.inf
+    assert _upper_bound_pick([one_sided], 2).tolist() == [1, 3]
 
 
 def test_upper_bound_pick_only_adds_candidates(collection):
