@@ -306,16 +306,17 @@ class SchedulerParams:
         accurate (a segment holding the object is close to the sub-query).
     index_kind : str
         Candidate store kind: ``"auto"`` (flat up to ``flat_max`` vectors per level,
-        IVF-Flat below ``pq_min`` (:data:`LARGE_LEVEL`), IVF-PQ fast-scan from it), ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
+        IVF-Flat below ``pq_min`` (8,192), IVF-PQ fast-scan from it), ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
     probe_share : float
         Share of a level's IVF lists visited per sub-query. The list count grows as
         ~2 sqrt(n), so a fixed probe count finds ever fewer true neighbours as the
         collection grows; a fixed share keeps the recall of the candidates. None (the
-        default) = by the level's size: 0.06 below :data:`LARGE_LEVEL` vectors (IVF-Flat
-        there), 0.15 from it (IVF-PQ; :meth:`probe_share_for`). Chosen on the tuning sets: on
-        the composite tuning sets (seeds 1, 11 and 12, 1,200 queries; 1,600 / 6,400 vectors a
-        level) 0.06 kept the most of himir-full's top-10 within 1/3.5 of mvr's dot products
-        (0.08 cost more); on the 100k synthetic seed-1 collection 0.1 lost 0.9 points of Recall@10.
+        default) = by the level's size and store (:meth:`probe_share_for`): 0.06 in IVF-Flat
+        levels (below ``pq_min`` vectors), 0.1 in IVF-PQ levels below :data:`LARGE_LEVEL`, 0.15
+        from it. Chosen on the tuning sets: on the composite tuning sets (seeds 1, 11 and 12,
+        1,200 queries; 1,600 / 6,400 vectors a level) 0.06 kept the most of himir-full's top-10
+        within 1/3.5 of mvr's dot products (0.08 cost more); on the 100k synthetic seed-1
+        collection 0.1 lost 0.9 points of Recall@10 where 0.15 kept it.
     nprobe : int
         A fixed count of IVF lists instead of ``probe_share`` (0 = use the share).
     consistency_overlap, consistency_margin : float
@@ -437,11 +438,16 @@ class SchedulerParams:
         return {f.name: list(value) if isinstance(value, tuple) else value for f in dataclasses.fields(self)
                 if (value := getattr(self, f.name)) != getattr(default, f.name)}
 
-    def probe_share_for(self, n_level: int) -> float:
-        """The share of the lists probed in a level of ``n_level`` vectors (see ``probe_share``)."""
+    def probe_share_for(self, n_level: int, kind: str | None = None) -> float:
+        """The share of the lists probed in a level of ``n_level`` vectors searched by a store of
+        ``kind`` (None: the kind ``index_kind="auto"`` picks; see ``probe_share``)."""
         if self.probe_share is not None:
             return self.probe_share
-        return 0.15 if n_level >= LARGE_LEVEL else 0.06
+        if n_level >= LARGE_LEVEL:
+            return 0.15
+        if kind is None:
+            kind = "ivfpq" if n_level >= self.pq_min else "ivf"
+        return 0.1 if kind == "ivfpq" else 0.06
 
     def ann_bound_for(self, n_segments: int) -> bool:
         """Whether the segment hits cap the bounds, for a segment level of ``n_segments`` (see ``ann_bound``)."""

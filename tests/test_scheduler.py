@@ -218,14 +218,17 @@ def test_offline_granularity_pruning_drops_duplicates_not_distinct(scene_dir, co
 
 def test_code_size_probe_share_and_ann_caps_follow_the_level_size():
     """The defaults that depend on a level's size (store/faiss.LARGE_LEVEL); explicit values win."""
-    from himir_rag.store.faiss import LARGE_LEVEL, pq_subquantizers
+    from himir_rag.store.faiss import LARGE_LEVEL, PQ_MIN, pq_subquantizers
 
     assert pq_subquantizers(384, LARGE_LEVEL - 1) == 96 and pq_subquantizers(384, LARGE_LEVEL) == 48
     assert pq_subquantizers(128, 10**7) == 32  # 8 dimensions a code would leave fewer than 32 codes
     assert pq_subquantizers(16) == 4 and pq_subquantizers(18) == 0
     params = SchedulerParams()
     assert params.probe_share is None and params.ann_bound is None
-    assert params.probe_share_for(LARGE_LEVEL - 1) == 0.06 and params.probe_share_for(LARGE_LEVEL) == 0.15
+    assert params.probe_share_for(LARGE_LEVEL) == 0.15 and params.probe_share_for(LARGE_LEVEL, "ivf") == 0.15
+    # below LARGE_LEVEL by the store: IVF-Flat (auto below pq_min) 6%, IVF-PQ 10%
+    assert params.probe_share_for(PQ_MIN - 1) == 0.06 and params.probe_share_for(PQ_MIN) == 0.1
+    assert params.probe_share_for(100, "ivfpq") == 0.1 and params.probe_share_for(LARGE_LEVEL - 1, "ivf") == 0.06
     assert params.ann_bound_for(LARGE_LEVEL - 1) and not params.ann_bound_for(LARGE_LEVEL)
     chosen = SchedulerParams.from_dict({"probe_share": 0.3, "ann_bound": True})
     assert chosen.probe_share_for(10) == 0.3 and chosen.ann_bound_for(10**7)

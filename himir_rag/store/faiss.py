@@ -26,9 +26,11 @@ LARGE_LEVEL = 100_000  # vectors in a level from which its candidate scan is a l
 # IVF-PQ fast-scan from this many vectors on, IVF-Flat below. On the three composite tuning sets
 # (seeds 1, 11, 12; 1,600 / 6,400 vectors a level) IVF-Flat kept more of himir-full's top-10 than
 # IVF-PQ at every cost (0.941 at 6% of the lists against 0.896 for PQ at 10%, at 3.7-3.8x fewer
-# dot products than mvr): its hits are exact, so the segment caps are too. From 100k vectors a
-# level the scan is much of a query and PQ's codes scan it in a fraction of the time.
-PQ_MIN = LARGE_LEVEL
+# dot products than mvr): its hits are exact, so the segment caps are too. On the synthetic
+# tuning collections of 5,000 and 20,000 images (seed 1; levels of 20k-320k vectors) PQ at 10%
+# was as accurate for 55-80% of the dot products and half the time, so IVF-Flat covers the sizes
+# it was chosen on and PQ starts at the next power of two above them.
+PQ_MIN = 8192
 _TRAIN_POINTS_PER_LIST = 64
 _PQ_LUT_DOTS = 16  # 4-bit codes: 16 centroids per sub-quantizer, one dim-long table per query
 # An IVF search scanning at least this many vectors splits its probed lists over the store's
@@ -78,8 +80,7 @@ def pq_subquantizers(dim: int, n_vectors: int = 0) -> int:
     collection they kept himir-full's Recall@10 as the finer ones do at 0.8x the latency, while
     on the 400-photo composite sets (1,600 and 6,400 vectors a level) they found worse
     candidates (2-3 points of Recall@10 on seeds 0 and 2; benchmarks/README.md, "Candidate codes").
-    The automatic choice uses IVF-PQ only from :data:`PQ_MIN` (= :data:`LARGE_LEVEL`) vectors; the
-    finer codes serve smaller levels where a user asks for ``index_kind="ivfpq"``.
+    The automatic choice uses IVF-PQ from :data:`PQ_MIN` vectors (IVF-Flat below).
     """
     if dim % 4 or dim < 8:
         return 0

@@ -94,8 +94,9 @@ class MemoryStore:
     def candidate_cost(self, level: Level, params: Any) -> float:
         """Inner products of one sub-query's search of ``level``'s store, of the kind ``params`` pick."""
         n_level = self._count(level)
-        return self.candidate_stores.estimate_cost(self._kind(n_level, params), n_level,
-                                                   probe_share=params.probe_share_for(n_level), nprobe=params.nprobe)
+        kind = self._kind(n_level, params)
+        return self.candidate_stores.estimate_cost(kind, n_level, probe_share=params.probe_share_for(n_level, kind),
+                                                   nprobe=params.nprobe)
 
     def candidates(self, queries: np.ndarray, level: Level, k: int, *, params: Any,
                    allowed: np.ndarray | None = None, filters: Mapping[str, Any] | None = None) -> Candidates:
@@ -110,8 +111,8 @@ class MemoryStore:
         stores.sync(self.snapshot, [level], index_kind=params.index_kind, flat_max=params.flat_max,
                     pq_min=params.pq_min)
         wanted = min(k * (params.pq_refine if kind == "ivfpq" else 1), max(n_level, 1))
-        scores, keys, cost, exact = stores.search(level, queries, wanted, probe_share=params.probe_share_for(n_level),
-                                                  nprobe=params.nprobe)
+        scores, keys, cost, exact = stores.search(level, queries, wanted,
+                                                  probe_share=params.probe_share_for(n_level, kind), nprobe=params.nprobe)
         return Candidates(scores, keys, int(cost), exact=exact)
 
     def vectors(self, image_ids: np.ndarray) -> RegionView:
