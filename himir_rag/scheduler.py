@@ -29,7 +29,7 @@ from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import Level
 from himir_rag.modes import MODE_LEVELS, MODES, ModeSpec, RetrievalMode, Scorer, parse_mode
 from himir_rag.store.base import KEY_SHIFT, Candidates, ImageStore, RegionView, locate
-from himir_rag.store.faiss import FLAT_MAX, LARGE_LEVEL, PQ_MIN
+from himir_rag.store.faiss import FLAT_MAX, LARGE_LEVEL, PQ_MIN, auto_index_kind
 
 __all__ = [
     "RetrievalMode", "MaxSimScores", "SearchStats", "SchedulerParams", "maxsim", "segment_max", "score_exhaustive",
@@ -446,7 +446,7 @@ class SchedulerParams:
         if n_level >= LARGE_LEVEL:
             return 0.15
         if kind is None:
-            kind = "ivfpq" if n_level >= self.pq_min else "ivf"
+            kind = auto_index_kind(n_level, flat_max=self.flat_max, pq_min=self.pq_min)
         return 0.1 if kind == "ivfpq" else 0.06
 
     def ann_bound_for(self, n_segments: int) -> bool:
@@ -617,19 +617,19 @@ def _candidates(store: ImageStore, queries: np.ndarray, *, k: int, allowed: np.n
     ann_bound = params.ann_bound_for(counts["segment"])
     pool = params.candidate_pool if params.index_kind in ("auto", "flat", "ivf") else 1
     for level in levels:
-        exact_kind = pool > 1 and counts[level.name.lower()] < params.pq_min  # flat / IVF-Flat: exact hits
-        wanted = max(fetch, min(fetch * pool, _POOL_MAX)) if exact_kind else fetch
-        hits = store.candidates(queries, level, wanted, params=params, allowed=allowed, filters=filters)
-        if exact_kind and hits.exact:
-            pooled.append(hits)
-        top = hits.keys[:, :fetch] if exact_kind else hits.keys  # best first: the level's own top hits
-        found.append(top[top >= 0] >> KEY_SHIFT)
+        pooling = pool > 1 and counts[level.name.lower()] < params.pq_min  # flat / IVF-Flat: exact hits
+        hits = store.candidates(queries, level, max(fetch, min(fetch * pool, _POOL_MAX)) if pooling else fetch,
+                                params=params, allowed=allowed, filters=filters)
+        own = hits
+        if pooling:  # the level's own top hits (best first) name candidates and cap segments as without a pool:
+            # the pool's lowest hits are no bound on the lists not probed (caps from them: 3.5x fewer segments
+            # visited, 2 points of agreement with himir-full lost on the composite tuning sets)
+            own = Candidates(hits.scores[:, :fetch], hits.keys[:, :fetch], hits.dot_products, hits.exact)
+            if hits.exact:
+                pooled.append(hits)
+        found.append(own.keys[own.keys >= 0] >> KEY_SHIFT)
         if level is Level.SEGMENT and ann_bound:  # only these hits' scores are used
-            segment_hits = hits
-            if pooled and pooled[-1] is hits:  # caps from the level's own top hits: the pool's lowest
-                # hits are no bound on the lists not probed (tried: 3.5x fewer segments visited, 2 points of
-                # agreement with himir-full lost on the composite tuning sets)
-                segment_hits = Candidates(hits.scores[:, :fetch], hits.keys[:, :fetch], hits.dot_products, hits.exact)
+            segment_hits = own
         spent += hits.dot_products
     if pooled:
         found.append(_upper_bound_pick(pooled, fetch))
