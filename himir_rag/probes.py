@@ -1,17 +1,25 @@
 """Label-free probe queries drawn from a collection, for tuning the scheduler without user queries.
 
-A probe imitates a multi-object question about one photo: 2-3 sub-queries, each a
-different region of the same random photo (regions or fine segments, never the global
-view) turned away from that region by a fixed angle in a random direction, so its best
-match is a region like it rather than an exact copy. The photo it was drawn from is the
-probe's answer. Which photos and regions are drawn, and the directions, depend only on
-the seed and the collection, so the same collection gives the same probes.
-Nothing here depends on the encoder: probes live in the collection's own vector space,
-for the offline encoder, CLIP, or synthetic vectors alike.
+A probe imitates a multi-object question about one photo: 2-3 sub-queries, each drawn from
+a different region of the same random photo (regions or fine segments, never the global
+view). The photo it was drawn from is the probe's answer. Which photos and regions are
+drawn depends only on the seed and the collection, so the same collection gives the same
+probes. Two kinds:
+
+- :func:`text_probes` (what :func:`himir_rag.autoconfig.auto_tune` uses when the index has a
+  text encoder): each sub-query is the text embedding of the word the encoder assigns to
+  the region, its nearest name in a fixed vocabulary (the 1000 ImageNet class names shipped
+  with the package), embedded by the index's own text tower as a user's sub-query is. The
+  probes thus sit where real text queries sit: at text-to-image similarities, not near
+  copies of stored vectors.
+- :func:`probe_queries`: each sub-query is the region's own vector turned away from it by a
+  fixed angle in a random direction. It needs no encoder, so it serves collections of
+  synthetic vectors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,15 +27,17 @@ import numpy as np
 from himir_rag.catalog import Snapshot
 from himir_rag.hierarchy import Level
 
-__all__ = ["Probe", "probe_queries"]
+__all__ = ["Probe", "probe_queries", "text_probes", "default_vocabulary"]
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One probe: ``vectors`` (s, dim) unit sub-queries, drawn from the image ``source``."""
+    """One probe: ``vectors`` (s, dim) unit sub-queries, drawn from the image ``source``;
+    ``texts`` are the sub-queries' words for a text probe (empty for a vector probe)."""
 
     vectors: np.ndarray
     source: int
+    texts: tuple[str, ...] = ()
 
 
 def probe_queries(snapshot: Snapshot, *, count: int = 200, seed: int = 0, similarity: float = 0.6,
@@ -67,3 +77,53 @@ def _turn(vectors: np.ndarray, similarity: float, rng: np.random.Generator) -> n
     noise /= np.maximum(np.linalg.norm(noise, axis=1, keepdims=True), 1e-12)
     turned = similarity * unit + np.sqrt(max(1.0 - similarity**2, 0.0)) * noise
     return np.ascontiguousarray(turned, dtype=np.float32)
+
+
+def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.ndarray, *, count: int = 200,
+                seed: int = 0, subqueries: tuple[int, int] = (2, 3)) -> list[Probe]:
+    """``count`` probes whose sub-queries are words of ``vocabulary`` the collection's regions evoke.
+
+    For each probe a random photo is drawn and its non-global regions visited in random
+    order; each region names its nearest word (the row of ``embeddings`` with the highest
+    dot product with the region's vector), and the first 2-3 distinct words are the
+    probe's sub-queries, as their ``embeddings`` rows. A photo whose regions name fewer
+    distinct words than drawn gives a probe with fewer sub-queries (at least one).
+
+    Parameters
+    ----------
+    vocabulary : sequence of str
+        The words (e.g. :func:`default_vocabulary`).
+    embeddings : ndarray (len(vocabulary), dim)
+        The words embedded by the index's text encoder (unit rows).
+    subqueries : (int, int)
+        Fewest and most sub-queries of a probe.
+    """
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or len(embeddings) != len(vocabulary) or len(vocabulary) == 0:
+        raise ValueError(f"embeddings must be one row per word of a non-empty vocabulary, got shape "
+                         f"{embeddings.shape} for {len(vocabulary)} words")
+    if embeddings.shape[1] != snapshot.dim:
+        raise ValueError(f"the vocabulary's embeddings have {embeddings.shape[1]} dims, the collection {snapshot.dim}")
+    rng = np.random.default_rng(seed)
+    if len(snapshot) == 0 or count <= 0:
+        return []
+    starts = snapshot.image_starts
+    probes = []
+    for position in rng.integers(0, len(snapshot), count):
+        rows = np.arange(starts[position], starts[position + 1])
+        finer = rows[snapshot.levels[rows] != Level.GLOBAL]
+        rows = rng.permutation(finer if len(finer) else rows)
+        n_subs = int(rng.integers(subqueries[0], subqueries[1] + 1))
+        nearest = np.argmax(snapshot.region_vectors(rows).astype(np.float32) @ embeddings.T, axis=1)
+        words = list(dict.fromkeys(int(w) for w in nearest))[:n_subs]  # distinct, in visiting order
+        probes.append(Probe(embeddings[words].copy(), int(snapshot.image_ids[position]),
+                            tuple(vocabulary[w] for w in words)))
+    return probes
+
+
+def default_vocabulary() -> list[str]:
+    """The words text probes are drawn from: the 1000 ImageNet class names (first name of each
+    class, as shipped in ``himir_rag/data/imagenet_classes.tsv``), whatever the encoder."""
+    from himir_rag.encoders.offline import imagenet_class_names
+
+    return imagenet_class_names()

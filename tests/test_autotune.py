@@ -15,7 +15,7 @@ from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import Level
 from himir_rag.index import HiMIRIndex
-from himir_rag.probes import probe_queries
+from himir_rag.probes import default_vocabulary, probe_queries, text_probes
 from himir_rag.scheduler import SchedulerParams
 from tests.conftest import make_scene
 from tests.test_engine import F32, _NoEncoder, planted_snapshot
@@ -45,6 +45,49 @@ def test_probes_are_deterministic_for_a_seed_and_drawn_from_the_collection(plant
         # each sub-query is turned 0.6 (cosine) away from its own region of the source photo
         assert np.allclose(sims.max(axis=1), 0.6, atol=1e-4)
         assert len(set(sims.argmax(axis=1).tolist())) == len(probe.vectors)
+
+
+def test_text_probes_are_deterministic_and_name_the_words_their_regions_evoke(planted_index):
+    snapshot = planted_index.snapshot
+    rng = np.random.default_rng(7)
+    embeddings = rng.normal(size=(40, snapshot.dim)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    words = [f"w{i}" for i in range(40)]
+    a = text_probes(snapshot, words, embeddings, count=15, seed=3)
+    b = text_probes(snapshot, words, embeddings, count=15, seed=3)
+    assert len(a) == 15
+    assert [(p.source, p.texts) for p in a] == [(p.source, p.texts) for p in b]
+    assert [p.source for p in a] != [p.source for p in text_probes(snapshot, words, embeddings, count=15, seed=4)]
+    for probe in a:
+        assert 1 <= len(probe.texts) <= 3 and len(set(probe.texts)) == len(probe.texts)
+        rows = snapshot.image_rows(probe.source)
+        rows = rows[snapshot.levels[rows] != Level.GLOBAL]
+        evoked = {words[w] for w in np.argmax(snapshot.region_vectors(rows) @ embeddings.T, axis=1)}
+        assert set(probe.texts) <= evoked  # each word is the nearest word of one of the photo's regions
+        for text, vector in zip(probe.texts, probe.vectors):
+            np.testing.assert_array_equal(vector, embeddings[words.index(text)])
+    with pytest.raises(ValueError, match="one row per word"):
+        text_probes(snapshot, words[:3], embeddings, count=2)
+    with pytest.raises(ValueError, match="dims"):
+        text_probes(snapshot, words, embeddings[:, :5], count=2)
+
+
+def test_the_default_vocabulary_is_the_shipped_class_names():
+    vocabulary = default_vocabulary()
+    assert len(vocabulary) == 1000 and len(set(vocabulary)) > 990 and all(isinstance(w, str) and w for w in vocabulary)
+
+
+def test_auto_tune_probes_with_text_when_the_encoder_embeds_texts(tmp_path, color_encoder, planted_index):
+    assert auto_tune(planted_index, probes=8, passes=1)["probe_kind"] == "vectors"  # no text encoder
+    with pytest.raises(NotImplementedError):
+        auto_tune(planted_index, probes=8, passes=1, probe_kind="text")
+    with pytest.raises(ValueError, match="probe_kind"):
+        auto_tune(planted_index, probes=8, passes=1, probe_kind="words")
+    index = HiMIRIndex(color_encoder, HiMIRConfig())
+    index.add(_photos(tmp_path / "photos", 12), progress=False)
+    record = auto_tune(index, probes=8, passes=1)
+    assert record["probe_kind"] == "text" and record["probes"] == 8
+    assert auto_tune(index, probes=8, passes=1, probe_kind="vectors")["probe_kind"] == "vectors"
 
 
 def test_auto_tune_keeps_the_cheapest_setting_as_accurate_as_himir_full(planted_index):
