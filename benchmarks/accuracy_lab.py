@@ -73,7 +73,7 @@ def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str,
         pixels = np.stack([np.asarray(c.resize((side, side), Image.BILINEAR)) for c in crops])
         tensor = to_pixels(pixels)
         with torch.inference_mode():
-            out_logits = torch.cat([classifier(tensor[i:i + batch]) for i in range(0, len(tensor), batch)])
+            out_logits = torch.cat([classifier.logits(tensor[i:i + batch]) for i in range(0, len(tensor), batch)])
         logits.append(out_logits.numpy().astype(np.float32))
         levels.append(tree.levels.astype(np.int8))
         boxes.append(tree.boxes.astype(np.int32))

@@ -1,0 +1,149 @@
+"""How well do auto-tuning's probes stand in for real queries? A grid of scheduler settings, side by side.
+
+Usage (a composite set written by ``himir bench build`` and indexed by ``himir bench run --index-dir``)::
+
+    python benchmarks/probe_fidelity.py grid /tmp/bench-tune --index index-416-r5 --out /tmp/lab/grid-s1.jsonl
+    python benchmarks/probe_fidelity.py rules /tmp/lab/grid-s1.jsonl /tmp/lab/grid-t11.jsonl /tmp/lab/grid-t12.jsonl
+
+``grid`` runs himir-full, the defaults and 90 settings of ``candidate_k`` x ``probe_share`` x
+``candidate_pool`` (plus single changes of the other stages) on three workloads: 200 text
+probes, 200 vector probes (:mod:`himir_rag.probes`, seed 0, as :func:`himir_rag.autoconfig.auto_tune`
+draws them) and the set's real queries with their qrels. Each row (one JSON line) holds each
+workload's Recall@10 (of the probe's source photo, or of the qrels), agreement with
+himir-full's top-10 and median dot products. ``rules`` prints how closely each kind of probe
+follows the real queries (correlation of the agreements over the grid, dot products ratio) and
+what each selection rule would choose: the real queries' Recall@10 gap to himir-full and dot
+products against the defaults. Tune rules on tuning sets only (seeds 1, 11, 12 here).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from himir_rag import HiMIRIndex
+from himir_rag import autoconfig
+from himir_rag.decompose import RuleDecomposer
+from himir_rag.modes import reference_mode
+from himir_rag.scheduler import gather
+
+GRID = {"candidate_k": [0, 8, 12, 16, 32], "probe_share": [0.03, 0.06, 0.1, 0.15, 0.2, 0.3], "candidate_pool": [1, 4, 16]}
+SINGLE_CHANGES = [{"ann_bound": False}, {"pq_error_quantile": 0.5}, {"sparsity_margin": 0.1}, {"sparsity_margin": 0.2},
+                  {"bound_scale": 0.5}, {"consistency_overlap": 0.8, "consistency_margin": 0.0},
+                  {"consistency_overlap": 0.6, "consistency_margin": 0.02}]
+K = 10
+
+
+def grid(bench_dir: str, index_name: str, out: str) -> None:
+    root = Path(bench_dir)
+    index = HiMIRIndex.load(root / index_name)
+    store = index.image_store
+    snapshot = gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim)
+    work = {}
+    for kind in ("text", "vectors"):
+        drawn, _ = autoconfig._draw_probes(index, snapshot, count=200, seed=0, kind=kind)
+        work[kind] = _workload(store, [p.vectors for p in drawn], [{p.source} for p in drawn])
+    queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
+    qrels = {}
+    for line in (root / "qrels.jsonl").read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            qrels[item["query_id"]] = item["paths"]
+    by_path = {r.path: r.image_id for r in index.snapshot.images.values()}
+    split = RuleDecomposer()
+    vectors = [index.encoder.embed_texts(split.decompose(q["query"]) or [q["query"]]) for q in queries]
+    work["real"] = _workload(store, vectors, [{by_path[str((root / p).absolute())] for p in qrels[q["id"]]}
+                                              for q in queries])
+    settings = [None, {}, *[dict(zip(GRID, combo)) for combo in itertools.product(*GRID.values())], *SINGLE_CHANGES]
+    with open(out, "w") as sink:
+        for params in settings:
+            row = {"params": "himir-full" if params is None else params}
+            for kind, (workload, reference) in work.items():
+                if params is None:
+                    trial = autoconfig._trial({}, workload, *reference)
+                else:
+                    report = autoconfig.TuneReport(chosen=None, target="", k=K, budget_dot_products=None,
+                                                   budget_ms=None, queries=0)
+                    trial = autoconfig._run(index, workload, params, K, report)
+                row[kind] = {"recall": trial.accuracy, "agreement": trial.agreement, "dots": trial.dot_products}
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            print(json.dumps(row), flush=True)
+
+
+def _workload(store, vectors, relevant):
+    reference = autoconfig._exhaustive_pass(store, vectors, reference_mode(), K)
+    return autoconfig._Workload(vectors, relevant, [set(f.tolist()) for f in reference[0]]), reference
+
+
+def _cheapest(rows, probe, *, tolerance=None, min_agreement=0.0, full=None):
+    ok = [r for r in rows if r[probe]["agreement"] >= min_agreement - 1e-9
+          and (tolerance is None or r[probe]["recall"] >= full[probe]["recall"] - tolerance - 1e-9)]
+    return min(ok or [full], key=lambda r: r[probe]["dots"])
+
+
+def _old_rule(rows, probe, full):
+    """The fifth and sixth sessions' rule: recall within 0.5 points, agreement within 0.01 of the best."""
+    reached = [r for r in rows if r[probe]["recall"] >= full[probe]["recall"] - 0.005 - 1e-9] or [
+        max(rows, key=lambda r: r[probe]["recall"])]
+    best = max(r[probe]["agreement"] for r in rows) - 0.01
+    ok = [r for r in reached if r[probe]["agreement"] >= best - 1e-9]
+    return min(ok, key=lambda r: r[probe]["dots"]) if ok else max(reached, key=lambda r: r[probe]["agreement"])
+
+
+RULES = {
+    "hand defaults": lambda rows, full, d: d,
+    "best possible (real queries: cheapest within 0.5 points)":
+        lambda rows, full, d: _cheapest(rows, "real", tolerance=0.005, full=full),
+    "vector probes, old rule (agreement within 0.01 of the best)": lambda rows, full, d: _old_rule(rows, "vectors", full),
+    "vector probes, recall within 0.5 points": lambda rows, full, d: _cheapest(rows, "vectors", tolerance=0.005, full=full),
+    "text probes, old rule": lambda rows, full, d: _old_rule(rows, "text", full),
+    "text probes, recall within 0.5 points (the issue's rule)":
+        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.005, full=full),
+    "text probes, agreement >= 0.94 alone": lambda rows, full, d: _cheapest(rows, "text", min_agreement=0.94, full=full),
+    "text probes, recall within 0.5 points and agreement >= 0.94 (new)":
+        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.005, min_agreement=0.94, full=full),
+    "text probes, recall within 1 point and agreement >= 0.94":
+        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.01, min_agreement=0.94, full=full),
+    "text probes, recall within 2 points and agreement >= 0.94":
+        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.02, min_agreement=0.94, full=full),
+}
+
+
+def rules(paths: list[str]) -> None:
+    sets = {Path(p).stem: [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()] for p in paths}
+    print("| probes | " + " | ".join(f"{name}: agreement r / mean abs diff / dots probe:real" for name in sets) + " |")
+    for probe in ("text", "vectors"):
+        cells = []
+        for rows in sets.values():
+            a = np.array([r[probe]["agreement"] for r in rows[1:]])
+            b = np.array([r["real"]["agreement"] for r in rows[1:]])
+            ratio = np.median([r[probe]["dots"] / r["real"]["dots"] for r in rows[1:]])
+            cells.append(f"{np.corrcoef(a, b)[0, 1]:.3f} / {np.abs(a - b).mean():.3f} / {ratio:.2f}")
+        print(f"| {probe} | " + " | ".join(cells) + " |")
+    print()
+    print("| rule | " + " | ".join(f"{name}: real Recall@10 gap (points) / dots vs defaults" for name in sets) + " |")
+    for name, rule in RULES.items():
+        cells = []
+        for rows in sets.values():
+            full, defaults = rows[0], rows[1]
+            pruning = [r for r in rows[1:] if r["text"]["dots"] < full["text"]["dots"]]
+            chosen = rule(pruning, full, defaults)
+            gap = (chosen["real"]["recall"] - full["real"]["recall"]) * 100
+            cells.append(f"{gap:+.2f} / {chosen['real']['dots'] / defaults['real']['dots']:.2f}x")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    if command == "grid":
+        index_name = args[args.index("--index") + 1] if "--index" in args else "index"
+        grid(args[0], index_name, args[args.index("--out") + 1])
+    elif command == "rules":
+        rules(args)
+    else:
+        raise SystemExit(f"unknown command {command!r}: use grid or rules")
