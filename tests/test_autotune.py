@@ -168,6 +168,7 @@ def test_himir_info_prints_counts_and_the_autoconfig_record(tmp_path, color_enco
     text = runner.invoke(app, ["info", str(tmp_path / "idx")])
     assert text.exit_code == 0, text.output
     assert "images     6" in text.output and "auto-tuned" in text.output and "1+4+16" in text.output
+    assert "24 text probes" in text.output and "min agreement 0.94" in text.output  # the colour encoder embeds texts
     as_json = runner.invoke(app, ["info", str(tmp_path / "idx"), "--json"])
     assert as_json.exit_code == 0, as_json.output
     info = json.loads(as_json.output)
