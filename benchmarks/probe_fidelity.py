@@ -81,6 +81,8 @@ def _workload(store, vectors, relevant):
 
 
 def _cheapest(rows, probe, *, tolerance=None, min_agreement=0.0, full=None):
+    """The cheapest row reaching the floors (himir-full when none does: a simplification of
+    ``auto_tune``'s fallback, which never applied on the tuning sets' grids)."""
     ok = [r for r in rows if r[probe]["agreement"] >= min_agreement - 1e-9
           and (tolerance is None or r[probe]["recall"] >= full[probe]["recall"] - tolerance - 1e-9)]
     return min(ok or [full], key=lambda r: r[probe]["dots"])
@@ -131,7 +133,8 @@ def rules(paths: list[str]) -> None:
         cells = []
         for rows in sets.values():
             full, defaults = rows[0], rows[1]
-            pruning = [r for r in rows[1:] if r["text"]["dots"] < full["text"]["dots"]]
+            probe = "vectors" if name.startswith("vector") else "text"  # the probes the rule tunes on
+            pruning = [r for r in rows[1:] if r[probe]["dots"] < full[probe]["dots"]]
             chosen = rule(pruning, full, defaults)
             gap = (chosen["real"]["recall"] - full["real"]["recall"]) * 100
             cells.append(f"{gap:+.2f} / {chosen['real']['dots'] / defaults['real']['dots']:.2f}x")

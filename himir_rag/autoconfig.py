@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from himir_rag.errors import EncoderUnavailableError
 from himir_rag.index import HiMIRIndex
 from himir_rag.modes import MODES, RetrievalMode, Scorer, reference_mode
 from himir_rag.scheduler import SchedulerParams, SearchStats, gather, rank
@@ -176,9 +175,9 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     recall, the most accurate ones compete; when none of those reaches the agreement, the
     one that agrees most wins). The probes' recall of their source photo is coarse (one
     probe is 0.5 points of 200), the agreement a finer measure of how exactly a setting
-    keeps the reference's ranking; the two together chose, on three composite tuning
-    collections, settings within 0.25 points of ``himir-full``'s Recall@10 on real queries
-    (``benchmarks/README.md``).
+    keeps the reference's ranking; of the rules measured over a grid of settings on three
+    composite tuning collections, the two together came closest to ``himir-full``'s
+    Recall@10 on real queries (``benchmarks/README.md``, "Auto-tuning with text probes").
     With a budget, the most accurate setting within it wins instead. The index is not
     changed: pass the returned record to :func:`apply_record`.
 
@@ -187,8 +186,9 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     dict
         The autoconfig record (plain JSON): the chosen ``params``, its ``recall``,
         ``agreement`` and ``dot_products``, the same for the current setting (``before``)
-        and for ``himir_full`` (the reference), the probes' count and seed, the
-        tolerances, the budget, the collection size, the trials run and the seconds spent.
+        and for ``himir_full`` (the reference), the probes' count, kind (``probe_kind``:
+        ``"text"`` or ``"vectors"``) and seed, the tolerance and ``min_agreement``, the
+        budget, the collection size, the trials run and the seconds spent.
     """
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
@@ -239,10 +239,15 @@ def _draw_probes(index: HiMIRIndex, snapshot: Any, *, count: int, seed: int, kin
         vocabulary = default_vocabulary()
         try:
             embeddings = index.encoder.embed_texts(vocabulary)
-        except (NotImplementedError, EncoderUnavailableError) as error:
+        except NotImplementedError as error:  # an encoder without a text side (synthetic vectors)
             if kind == "text":
                 raise
             logger.info("auto-tune: no text encoder (%s); probes are turned copies of stored vectors", error)
+        except Exception as error:  # noqa: BLE001 - e.g. a saved encoder that cannot be rebuilt here
+            if kind == "text":
+                raise
+            logger.warning("auto-tune: the index's text encoder is unavailable (%s: %s); probes are turned "
+                           "copies of stored vectors", type(error).__name__, error)
         else:
             return text_probes(snapshot, vocabulary, embeddings, count=count, seed=seed), "text"
     return probe_queries(snapshot, count=count, seed=seed), "vectors"

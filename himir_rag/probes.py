@@ -53,6 +53,7 @@ def probe_queries(snapshot: Snapshot, *, count: int = 200, seed: int = 0, simila
     """
     if not 0 < similarity <= 1:
         raise ValueError(f"similarity must be in (0, 1], got {similarity}")
+    _check_subqueries(subqueries)
     rng = np.random.default_rng(seed)
     if len(snapshot) == 0 or count <= 0:
         return []
@@ -104,6 +105,7 @@ def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.nd
                          f"{embeddings.shape} for {len(vocabulary)} words")
     if embeddings.shape[1] != snapshot.dim:
         raise ValueError(f"the vocabulary's embeddings have {embeddings.shape[1]} dims, the collection {snapshot.dim}")
+    _check_subqueries(subqueries)
     rng = np.random.default_rng(seed)
     if len(snapshot) == 0 or count <= 0:
         return []
@@ -122,8 +124,14 @@ def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.nd
 
 
 def default_vocabulary() -> list[str]:
-    """The words text probes are drawn from: the 1000 ImageNet class names (first name of each
-    class, as shipped in ``himir_rag/data/imagenet_classes.tsv``), whatever the encoder."""
+    """The words text probes are drawn from: the ImageNet class names (first name of each of the
+    1000 classes in ``himir_rag/data/imagenet_classes.tsv``, each name once: 998), whatever the encoder."""
     from himir_rag.encoders.offline import imagenet_class_names
 
-    return imagenet_class_names()
+    return list(dict.fromkeys(imagenet_class_names()))
+
+
+def _check_subqueries(subqueries: tuple[int, int]) -> None:
+    low, high = subqueries
+    if not 1 <= low <= high:
+        raise ValueError(f"subqueries must be (fewest, most) with 1 <= fewest <= most, got {subqueries}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from himir_rag.autoconfig import apply, apply_record, auto_tune, tune
+from himir_rag.autoconfig import Trial, _choose_auto, apply, apply_record, auto_tune, tune
 from himir_rag.cli import app
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError
@@ -70,11 +70,16 @@ def test_text_probes_are_deterministic_and_name_the_words_their_regions_evoke(pl
         text_probes(snapshot, words[:3], embeddings, count=2)
     with pytest.raises(ValueError, match="dims"):
         text_probes(snapshot, words, embeddings[:, :5], count=2)
+    with pytest.raises(ValueError, match="subqueries"):
+        text_probes(snapshot, words, embeddings, count=2, subqueries=(0, 2))
+    with pytest.raises(ValueError, match="subqueries"):
+        probe_queries(snapshot, count=2, subqueries=(3, 2))
 
 
 def test_the_default_vocabulary_is_the_shipped_class_names():
     vocabulary = default_vocabulary()
-    assert len(vocabulary) == 1000 and len(set(vocabulary)) > 990 and all(isinstance(w, str) and w for w in vocabulary)
+    assert len(vocabulary) == len(set(vocabulary)) == 998  # "crane" and "maillot" name two classes each
+    assert all(isinstance(w, str) and w for w in vocabulary) and "tabby" in vocabulary
 
 
 def test_auto_tune_probes_with_text_when_the_encoder_embeds_texts(tmp_path, color_encoder, planted_index):
@@ -88,6 +93,35 @@ def test_auto_tune_probes_with_text_when_the_encoder_embeds_texts(tmp_path, colo
     record = auto_tune(index, probes=8, passes=1)
     assert record["probe_kind"] == "text" and record["probes"] == 8
     assert auto_tune(index, probes=8, passes=1, probe_kind="vectors")["probe_kind"] == "vectors"
+
+
+def test_a_saved_index_whose_encoder_cannot_be_rebuilt_falls_back_to_vector_probes(tmp_path, planted_index):
+    from himir_rag.bench.scale import VectorsOnlyEncoder
+
+    snapshot = planted_index.snapshot
+    HiMIRIndex.from_snapshot(snapshot, encoder=VectorsOnlyEncoder(snapshot.dim), config=F32).save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx")  # its encoder spec names no encoder this library can build
+    assert auto_tune(loaded, probes=8, passes=1)["probe_kind"] == "vectors"
+    with pytest.raises(ConfigError, match="unknown"):
+        auto_tune(loaded, probes=8, passes=1, probe_kind="text")
+
+
+def _trial(accuracy, agreement, dots):
+    return Trial({"candidate_k": int(dots)}, accuracy, float(dots), 1.0, agreement)
+
+
+def test_the_rule_keeps_the_cheapest_trial_that_reaches_both_floors():
+    trials = [_trial(0.80, 0.99, 900), _trial(0.80, 0.95, 500), _trial(0.80, 0.93, 200), _trial(0.70, 0.99, 100)]
+    assert _choose_auto(trials, 0.795, 0.94, None, None).dot_products == 500  # 200 agrees too little, 100 misses
+    assert _choose_auto(trials, 0.795, 0.90, None, None).dot_products == 200
+    # nobody reaches the agreement floor: the trial (among those reaching the recall) that agrees most
+    assert _choose_auto(trials[1:3], 0.795, 0.99, None, None).dot_products == 500
+    # nobody reaches the recall: the most accurate compete
+    assert _choose_auto([_trial(0.5, 0.99, 300), _trial(0.6, 0.90, 400)], 0.8, 0.94, None, None).dot_products == 400
+    # a budget: the most accurate trial within it
+    assert _choose_auto(trials, 0.795, 0.94, 250, None).dot_products in (100, 200)
+    with pytest.raises(ValueError, match="min_agreement"):
+        auto_tune(HiMIRIndex.from_snapshot(planted_snapshot(20)[0], encoder=_NoEncoder(), config=F32), min_agreement=1.5)
 
 
 def test_auto_tune_keeps_the_cheapest_setting_as_accurate_as_himir_full(planted_index):
