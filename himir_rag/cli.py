@@ -69,7 +69,7 @@ def index_command(
     index_dir: Path = typer.Option(..., "--index", help="Index directory (created, or updated when it exists)."),
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
-    decomposer: str = typer.Option("grid", help="Image decomposer: grid | segments."),
+    decomposer: str = typer.Option("grid", help="Image decomposer: grid | segments | objects (object regions over grid segments)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Crops per encoder batch (2: fastest on CPU)."),
     region_encoding: Optional[str] = typer.Option(
         None, "--region-encoding", help="crops (each region encoded on its own) | roi (one forward per photo, "

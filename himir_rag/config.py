@@ -93,7 +93,8 @@ class HiMIRConfig:
     layout : str
         ``"1+M+N"`` hierarchy layout.
     decomposer : str
-        Image decomposer: ``"grid"`` or ``"segments"``.
+        Image decomposer: ``"grid"``, ``"segments"`` or ``"objects"`` (see
+        :func:`himir_rag.hierarchy.get_decomposer`).
     region_overlap : float
         Fraction by which grid regions grow beyond their cell (0 = no overlap).
     max_image_pixels : int
@@ -196,8 +197,8 @@ class HiMIRConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         parse_layout(self.layout)
-        if self.decomposer not in ("grid", "segments"):
-            raise ConfigError(f"decomposer {self.decomposer!r} is unknown; use 'grid' or 'segments'")
+        if self.decomposer not in ("grid", "segments", "objects"):
+            raise ConfigError(f"decomposer {self.decomposer!r} is unknown; use 'grid', 'segments' or 'objects'")
         _check_range("region_overlap", self.region_overlap, 0.0, 0.5)
         _check_range("min_region_frac", self.min_region_frac, 0.0, 0.5)
         _check_range("prune_cosine", self.prune_cosine, 0.0, 1.0)

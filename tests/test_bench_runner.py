@@ -26,6 +26,7 @@ from himir_rag.bench.runner import (
 )
 from himir_rag.bench.scale import build_synthetic_collection, run_scale_benchmark
 from himir_rag.errors import ConfigError
+from himir_rag.index import HiMIRIndex
 from himir_rag.scheduler import RetrievalMode
 from tests.conftest import ColorEncoder, RegionColorEncoder, make_scene
 
@@ -205,6 +206,15 @@ def test_region_encodings_side_by_side_one_index_each(tiny_bench):
     again = _quick_run(tiny_bench, encoder=encoder, region_encodings="roi", throughput_images=2)
     assert again["indexing"]["reused"] and again["region_encodings"]["roi"]["indexing"]["images_per_s"] > 0
     assert again["encoder_throughput"]["region_encoding"] == "roi"
+
+
+def test_the_image_decomposer_of_a_new_index_is_chosen_and_checked_on_reuse(tiny_bench, tmp_path):
+    target = tmp_path / "objects-index"
+    built = _quick_run(tiny_bench, index_dir=target, image_decomposer="objects")
+    assert built["config"]["image_decomposer"] == "objects"
+    assert HiMIRIndex.read_manifest(target)["config"]["decomposer"] == "objects"
+    with pytest.raises(ConfigError, match="built with image decomposer 'objects', asked for 'grid'"):
+        _quick_run(tiny_bench, index_dir=target)
 
 
 def test_index_dir_per_encoding_is_built_when_absent_and_checked_when_present(tiny_bench, tmp_path):

@@ -60,6 +60,28 @@ def test_segmentation_tree_follows_objects():
     assert iou.max() > 0.7
 
 
+def test_objects_decomposer_follows_objects_with_regions_and_keeps_the_grid_segments():
+    img = Image.new("RGB", (320, 240), (255, 255, 255))
+    img.paste((200, 20, 20), (20, 30, 120, 130))
+    img.paste((20, 20, 200), (200, 120, 300, 220))
+    decomposer = get_decomposer("objects", "1+4+16")
+    assert decomposer.name == "objects" and get_decomposer("segments").name == "segments"
+    tree = decomposer.decompose(img)
+    check_tree(tree, 320, 240, Layout(4, 16))
+    grid = GridDecomposer("1+4+16").decompose(img)
+    np.testing.assert_array_equal(tree.boxes[tree.levels == Level.SEGMENT], grid.boxes[grid.levels == Level.SEGMENT])
+    regions = tree.boxes[tree.levels == Level.REGION]
+    red = np.array([[20, 30, 120, 130]])
+    inter = intersection_areas(regions, red)[:, 0]
+    areas = (regions[:, 2] - regions[:, 0]) * (regions[:, 3] - regions[:, 1])
+    assert (inter / (areas + 100 * 100 - inter)).max() > 0.7  # a region hugs the red square
+    with pytest.raises(ConfigError, match="fine must be"):
+        SegmentationDecomposer("1+4+16", fine="dots")
+    assert HiMIRConfig(decomposer="objects").decomposer == "objects"
+    with pytest.raises(ConfigError, match="'objects'"):
+        HiMIRConfig(decomposer="blobs")
+
+
 def test_select_reattaches_children():
     tree = GridDecomposer("1+4+16").decompose(Image.new("RGB", (64, 64)))
     keep = np.ones(len(tree), bool)

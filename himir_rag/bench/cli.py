@@ -88,6 +88,8 @@ def run_command(
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     decomposer: str = typer.Option("rule", help="rule | oracle (ground-truth object names) | llm (HIMIR_LLM) | none"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N (when the index is built)."),
+    image_decomposer: str = typer.Option("grid", "--image-decomposer",
+                                         help="grid | segments | objects: how a new index cuts photos into regions."),
     k: int = typer.Option(10, min=1, help="Hits per query (at least 10 are retrieved for Recall@10)."),
     limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Run only the first N queries."),
     index_dir: Optional[list[Path]] = typer.Option(
@@ -119,7 +121,8 @@ def run_command(
                                limit_queries=limit_queries, index_dir=index_dir or None, device=device, batch_size=batch_size,
                                throughput_images=throughput_images, plots=plots, report_dir=report_dir,
                                scheduler=_parse_scheduler(scheduler), torch_threads=torch_threads,
-                               progress=progress, region_encodings=region_encoding, stages=stages)
+                               progress=progress, region_encodings=region_encoding, stages=stages,
+                               image_decomposer=image_decomposer)
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
         return

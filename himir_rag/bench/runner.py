@@ -559,12 +559,13 @@ def _encoder_matches(manifest: Mapping[str, Any], encoder: Encoder | str) -> boo
 
 
 def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device: str, batch_size: int,
-                index_dir: Path | None, progress: bool,
-                region_encoding: str = "crops") -> tuple[HiMIRIndex, dict[str, Any], Path]:
+                index_dir: Path | None, progress: bool, region_encoding: str = "crops",
+                image_decomposer: str = "grid") -> tuple[HiMIRIndex, dict[str, Any], Path]:
     """Load a matching index (``index_dir``, or the encoding's default folder under ``bench_dir``), or
     build and save one there (``index_dir`` is built only when it holds no index yet)."""
     loaded_encoder = encoder if not isinstance(encoder, str) else None
-    config = HiMIRConfig(layout=str(layout), batch_size=batch_size, region_encoding=region_encoding)
+    config = HiMIRConfig(layout=str(layout), batch_size=batch_size, region_encoding=region_encoding,
+                         decomposer=image_decomposer)
     if index_dir is not None and (index_dir / "CURRENT").is_file():
         index = HiMIRIndex.load(index_dir, encoder=loaded_encoder, device=device)
         if isinstance(encoder, str) and not _encoder_matches(HiMIRIndex.read_manifest(index_dir), encoder):
@@ -574,6 +575,10 @@ def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device:
             raise ConfigError(f"{index_dir} was built with region encoding {index.config.region_encoding!r}, asked "
                               f"for {region_encoding!r}; pass --region-encoding {index.config.region_encoding} or "
                               "an --index-dir that does not exist yet (it is built there)")
+        if index.config.decomposer != image_decomposer:
+            raise ConfigError(f"{index_dir} was built with image decomposer {index.config.decomposer!r}, asked for "
+                              f"{image_decomposer!r}; pass --image-decomposer {index.config.decomposer} or an "
+                              "--index-dir that does not exist yet (it is built there)")
         return index, _stored_build_info(bench_dir, index_dir) or {"reused": True, "measured": False}, index_dir
     if index_dir is not None:
         index = HiMIRIndex(encoder, config, device=device)
@@ -583,7 +588,8 @@ def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device:
         manifest = HiMIRIndex.read_manifest(target)
         saved = manifest.get("config", {})
         if (_encoder_matches(manifest, encoder) and saved.get("layout") == str(layout)
-                and saved.get("region_encoding", "crops") == region_encoding):
+                and saved.get("region_encoding", "crops") == region_encoding
+                and saved.get("decomposer", "grid") == image_decomposer):
             index = HiMIRIndex.load(target, encoder=loaded_encoder, device=device)
             update = index.add(bench_dir / "images", progress=progress)
             if update.added or update.updated:
@@ -763,11 +769,12 @@ def _index_dirs(index_dir: Any, encodings: Sequence[str]) -> list[Path | None]:
 def _run_encoding(bench_dir: Path, queries: list[Any], scenes: Mapping[str, dict[str, Any]],
                   mode_list: list[RetrievalMode], decomposer_obj: Any, *, encoder: Encoder | str, layout: str,
                   device: str, batch_size: int, index_dir: Path | None, progress: bool, region_encoding: str, k: int,
-                  scheduler: Mapping[str, Any] | None, throughput_images: int) -> _EncodingRun:
+                  scheduler: Mapping[str, Any] | None, throughput_images: int,
+                  image_decomposer: str = "grid") -> _EncodingRun:
     """Open or build the index of one region encoding and run every mode's queries on it."""
     index, indexing, used_index_dir = _open_index(
         bench_dir, encoder=encoder, layout=layout, device=device, batch_size=batch_size,
-        index_dir=index_dir, progress=progress, region_encoding=region_encoding)
+        index_dir=index_dir, progress=progress, region_encoding=region_encoding, image_decomposer=image_decomposer)
     if scheduler is not None:
         index.set_config(index.config.replace(scheduler=dict(scheduler)))
     scene_of_path, image_ids = _scene_ids_by_image(index, bench_dir, scenes)
@@ -797,7 +804,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   plots: bool = True, report_dir: str | os.PathLike[str] | None = None,
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
                   progress: bool = True,
-                  region_encodings: str | Iterable[str] = "crops", stages: bool = False) -> dict[str, Any]:
+                  region_encodings: str | Iterable[str] = "crops", stages: bool = False,
+                  image_decomposer: str = "grid") -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
     Parameters
@@ -837,6 +845,9 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         Add the per-stage table of the scheduled pass (:mod:`himir_rag.bench.stages`) on the
         first region encoding's index: each pruning stage switched off (or on) in turn, with
         its savings and its Recall@10 cost.
+    image_decomposer : str
+        How a new index cuts photos into regions: ``"grid"`` (default), ``"segments"`` or
+        ``"objects"`` (:func:`himir_rag.hierarchy.get_decomposer`); a reused index must match.
     region_encodings : str or list of str
         ``"crops"``, ``"roi"`` or both (``"crops,roi"``): one index per encoding, the same
         queries on each; the report's main sections are the first encoding's, and
@@ -867,7 +878,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         runs_by_encoding[encoding] = _run_encoding(
             bench_dir, queries, scenes, mode_list, decomposer_obj, encoder=encoder, layout=layout, device=device,
             batch_size=batch_size, index_dir=directory, progress=progress, region_encoding=encoding, k=k,
-            scheduler=scheduler, throughput_images=throughput_images if number == 0 else 0)
+            scheduler=scheduler, throughput_images=throughput_images if number == 0 else 0,
+            image_decomposer=image_decomposer)
     first = runs_by_encoding[encodings[0]]
     index, indexing, used_index_dir, runs, grounding = (first.index, first.indexing, first.index_dir, first.runs,
                                                          first.grounding)
@@ -878,7 +890,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         "benchmark": {"dir": str(bench_dir.absolute()), "scenes": len(scenes), "queries": len(queries),
                       "indexed_images": len(index), **_read_manifest_counts(bench_dir)},
         "config": {"modes": [m.value for m in mode_list], "encoder": index.encoder.name,
-                   "encoder_spec": index.encoder_spec, "decomposer": decomposer, "layout": index.config.layout,
+                   "encoder_spec": index.encoder_spec, "decomposer": decomposer,
+                   "image_decomposer": index.config.decomposer, "layout": index.config.layout,
                    "k": k, "search_k": search_k, "scheduler": index.config.scheduler.overrides(),
                    "torch_threads": torch_threads, "region_encoding": index.config.region_encoding,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
