@@ -114,8 +114,8 @@ def test_the_rule_keeps_the_cheapest_trial_that_reaches_both_floors():
     trials = [_trial(0.80, 0.99, 900), _trial(0.80, 0.95, 500), _trial(0.80, 0.93, 200), _trial(0.70, 0.99, 100)]
     assert _choose_auto(trials, 0.795, 0.94, None, None).dot_products == 500  # 200 agrees too little, 100 misses
     assert _choose_auto(trials, 0.795, 0.90, None, None).dot_products == 200
-    # nobody reaches the agreement floor: the trial (among those reaching the recall) that agrees most
-    assert _choose_auto(trials[1:3], 0.795, 0.99, None, None).dot_products == 500
+    # nobody reaches the agreement floor (synthetic vectors): the recall floor alone decides
+    assert _choose_auto(trials[1:3], 0.795, 0.99, None, None).dot_products == 200
     # nobody reaches the recall: the most accurate compete
     assert _choose_auto([_trial(0.5, 0.99, 300), _trial(0.6, 0.90, 400)], 0.8, 0.94, None, None).dot_products == 400
     # a budget: the most accurate trial within it
