@@ -19,7 +19,7 @@ probes. Two kinds:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,17 +57,22 @@ def probe_queries(snapshot: Snapshot, *, count: int = 200, seed: int = 0, simila
     rng = np.random.default_rng(seed)
     if len(snapshot) == 0 or count <= 0:
         return []
-    starts = snapshot.image_starts
     probes = []
+    for source, rows in _drawn_photos(snapshot, count, rng):
+        n_subs = min(int(rng.integers(subqueries[0], subqueries[1] + 1)), len(rows))
+        chosen = np.sort(rng.choice(rows, n_subs, replace=False))
+        probes.append(Probe(_turn(snapshot.region_vectors(chosen), similarity, rng), source))
+    return probes
+
+
+def _drawn_photos(snapshot: Snapshot, count: int, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+    """``count`` random photos (with repeats): each one's image id and rows, its non-global ones
+    (all of them for a photo with only its global view)."""
+    starts = snapshot.image_starts
     for position in rng.integers(0, len(snapshot), count):
         rows = np.arange(starts[position], starts[position + 1])
         finer = rows[snapshot.levels[rows] != Level.GLOBAL]
-        rows = finer if len(finer) else rows
-        n_subs = min(int(rng.integers(subqueries[0], subqueries[1] + 1)), len(rows))
-        chosen = np.sort(rng.choice(rows, n_subs, replace=False))
-        vectors = _turn(snapshot.region_vectors(chosen), similarity, rng)
-        probes.append(Probe(vectors, int(snapshot.image_ids[position])))
-    return probes
+        yield int(snapshot.image_ids[position]), finer if len(finer) else rows
 
 
 def _turn(vectors: np.ndarray, similarity: float, rng: np.random.Generator) -> np.ndarray:
@@ -109,17 +114,13 @@ def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.nd
     rng = np.random.default_rng(seed)
     if len(snapshot) == 0 or count <= 0:
         return []
-    starts = snapshot.image_starts
     probes = []
-    for position in rng.integers(0, len(snapshot), count):
-        rows = np.arange(starts[position], starts[position + 1])
-        finer = rows[snapshot.levels[rows] != Level.GLOBAL]
-        rows = rng.permutation(finer if len(finer) else rows)
+    for source, rows in _drawn_photos(snapshot, count, rng):
+        rows = rng.permutation(rows)
         n_subs = int(rng.integers(subqueries[0], subqueries[1] + 1))
         nearest = np.argmax(snapshot.region_vectors(rows).astype(np.float32) @ embeddings.T, axis=1)
         words = list(dict.fromkeys(int(w) for w in nearest))[:n_subs]  # distinct, in visiting order
-        probes.append(Probe(embeddings[words].copy(), int(snapshot.image_ids[position]),
-                            tuple(vocabulary[w] for w in words)))
+        probes.append(Probe(embeddings[words].copy(), source, tuple(vocabulary[w] for w in words)))
     return probes
 
 
