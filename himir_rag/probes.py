@@ -55,8 +55,6 @@ def probe_queries(snapshot: Snapshot, *, count: int = 200, seed: int = 0, simila
         raise ValueError(f"similarity must be in (0, 1], got {similarity}")
     _check_subqueries(subqueries)
     rng = np.random.default_rng(seed)
-    if len(snapshot) == 0 or count <= 0:
-        return []
     probes = []
     for source, rows in _drawn_photos(snapshot, count, rng):
         n_subs = min(int(rng.integers(subqueries[0], subqueries[1] + 1)), len(rows))
@@ -67,7 +65,9 @@ def probe_queries(snapshot: Snapshot, *, count: int = 200, seed: int = 0, simila
 
 def _drawn_photos(snapshot: Snapshot, count: int, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
     """``count`` random photos (with repeats): each one's image id and rows, its non-global ones
-    (all of them for a photo with only its global view)."""
+    (all of them for a photo with only its global view); none for an empty collection."""
+    if len(snapshot) == 0 or count <= 0:
+        return
     starts = snapshot.image_starts
     for position in rng.integers(0, len(snapshot), count):
         rows = np.arange(starts[position], starts[position + 1])
@@ -112,8 +112,6 @@ def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.nd
         raise ValueError(f"the vocabulary's embeddings have {embeddings.shape[1]} dims, the collection {snapshot.dim}")
     _check_subqueries(subqueries)
     rng = np.random.default_rng(seed)
-    if len(snapshot) == 0 or count <= 0:
-        return []
     probes = []
     for source, rows in _drawn_photos(snapshot, count, rng):
         rows = rng.permutation(rows)
