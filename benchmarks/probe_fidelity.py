@@ -18,6 +18,7 @@ products against the defaults. Tune rules on tuning sets only (seeds 1, 11, 12 h
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -27,7 +28,6 @@ import numpy as np
 
 from himir_rag import HiMIRIndex
 from himir_rag import autoconfig
-from himir_rag.decompose import RuleDecomposer
 from himir_rag.modes import reference_mode
 from himir_rag.scheduler import gather
 
@@ -46,18 +46,12 @@ def grid(bench_dir: str, index_name: str, out: str) -> None:
     work = {}
     for kind in ("text", "vectors"):
         drawn, _ = autoconfig._draw_probes(index, snapshot, count=200, seed=0, kind=kind)
-        work[kind] = _workload(store, [p.vectors for p in drawn], [{p.source} for p in drawn])
+        work[kind] = _with_reference(store, autoconfig._Workload([p.vectors for p in drawn], [{p.source} for p in drawn]))
+    # the real queries as `himir tune --qrels` reads, decomposes (rule decomposer) and encodes them
     queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
-    qrels = {}
-    for line in (root / "qrels.jsonl").read_text().splitlines():
-        if line.strip():
-            item = json.loads(line)
-            qrels[item["query_id"]] = item["paths"]
-    by_path = {r.path: r.image_id for r in index.snapshot.images.values()}
-    split = RuleDecomposer()
-    vectors = [index.encoder.embed_texts(split.decompose(q["query"]) or [q["query"]]) for q in queries]
-    work["real"] = _workload(store, vectors, [{by_path[str((root / p).absolute())] for p in qrels[q["id"]]}
-                                              for q in queries])
+    relevant = autoconfig.read_qrels(str(root / "qrels.jsonl"), queries)
+    real, _ = autoconfig._workload(index, [q["query"] for q in queries], relevant, k=K, decomposer=None)
+    work["real"] = _with_reference(store, real)
     settings = [None, {}, *[dict(zip(GRID, combo)) for combo in itertools.product(*GRID.values())], *SINGLE_CHANGES]
     with open(out, "w") as sink:
         for params in settings:
@@ -75,9 +69,10 @@ def grid(bench_dir: str, index_name: str, out: str) -> None:
             print(json.dumps(row), flush=True)
 
 
-def _workload(store, vectors, relevant):
-    reference = autoconfig._exhaustive_pass(store, vectors, reference_mode(), K)
-    return autoconfig._Workload(vectors, relevant, [set(f.tolist()) for f in reference[0]]), reference
+def _with_reference(store, workload):
+    """``workload`` with himir-full's top-k (for the agreement) and himir-full's own pass."""
+    reference = autoconfig._exhaustive_pass(store, workload.vectors, reference_mode(), K)
+    return dataclasses.replace(workload, full_top=[set(f.tolist()) for f in reference[0]]), reference
 
 
 def _cheapest(rows, probe, *, tolerance=None, min_agreement=0.0, full=None):

@@ -177,11 +177,12 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     synthetic vectors the probes' reference top-k beyond the planted answer is noise (no
     setting agrees with more than 14% of it at 100k images), and the recall alone chose a
     setting 3.8 points below the defaults on real queries there: the floor at the current
-    setting's agreement keeps the tuner from giving up more exactness than it started with. The probes' recall of their source photo is coarse (one
-    probe is 0.5 points of 200), the agreement a finer measure of how exactly a setting
-    keeps the reference's ranking; of the rules measured over a grid of settings on three
-    composite tuning collections, the two together came closest to ``himir-full``'s
-    Recall@10 on real queries (``benchmarks/README.md``, "Auto-tuning with text probes").
+    setting's agreement keeps the tuner from giving up more exactness than it started with.
+    The probes' recall of their source photo is coarse (one probe is 0.5 points of 200), the
+    agreement a finer measure of how exactly a setting keeps the reference's ranking; of the
+    rules measured over a grid of settings on three composite tuning collections, the two
+    together came closest to ``himir-full``'s Recall@10 on real queries
+    (``benchmarks/README.md``, "Auto-tuning with text probes").
     With a budget, the most accurate setting within it wins instead. The index is not
     changed: pass the returned record to :func:`apply_record`.
 
@@ -224,8 +225,7 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     summary = lambda t: {"recall": t.accuracy, "agreement": t.agreement, "dot_products": t.dot_products,  # noqa: E731
                          "latency_ms": t.latency_ms}
     return {"source": "auto", "images": len(index), "probes": len(drawn), "probe_kind": probe_kind, "seed": seed,
-            "k": k,
-            "tolerance": tolerance, "min_agreement": min_agreement,
+            "k": k, "tolerance": tolerance, "min_agreement": min_agreement,
             "budget_dot_products": budget_dot_products, "budget_ms": budget_ms,
             "reference": reference_mode().value, "params": _jsonable(best.params), **summary(best),
             "before": {"params": _jsonable(before.params), **summary(before)}, "himir_full": summary(full),
@@ -246,15 +246,12 @@ def _draw_probes(index: HiMIRIndex, snapshot: Any, *, count: int, seed: int, kin
         vocabulary = default_vocabulary()
         try:
             embeddings = index.encoder.embed_texts(vocabulary)
-        except NotImplementedError as error:  # an encoder without a text side (synthetic vectors)
+        except Exception as error:  # noqa: BLE001 - no text side (synthetic vectors), or a saved encoder not buildable here
             if kind == "text":
                 raise
-            logger.info("auto-tune: no text encoder (%s); probes are turned copies of stored vectors", error)
-        except Exception as error:  # noqa: BLE001 - e.g. a saved encoder that cannot be rebuilt here
-            if kind == "text":
-                raise
-            logger.warning("auto-tune: the index's text encoder is unavailable (%s: %s); probes are turned "
-                           "copies of stored vectors", type(error).__name__, error)
+            expected = isinstance(error, NotImplementedError)
+            logger.log(logging.INFO if expected else logging.WARNING, "auto-tune: the index's text encoder is "
+                       "unavailable (%s: %s); probes are turned copies of stored vectors", type(error).__name__, error)
         else:
             return text_probes(snapshot, vocabulary, embeddings, count=count, seed=seed), "text"
     return probe_queries(snapshot, count=count, seed=seed), "vectors"

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from himir_rag.errors import ConfigError
 
+# The image decomposers by name (built by himir_rag.hierarchy.get_decomposer)
+IMAGE_DECOMPOSERS = ("grid", "segments", "objects")
+
 if TYPE_CHECKING:  # the scheduler imports the hierarchy, which imports this module
     from himir_rag.scheduler import SchedulerParams
 
@@ -197,8 +200,9 @@ class HiMIRConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         parse_layout(self.layout)
-        if self.decomposer not in ("grid", "segments", "objects"):
-            raise ConfigError(f"decomposer {self.decomposer!r} is unknown; use 'grid', 'segments' or 'objects'")
+        if self.decomposer not in IMAGE_DECOMPOSERS:
+            raise ConfigError(f"decomposer {self.decomposer!r} is unknown; "
+                              f"use one of {', '.join(map(repr, IMAGE_DECOMPOSERS))}")
         _check_range("region_overlap", self.region_overlap, 0.0, 0.5)
         _check_range("min_region_frac", self.min_region_frac, 0.0, 0.5)
         _check_range("prune_cosine", self.prune_cosine, 0.0, 1.0)

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from himir_rag.config import Layout, parse_layout
+from himir_rag.config import IMAGE_DECOMPOSERS, Layout, parse_layout
 from himir_rag.errors import ConfigError
 
 __all__ = [
@@ -227,8 +227,6 @@ class SegmentationDecomposer:
         (``benchmarks/README.md``, "Accuracy").
     """
 
-    name = "segments"
-
     def __init__(
         self,
         layout: str | Layout = "1+4+16",
@@ -325,4 +323,4 @@ def get_decomposer(name: str, layout: str | Layout = "1+4+16", *, overlap: float
         return SegmentationDecomposer(layout, overlap=overlap)
     if name == "objects":
         return SegmentationDecomposer(layout, overlap=overlap, fine="grid")
-    raise ConfigError(f"image decomposer {name!r} is unknown; use 'grid', 'segments' or 'objects'")
+    raise ConfigError(f"image decomposer {name!r} is unknown; use one of {', '.join(map(repr, IMAGE_DECOMPOSERS))}")

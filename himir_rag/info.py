@@ -67,14 +67,13 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("autoconfig none (defaults, or set by hand)")
     elif record.get("source") == "auto":
         before, full = record.get("before", {}), record.get("himir_full", {})
+        floors = f"tolerance {record.get('tolerance')}"  # records of older versions lack the agreement floor
+        floors += f", min agreement {record['min_agreement']}" if "min_agreement" in record else ""
+        agreement = f", agreement {record['agreement']:.3f}" if record.get("agreement") is not None else ""
         lines.append(f"autoconfig auto-tuned {record.get('tuned_at')} at {record.get('images')} images on "
                      f"{record.get('probes')} {record.get('probe_kind', 'vectors')} probes (seed {record.get('seed')}, "
-                     f"tolerance {record.get('tolerance')}"
-                     + (f", min agreement {record['min_agreement']}" if "min_agreement" in record else "") + "): "
-                     f"{json.dumps(record.get('params'))}, probe Recall@{record.get('k')} "
-                     f"{record.get('recall', 0):.3f}"
-                     + (f", agreement {record['agreement']:.3f}" if record.get("agreement") is not None else "")
-                     + f" at {record.get('dot_products', 0):.0f} dot products "
+                     f"{floors}): {json.dumps(record.get('params'))}, probe Recall@{record.get('k')} "
+                     f"{record.get('recall', 0):.3f}{agreement} at {record.get('dot_products', 0):.0f} dot products "
                      f"(before: {before.get('recall', 0):.3f} at {before.get('dot_products', 0):.0f}; "
                      f"himir-full: {full.get('recall', 0):.3f} at {full.get('dot_products', 0):.0f})")
     else:

@@ -770,7 +770,7 @@ def _run_encoding(bench_dir: Path, queries: list[Any], scenes: Mapping[str, dict
                   mode_list: list[RetrievalMode], decomposer_obj: Any, *, encoder: Encoder | str, layout: str,
                   device: str, batch_size: int, index_dir: Path | None, progress: bool, region_encoding: str, k: int,
                   scheduler: Mapping[str, Any] | None, throughput_images: int,
-                  image_decomposer: str = "grid") -> _EncodingRun:
+                  image_decomposer: str) -> _EncodingRun:
     """Open or build the index of one region encoding and run every mode's queries on it."""
     index, indexing, used_index_dir = _open_index(
         bench_dir, encoder=encoder, layout=layout, device=device, batch_size=batch_size,
