@@ -3,12 +3,14 @@
 Usage (a composite set written by ``himir bench build`` and indexed by ``himir bench run --index-dir``)::
 
     python benchmarks/probe_fidelity.py grid /tmp/bench-tune --index index-416-r5 --out /tmp/lab/grid-s1.jsonl
+    python benchmarks/probe_fidelity.py grid /tmp/bench-tune --index index-416-r5 --kinds text,text-r3 --out ...
     python benchmarks/probe_fidelity.py rules /tmp/lab/grid-s1.jsonl /tmp/lab/grid-t11.jsonl /tmp/lab/grid-t12.jsonl
 
 ``grid`` runs himir-full, the defaults and 90 settings of ``candidate_k`` x ``probe_share`` x
-``candidate_pool`` (plus single changes of the other stages) on three workloads: 200 text
-probes, 200 vector probes (:mod:`himir_rag.probes`, seed 0, as :func:`himir_rag.autoconfig.auto_tune`
-draws them) and the set's real queries with their qrels. Each row (one JSON line) holds each
+``candidate_pool`` (plus single changes of the other stages) on the set's real queries with
+their qrels and on 200 probes of each kind ``--kinds`` names (:mod:`himir_rag.probes`, seed 0,
+as :func:`himir_rag.autoconfig.auto_tune` draws them; default ``text,vectors``; ``text-rN``:
+text probes whose regions name one of their N nearest words). Each row (one JSON line) holds each
 workload's Recall@10 (of the probe's source photo, or of the qrels), agreement with
 himir-full's top-10 and median dot products. ``rules`` prints how closely each kind of probe
 follows the real queries (correlation of the agreements over the grid, dot products ratio) and
@@ -29,6 +31,7 @@ import numpy as np
 from himir_rag import HiMIRIndex
 from himir_rag import autoconfig
 from himir_rag.modes import reference_mode
+from himir_rag.probes import default_vocabulary, text_probes
 from himir_rag.scheduler import gather
 
 GRID = {"candidate_k": [0, 8, 12, 16, 32], "probe_share": [0.03, 0.06, 0.1, 0.15, 0.2, 0.3], "candidate_pool": [1, 4, 16]}
@@ -38,14 +41,21 @@ SINGLE_CHANGES = [{"ann_bound": False}, {"pq_error_quantile": 0.5}, {"sparsity_m
 K = 10
 
 
-def grid(bench_dir: str, index_name: str, out: str) -> None:
+def grid(bench_dir: str, index_name: str, out: str, kinds: tuple[str, ...] = ("text", "vectors")) -> None:
+    """Write the grid's rows to ``out``; ``kinds`` the probe workloads besides the real queries:
+    ``text``, ``vectors`` or ``text-rN`` (text probes whose regions name one of their N nearest words)."""
     root = Path(bench_dir)
     index = HiMIRIndex.load(root / index_name)
     store = index.image_store
     snapshot = gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim)
     work = {}
-    for kind in ("text", "vectors"):
-        drawn, _ = autoconfig._draw_probes(index, snapshot, count=200, seed=0, kind=kind)
+    for kind in kinds:
+        if kind.startswith("text-r"):
+            vocabulary = default_vocabulary()
+            drawn = text_probes(snapshot, vocabulary, index.encoder.embed_texts(vocabulary), count=200, seed=0,
+                                ranks=int(kind.removeprefix("text-r")))
+        else:
+            drawn, _ = autoconfig._draw_probes(index, snapshot, count=200, seed=0, kind=kind)
         work[kind] = _with_reference(store, autoconfig._Workload([p.vectors for p in drawn], [{p.source} for p in drawn]))
     # the real queries as `himir tune --qrels` reads, decomposes (rule decomposer) and encodes them
     queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
@@ -92,29 +102,34 @@ def _old_rule(rows, probe, full):
     return min(ok, key=lambda r: r[probe]["dots"]) if ok else max(reached, key=lambda r: r[probe]["agreement"])
 
 
-RULES = {
+SHARED_RULES = {
     "hand defaults": lambda rows, full, d: d,
     "best possible (real queries: cheapest within 0.5 points)":
         lambda rows, full, d: _cheapest(rows, "real", tolerance=0.005, full=full),
-    "vector probes, old rule (agreement within 0.01 of the best)": lambda rows, full, d: _old_rule(rows, "vectors", full),
-    "vector probes, recall within 0.5 points": lambda rows, full, d: _cheapest(rows, "vectors", tolerance=0.005, full=full),
-    "text probes, old rule": lambda rows, full, d: _old_rule(rows, "text", full),
-    "text probes, recall within 0.5 points (the issue's rule)":
-        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.005, full=full),
-    "text probes, agreement >= 0.94 alone": lambda rows, full, d: _cheapest(rows, "text", min_agreement=0.94, full=full),
-    "text probes, recall within 0.5 points and agreement >= 0.94 (new)":
-        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.005, min_agreement=0.94, full=full),
-    "text probes, recall within 1 point and agreement >= 0.94":
-        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.01, min_agreement=0.94, full=full),
-    "text probes, recall within 2 points and agreement >= 0.94":
-        lambda rows, full, d: _cheapest(rows, "text", tolerance=0.02, min_agreement=0.94, full=full),
+}
+# each applied to every kind of probe in the grid files
+PROBE_RULES = {
+    "old rule (agreement within 0.01 of the best)": lambda rows, full, probe: _old_rule(rows, probe, full),
+    "recall within 0.5 points (the issue's rule)": lambda rows, full, probe: _cheapest(rows, probe, tolerance=0.005, full=full),
+    "agreement >= 0.94 alone": lambda rows, full, probe: _cheapest(rows, probe, min_agreement=0.94, full=full),
+    "recall within 0.5 points and agreement >= 0.94 (auto_tune's)":
+        lambda rows, full, probe: _cheapest(rows, probe, tolerance=0.005, min_agreement=0.94, full=full),
+    "recall within 0.5 points and agreement >= 0.92":
+        lambda rows, full, probe: _cheapest(rows, probe, tolerance=0.005, min_agreement=0.92, full=full),
+    "recall within 0.5 points and agreement >= 0.96":
+        lambda rows, full, probe: _cheapest(rows, probe, tolerance=0.005, min_agreement=0.96, full=full),
+    "recall within 1 point and agreement >= 0.94":
+        lambda rows, full, probe: _cheapest(rows, probe, tolerance=0.01, min_agreement=0.94, full=full),
+    "recall within 2 points and agreement >= 0.94":
+        lambda rows, full, probe: _cheapest(rows, probe, tolerance=0.02, min_agreement=0.94, full=full),
 }
 
 
 def rules(paths: list[str]) -> None:
     sets = {Path(p).stem: [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()] for p in paths}
+    probes = [kind for kind in next(iter(sets.values()))[0] if kind not in ("params", "real")]
     print("| probes | " + " | ".join(f"{name}: agreement r / mean abs diff / dots probe:real" for name in sets) + " |")
-    for probe in ("text", "vectors"):
+    for probe in probes:
         cells = []
         for rows in sets.values():
             a = np.array([r[probe]["agreement"] for r in rows[1:]])
@@ -124,12 +139,15 @@ def rules(paths: list[str]) -> None:
         print(f"| {probe} | " + " | ".join(cells) + " |")
     print()
     print("| rule | " + " | ".join(f"{name}: real Recall@10 gap (points) / dots vs defaults" for name in sets) + " |")
-    for name, rule in RULES.items():
+    table = [(name, None, lambda rows, full, d, rule=rule: rule(rows, full, d)) for name, rule in SHARED_RULES.items()]
+    table += [(f"{probe} probes, {name}", probe, lambda rows, full, d, rule=rule, probe=probe: rule(rows, full, probe))
+              for probe in probes for name, rule in PROBE_RULES.items()]
+    for name, probe, rule in table:
         cells = []
         for rows in sets.values():
             full, defaults = rows[0], rows[1]
-            probe = "vectors" if name.startswith("vector") else "text"  # the probes the rule tunes on
-            pruning = [r for r in rows[1:] if r[probe]["dots"] < full[probe]["dots"]]
+            tuned_on = probe or "real"  # the workload the rule tunes on
+            pruning = [r for r in rows[1:] if r[tuned_on]["dots"] < full[tuned_on]["dots"]]
             chosen = rule(pruning, full, defaults)
             gap = (chosen["real"]["recall"] - full["real"]["recall"]) * 100
             cells.append(f"{gap:+.2f} / {chosen['real']['dots'] / defaults['real']['dots']:.2f}x")
@@ -140,7 +158,8 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "grid":
         index_name = args[args.index("--index") + 1] if "--index" in args else "index"
-        grid(args[0], index_name, args[args.index("--out") + 1])
+        kinds = tuple(args[args.index("--kinds") + 1].split(",")) if "--kinds" in args else ("text", "vectors")
+        grid(args[0], index_name, args[args.index("--out") + 1], kinds)
     elif command == "rules":
         rules(args)
     else:

@@ -159,14 +159,16 @@ def tune(index: HiMIRIndex, queries: Sequence[str], *, relevant: Sequence[set[st
 
 def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 10, tolerance: float = 0.005,
               min_agreement: float = 0.94, budget_dot_products: float | None = None,
-              budget_ms: float | None = None, passes: int = 2, probe_kind: str = "auto") -> dict[str, Any]:
+              budget_ms: float | None = None, passes: int = 2, probe_kind: str = "auto",
+              probe_ranks: int = 1) -> dict[str, Any]:
     """Label-free tuning: the cheapest scheduler setting as accurate as ``himir-full`` on probes.
 
     ``probes`` queries are drawn from the collection (deterministic for ``seed``), each with
     the photo it was drawn from as its answer: ``probe_kind="text"`` words the regions evoke,
     embedded by the index's text encoder (:func:`himir_rag.probes.text_probes`), ``"vectors"``
     turned copies of stored vectors (:func:`himir_rag.probes.probe_queries`), ``"auto"`` text
-    when the encoder embeds texts (vectors for a synthetic-vector index). The reference is
+    when the encoder embeds texts (vectors for a synthetic-vector index); ``probe_ranks`` > 1
+    lets a text probe's region name one of its that many nearest words. The reference is
     ``himir-full``: its top-k per probe and its Recall@k of the answers.
     Coordinate descent over :data:`AUTO_SEARCH_SPACE`, from the current setting, keeps the
     setting with the fewest median dot products (p50 latency when ``budget_ms`` is given)
@@ -193,7 +195,9 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
         ``agreement`` and ``dot_products``, the same for the current setting (``before``)
         and for ``himir_full`` (the reference), the probes' count, kind (``probe_kind``:
         ``"text"`` or ``"vectors"``) and seed, the tolerance and ``min_agreement``, the
-        budget, the collection size, the trials run and the seconds spent.
+        budget, the collection size, the trials run and the seconds spent; ``agreement_floor``
+        the agreement the choice had to reach (``min_agreement`` or the current setting's
+        own agreement, whichever is lower) and, for text probes, ``probe_ranks``.
     """
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
@@ -201,7 +205,7 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
     k = min(k, len(index))
     store = index.image_store
     snapshot = gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim)
-    drawn, probe_kind = _draw_probes(index, snapshot, count=probes, seed=seed, kind=probe_kind)
+    drawn, probe_kind = _draw_probes(index, snapshot, count=probes, seed=seed, kind=probe_kind, ranks=probe_ranks)
     vectors = [p.vectors for p in drawn]
     reference = _exhaustive_pass(store, vectors, reference_mode(), k)  # once: the reference top-k and its trial
     workload = _Workload(vectors, [{p.source} for p in drawn], [set(found.tolist()) for found in reference[0]])
@@ -224,8 +228,10 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
                                 budget_ms)
     summary = lambda t: {"recall": t.accuracy, "agreement": t.agreement, "dot_products": t.dot_products,  # noqa: E731
                          "latency_ms": t.latency_ms}
-    return {"source": "auto", "images": len(index), "probes": len(drawn), "probe_kind": probe_kind, "seed": seed,
-            "k": k, "tolerance": tolerance, "min_agreement": min_agreement,
+    ranks = {"probe_ranks": probe_ranks} if probe_kind == "text" else {}
+    return {"source": "auto", "images": len(index), "probes": len(drawn), "probe_kind": probe_kind, **ranks,
+            "seed": seed, "k": k, "tolerance": tolerance, "min_agreement": min_agreement,
+            "agreement_floor": agreement_floor,
             "budget_dot_products": budget_dot_products, "budget_ms": budget_ms,
             "reference": reference_mode().value, "params": _jsonable(best.params), **summary(best),
             "before": {"params": _jsonable(before.params), **summary(before)}, "himir_full": summary(full),
@@ -236,7 +242,8 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
 PROBE_KINDS = ("auto", "text", "vectors")
 
 
-def _draw_probes(index: HiMIRIndex, snapshot: Any, *, count: int, seed: int, kind: str) -> tuple[list[Any], str]:
+def _draw_probes(index: HiMIRIndex, snapshot: Any, *, count: int, seed: int, kind: str,
+                 ranks: int = 1) -> tuple[list[Any], str]:
     """The probes of :func:`auto_tune` and the kind drawn (``"auto"`` resolved)."""
     from himir_rag.probes import default_vocabulary, probe_queries, text_probes
 
@@ -253,7 +260,7 @@ def _draw_probes(index: HiMIRIndex, snapshot: Any, *, count: int, seed: int, kin
             logger.log(logging.INFO if expected else logging.WARNING, "auto-tune: the index's text encoder is "
                        "unavailable (%s: %s); probes are turned copies of stored vectors", type(error).__name__, error)
         else:
-            return text_probes(snapshot, vocabulary, embeddings, count=count, seed=seed), "text"
+            return text_probes(snapshot, vocabulary, embeddings, count=count, seed=seed, ranks=ranks), "text"
     return probe_queries(snapshot, count=count, seed=seed), "vectors"
 
 

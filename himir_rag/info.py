@@ -69,9 +69,12 @@ def format_info(info: dict[str, Any]) -> str:
         before, full = record.get("before", {}), record.get("himir_full", {})
         floors = f"tolerance {record.get('tolerance')}"  # records of older versions lack the agreement floor
         floors += f", min agreement {record['min_agreement']}" if "min_agreement" in record else ""
+        floors += (f" (floor {record['agreement_floor']:.3f})" if record.get("agreement_floor") is not None
+                   and record["agreement_floor"] != record.get("min_agreement") else "")
+        ranks = f", words of rank <= {record['probe_ranks']}" if record.get("probe_ranks", 1) > 1 else ""
         agreement = f", agreement {record['agreement']:.3f}" if record.get("agreement") is not None else ""
         lines.append(f"autoconfig auto-tuned {record.get('tuned_at')} at {record.get('images')} images on "
-                     f"{record.get('probes')} {record.get('probe_kind', 'vectors')} probes (seed {record.get('seed')}, "
+                     f"{record.get('probes')} {record.get('probe_kind', 'vectors')} probes (seed {record.get('seed')}{ranks}, "
                      f"{floors}): {json.dumps(record.get('params'))}, probe Recall@{record.get('k')} "
                      f"{record.get('recall', 0):.3f}{agreement} at {record.get('dot_products', 0):.0f} dot products "
                      f"(before: {before.get('recall', 0):.3f} at {before.get('dot_products', 0):.0f}; "

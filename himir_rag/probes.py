@@ -86,14 +86,15 @@ def _turn(vectors: np.ndarray, similarity: float, rng: np.random.Generator) -> n
 
 
 def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.ndarray, *, count: int = 200,
-                seed: int = 0, subqueries: tuple[int, int] = (2, 3)) -> list[Probe]:
+                seed: int = 0, subqueries: tuple[int, int] = (2, 3), ranks: int = 1) -> list[Probe]:
     """``count`` probes whose sub-queries are words of ``vocabulary`` the collection's regions evoke.
 
     For each probe a random photo is drawn and its non-global regions visited in random
     order; each region names its nearest word (the row of ``embeddings`` with the highest
-    dot product with the region's vector), and the first 2-3 distinct words are the
-    probe's sub-queries, as their ``embeddings`` rows. A photo whose regions name fewer
-    distinct words than drawn gives a probe with fewer sub-queries (at least one).
+    dot product with the region's vector), or with ``ranks`` > 1 one of its ``ranks``
+    nearest words drawn uniformly, and the first 2-3 distinct words are the probe's
+    sub-queries, as their ``embeddings`` rows. A photo whose regions name fewer distinct
+    words than drawn gives a probe with fewer sub-queries (at least one).
 
     Parameters
     ----------
@@ -103,7 +104,13 @@ def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.nd
         The words embedded by the index's text encoder (unit rows).
     subqueries : (int, int)
         Fewest and most sub-queries of a probe.
+    ranks : int
+        How many of a region's nearest words it may name (1: the nearest). A user's word is
+        not always the one the encoder finds nearest a region; a lower-ranked word makes a
+        harder probe.
     """
+    if ranks < 1:
+        raise ValueError(f"ranks must be at least 1, got {ranks}")
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or len(embeddings) != len(vocabulary) or len(vocabulary) == 0:
         raise ValueError(f"embeddings must be one row per word of a non-empty vocabulary, got shape "
@@ -116,7 +123,12 @@ def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.nd
     for source, rows in _drawn_photos(snapshot, count, rng):
         rows = rng.permutation(rows)
         n_subs = int(rng.integers(subqueries[0], subqueries[1] + 1))
-        nearest = np.argmax(snapshot.region_vectors(rows).astype(np.float32) @ embeddings.T, axis=1)
+        scores = snapshot.region_vectors(rows).astype(np.float32) @ embeddings.T
+        if ranks == 1:  # no draw: the same probes as before ranks existed, for a seed
+            nearest = np.argmax(scores, axis=1)
+        else:
+            top = np.argsort(-scores, axis=1)[:, :min(ranks, len(vocabulary))]
+            nearest = top[np.arange(len(top)), rng.integers(0, top.shape[1], len(top))]
         words = list(dict.fromkeys(int(w) for w in nearest))[:n_subs]  # distinct, in visiting order
         probes.append(Probe(embeddings[words].copy(), source, tuple(vocabulary[w] for w in words)))
     return probes

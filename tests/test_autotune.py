@@ -76,6 +76,30 @@ def test_text_probes_are_deterministic_and_name_the_words_their_regions_evoke(pl
         probe_queries(snapshot, count=2, subqueries=(3, 2))
 
 
+def test_text_probes_with_ranks_name_one_of_each_regions_nearest_words(planted_index):
+    snapshot = planted_index.snapshot
+    rng = np.random.default_rng(8)
+    embeddings = rng.normal(size=(40, snapshot.dim)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    words = [f"w{i}" for i in range(40)]
+    a = text_probes(snapshot, words, embeddings, count=30, seed=5, ranks=4)
+    assert [p.texts for p in a] == [p.texts for p in text_probes(snapshot, words, embeddings, count=30, seed=5, ranks=4)]
+    nearest_only = text_probes(snapshot, words, embeddings, count=30, seed=5)
+    assert [p.source for p in a] == [p.source for p in nearest_only]  # the same photos, other words
+    assert [p.texts for p in a] != [p.texts for p in nearest_only]
+    lower_ranked = 0
+    for probe in a:
+        rows = snapshot.image_rows(probe.source)
+        rows = rows[snapshot.levels[rows] != Level.GLOBAL]
+        order = np.argsort(-(snapshot.region_vectors(rows) @ embeddings.T), axis=1)
+        top4 = {words[w] for w in order[:, :4].ravel()}
+        assert set(probe.texts) <= top4  # each word is among the 4 nearest of one of the photo's regions
+        lower_ranked += len(set(probe.texts) - {words[w] for w in order[:, 0]})
+    assert lower_ranked > 0
+    with pytest.raises(ValueError, match="ranks"):
+        text_probes(snapshot, words, embeddings, count=2, ranks=0)
+
+
 def test_the_default_vocabulary_is_the_shipped_class_names():
     vocabulary = default_vocabulary()
     assert len(vocabulary) == len(set(vocabulary)) == 998  # "crane" and "maillot" name two classes each
@@ -91,8 +115,11 @@ def test_auto_tune_probes_with_text_when_the_encoder_embeds_texts(tmp_path, colo
     index = HiMIRIndex(color_encoder, HiMIRConfig())
     index.add(_photos(tmp_path / "photos", 12), progress=False)
     record = auto_tune(index, probes=8, passes=1)
-    assert record["probe_kind"] == "text" and record["probes"] == 8
-    assert auto_tune(index, probes=8, passes=1, probe_kind="vectors")["probe_kind"] == "vectors"
+    assert record["probe_kind"] == "text" and record["probes"] == 8 and record["probe_ranks"] == 1
+    assert record["agreement_floor"] == min(record["min_agreement"], record["before"]["agreement"])
+    assert auto_tune(index, probes=8, passes=1, probe_ranks=3)["probe_ranks"] == 3
+    vectors = auto_tune(index, probes=8, passes=1, probe_kind="vectors")
+    assert vectors["probe_kind"] == "vectors" and "probe_ranks" not in vectors  # ranks are words' ranks
 
 
 def test_a_saved_index_whose_encoder_cannot_be_rebuilt_falls_back_to_vector_probes(tmp_path, planted_index):
