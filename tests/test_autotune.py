@@ -163,6 +163,24 @@ def test_auto_tune_keeps_the_cheapest_setting_as_accurate_as_himir_full(planted_
     assert auto_tune(planted_index, probes=16, passes=1)["params"] == record["params"]  # deterministic
 
 
+def test_auto_tune_keeps_the_current_setting_for_a_small_saving(planted_index):
+    # wide floors: the current setting reaches them on these probes, and cheaper settings too
+    record = auto_tune(planted_index, probes=16, passes=1, tolerance=0.2, min_agreement=0.0, min_saving=0.0)
+    before = record["before"]
+    assert record["min_saving"] == 0.0 and before["recall"] >= record["himir_full"]["recall"] - 0.2
+    saving = 1.0 - record["dot_products"] / before["dot_products"]
+    assert 0.0 < saving < 0.99, record  # the planted collection's tuner finds a cheaper setting
+    kept = auto_tune(planted_index, probes=16, passes=1, tolerance=0.2, min_agreement=0.0,
+                     min_saving=round(saving + 0.005, 3))
+    assert kept["params"] == before["params"] and kept["dot_products"] == before["dot_products"]
+    # the current setting missing the recall floor never stays for want of a saving
+    strict = auto_tune(planted_index, probes=16, passes=1, min_saving=0.9)
+    assert strict["before"]["recall"] < strict["himir_full"]["recall"] - strict["tolerance"]
+    assert strict["params"] != strict["before"]["params"]
+    with pytest.raises(ValueError, match="min_saving"):
+        auto_tune(planted_index, probes=4, passes=1, min_saving=1.0)
+
+
 def test_auto_tune_respects_a_budget(planted_index):
     free = auto_tune(planted_index, probes=16, passes=1)
     budget = 0.9 * free["before"]["dot_products"]
