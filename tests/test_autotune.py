@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from himir_rag.autoconfig import Trial, _choose_auto, apply, apply_record, auto_tune, tune
+from himir_rag.autoconfig import Trial, _choose_auto, _significantly_below, apply, apply_record, auto_tune, tune
 from himir_rag.cli import app
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError
@@ -163,6 +163,29 @@ def test_auto_tune_keeps_the_cheapest_setting_as_accurate_as_himir_full(planted_
     assert auto_tune(planted_index, probes=16, passes=1)["params"] == record["params"]  # deterministic
 
 
+def test_the_recall_floor_falls_to_the_current_setting_only_within_chance():
+    def trial(hits):
+        return Trial({}, float(np.mean(hits)), 1.0, 1.0, 1.0, tuple(float(h) for h in hits))
+
+    reference = trial([1] * 20)
+    assert not _significantly_below(trial([0] * 4 + [1] * 16), reference)  # 4 of 4 differing: p = 1/16
+    assert _significantly_below(trial([0] * 5 + [1] * 15), reference)  # 5 of 5: p = 1/32
+    assert not _significantly_below(trial([1] * 20), reference)
+    mixed = trial([0] * 6 + [1] * 14)
+    assert _significantly_below(mixed, trial([1] * 20))
+    assert not _significantly_below(mixed, trial([1] * 4 + [0] * 2 + [1] * 14))  # 4 worse, 2 better: chance
+    with pytest.raises(ValueError, match="workloads"):
+        _significantly_below(mixed, trial([1] * 5))
+
+
+def test_auto_tune_starts_from_the_current_setting_the_probes_cannot_tell_from_the_reference(planted_index):
+    record = auto_tune(planted_index, probes=16, passes=1)  # 2 probes of 16 the defaults miss: chance
+    before, full = record["before"], record["himir_full"]
+    assert before["recall"] < full["recall"] - record["tolerance"]
+    assert record["recall_floor"] == before["recall"]
+    assert record["recall"] >= before["recall"] and record["dot_products"] <= before["dot_products"]
+
+
 def test_auto_tune_keeps_the_current_setting_for_a_small_saving(planted_index):
     # wide floors: the current setting reaches them on these probes, and cheaper settings too
     record = auto_tune(planted_index, probes=16, passes=1, tolerance=0.2, min_agreement=0.0, min_saving=0.0)
@@ -173,10 +196,10 @@ def test_auto_tune_keeps_the_current_setting_for_a_small_saving(planted_index):
     kept = auto_tune(planted_index, probes=16, passes=1, tolerance=0.2, min_agreement=0.0,
                      min_saving=round(saving + 0.005, 3))
     assert kept["params"] == before["params"] and kept["dot_products"] == before["dot_products"]
-    # the current setting missing the recall floor never stays for want of a saving
-    strict = auto_tune(planted_index, probes=16, passes=1, min_saving=0.9)
-    assert strict["before"]["recall"] < strict["himir_full"]["recall"] - strict["tolerance"]
-    assert strict["params"] != strict["before"]["params"]
+    # a current setting significantly below the reference never stays for want of a saving
+    strict = auto_tune(planted_index, probes=64, passes=1, min_saving=0.9)
+    assert strict["recall_floor"] == strict["himir_full"]["recall"] - strict["tolerance"]
+    assert strict["before"]["recall"] < strict["recall_floor"] and strict["params"] != strict["before"]["params"]
     with pytest.raises(ValueError, match="min_saving"):
         auto_tune(planted_index, probes=4, passes=1, min_saving=1.0)
 
