@@ -68,6 +68,9 @@ def format_info(info: dict[str, Any]) -> str:
     elif record.get("source") == "auto":
         before, full = record.get("before", {}), record.get("himir_full", {})
         floors = f"tolerance {record.get('tolerance')}"  # records of older versions lack the agreement floor
+        reference_floor = full.get("recall", 0) - record.get("tolerance", 0)
+        if record.get("recall_floor") is not None and abs(record["recall_floor"] - reference_floor) > 1e-9:
+            floors += f" (recall floor {record['recall_floor']:.3f}: the current setting's, within chance)"
         floors += f", min agreement {record['min_agreement']}" if "min_agreement" in record else ""
         floors += (f" (floor {record['agreement_floor']:.3f})" if record.get("agreement_floor") is not None
                    and record["agreement_floor"] != record.get("min_agreement") else "")

@@ -278,6 +278,15 @@ def test_himir_info_prints_counts_and_the_autoconfig_record(tmp_path, color_enco
     assert info["bytes_on_disk"]["live_version"] > 0 and info["encoder"]["name"] == "test:color"
     missing = runner.invoke(app, ["info", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "error:" in missing.output and "Traceback" not in missing.output
+    # the floors the choice had to reach, where they fell to the current setting's own figures
+    from himir_rag.info import format_info
+
+    record = {**index.autoconfig, "tolerance": 0.005, "himir_full": {**index.autoconfig["himir_full"], "recall": 0.8},
+              "recall_floor": 0.78, "min_agreement": 0.94, "agreement_floor": 0.9}
+    shown = format_info({**info, "autoconfig": record})
+    assert "recall floor 0.780: the current setting's, within chance" in shown and "(floor 0.900)" in shown
+    plain = format_info({**info, "autoconfig": {**record, "recall_floor": 0.795, "agreement_floor": 0.94}})
+    assert "recall floor" not in plain and "(floor" not in plain
 
 
 def test_himir_info_resolves_the_size_dependent_scheduler_defaults(tmp_path, color_encoder):
