@@ -71,6 +71,7 @@ class Trial:
     latency_ms: float
     agreement: float | None = None  # overlap@k with himir-full, when the workload holds its top-k
     per_query: tuple[float, ...] = field(default=(), compare=False, repr=False)  # each query's accuracy
+    candidates: float | None = None  # median images a query scored (mode himir; None for the exhaustive modes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"params": _jsonable(self.params), "accuracy": self.accuracy, "dot_products": self.dot_products,
@@ -240,9 +241,7 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
         for name, values in AUTO_SEARCH_SPACE.items():
             for value in values:
                 _run(index, workload, {**best.params, name: value}, k, report)
-            # a setting that scores every image (e.g. a probe share whose scan costs more than scoring the
-            # coarse levels outright) is the reference at the pass's overhead: it never wins
-            pruning = [t for t in report.trials if t.dot_products < full.dot_products] or report.trials
+            pruning = [t for t in report.trials if _prunes(t, full, len(store))] or report.trials
             best = _choose_auto(pruning, recall_floor, agreement_floor, budget_dot_products, budget_ms)
     if (budget_dot_products is None and budget_ms is None and before.accuracy >= recall_floor - 1e-9
             and best.dot_products > (1.0 - min_saving) * before.dot_products):
@@ -258,6 +257,15 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
             "before": {"params": _jsonable(before.params), **summary(before)}, "himir_full": summary(full),
             "trials": len(report.trials), "seconds": round(time.perf_counter() - started, 3),
             "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _prunes(trial: Trial, full: Trial, images: int) -> bool:
+    """Does ``trial`` save work over the reference ``full``? A setting that scores every image of
+    the ``images`` on most queries (e.g. a probe share whose scan costs more than scoring the
+    coarse levels outright) is the reference at the pass's overhead: it never wins. The dot
+    products alone do not tell: a 30% probe share that scored all 400 photos of a composite
+    collection cost 98% of himir-full's."""
+    return trial.dot_products < full.dot_products and (trial.candidates is None or trial.candidates < images)
 
 
 PROBE_KINDS = ("auto", "text", "vectors")
@@ -367,13 +375,13 @@ def _exhaustive_pass(store: Any, vectors: Sequence[np.ndarray], mode: RetrievalM
 
 
 def _trial(params: dict[str, Any], workload: _Workload, found: list[np.ndarray], cost: list[float],
-           latency: list[float]) -> Trial:
+           latency: list[float], candidates: list[int] | None = None) -> Trial:
     per_query = tuple(_accuracy(f, r) for f, r in zip(found, workload.reference))
     accuracy = np.mean(per_query) if per_query else 0.0
     agreement = None if workload.full_top is None else float(
         np.mean([_accuracy(f, r) for f, r in zip(found, workload.full_top)]))
     return Trial(dict(params), float(accuracy), float(np.median(cost)), float(np.median(latency)), agreement,
-                 per_query)
+                 per_query, float(np.median(candidates)) if candidates else None)
 
 
 def _significantly_below(trial: Trial, reference: Trial, alpha: float = 0.05) -> bool:
@@ -394,7 +402,7 @@ def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int,
         if trial.params == params:
             return trial
     parsed = SchedulerParams.from_dict(params)
-    found, cost, latency = [], [], []
+    found, cost, latency, candidates = [], [], [], []
     store = index.image_store
     for vecs in workload.vectors:
         stats = SearchStats(mode=RetrievalMode.HIMIR.value)
@@ -402,7 +410,8 @@ def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int,
         found.append(_top(store, vecs, RetrievalMode.HIMIR, k, parsed, stats))
         latency.append((time.perf_counter() - tick) * 1000)
         cost.append(stats.dot_products)
-    trial = _trial(params, workload, found, cost, latency)
+        candidates.append(int(stats.extra.get("candidates", len(store))))
+    trial = _trial(params, workload, found, cost, latency, candidates)
     report.trials.append(trial)
     logger.info("trial %s -> accuracy %.3f, %.0f dot products", params, trial.accuracy, trial.dot_products)
     return trial

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from himir_rag.autoconfig import Trial, _choose_auto, _significantly_below, apply, apply_record, auto_tune, tune
+from himir_rag.autoconfig import Trial, _choose_auto, _prunes, _significantly_below, apply, apply_record, auto_tune, tune
 from himir_rag.cli import app
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError
@@ -161,6 +161,14 @@ def test_auto_tune_keeps_the_cheapest_setting_as_accurate_as_himir_full(planted_
     assert record["trials"] > 5
     json.dumps(record, allow_nan=False)  # plain JSON, as saved in the manifest
     assert auto_tune(planted_index, probes=16, passes=1)["params"] == record["params"]  # deterministic
+
+
+def test_a_setting_that_scores_every_image_is_not_a_pruning_setting():
+    full = Trial({"mode": "himir-full"}, 0.8, 1000.0, 1.0, 1.0)
+    assert _prunes(Trial({}, 0.8, 400.0, 1.0, 0.95, (), 60.0), full, 400)
+    assert not _prunes(Trial({"probe_share": 0.3}, 0.8, 980.0, 1.0, 1.0, (), 400.0), full, 400)  # every image
+    assert not _prunes(Trial({}, 0.8, 1000.0, 1.0, 1.0, (), 60.0), full, 400)  # no cheaper
+    assert _prunes(Trial({}, 0.8, 400.0, 1.0, 0.95), full, 400)  # no count: the dot products decide
 
 
 def test_the_recall_floor_falls_to_the_current_setting_only_within_chance():
