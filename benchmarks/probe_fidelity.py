@@ -4,6 +4,7 @@ Usage (a composite set written by ``himir bench build`` and indexed by ``himir b
 
     python benchmarks/probe_fidelity.py grid /tmp/bench-tune --index index-416-r5 --out /tmp/lab/grid-s1.jsonl
     python benchmarks/probe_fidelity.py grid /tmp/bench-tune --index index-416-r5 --kinds text,text-r3 --out ...
+    python benchmarks/probe_fidelity.py defaults /tmp/bench-tune --index index-416-r5
     python benchmarks/probe_fidelity.py rules /tmp/lab/grid-s1.jsonl /tmp/lab/grid-t11.jsonl /tmp/lab/grid-t12.jsonl
 
 ``grid`` runs himir-full, the defaults and 90 settings of ``candidate_k`` x ``probe_share`` x
@@ -15,7 +16,10 @@ workload's Recall@10 (of the probe's source photo, or of the qrels), agreement w
 himir-full's top-10 and median dot products. ``rules`` prints how closely each kind of probe
 follows the real queries (correlation of the agreements over the grid, dot products ratio) and
 what each selection rule would choose: the real queries' Recall@10 gap to himir-full and dot
-products against the defaults. Tune rules on tuning sets only (seeds 1, 11, 12 here).
+products against the defaults. ``defaults`` counts, on 200 and 600 text probes, the probes
+himir-full finds and the defaults miss and the other way round, with the sign test's p that
+decides whether ``auto_tune``'s recall floor falls to the defaults' recall. Tune rules on
+tuning sets only (seeds 1, 11, 12 here).
 """
 
 from __future__ import annotations
@@ -77,6 +81,25 @@ def grid(bench_dir: str, index_name: str, out: str, kinds: tuple[str, ...] = ("t
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             print(json.dumps(row), flush=True)
+
+
+def defaults(bench_dir: str, index_name: str, counts: tuple[int, ...] = (200, 600)) -> None:
+    """The defaults against himir-full on text probes: probe Recall@10 of both, the probes himir-full
+    finds and the defaults miss / the other way round, and the one-sided sign test's p (auto_tune's
+    recall floor falls to the defaults' recall when p >= 0.05)."""
+    index = HiMIRIndex.load(Path(bench_dir) / index_name)
+    store = index.image_store
+    snapshot = gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim)
+    for count in counts:
+        drawn, _ = autoconfig._draw_probes(index, snapshot, count=count, seed=0, kind="text")
+        workload, reference = _with_reference(
+            store, autoconfig._Workload([p.vectors for p in drawn], [{p.source} for p in drawn]))
+        full = autoconfig._trial({}, workload, *reference)
+        report = autoconfig.TuneReport(chosen=None, target="", k=K, budget_dot_products=None, budget_ms=None, queries=0)
+        current = autoconfig._run(index, workload, index.config.scheduler.overrides(), K, report)
+        missed, found, p = autoconfig._sign_test(current, full)
+        print(f"{bench_dir} {count} probes: recall himir-full {full.accuracy:.3f} / defaults {current.accuracy:.3f}, "
+              f"missed {missed} / found {found}, p {p:.3f}")
 
 
 def _with_reference(store, workload):
@@ -172,5 +195,7 @@ if __name__ == "__main__":
         grid(args[0], index_name, args[args.index("--out") + 1], kinds)
     elif command == "rules":
         rules(args)
+    elif command == "defaults":
+        defaults(args[0], args[args.index("--index") + 1] if "--index" in args else "index")
     else:
-        raise SystemExit(f"unknown command {command!r}: use grid or rules")
+        raise SystemExit(f"unknown command {command!r}: use grid, rules or defaults")

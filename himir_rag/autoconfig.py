@@ -386,15 +386,21 @@ def _trial(params: dict[str, Any], workload: _Workload, found: list[np.ndarray],
 
 def _significantly_below(trial: Trial, reference: Trial, alpha: float = 0.05) -> bool:
     """Does ``trial`` miss what ``reference`` finds on more queries than the other way round beyond
-    chance? A one-sided exact sign test over the queries on which the two differ, at level ``alpha``."""
+    chance? A one-sided exact sign test at level ``alpha`` (:func:`_sign_test`)."""
+    return _sign_test(trial, reference)[2] < alpha
+
+
+def _sign_test(trial: Trial, reference: Trial) -> tuple[int, int, float]:
+    """The queries on which ``trial`` does worse and better than ``reference``, and the one-sided
+    exact sign test's p-value that it does worse only by chance (1.0 when it does not do worse)."""
     ours, theirs = np.asarray(trial.per_query), np.asarray(reference.per_query)
     if ours.shape != theirs.shape:
         raise ValueError("the trials were run on different workloads")
     worse, better = int((ours < theirs).sum()), int((ours > theirs).sum())
     if worse <= better:
-        return False
+        return worse, better, 1.0
     differing = worse + better
-    return sum(math.comb(differing, i) for i in range(worse, differing + 1)) / 2**differing < alpha
+    return worse, better, sum(math.comb(differing, i) for i in range(worse, differing + 1)) / 2**differing
 
 
 def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int, report: TuneReport) -> Trial:
