@@ -47,12 +47,15 @@ def test_probes_are_deterministic_for_a_seed_and_drawn_from_the_collection(plant
         assert len(set(sims.argmax(axis=1).tolist())) == len(probe.vectors)
 
 
+def _random_vocabulary(dim, *, seed, size=40):
+    """``size`` made-up words and random unit embeddings for them."""
+    embeddings = np.random.default_rng(seed).normal(size=(size, dim)).astype(np.float32)
+    return [f"w{i}" for i in range(size)], embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+
+
 def test_text_probes_are_deterministic_and_name_the_words_their_regions_evoke(planted_index):
     snapshot = planted_index.snapshot
-    rng = np.random.default_rng(7)
-    embeddings = rng.normal(size=(40, snapshot.dim)).astype(np.float32)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    words = [f"w{i}" for i in range(40)]
+    words, embeddings = _random_vocabulary(snapshot.dim, seed=7)
     a = text_probes(snapshot, words, embeddings, count=15, seed=3)
     b = text_probes(snapshot, words, embeddings, count=15, seed=3)
     assert len(a) == 15
@@ -78,10 +81,7 @@ def test_text_probes_are_deterministic_and_name_the_words_their_regions_evoke(pl
 
 def test_text_probes_with_ranks_name_one_of_each_regions_nearest_words(planted_index):
     snapshot = planted_index.snapshot
-    rng = np.random.default_rng(8)
-    embeddings = rng.normal(size=(40, snapshot.dim)).astype(np.float32)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    words = [f"w{i}" for i in range(40)]
+    words, embeddings = _random_vocabulary(snapshot.dim, seed=8)
     a = text_probes(snapshot, words, embeddings, count=30, seed=5, ranks=4)
     assert [p.texts for p in a] == [p.texts for p in text_probes(snapshot, words, embeddings, count=30, seed=5, ranks=4)]
     nearest_only = text_probes(snapshot, words, embeddings, count=30, seed=5)
