@@ -190,14 +190,16 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
       14% of it at 100k images), and the recall alone chose a setting 3.8 points below the
       defaults on real queries there.
 
-    So the tuner gives up neither exactness nor recall it started with, and a current setting
-    the probes find clearly less accurate than the reference is moved towards it. The rule
-    was chosen over a grid of settings on three composite tuning collections
-    (``benchmarks/README.md``, "Auto-tuning with text probes").
-    A choice that saves less than ``min_saving`` of the current setting's dot products, where
-    the current setting reaches both floors itself, is not taken: the current setting stays
-    (at 100k synthetic images ``ann_bound`` saved 0.4% of the dot products and cost 20% more
-    time a query). With a budget, the most accurate setting within it wins instead. The
+    So neither floor ever asks more than the current setting reaches on the probes (it may
+    be traded down to them), and a current setting the probes find clearly less accurate
+    than the reference is moved towards it. The rule was chosen over a grid of settings on
+    three composite tuning collections (``benchmarks/README.md``, "Auto-tuning: floors that
+    fall to the current setting within chance").
+    The current setting stays when it reaches the recall floor and the choice does not (the
+    descent's fallback to the most accurate trials can end below it), and when the choice
+    saves less than ``min_saving`` of its dot products (at 100k synthetic images
+    ``ann_bound`` saved 0.4% of the dot products and cost 20% more time a query). With a
+    budget, the most accurate setting within it wins instead, and no floor applies. The
     index is not changed: pass the returned record to :func:`apply_record`.
 
     Returns
@@ -208,13 +210,17 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
         and for ``himir_full`` (the reference), the probes' count, kind (``probe_kind``:
         ``"text"`` or ``"vectors"``) and seed, the tolerance, ``min_agreement`` and ``min_saving``, the
         budget, the collection size, the trials run and the seconds spent; ``recall_floor``
-        and ``agreement_floor`` the recall and agreement the choice had to reach, and, for
-        text probes, ``probe_ranks``.
+        and ``agreement_floor`` the recall and agreement the choice had to reach (None with a
+        budget), and, for text probes, ``probe_ranks``.
     """
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
     if not 0.0 <= min_saving < 1.0:
         raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
+    if probes < 1 or probe_ranks < 1:
+        raise ValueError(f"probes and probe_ranks must be at least 1, got {probes} and {probe_ranks}")
+    if len(index) == 0:
+        raise ValueError("auto_tune needs a collection with at least one photo")
     started = time.perf_counter()
     k = min(k, len(index))
     store = index.image_store
@@ -243,15 +249,17 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
                 _run(index, workload, {**best.params, name: value}, k, report)
             pruning = [t for t in report.trials if _prunes(t, full, len(store))] or report.trials
             best = _choose_auto(pruning, recall_floor, agreement_floor, budget_dot_products, budget_ms)
-    if (budget_dot_products is None and budget_ms is None and before.accuracy >= recall_floor - 1e-9
-            and best.dot_products > (1.0 - min_saving) * before.dot_products):
-        best = before  # too small a saving to leave the current setting for
+    budgeted = budget_dot_products is not None or budget_ms is not None
+    if not budgeted and before.accuracy >= recall_floor - 1e-9 and (
+            best.accuracy < recall_floor - 1e-9 or best.dot_products > (1.0 - min_saving) * before.dot_products):
+        best = before  # the choice misses a floor the current setting reaches, or saves too little to leave it for
     summary = lambda t: {"recall": t.accuracy, "agreement": t.agreement, "dot_products": t.dot_products,  # noqa: E731
                          "latency_ms": t.latency_ms}
     ranks = {"probe_ranks": probe_ranks} if probe_kind == "text" else {}
     return {"source": "auto", "images": len(index), "probes": len(drawn), "probe_kind": probe_kind, **ranks,
             "seed": seed, "k": k, "tolerance": tolerance, "min_agreement": min_agreement,
-            "recall_floor": recall_floor, "agreement_floor": agreement_floor, "min_saving": min_saving,
+            "recall_floor": None if budgeted else recall_floor, "agreement_floor": None if budgeted else agreement_floor,
+            "min_saving": min_saving,
             "budget_dot_products": budget_dot_products, "budget_ms": budget_ms,
             "reference": reference_mode().value, "params": _jsonable(best.params), **summary(best),
             "before": {"params": _jsonable(before.params), **summary(before)}, "himir_full": summary(full),
@@ -262,9 +270,10 @@ def auto_tune(index: HiMIRIndex, *, probes: int = 200, seed: int = 0, k: int = 1
 def _prunes(trial: Trial, full: Trial, images: int) -> bool:
     """Does ``trial`` save work over the reference ``full``? A setting that scores every image of
     the ``images`` on most queries (e.g. a probe share whose scan costs more than scoring the
-    coarse levels outright) is the reference at the pass's overhead: it never wins. The dot
-    products alone do not tell: a 30% probe share that scored all 400 photos of a composite
-    collection cost 98% of himir-full's."""
+    coarse levels outright) costs about what the reference does (only the segment bounds
+    prune): it is not chosen over a pruning one. The dot products alone do not tell: a 30%
+    probe share that scored all 400 photos of a composite collection cost 98% of
+    himir-full's. (The current setting can still stay, see :func:`auto_tune`.)"""
     return trial.dot_products < full.dot_products and (trial.candidates is None or trial.candidates < images)
 
 
@@ -416,7 +425,8 @@ def _run(index: HiMIRIndex, workload: _Workload, params: dict[str, Any], k: int,
         found.append(_top(store, vecs, RetrievalMode.HIMIR, k, parsed, stats))
         latency.append((time.perf_counter() - tick) * 1000)
         cost.append(stats.dot_products)
-        candidates.append(int(stats.extra.get("candidates", len(store))))
+        if "candidates" in stats.extra:
+            candidates.append(int(stats.extra["candidates"]))
     trial = _trial(params, workload, found, cost, latency, candidates)
     report.trials.append(trial)
     logger.info("trial %s -> accuracy %.3f, %.0f dot products", params, trial.accuracy, trial.dot_products)

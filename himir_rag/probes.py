@@ -107,7 +107,8 @@ def text_probes(snapshot: Snapshot, vocabulary: Sequence[str], embeddings: np.nd
     ranks : int
         How many of a region's nearest words it may name (1: the nearest). A user's word is
         not always the one the encoder finds nearest a region; a lower-ranked word makes a
-        harder probe.
+        harder probe. The probes draw the same photos for any ``ranks``, but the rank draw
+        also changes the later photos' region order and sub-query counts.
     """
     if ranks < 1:
         raise ValueError(f"ranks must be at least 1, got {ranks}")

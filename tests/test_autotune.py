@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from himir_rag.autoconfig import Trial, _choose_auto, _prunes, _significantly_below, apply, apply_record, auto_tune, tune
+from himir_rag.autoconfig import Trial, _choose_auto, _prunes, _sign_test, _significantly_below, apply, apply_record, auto_tune, tune
 from himir_rag.cli import app
 from himir_rag.config import HiMIRConfig
 from himir_rag.errors import ConfigError
@@ -180,8 +180,11 @@ def test_the_recall_floor_falls_to_the_current_setting_only_within_chance():
     assert _significantly_below(trial([0] * 5 + [1] * 15), reference)  # 5 of 5: p = 1/32
     assert not _significantly_below(trial([1] * 20), reference)
     mixed = trial([0] * 6 + [1] * 14)
-    assert _significantly_below(mixed, trial([1] * 20))
-    assert not _significantly_below(mixed, trial([1] * 4 + [0] * 2 + [1] * 14))  # 4 worse, 2 better: chance
+    assert _significantly_below(mixed, trial([1] * 20))  # 6 worse, none better: p = 1/64
+    five_two = trial([1] * 5 + [0] * 3 + [1] * 12)  # mixed against it: 5 worse, 2 better
+    assert _sign_test(mixed, five_two) == (5, 2, pytest.approx(29 / 128))  # P(X >= 5 | 7 differing)
+    assert not _significantly_below(mixed, five_two)
+    assert _sign_test(five_two, mixed) == (2, 5, 1.0)  # not worse at all
     with pytest.raises(ValueError, match="workloads"):
         _significantly_below(mixed, trial([1] * 5))
 
@@ -210,6 +213,10 @@ def test_auto_tune_keeps_the_current_setting_for_a_small_saving(planted_index):
     assert strict["before"]["recall"] < strict["recall_floor"] and strict["params"] != strict["before"]["params"]
     with pytest.raises(ValueError, match="min_saving"):
         auto_tune(planted_index, probes=4, passes=1, min_saving=1.0)
+    with pytest.raises(ValueError, match="probes and probe_ranks"):
+        auto_tune(planted_index, probes=0)
+    with pytest.raises(ValueError, match="probes and probe_ranks"):
+        auto_tune(planted_index, probes=4, probe_ranks=0)  # refused even where vector probes are drawn
 
 
 def test_auto_tune_respects_a_budget(planted_index):
