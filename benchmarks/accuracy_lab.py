@@ -51,7 +51,7 @@ def _pad_box(box: tuple[int, int, int, int], size: tuple[int, int], pad: float) 
 
 
 def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str, decomposer: str,
-                 overlap: float, variant: str = "lite0") -> None:
+                 overlap: float, variant: str = "lite0", work_size: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -60,6 +60,10 @@ def cache_logits(bench: Path, out: Path, *, pad: float, batch: int, layout: str,
     classifier = encoder._classifier
     config = HiMIRConfig(layout=layout, decomposer=decomposer, region_overlap=overlap)
     decomposer = region_decomposer(config)
+    if work_size is not None:  # the segmentation's working side (segments / objects decomposers only)
+        if not hasattr(decomposer, "work_size"):
+            raise SystemExit(f"--work-size applies to the segments and objects decomposers, not {config.decomposer!r}")
+        decomposer.work_size = work_size
     scenes = _jsonl(bench / "scenes.jsonl")
     side = encoder.image_size
     logits, levels, boxes, owners = [], [], [], []
@@ -227,6 +231,8 @@ def main() -> None:
     c.add_argument("--decomposer", default="grid")
     c.add_argument("--overlap", type=float, default=HiMIRConfig().region_overlap)
     c.add_argument("--variant", default="lite0", help="classifier: lite0 (default) or lite2")
+    c.add_argument("--work-size", type=int, default=None,
+                   help="longest side the segments / objects decomposers segment at (library default 256)")
     s = sub.add_parser("score")
     s.add_argument("bench", type=Path)
     s.add_argument("--logits", type=Path, required=True)
@@ -234,7 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "cache":
         cache_logits(args.bench, args.out, pad=args.pad, batch=args.batch, layout=args.layout,
-                     decomposer=args.decomposer, overlap=args.overlap, variant=args.variant)
+                     decomposer=args.decomposer, overlap=args.overlap, variant=args.variant,
+                     work_size=args.work_size)
         return
     lab = Lab(args.bench, args.logits)
     sweep(lab, args.variants.split(","))
