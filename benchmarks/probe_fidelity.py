@@ -35,7 +35,6 @@ import numpy as np
 from himir_rag import HiMIRIndex
 from himir_rag import autoconfig
 from himir_rag.modes import reference_mode
-from himir_rag.probes import default_vocabulary, text_probes
 from himir_rag.scheduler import gather
 
 GRID = {"candidate_k": [0, 8, 12, 16, 32], "probe_share": [0.03, 0.06, 0.1, 0.15, 0.2, 0.3], "candidate_pool": [1, 4, 16]}
@@ -49,18 +48,12 @@ def grid(bench_dir: str, index_name: str, out: str, kinds: tuple[str, ...] = ("t
     """Write the grid's rows to ``out``; ``kinds`` the probe workloads besides the real queries:
     ``text``, ``vectors`` or ``text-rN`` (text probes whose regions name one of their N nearest words)."""
     root = Path(bench_dir)
-    index = HiMIRIndex.load(root / index_name)
+    index, snapshot = _load(root / index_name)
     store = index.image_store
-    snapshot = gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim)
     work = {}
     for kind in kinds:
-        if kind.startswith("text-r"):
-            vocabulary = default_vocabulary()
-            drawn = text_probes(snapshot, vocabulary, index.encoder.embed_texts(vocabulary), count=200, seed=0,
-                                ranks=int(kind.removeprefix("text-r")))
-        else:
-            drawn, _ = autoconfig._draw_probes(index, snapshot, count=200, seed=0, kind=kind)
-        work[kind] = _with_reference(store, autoconfig._Workload([p.vectors for p in drawn], [{p.source} for p in drawn]))
+        ranks = int(kind.removeprefix("text-r")) if kind.startswith("text-r") else 1
+        work[kind] = _probe_workload(index, snapshot, count=200, kind="text" if ranks > 1 else kind, ranks=ranks)
     # the real queries as `himir tune --qrels` reads, decomposes (rule decomposer) and encodes them
     queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
     relevant = autoconfig.read_qrels(str(root / "qrels.jsonl"), queries)
@@ -74,9 +67,7 @@ def grid(bench_dir: str, index_name: str, out: str, kinds: tuple[str, ...] = ("t
                 if params is None:
                     trial = autoconfig._trial({}, workload, *reference)
                 else:
-                    report = autoconfig.TuneReport(chosen=None, target="", k=K, budget_dot_products=None,
-                                                   budget_ms=None, queries=0)
-                    trial = autoconfig._run(index, workload, params, K, report)
+                    trial = autoconfig._run(index, workload, params, K, _report())
                 row[kind] = {"recall": trial.accuracy, "agreement": trial.agreement, "dots": trial.dot_products}
             sink.write(json.dumps(row) + "\n")
             sink.flush()
@@ -87,19 +78,33 @@ def defaults(bench_dir: str, index_name: str, counts: tuple[int, ...] = (200, 60
     """The defaults against himir-full on text probes: probe Recall@10 of both, the probes himir-full
     finds and the defaults miss / the other way round, and the one-sided sign test's p (auto_tune's
     recall floor falls to the defaults' recall when p >= 0.05)."""
-    index = HiMIRIndex.load(Path(bench_dir) / index_name)
-    store = index.image_store
-    snapshot = gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim)
+    index, snapshot = _load(Path(bench_dir) / index_name)
     for count in counts:
-        drawn, _ = autoconfig._draw_probes(index, snapshot, count=count, seed=0, kind="text")
-        workload, reference = _with_reference(
-            store, autoconfig._Workload([p.vectors for p in drawn], [{p.source} for p in drawn]))
+        workload, reference = _probe_workload(index, snapshot, count=count, kind="text")
         full = autoconfig._trial({}, workload, *reference)
-        report = autoconfig.TuneReport(chosen=None, target="", k=K, budget_dot_products=None, budget_ms=None, queries=0)
-        current = autoconfig._run(index, workload, index.config.scheduler.overrides(), K, report)
+        current = autoconfig._run(index, workload, index.config.scheduler.overrides(), K, _report())
         missed, found, p = autoconfig._sign_test(current, full)
         print(f"{bench_dir} {count} probes: recall himir-full {full.accuracy:.3f} / defaults {current.accuracy:.3f}, "
               f"missed {missed} / found {found}, p {p:.3f}")
+
+
+def _load(directory):
+    """The index and its live snapshot (what auto_tune draws probes from)."""
+    index = HiMIRIndex.load(directory)
+    store = index.image_store
+    return index, gather([(v.snapshot, v.positions) for v in store.scan()], dim=store.dim)
+
+
+def _probe_workload(index, snapshot, *, count, kind, ranks=1):
+    """``count`` probes (seed 0) drawn as auto_tune draws them, with himir-full's reference (see below)."""
+    drawn, _ = autoconfig._draw_probes(index, snapshot, count=count, seed=0, kind=kind, ranks=ranks)
+    return _with_reference(index.image_store,
+                           autoconfig._Workload([p.vectors for p in drawn], [{p.source} for p in drawn]))
+
+
+def _report():
+    """An empty trial log for autoconfig._run (each setting runs once, so nothing is cached across rows)."""
+    return autoconfig.TuneReport(chosen=None, target="", k=K, budget_dot_products=None, budget_ms=None, queries=0)
 
 
 def _with_reference(store, workload):
@@ -176,7 +181,7 @@ def rules(paths: list[str]) -> None:
         print(f"| {probe} | " + " | ".join(cells) + " |")
     print()
     print("| rule | " + " | ".join(f"{name}: real Recall@10 gap (points) / dots vs defaults" for name in sets) + " |")
-    table = [(name, None, lambda rows, full, d, rule=rule: rule(rows, full, d)) for name, rule in SHARED_RULES.items()]
+    table = [(name, None, rule) for name, rule in SHARED_RULES.items()]
     table += [(f"{probe} probes, {name}", probe, lambda rows, full, d, rule=rule, probe=probe: rule(rows, full, d, probe))
               for probe in probes for name, rule in PROBE_RULES.items()]
     for name, probe, rule in table:
