@@ -71,6 +71,9 @@ def index_command(
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
     decomposer: str = typer.Option("grid", help="Image decomposer: grid | segments | objects (object regions over grid segments)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Crops per encoder batch (2: fastest on CPU)."),
+    segment_work_size: Optional[int] = typer.Option(
+        None, "--segment-work-size", min=16, help="Longest side, in pixels, segments/objects segment a photo at "
+        "[default: 128, or as the index was built]."),
     region_encoding: Optional[str] = typer.Option(
         None, "--region-encoding", help="crops (each region encoded on its own) | roi (one forward per photo, "
         "regions pooled from it; offline encoder) [default: crops, or as the index was built]."),
@@ -116,7 +119,8 @@ def index_command(
         with lock_index(index_dir, timeout=wait, create=True):
             index = _open_or_create(index_dir, encoder=encoder, layout=layout, decomposer=decomposer,
                                     batch_size=batch_size, device=device, prune_cosine=prune_cosine,
-                                    precision=precision, store_location=location, region_encoding=region_encoding)
+                                    precision=precision, store_location=location, region_encoding=region_encoding,
+                                    segment_work_size=segment_work_size)
             index.config = index.config.replace(
                 thumbnails=index.config.thumbnails or thumbnails,
                 follow_symlinks=index.config.follow_symlinks if follow_symlinks is None else follow_symlinks)
@@ -181,7 +185,8 @@ def _make_store(kind: str, index: HiMIRIndex, *, qdrant_url: str | None, qdrant_
 
 def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: str, batch_size: int,
                     device: str, prune_cosine: float | None, precision: str = "float32",
-                    store_location: str | None = None, region_encoding: str | None = None) -> HiMIRIndex:
+                    store_location: str | None = None, region_encoding: str | None = None,
+                    segment_work_size: int | None = None) -> HiMIRIndex:
     if (index_dir / "CURRENT").exists():
         index = HiMIRIndex.load(index_dir, device=device, store_location=store_location)
         wanted = HiMIRConfig(layout=layout, decomposer=decomposer)
@@ -195,11 +200,15 @@ def _open_or_create(index_dir: Path, *, encoder: str, layout: str, decomposer: s
         if region_encoding not in (None, index.config.region_encoding):
             raise HiMIRError(f"{index_dir} was built with --region-encoding {index.config.region_encoding}, asked "
                              f"for {region_encoding}; use another --index to build a new one")
+        if segment_work_size not in (None, index.config.segment_work_size):
+            raise HiMIRError(f"{index_dir} was built with --segment-work-size {index.config.segment_work_size}, "
+                             f"asked for {segment_work_size}; use another --index to build a new one")
         index.config = index.config.replace(batch_size=batch_size)
         return index
     config = HiMIRConfig(layout=layout, decomposer=decomposer, batch_size=batch_size, precision=precision,
                          **({} if prune_cosine is None else {"prune_cosine": prune_cosine}),
-                         **({} if region_encoding is None else {"region_encoding": region_encoding}))
+                         **({} if region_encoding is None else {"region_encoding": region_encoding}),
+                         **({} if segment_work_size is None else {"segment_work_size": segment_work_size}))
     return HiMIRIndex(encoder, config, device=device)
 
 

@@ -231,7 +231,7 @@ class SegmentationDecomposer:
         self,
         layout: str | Layout = "1+4+16",
         *,
-        work_size: int = 256,
+        work_size: int = 128,
         min_frac: float = 0.01,
         max_frac: float = 0.7,
         nms_iou: float = 0.6,
@@ -308,9 +308,11 @@ def _suppress(boxes: np.ndarray, iou: float) -> np.ndarray:
     return boxes[kept]
 
 
-def get_decomposer(name: str, layout: str | Layout = "1+4+16", *, overlap: float = 0.15) -> ImageDecomposer:
+def get_decomposer(name: str, layout: str | Layout = "1+4+16", *, overlap: float = 0.15,
+                   work_size: int = 128) -> ImageDecomposer:
     """Decomposer by name: ``"grid"``, ``"segments"`` (object-following regions and segments) or
-    ``"objects"`` (object-following regions over the grid's segments).
+    ``"objects"`` (object-following regions over the grid's segments); ``work_size`` is the
+    longest side the last two segment at (see :class:`SegmentationDecomposer`).
 
     Raises
     ------
@@ -320,7 +322,7 @@ def get_decomposer(name: str, layout: str | Layout = "1+4+16", *, overlap: float
     if name == "grid":
         return GridDecomposer(layout, overlap=overlap)
     if name in ("segments", "segmentation"):
-        return SegmentationDecomposer(layout, overlap=overlap)
+        return SegmentationDecomposer(layout, overlap=overlap, work_size=work_size)
     if name == "objects":
-        return SegmentationDecomposer(layout, overlap=overlap, fine="grid")
+        return SegmentationDecomposer(layout, overlap=overlap, work_size=work_size, fine="grid")
     raise ConfigError(f"image decomposer {name!r} is unknown; use one of {', '.join(map(repr, IMAGE_DECOMPOSERS))}")

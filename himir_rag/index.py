@@ -1473,10 +1473,10 @@ class HiMIRIndex:
 
     def set_config(self, config: HiMIRConfig) -> None:
         """Replace the search-time configuration (e.g. the tuner's choice); index-time fields must match."""
-        if ((config.layout, config.decomposer, config.region_encoding)
-                != (self.config.layout, self.config.decomposer, self.config.region_encoding)):
-            raise ConfigError("layout, decomposer and region_encoding are fixed at index time; rebuild the index to "
-                              "change them")
+        fixed = ("layout", "decomposer", "region_encoding", "segment_work_size")
+        if any(getattr(config, name) != getattr(self.config, name) for name in fixed):
+            raise ConfigError("layout, decomposer, region_encoding and segment_work_size are fixed at index time; "
+                              "rebuild the index to change them")
         self._dirty = self._dirty or config != self.config
         self.config = config
 

@@ -60,7 +60,8 @@ class PreparedPhoto:
 
 def region_decomposer(config: HiMIRConfig) -> ImageDecomposer:
     """The decomposer that cuts photos into ``config``'s layout of regions."""
-    return get_decomposer(config.decomposer, config.layout, overlap=config.region_overlap)
+    return get_decomposer(config.decomposer, config.layout, overlap=config.region_overlap,
+                          work_size=config.segment_work_size)
 
 
 def cut(image: Image.Image, decomposer: ImageDecomposer, *, min_region_frac: float,

@@ -215,6 +215,11 @@ def test_the_image_decomposer_of_a_new_index_is_chosen_and_checked_on_reuse(tiny
     assert HiMIRIndex.read_manifest(target)["config"]["decomposer"] == "objects"
     with pytest.raises(ConfigError, match="built with image decomposer 'objects', asked for 'grid'"):
         _quick_run(tiny_bench, index_dir=target)
+    assert built["config"]["segment_work_size"] == 128
+    with pytest.raises(ConfigError, match="segments photos at 128 pixels, asked for 64"):
+        _quick_run(tiny_bench, index_dir=target, image_decomposer="objects", segment_work_size=64)
+    finer = _quick_run(tiny_bench, index_dir=tmp_path / "objects-64", image_decomposer="objects", segment_work_size=64)
+    assert finer["config"]["segment_work_size"] == 64
 
 
 def test_index_dir_per_encoding_is_built_when_absent_and_checked_when_present(tiny_bench, tmp_path):

@@ -110,6 +110,28 @@ def test_config_validation():
     assert HiMIRConfig.from_dict({**config.to_dict(), "future_field": 1}) == config
 
 
+def test_segment_work_size_reaches_the_decomposer_and_old_indexes_keep_256():
+    from himir_rag.ingest import region_decomposer
+
+    assert HiMIRConfig().segment_work_size == 128
+    assert region_decomposer(HiMIRConfig(decomposer="objects", segment_work_size=64)).work_size == 64
+    assert region_decomposer(HiMIRConfig(decomposer="segments")).work_size == 128
+    old = {k: v for k, v in HiMIRConfig(decomposer="objects").to_dict().items() if k != "segment_work_size"}
+    assert HiMIRConfig.from_dict(old).segment_work_size == 256  # as saved before the field existed
+    assert HiMIRConfig.from_dict(HiMIRConfig(segment_work_size=96).to_dict()).segment_work_size == 96
+    for bad in (8, 0, 128.0, True, "128"):
+        with pytest.raises(ConfigError, match="segment_work_size must be an int >= 16"):
+            HiMIRConfig(segment_work_size=bad)
+    img = Image.new("RGB", (640, 480), (255, 255, 255))
+    img.paste((200, 20, 20), (40, 60, 240, 260))
+    red = np.array([[40, 60, 240, 260]])
+    for size in (96, 128, 256):  # the boxes are scaled back to the photo at every work size
+        regions = get_decomposer("objects", work_size=size).decompose(img).boxes[1:5]
+        inter = intersection_areas(regions, red)[:, 0]
+        areas = (regions[:, 2] - regions[:, 0]) * (regions[:, 3] - regions[:, 1])
+        assert (inter / (areas + 200 * 200 - inter)).max() > 0.7, size
+
+
 @settings(max_examples=60, deadline=None)
 @given(width=st.integers(1, 2000), height=st.integers(1, 2000), m=st.sampled_from([1, 2, 4, 6, 9]),
        factor=st.sampled_from([1, 2, 4]))

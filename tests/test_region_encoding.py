@@ -164,7 +164,7 @@ def test_roi_index_round_trips_and_encodes_photo_queries_the_same_way(tmp_path):
     assert encoder.region_calls == calls + 1 and hits[0].path.endswith("p1.png")
     with pytest.raises(ConfigError, match="use --region-encoding crops"):
         HiMIRIndex(ColorEncoder(), HiMIRConfig(region_encoding="roi")).add(folder, progress=False)
-    with pytest.raises(ConfigError, match="region_encoding are fixed at index time"):
+    with pytest.raises(ConfigError, match="region_encoding and segment_work_size are fixed at index time"):
         loaded.set_config(loaded.config.replace(region_encoding="crops"))
 
 
@@ -220,6 +220,17 @@ def test_cli_region_encoding_is_saved_and_kept(tmp_path):
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["index", str(folder), "--index", str(target), "--no-progress"])
     assert result.exit_code == 0, result.output  # no option: the index's own encoding
+    result = runner.invoke(app, ["index", str(folder), "--index", str(target), "--no-progress",
+                                 "--segment-work-size", "64"])
+    assert result.exit_code == 1 and "built with --segment-work-size 128, asked for 64" in result.output
+    objects = tmp_path / "objects"
+    result = runner.invoke(app, ["index", str(folder), "--index", str(objects), "--no-progress",
+                                 "--decomposer", "objects", "--segment-work-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(next(objects.glob("v*/manifest.json")).read_text())["config"]["segment_work_size"] == 64
+    loaded = HiMIRIndex.load(objects)
+    with pytest.raises(ConfigError, match="segment_work_size are fixed at index time"):
+        loaded.set_config(loaded.config.replace(segment_work_size=256))
     result = runner.invoke(app, ["index", str(folder), "--index", str(tmp_path / "new"), "--no-progress",
                                  "--region-encoding", "pooled"])
     assert result.exit_code == 1 and "region_encoding 'pooled' is unknown" in result.output

@@ -90,6 +90,8 @@ def run_command(
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N (when the index is built)."),
     image_decomposer: str = typer.Option("grid", "--image-decomposer",
                                          help="grid | segments | objects: how a new index cuts photos into regions."),
+    segment_work_size: int = typer.Option(128, "--segment-work-size", min=16,
+                                          help="Longest side segments/objects segment a new index's photos at."),
     k: int = typer.Option(10, min=1, help="Hits per query (at least 10 are retrieved for Recall@10)."),
     limit_queries: Optional[int] = typer.Option(None, "--limit-queries", min=1, help="Run only the first N queries."),
     index_dir: Optional[list[Path]] = typer.Option(
@@ -122,7 +124,7 @@ def run_command(
                                throughput_images=throughput_images, plots=plots, report_dir=report_dir,
                                scheduler=_parse_scheduler(scheduler), torch_threads=torch_threads,
                                progress=progress, region_encodings=region_encoding, stages=stages,
-                               image_decomposer=image_decomposer)
+                               image_decomposer=image_decomposer, segment_work_size=segment_work_size)
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
         return

@@ -560,12 +560,14 @@ def _encoder_matches(manifest: Mapping[str, Any], encoder: Encoder | str) -> boo
 
 def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device: str, batch_size: int,
                 index_dir: Path | None, progress: bool, region_encoding: str = "crops",
-                image_decomposer: str = "grid") -> tuple[HiMIRIndex, dict[str, Any], Path]:
+                image_decomposer: str = "grid",
+                segment_work_size: int = 128) -> tuple[HiMIRIndex, dict[str, Any], Path]:
     """Load a matching index (``index_dir``, or the encoding's default folder under ``bench_dir``), or
     build and save one there (``index_dir`` is built only when it holds no index yet)."""
     loaded_encoder = encoder if not isinstance(encoder, str) else None
     config = HiMIRConfig(layout=str(layout), batch_size=batch_size, region_encoding=region_encoding,
-                         decomposer=image_decomposer)
+                         decomposer=image_decomposer, segment_work_size=segment_work_size)
+    segmenting = image_decomposer != "grid"  # the grid ignores the work size
     if index_dir is not None and (index_dir / "CURRENT").is_file():
         index = HiMIRIndex.load(index_dir, encoder=loaded_encoder, device=device)
         if isinstance(encoder, str) and not _encoder_matches(HiMIRIndex.read_manifest(index_dir), encoder):
@@ -579,6 +581,10 @@ def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device:
             raise ConfigError(f"{index_dir} was built with image decomposer {index.config.decomposer!r}, asked for "
                               f"{image_decomposer!r}; pass --image-decomposer {index.config.decomposer} or an "
                               "--index-dir that does not exist yet (it is built there)")
+        if segmenting and index.config.segment_work_size != segment_work_size:
+            raise ConfigError(f"{index_dir} segments photos at {index.config.segment_work_size} pixels, asked for "
+                              f"{segment_work_size}; pass --segment-work-size {index.config.segment_work_size} or an "
+                              "--index-dir that does not exist yet (it is built there)")
         return index, _stored_build_info(bench_dir, index_dir) or {"reused": True, "measured": False}, index_dir
     if index_dir is not None:
         index = HiMIRIndex(encoder, config, device=device)
@@ -589,7 +595,8 @@ def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device:
         saved = manifest.get("config", {})
         if (_encoder_matches(manifest, encoder) and saved.get("layout") == str(layout)
                 and saved.get("region_encoding", "crops") == region_encoding
-                and saved.get("decomposer", "grid") == image_decomposer):
+                and saved.get("decomposer", "grid") == image_decomposer
+                and (not segmenting or saved.get("segment_work_size", 256) == segment_work_size)):
             index = HiMIRIndex.load(target, encoder=loaded_encoder, device=device)
             update = index.add(bench_dir / "images", progress=progress)
             if update.added or update.updated:
@@ -659,10 +666,10 @@ def encoder_throughput(index: HiMIRIndex, paths: Sequence[Path], *, batch_size: 
     cropping are not timed. One 1-crop call warms the encoder up first. For a ``roi`` index,
     the encoder's one pass per photo is timed instead (regions/s, reported as crops/s).
     """
-    from himir_rag.hierarchy import get_decomposer
     from himir_rag.images import load_image
+    from himir_rag.ingest import region_decomposer
 
-    decomposer = get_decomposer(index.config.decomposer, index.config.layout, overlap=index.config.region_overlap)
+    decomposer = region_decomposer(index.config)
     if index.config.region_encoding == "roi":
         return _roi_throughput(index, paths, decomposer)
     crops = []
@@ -770,11 +777,12 @@ def _run_encoding(bench_dir: Path, queries: list[Any], scenes: Mapping[str, dict
                   mode_list: list[RetrievalMode], decomposer_obj: Any, *, encoder: Encoder | str, layout: str,
                   device: str, batch_size: int, index_dir: Path | None, progress: bool, region_encoding: str, k: int,
                   scheduler: Mapping[str, Any] | None, throughput_images: int,
-                  image_decomposer: str) -> _EncodingRun:
+                  image_decomposer: str, segment_work_size: int) -> _EncodingRun:
     """Open or build the index of one region encoding and run every mode's queries on it."""
     index, indexing, used_index_dir = _open_index(
         bench_dir, encoder=encoder, layout=layout, device=device, batch_size=batch_size,
-        index_dir=index_dir, progress=progress, region_encoding=region_encoding, image_decomposer=image_decomposer)
+        index_dir=index_dir, progress=progress, region_encoding=region_encoding, image_decomposer=image_decomposer,
+        segment_work_size=segment_work_size)
     if scheduler is not None:
         index.set_config(index.config.replace(scheduler=dict(scheduler)))
     scene_of_path, image_ids = _scene_ids_by_image(index, bench_dir, scenes)
@@ -805,7 +813,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
                   progress: bool = True,
                   region_encodings: str | Iterable[str] = "crops", stages: bool = False,
-                  image_decomposer: str = "grid") -> dict[str, Any]:
+                  image_decomposer: str = "grid", segment_work_size: int = 128) -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
     Parameters
@@ -848,6 +856,9 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
     image_decomposer : str
         How a new index cuts photos into regions: ``"grid"`` (default), ``"segments"`` or
         ``"objects"`` (:func:`himir_rag.hierarchy.get_decomposer`); a reused index must match.
+    segment_work_size : int
+        The longest side ``segments`` and ``objects`` segment a new index's photos at
+        (``HiMIRConfig.segment_work_size``); a reused one must match.
     region_encodings : str or list of str
         ``"crops"``, ``"roi"`` or both (``"crops,roi"``): one index per encoding, the same
         queries on each; the report's main sections are the first encoding's, and
@@ -879,7 +890,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
             bench_dir, queries, scenes, mode_list, decomposer_obj, encoder=encoder, layout=layout, device=device,
             batch_size=batch_size, index_dir=directory, progress=progress, region_encoding=encoding, k=k,
             scheduler=scheduler, throughput_images=throughput_images if number == 0 else 0,
-            image_decomposer=image_decomposer)
+            image_decomposer=image_decomposer, segment_work_size=segment_work_size)
     first = runs_by_encoding[encodings[0]]
     index, indexing, used_index_dir, runs, grounding = (first.index, first.indexing, first.index_dir, first.runs,
                                                          first.grounding)
@@ -892,6 +903,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         "config": {"modes": [m.value for m in mode_list], "encoder": index.encoder.name,
                    "encoder_spec": index.encoder_spec, "decomposer": decomposer,
                    "image_decomposer": index.config.decomposer, "layout": index.config.layout,
+                   "segment_work_size": index.config.segment_work_size,
                    "k": k, "search_k": search_k, "scheduler": index.config.scheduler.overrides(),
                    "torch_threads": torch_threads, "region_encoding": index.config.region_encoding,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
