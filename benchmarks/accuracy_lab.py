@@ -232,7 +232,7 @@ def main() -> None:
     c.add_argument("--overlap", type=float, default=HiMIRConfig().region_overlap)
     c.add_argument("--variant", default="lite0", help="classifier: lite0 (default) or lite2")
     c.add_argument("--work-size", type=int, default=None,
-                   help="longest side the segments / objects decomposers segment at (library default 256)")
+                   help="longest side the segments / objects decomposers segment at (library default: HiMIRConfig.segment_work_size, 128)")
     s = sub.add_parser("score")
     s.add_argument("bench", type=Path)
     s.add_argument("--logits", type=Path, required=True)

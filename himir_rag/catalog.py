@@ -196,7 +196,9 @@ class Snapshot:
         return dataclasses.replace(self, images=images, _cache={}, _buffers=None)
 
     # -- per-snapshot caches: computed once, read by every search ---------------------------------
-    def _cached(self, key: str, compute: Any) -> Any:
+    def cached(self, key: str, compute: Any) -> Any:
+        """The value cached under ``key`` for this snapshot, computed by ``compute()`` on first use
+        (derived tables: row starts, image order; the scheduler's segment geometry)."""
         with _CACHE_LOCK:
             value = self._cache.get(key)
             if value is None:
@@ -206,18 +208,18 @@ class Snapshot:
     @property
     def image_ids(self) -> np.ndarray:
         """(n_images,) int64 image ids in row order (position ``p`` owns rows ``image_starts[p]:[p+1]``)."""
-        return self._cached("image_ids", lambda: self.region_image[self.image_starts[:-1]]
+        return self.cached("image_ids", lambda: self.region_image[self.image_starts[:-1]]
                             if len(self.region_image) else np.zeros(0, np.int64))
 
     @property
     def image_starts(self) -> np.ndarray:
         """(n_images + 1,) int64 first row of each image position, then the row count."""
-        return self._cached("image_starts", lambda: run_starts(self.region_image))
+        return self.cached("image_starts", lambda: run_starts(self.region_image))
 
     def positions_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Image positions of ``image_ids`` (any shape); -1 where an id is not in this snapshot."""
         ids = self.image_ids
-        order = self._cached("image_order", lambda: np.argsort(ids, kind="stable"))
+        order = self.cached("image_order", lambda: np.argsort(ids, kind="stable"))
         wanted = np.asarray(image_ids, dtype=np.int64)
         if len(ids) == 0:
             return np.full(wanted.shape, -1, np.int64)
@@ -247,7 +249,7 @@ class Snapshot:
         def compute() -> dict[str, int]:
             counts = np.bincount(self.levels.astype(np.int64), minlength=len(Level))
             return {Level(lv).name.lower(): int(counts[int(lv)]) for lv in Level}
-        return dict(self._cached("level_counts", compute))
+        return dict(self.cached("level_counts", compute))
 
     def region_vectors(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), dim) float32 vectors of ``rows`` (converted from float16 storage)."""

@@ -255,6 +255,36 @@ def test_segment_bound_holds_for_segments_next_to_their_parent():
         assert (bound >= queries @ segments.T).all()
 
 
+def test_segment_geometry_is_computed_once_a_snapshot_and_matches_the_direct_computation(planted):
+    from himir_rag.scheduler import cached_geometry, segment_geometry, similarities
+
+    snapshot, queries, _, _ = planted
+    fresh = Snapshot(dict(snapshot.images), snapshot.vectors, snapshot.region_image, snapshot.levels,
+                     snapshot.parents, snapshot.boxes)  # its own (empty) caches
+    rows = np.flatnonzero(fresh.levels == Level.SEGMENT)[:500]
+    parent_rows, parent_of = np.unique(fresh.parents[rows], return_inverse=True)
+    parents = fresh.region_vectors(parent_rows)
+    direct = segment_geometry(fresh.region_vectors(rows), parents, parent_of)
+    geometry, computed = cached_geometry(fresh, rows, parents, parent_of)
+    np.testing.assert_array_equal(geometry, direct)
+    assert computed == 500
+    again, computed = cached_geometry(fresh, rows[::-1], parents, parent_of[::-1])
+    np.testing.assert_array_equal(again, direct[::-1])
+    assert computed == 0
+    fresh.cached("segment_geometry", None)[rows[7], 2] = np.nan  # a row not yet whole is computed again
+    again, computed = cached_geometry(fresh, rows, parents, parent_of)
+    np.testing.assert_array_equal(again, direct)
+    assert computed == 1
+    # the scheduled pass pays the geometry on the first query only, with the same hits
+    stats = [SearchStats(mode="himir") for _ in range(2)]
+    first, second = (scheduled_search(fresh, queries[0], k=5, stats=s) for s in stats)
+    assert stats[0].extra["geometry_dot_products"] > 0 and stats[1].extra["geometry_dot_products"] == 0
+    np.testing.assert_array_equal(first.scores, second.scores)
+    vectors = fresh.region_vectors(rows)
+    np.testing.assert_allclose(similarities(queries[0], vectors), queries[0] @ vectors.T, rtol=1e-5, atol=1e-6)
+    assert similarities(queries[0], vectors).flags.c_contiguous
+
+
 def test_with_precision_converts_and_keeps_the_catalog(planted, tmp_path):
     snapshot, queries, targets, _ = planted
     index = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=F32)
