@@ -947,18 +947,17 @@ def _visit(queries: np.ndarray, scored: MaxSimScores, segments: tuple[np.ndarray
     visit = useful & chosen[image_pos][None, :]
     best, rows = scored.best.copy(), scored.best_rows.copy()
     visited = 0
-    if len(queries) > 1 and (visit == visit[:1]).all():  # the same segments for every sub-query: one product
-        sel = np.flatnonzero(visit[0])
-        if len(sel):
-            top, arg = segment_max(similarities(queries, seg_vectors[sel]), image_pos[sel])
-            first = sel[arg]  # (s, images) row of each image's first best segment, per sub-query
-            pos, at = image_pos[first], np.arange(len(queries))[:, None]
-            better = top > best[at, pos]
-            best[at, pos] = np.where(better, top, best[at, pos])
-            rows[at, pos] = np.where(better, seg_rows[first], rows[at, pos])
-            visited = len(sel) * len(queries)
-        visit = visit[:0]  # done
-    for q in range(len(visit)):
+    same = len(queries) > 1 and (visit == visit[:1]).all()  # the same segments for every sub-query: one product
+    sel = np.flatnonzero(visit[0]) if same else np.zeros(0, np.int64)
+    if len(sel):
+        top, arg = segment_max(similarities(queries, seg_vectors[sel]), image_pos[sel])
+        first = sel[arg]  # (s, images) row of each image's first best segment, per sub-query
+        pos, at = image_pos[first], np.arange(len(queries))[:, None]
+        better = top > best[at, pos]
+        best[at, pos] = np.where(better, top, best[at, pos])
+        rows[at, pos] = np.where(better, seg_rows[first], rows[at, pos])
+        visited = len(sel) * len(queries)
+    for q in range(0 if same else len(queries)):
         sel = np.flatnonzero(visit[q])
         if len(sel) == 0:
             continue

@@ -561,7 +561,7 @@ def _encoder_matches(manifest: Mapping[str, Any], encoder: Encoder | str) -> boo
 def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device: str, batch_size: int,
                 index_dir: Path | None, progress: bool, region_encoding: str = "crops",
                 image_decomposer: str = "grid",
-                segment_work_size: int = 128) -> tuple[HiMIRIndex, dict[str, Any], Path]:
+                segment_work_size: int = HiMIRConfig.segment_work_size) -> tuple[HiMIRIndex, dict[str, Any], Path]:
     """Load a matching index (``index_dir``, or the encoding's default folder under ``bench_dir``), or
     build and save one there (``index_dir`` is built only when it holds no index yet)."""
     loaded_encoder = encoder if not isinstance(encoder, str) else None
@@ -596,7 +596,7 @@ def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device:
         if (_encoder_matches(manifest, encoder) and saved.get("layout") == str(layout)
                 and saved.get("region_encoding", "crops") == region_encoding
                 and saved.get("decomposer", "grid") == image_decomposer
-                and (not segmenting or saved.get("segment_work_size", 256) == segment_work_size)):
+                and (not segmenting or HiMIRConfig.from_dict(saved).segment_work_size == segment_work_size)):
             index = HiMIRIndex.load(target, encoder=loaded_encoder, device=device)
             update = index.add(bench_dir / "images", progress=progress)
             if update.added or update.updated:
@@ -813,7 +813,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
                   progress: bool = True,
                   region_encodings: str | Iterable[str] = "crops", stages: bool = False,
-                  image_decomposer: str = "grid", segment_work_size: int = 128) -> dict[str, Any]:
+                  image_decomposer: str = "grid",
+                  segment_work_size: int = HiMIRConfig.segment_work_size) -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
     Parameters
