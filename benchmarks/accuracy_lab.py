@@ -35,6 +35,7 @@ from himir_rag.bench.metrics import box_iou
 from himir_rag.bench.runner import match_objects, ranking_metrics
 from himir_rag.config import HiMIRConfig
 from himir_rag.decompose import get_decomposer
+from himir_rag.hierarchy import focus_boxes
 from himir_rag.encoders.offline import (CLASS_TEMPLATES, OfflineEncoder, imagenet_class_lemmas, imagenet_class_names,
                                         sentence_model_key, to_pixels)
 from himir_rag.encoders.prompt_cache import cached_sentence_embeddings
@@ -109,6 +110,7 @@ class Lab:
         self.plain_vectors = self.encoder.embed_texts(self.flat)
         self.text_vector = dict(zip(self.flat, self.plain_vectors))
         self.include_full_query = False
+        self.box_rule: str | None = None  # see refine_box
 
     def set_query_side(self, template: str | None, project: tuple[float, int] | None,
                        class_emb: np.ndarray) -> None:
@@ -192,9 +194,45 @@ class Lab:
         hits = []
         for sub, name in match_objects(subs, query["objects"]):
             sims = vectors[rows] @ self.text_vector[sub] * scale[self.levels[rows]] + shift[self.levels[rows]]
-            box = self.boxes[rows[int(np.argmax(sims))]]
+            box = refine_box(sims, self.boxes[rows], self.levels[rows], self.box_rule)
             hits.append(box_iou(box.tolist(), by_name[name]["bbox"]) >= 0.3)
         return hits
+
+
+def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: str | None) -> np.ndarray:
+    """The box reported for one sub-query in one photo, from its similarities to the photo's regions.
+
+    ``None``: the best region's box (``RegionMatch.region_bbox``). ``softz:T``: the library's focus
+    box (:func:`himir_rag.hierarchy.focus_boxes`, what ``RegionMatch.bbox`` reports at
+    ``focus_temperature=T``). ``union:D``: the bounding box of
+    the regions of the best region's level that score within ``D`` of it and are connected to it
+    through touching or overlapping boxes. ``soft:T``: the mean of all boxes weighted by
+    ``exp((s - s_max) / T)``.
+    """
+    best = int(np.argmax(sims))
+    if rule is None:
+        return boxes[best]
+    kind, value = rule.split(":")
+    if kind == "softz":  # the temperature in units of the spread of this photo's similarities
+        return focus_boxes(sims[:, None], boxes, float(value))[0]
+    if kind in ("soft", "softlocal"):  # softlocal: the global view's box left out (unless it is the best)
+        w = np.exp((sims - sims[best]) / float(value))
+        if kind == "softlocal" and levels[best] != 0:
+            w = np.where(levels == 0, 0.0, w)
+        return (w[:, None] * boxes).sum(axis=0) / w.sum()
+    if kind != "union":
+        raise SystemExit(f"unknown box rule {rule!r} (union:D or soft:T)")
+    near = np.flatnonzero((levels == levels[best]) & (sims >= sims[best] - float(value)))
+    member, frontier = {best}, [best]
+    while frontier:
+        i = frontier.pop()
+        for j in near:
+            if j not in member and boxes[j][0] <= boxes[i][2] and boxes[i][0] <= boxes[j][2] \
+                    and boxes[j][1] <= boxes[i][3] and boxes[i][1] <= boxes[j][3]:
+                member.add(int(j))
+                frontier.append(int(j))
+    chosen = boxes[sorted(member)]
+    return np.array([chosen[:, 0].min(), chosen[:, 1].min(), chosen[:, 2].max(), chosen[:, 3].max()])
 
 
 def class_embeddings(encoder: OfflineEncoder, how: str) -> np.ndarray:
@@ -256,7 +294,9 @@ def probe_texts(encoder: OfflineEncoder, n: int, seed: int) -> np.ndarray:
 
 def sweep(lab: Lab, variants: list[str]) -> None:
     """One row per variant: ``emb=prompt|synonyms|templates|both``, ``top=N``, ``t=T``,
-    ``cal=none|probe`` joined by ``+`` (e.g. ``emb=both+top=10+cal=probe``)."""
+    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T`` (the reported box, see
+    :func:`refine_box`; ``softz`` is the library's focus box) joined by ``+`` (e.g.
+    ``emb=both+top=10+cal=probe``)."""
     header = ("| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding | "
               "regions a photo | himir-full dots a query |")
     print(header)
@@ -276,6 +316,7 @@ def sweep(lab: Lab, variants: list[str]) -> None:
             project = (float(tau), int(top))
         lab.set_query_side(opts.get("qt", "").replace("_", " ") or None, project, cache[how])
         lab.include_full_query = opts.get("full", "0") == "1"  # full=1: the whole query is a sub-query too
+        lab.box_rule = opts.get("box")  # box=union:D or box=soft:T (refine_box): the reported region
         scale = shift = None
         if opts.get("cal", "none") == "probe":
             scale, shift = probe_calibration(lab, vectors, probe_texts(lab.encoder, 200, seed=0))

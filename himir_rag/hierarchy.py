@@ -27,6 +27,7 @@ __all__ = [
     "GridDecomposer",
     "SegmentationDecomposer",
     "get_decomposer",
+    "focus_boxes",
 ]
 
 
@@ -153,6 +154,51 @@ def intersection_areas(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     x1 = np.minimum(a[:, None, 2], b[None, :, 2])
     y1 = np.minimum(a[:, None, 3], b[None, :, 3])
     return np.clip(x1 - x0, 0, None).astype(np.int64) * np.clip(y1 - y0, 0, None)
+
+
+def focus_boxes(sims: np.ndarray, boxes: np.ndarray, temperature: float) -> np.ndarray:
+    """Where each query matched in one photo: the photo's region boxes averaged with weights
+    ``exp((s - s_max) / (temperature * std(s)))`` over that query's similarities ``s``.
+
+    The best region's box alone is the one grid cell (or segment, or region) that scored
+    highest, wherever in it the object lies. The weighted mean lies at the similarity-weighted
+    centre of the regions that score near the best, at their weighted mean size: across two
+    cells an object straddles, or between a cell and the larger region around it that scores
+    almost as well. On the composite tuning set the share of sub-queries whose reported box
+    overlaps the named object at IoU >= 0.3 rose from 0.260 to 0.351 (benchmarks/README.md,
+    "Focus boxes"). The temperature is in units of the spread (standard deviation) of the
+    photo's similarities, so it means the same for encoders whose similarities lie on
+    different scales.
+
+    Parameters
+    ----------
+    sims : np.ndarray
+        (n_regions, n_queries) similarities of one photo's regions.
+    boxes : np.ndarray
+        (n_regions, 4) their boxes.
+    temperature : float
+        0 = the best region's box.
+
+    Returns
+    -------
+    np.ndarray
+        (n_queries, 4) int32 boxes (a convex combination of ``boxes``, so inside the photo).
+
+    Example
+    -------
+    >>> boxes = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20]])
+    >>> focus_boxes(np.array([[0.9], [0.9], [0.1]]), boxes, 0.5).tolist()
+    [[5, 0, 15, 10]]
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    best = np.argmax(sims, axis=0)
+    if temperature <= 0 or len(sims) < 2:
+        return boxes[best].astype(np.int32)
+    spread = np.maximum(sims.std(axis=0), 1e-6)
+    weights = np.exp((sims - sims.max(axis=0)) / (temperature * spread))
+    focus = weights.T @ boxes / weights.sum(axis=0)[:, None]
+    return np.rint(focus).astype(np.int32)
 
 
 def build_tree(width: int, height: int, regions: np.ndarray, segments: np.ndarray) -> RegionTree:

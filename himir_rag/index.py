@@ -55,7 +55,7 @@ from himir_rag.encoders import Encoder, get_encoder, saved_encoder_spec
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, IncompatibleIndexError,
                               IndexConflictError, IndexFormatError, IndexWriteError)
 from himir_rag.filters import compile_filter, matching_ids
-from himir_rag.hierarchy import Level, RegionTree
+from himir_rag.hierarchy import Level, RegionTree, focus_boxes
 from himir_rag.images import decode_image, image_header_problem, iter_image_files
 from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
                               encode_photos, encode_views, encode_workers, granularity_keep, prepare_or_skip,
@@ -83,12 +83,19 @@ _STAGING_RE = re.compile(r"^\.v\d+(-\w+)?\.tmp$")  # a version being written (or
 
 @dataclass(frozen=True)
 class RegionMatch:
-    """The best region of an image for one sub-query."""
+    """Where one sub-query matched an image.
+
+    ``level`` and ``score`` are the best region's (the MaxSim the ranking used); ``bbox`` is
+    where the match is reported: the focus box of the regions' similarities
+    (:func:`himir_rag.hierarchy.focus_boxes`, ``HiMIRConfig.focus_temperature``), and
+    ``region_bbox`` the best region's own box (``bbox`` equals it at temperature 0).
+    """
 
     subquery: str
     level: str
     bbox: tuple[int, int, int, int]
     score: float
+    region_bbox: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -1057,7 +1064,9 @@ class HiMIRIndex:
         ranking = rank(self.image_store, vectors, mode=mode, k=k, params=self.config.scheduler_params, stats=stats,
                        allowed=allowed, filters=filters if isinstance(filters, Mapping) else None)
         # an external store may hold photos another process added since this catalog was read: not shown
-        hits = _finite_hits(_hits(snapshot, ranking, labels))
+        focus = _focus_boxes(self.image_store, ranking, vectors, MODES[mode].levels, self.config.focus_temperature,
+                             stats)
+        hits = _finite_hits(_hits(snapshot, ranking, labels, focus))
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
         return SearchResult(query, tuple(subs), hits, stats)
@@ -1678,17 +1687,50 @@ def _unscaled(hits: tuple[SearchHit, ...], scales: np.ndarray) -> tuple[SearchHi
         for hit in hits)
 
 
-def _hits(snapshot: Snapshot, ranking: Ranking, labels: list[str]) -> list[SearchHit]:
-    """The hits of ``ranking`` whose image ``snapshot`` holds, best first (arrays read as Python lists once)."""
+def _focus_boxes(store: Any, ranking: Ranking, vectors: np.ndarray, levels: tuple[Level, ...],
+                 temperature: float, stats: SearchStats) -> np.ndarray:
+    """(s, n, 4) reported boxes of the ranked images: each image's focus box per query vector over its
+    regions at ``levels`` (:func:`~himir_rag.hierarchy.focus_boxes`), read from the image ``store``
+    (in memory: the snapshot itself; Qdrant: one fetch of the ranked images); the best region's box
+    where the temperature is 0 or the store no longer holds the image.
+    Their dot products (rows x queries of the ranked images only) go to ``stats.extra["focus_dot_products"]``,
+    not ``dot_products``: they locate the match after the ranking and cost the same in every mode."""
+    focus = ranking.boxes.copy()
+    if temperature <= 0 or not len(ranking.image_ids):
+        return focus
+    snapshot = store.vectors(ranking.image_ids).snapshot
+    positions = snapshot.positions_of(ranking.image_ids)
+    known = np.flatnonzero(positions >= 0)
+    rows = snapshot.rows_of(positions[known])
+    rows = rows[np.isin(snapshot.levels[rows], np.array([int(lv) for lv in levels], np.int8))]
+    if not len(rows):
+        return focus
+    sims = snapshot.region_vectors(rows) @ np.asarray(vectors, np.float32).T  # (rows, s)
+    owner = np.searchsorted(snapshot.image_starts, rows, side="right") - 1
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    ends = np.r_[starts[1:], len(rows)]
+    column = {int(p): i for i, p in enumerate(positions.tolist()) if p >= 0}
+    boxes = snapshot.boxes[rows]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        focus[:, column[int(owner[start])]] = focus_boxes(sims[start:end], boxes[start:end], temperature)
+    stats.extra["focus_dot_products"] = int(sims.size)
+    return focus
+
+
+def _hits(snapshot: Snapshot, ranking: Ranking, labels: list[str], focus: np.ndarray | None = None) -> list[SearchHit]:
+    """The hits of ``ranking`` whose image ``snapshot`` holds, best first (arrays read as Python lists once);
+    ``focus``: the (s, n, 4) boxes reported as each match's ``bbox`` (default: the best regions')."""
     levels = [[Level(v).name.lower() for v in row] for row in ranking.levels.T.tolist()]
     boxes, best, scores = ranking.boxes.transpose(1, 0, 2).tolist(), ranking.best.T.tolist(), ranking.scores.tolist()
+    shown = boxes if focus is None else focus.transpose(1, 0, 2).tolist()
     hits = []
     for pos, image_id in enumerate(ranking.image_ids.tolist()):
         record = snapshot.images.get(image_id)
         if record is None:
             continue
-        regions = tuple(RegionMatch(label, level, tuple(box), score)  # type: ignore[arg-type]
-                        for label, level, box, score in zip(labels, levels[pos], boxes[pos], best[pos]))
+        regions = tuple(RegionMatch(label, level, tuple(box), score, tuple(own))  # type: ignore[arg-type]
+                        for label, level, box, score, own in zip(labels, levels[pos], shown[pos], best[pos],
+                                                                 boxes[pos]))
         hits.append(SearchHit(record.image_id, record.key, record.path, scores[pos], dict(record.metadata), regions,
                               record.width, record.height, record.relpath))
     return hits

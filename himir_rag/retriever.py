@@ -503,8 +503,11 @@ def _region_line(region: RegionMatch) -> str:
 
 def region_dict(region: RegionMatch) -> dict[str, Any]:
     """A JSON-ready dict of one matched region."""
-    return {"subquery": region.subquery, "level": region.level, "bbox": [int(v) for v in region.bbox],
-            "similarity": float(region.score)}
+    out = {"subquery": region.subquery, "level": region.level, "bbox": [int(v) for v in region.bbox],
+           "similarity": float(region.score)}
+    if region.region_bbox is not None:
+        out["region_bbox"] = [int(v) for v in region.region_bbox]
+    return out
 
 
 def stats_dict(stats: SearchStats) -> dict[str, Any]:
@@ -558,7 +561,8 @@ def result_json(result: SearchResult, query_id: Any = None, *, index: HiMIRIndex
         "results": [
             {"path": hit.path, **_image_fields(index, hit.image_id), "score": round(hit.score, 6),
              "image_id": hit.image_id, "width": int(hit.width), "height": int(hit.height), "metadata": hit.metadata,
-             "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6)}
+             "regions": [{"subquery": m.subquery, "level": m.level, "bbox": list(m.bbox), "score": round(m.score, 6),
+                          **({} if m.region_bbox is None else {"region_bbox": list(m.region_bbox)})}
                          for m in hit.regions]}
             for hit in result.hits
         ],

@@ -133,14 +133,17 @@ def test_oracle_grounding_covers_every_named_object(tiny_report):
     _, report = tiny_report
     grounding = report["grounding"]
     assert grounding["n_subqueries"] == 10  # 5 queries x 2 exact object names
-    assert set(grounding["hit_rate"]) == {"global", "region", "segment", "mvr", "himir-full"}
+    assert set(grounding["hit_rate"]) == {"global", "region", "segment", "mvr", "himir-full", "himir-full region"}
     assert all(0.0 <= v <= 1.0 for v in grounding["hit_rate"].values())
     rows = report["grounding_rows"]
     assert {r["object"] for r in rows} <= {f"a {c} square" for c in _SQUARE_COLOURS}
     # the global view's IoU with an object is the object's area fraction
     assert all(r["iou"]["global"] == pytest.approx(r["area_frac"]) for r in rows)
-    assert all(r["iou_ceiling"][n] >= r["iou"][n] for r in rows for n in r["iou"])
-    assert all(grounding["reachable_rate"][n] >= grounding["hit_rate"][n] for n in grounding["hit_rate"])
+    # a stored region's IoU is bounded by the best any stored region reaches; the modes' reported
+    # focus boxes are not stored regions (they may overlap the object better than any of them)
+    regions = ("global", "region", "segment", "himir-full region")
+    assert all(r["iou_ceiling"][n] >= r["iou"][n] for r in rows for n in regions)
+    assert all(grounding["reachable_rate"][n] >= grounding["hit_rate"][n] for n in regions)
 
 
 def test_rerun_reuses_saved_index(tiny_bench):

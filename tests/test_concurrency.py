@@ -62,7 +62,7 @@ def check_result(result: SearchResult, final: HiMIRIndex, queries_by_sub: dict, 
         for label_pos, match in enumerate(hit.regions):
             x0, y0, x1, y1 = match.bbox
             assert 0 <= x0 < x1 <= record.width and 0 <= y0 < y1 <= record.height
-            own = [pos for pos, row in enumerate(rows) if tuple(snap.boxes[row]) == match.bbox
+            own = [pos for pos, row in enumerate(rows) if tuple(snap.boxes[row]) == match.region_bbox
                    and Level(int(snap.levels[row])).name.lower() == match.level]
             assert any(abs(sims[label_pos, pos] - match.score) < 1e-5 for pos in own), (mode, hit.path, match)
             if mode in EXHAUSTIVE:

@@ -52,8 +52,8 @@ def test_photo_regions_match_region_to_region(photo_index: HiMIRIndex, scene_dir
     for match in hit.regions:
         level, box = match.subquery.removeprefix("photo ").split(" ", 1)
         assert match.score == pytest.approx(1.0, abs=2e-3)
-        if len({tuple(m.bbox) for m in hit.regions}) == len(hit.regions):  # no two regions look the same
-            assert (match.level, list(match.bbox)) == (level, json.loads(box))
+        if len({tuple(m.region_bbox) for m in hit.regions}) == len(hit.regions):  # no two regions look the same
+            assert (match.level, list(match.region_bbox)) == (level, json.loads(box))
 
 
 def test_scheduled_pass_ranks_photo_queries_as_the_exact_mode(photo_index: HiMIRIndex, scene_dir: Path,

@@ -250,3 +250,77 @@ def test_progress_bar_moves_photo_by_photo(scene_dir, color_encoder, monkeypatch
     report = index.add(scene_dir, chunk_images=16)  # one new photo, one the decoder skips
     assert report.added == 1 and len(report.skipped) == 1
     assert sum(updates) == 2  # the skipped file moves the bar at commit
+
+
+# -- focus boxes: where a match is reported ------------------------------------------------------
+def test_focus_boxes_weigh_region_boxes_by_their_similarity():
+    from himir_rag.hierarchy import focus_boxes
+
+    boxes = np.array([[0, 0, 100, 100], [0, 0, 50, 50], [50, 0, 100, 50], [0, 50, 50, 100]])
+    sims = np.array([[0.2, 0.5], [0.9, 0.1], [0.9, 0.1], [0.1, 0.95]])
+    # temperature 0: the best region's own box, per query column
+    assert focus_boxes(sims, boxes, 0).tolist() == [[0, 0, 50, 50], [0, 50, 50, 100]]
+    sharp, wide = focus_boxes(sims, boxes, 0.2), focus_boxes(sims, boxes, 1e6)
+    # two cells that score alike (an object across both): the box lies across both, at their mean size
+    assert sharp[0].tolist() == [25, 0, 75, 50]
+    # one cell far above the rest: its own box
+    assert focus_boxes(np.array([[0.0], [0.0], [0.0], [1.0]]), boxes, 0.2).tolist() == [[0, 50, 50, 100]]
+    # a very high temperature gives the mean of all boxes; every box stays inside the photo
+    assert np.abs(wide[0] - boxes.mean(axis=0)).max() <= 0.5 + 1e-9
+    assert ((wide >= 0) & (wide <= 100)).all() and (wide[:, :2] < wide[:, 2:]).all()
+    # the temperature is in units of the similarities' spread: any positive affine map of them keeps the box
+    assert (focus_boxes(3 * sims + 7, boxes, 0.2) == sharp).all()
+    assert focus_boxes(sims[:1], boxes[:1], 0.4).tolist() == [[0, 0, 100, 100], [0, 0, 100, 100]]
+
+
+@pytest.mark.parametrize("mode", ["himir-full", "mvr", "himir", "single"])
+def test_search_reports_focus_boxes_over_the_modes_levels(index, mode):
+    from himir_rag.hierarchy import focus_boxes
+    from himir_rag.modes import MODES
+
+    query = "a red square and a blue square"
+    result = index.search(query, k=3, mode=mode)
+    snap, temperature = index.snapshot, index.config.focus_temperature
+    assert temperature == 0.4
+    labels = list(result.subqueries) if MODES[mode].subqueries else [query]
+    vectors = index.encoder.embed_texts(labels)
+    levels = [int(level) for level in MODES[mode].levels]
+    for hit in result.hits:
+        rows = snap.image_rows(hit.image_id)
+        rows = rows[np.isin(snap.levels[rows], levels)]
+        sims = snap.region_vectors(rows) @ vectors.T
+        expected = focus_boxes(sims, snap.boxes[rows], temperature)
+        assert [list(m.bbox) for m in hit.regions] == expected.tolist()
+        for col, match in enumerate(hit.regions):  # region_bbox: the stored best region the score came from
+            best = rows[int(np.argmax(sims[:, col]))]
+            assert list(match.region_bbox) == snap.boxes[best].tolist()
+            assert match.score == pytest.approx(float(sims[:, col].max()), abs=1e-5) or mode == "himir"
+    assert result.stats.extra["focus_dot_products"] == sum(
+        len(labels) * int(np.isin(snap.levels[snap.image_rows(h.image_id)], levels).sum()) for h in result.hits)
+    assert result.stats.dot_products > 0
+
+
+def test_focus_temperature_zero_reports_the_best_regions_box(scene_dir, color_encoder):
+    index = HiMIRIndex.build(scene_dir, encoder=color_encoder, config=HiMIRConfig(focus_temperature=0),
+                             progress=False)
+    result = index.search("a red square and a blue square", k=3)
+    assert all(m.bbox == m.region_bbox for h in result.hits for m in h.regions)
+    assert "focus_dot_products" not in result.stats.extra
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.4"])
+def test_focus_temperature_is_validated(bad):
+    from himir_rag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="focus_temperature"):
+        HiMIRConfig(focus_temperature=bad)
+
+
+def test_focus_temperature_survives_save_and_load(scene_dir, color_encoder, tmp_path):
+    index = HiMIRIndex.build(scene_dir, encoder=color_encoder, config=HiMIRConfig(focus_temperature=0.7),
+                             progress=False)
+    index.save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
+    assert loaded.config.focus_temperature == 0.7
+    # an index saved before the field existed loads with the default (a query-time setting)
+    assert HiMIRConfig.from_dict({"layout": "1+4+16"}).focus_temperature == 0.4

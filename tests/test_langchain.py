@@ -112,7 +112,7 @@ def test_invoke_returns_documents_best_first(photo_index: HiMIRIndex, scene_dir:
     assert best.metadata["score"] >= documents[1].metadata["score"] >= documents[2].metadata["score"]
     regions = {r["subquery"]: r for r in best.metadata["regions"]}
     assert set(regions) == {"a red square", "a blue square"}
-    assert set(regions["a blue square"]) == {"subquery", "level", "bbox", "similarity"}
+    assert set(regions["a blue square"]) == {"subquery", "level", "bbox", "region_bbox", "similarity"}
     assert best.page_content.splitlines()[0] == 'Photo "red_blue.png" (160x120).'  # query-independent
     assert "kind: scene" in best.page_content and "a red square" not in best.page_content
     assert best.metadata["query"] == QUERY

@@ -170,7 +170,7 @@ def test_from_vectors_matches_a_snapshot_built_image_by_image(collection) -> Non
     assert got.images == expected.images
     target = 7 * per_image + 12  # a segment of image 8: the query finds it, with its box
     hit = index.search_vectors(vectors[target : target + 1], k=1, mode="himir-full").hits[0]
-    assert hit.image_id == 8 and list(hit.regions[0].bbox) == tree.boxes[12].tolist()
+    assert hit.image_id == 8 and list(hit.regions[0].region_bbox) == tree.boxes[12].tolist()
 
 
 def test_from_vectors_rejects_mismatched_shapes(collection) -> None:

@@ -42,7 +42,7 @@ from himir_rag.bench.scenes import read_jsonl
 from himir_rag.config import HiMIRConfig
 from himir_rag.encoders import Encoder, RegionEncoder, get_encoder, set_inference_threads
 from himir_rag.errors import ConfigError, HiMIRError
-from himir_rag.hierarchy import Level
+from himir_rag.hierarchy import Level, focus_boxes
 from himir_rag.index import HiMIRIndex, SearchResult
 from himir_rag.modes import MODES, RetrievalMode, Scorer, mode_names, parse_mode, reference_mode
 
@@ -469,17 +469,20 @@ def grounding_rows(index: HiMIRIndex, queries: Sequence[_Query], subqueries: Map
         boxes_by_name = {obj["name"]: obj for obj in scene["objects"]}
         for (sub, name), sim in zip(pairs, sims):
             rows.append(_ground_one(query, sub, boxes_by_name[name], sim, snapshot.levels[region_rows],
-                                    snapshot.boxes[region_rows]))
+                                    snapshot.boxes[region_rows], index.config.focus_temperature))
     return rows
 
 
 def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, levels: np.ndarray,
-                boxes: np.ndarray) -> dict[str, Any]:
+                boxes: np.ndarray, focus_temperature: float) -> dict[str, Any]:
+    """One sub-query's IoUs: per level of the best region there; per exhaustive mode (mvr, himir-full)
+    of the box a search reports (the focus box at ``focus_temperature``), and for the reference
+    mode also of its best region's own box (``"<mode> region"``)."""
     iou: dict[str, float | None] = {}
     ceiling: dict[str, float | None] = {}
-    choices = {**{name: (int(level),) for name, level in zip(_LEVEL_NAMES, Level)},
-               **{spec.name: tuple(int(level) for level in spec.levels) for spec in MODES.values()
-                  if spec.subqueries and spec.scorer is Scorer.EXHAUSTIVE}}  # mvr, himir-full
+    modes = {spec.name: tuple(int(level) for level in spec.levels) for spec in MODES.values()
+             if spec.subqueries and spec.scorer is Scorer.EXHAUSTIVE}  # mvr, himir-full
+    choices = {**{name: (int(level),) for name, level in zip(_LEVEL_NAMES, Level)}, **modes}
     overlaps = np.array([box_iou(box.tolist(), obj["bbox"]) for box in boxes])
     chosen_level = None
     for name, allowed in choices.items():
@@ -489,8 +492,12 @@ def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, l
             continue
         best = candidates[int(np.argmax(sim[candidates]))]
         iou[name], ceiling[name] = float(overlaps[best]), float(overlaps[candidates].max())
-        if name == reference_mode().value:
-            chosen_level = _LEVEL_NAMES[int(levels[best])]
+        if name in modes:
+            focus = focus_boxes(sim[candidates, None], boxes[candidates], focus_temperature)[0]
+            if name == reference_mode().value:
+                chosen_level = _LEVEL_NAMES[int(levels[best])]
+                iou[f"{name} region"], ceiling[f"{name} region"] = iou[name], ceiling[name]
+            iou[name] = float(box_iou(focus.tolist(), obj["bbox"]))
     return {"query_id": query.query_id, "subquery": sub, "object": obj["name"],
             "area_frac": float(obj.get("area_frac", 0.0)), "iou": iou, "iou_ceiling": ceiling,
             "himir_full_level": chosen_level}
