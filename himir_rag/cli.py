@@ -250,6 +250,9 @@ def search_command(
                                        "when QUERY is given too (0-1, exclusive)."),
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
     decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
+    focus_temperature: Optional[float] = typer.Option(
+        None, "--focus-temperature", help="How each match's box is reported: the region boxes averaged by "
+        "similarity at this temperature (0: the best region's own box) [default: the index's, 0.4]."),
     device: str = _DEVICE,
     offline: bool = _OFFLINE,
     verbose: bool = _VERBOSE,
@@ -263,6 +266,8 @@ def search_command(
         _fail("give either a QUERY argument, --image PHOTO or --queries FILE.jsonl")
     try:
         index = HiMIRIndex.load(index_dir, device=device)
+        if focus_temperature is not None:  # query time only: nothing is saved
+            index.config = index.config.replace(focus_temperature=focus_temperature)
         splitter = _get_decomposer(decomposer)
         if queries is None:
             photo = {} if image is None else {"image": image, "image_weight": image_weight}

@@ -65,6 +65,27 @@ def test_search_json_contract(index_dir):
     assert isinstance(payload["stats"]["latency_ms"], float)
 
 
+def test_search_focus_temperature_reports_focus_or_region_boxes(index_dir):
+    def regions(*extra):
+        result = runner.invoke(app, ["search", str(index_dir), "a cat next to a cup of coffee", "-k", "3", "--json",
+                                     *extra])
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.stdout)
+        # the focus box's dot products are counted apart (none at temperature 0)
+        if extra:
+            assert "focus_dot_products" not in payload["stats"]
+        else:
+            assert payload["stats"]["focus_dot_products"] > 0
+        return [r for hit in payload["results"] for r in hit["regions"]]
+
+    default, region_boxes = regions(), regions("--focus-temperature", "0")
+    assert all(r["bbox"] == r["region_bbox"] for r in region_boxes)
+    assert [r["region_bbox"] for r in default] == [r["region_bbox"] for r in region_boxes]  # the same ranking
+    assert any(r["bbox"] != r["region_bbox"] for r in default)
+    bad = runner.invoke(app, ["search", str(index_dir), "a cat", "--focus-temperature", "-1"])
+    assert bad.exit_code == 1 and "focus_temperature must be a finite number >= 0" in bad.stderr
+
+
 def test_search_readable_output(index_dir):
     result = runner.invoke(app, ["search", str(index_dir), "a motorcycle", "-k", "2", "--mode", "mvr"])
     assert result.exit_code == 0, result.output
