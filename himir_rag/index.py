@@ -55,7 +55,7 @@ from himir_rag.encoders import Encoder, get_encoder, saved_encoder_spec
 from himir_rag.errors import (ConfigError, EmptyIndexError, HiMIRError, IncompatibleIndexError,
                               IndexConflictError, IndexFormatError, IndexWriteError)
 from himir_rag.filters import compile_filter, matching_ids
-from himir_rag.hierarchy import Level, RegionTree, focus_boxes
+from himir_rag.hierarchy import Level, RegionTree, grouped_focus_boxes
 from himir_rag.images import decode_image, image_header_problem, iter_image_files
 from himir_rag.ingest import (MetadataLookup, MetadataSource, PreparedPhoto, checked_metadata, cut, encode_crops,
                               encode_photos, encode_views, encode_workers, granularity_keep, prepare_or_skip,
@@ -1064,8 +1064,8 @@ class HiMIRIndex:
         ranking = rank(self.image_store, vectors, mode=mode, k=k, params=self.config.scheduler_params, stats=stats,
                        allowed=allowed, filters=filters if isinstance(filters, Mapping) else None)
         # an external store may hold photos another process added since this catalog was read: not shown
-        focus = _focus_boxes(self.image_store, ranking, vectors, MODES[mode].levels, self.config.focus_temperature,
-                             stats)
+        focus = _focus_boxes(self.image_store, snapshot, ranking, vectors, MODES[mode].levels,
+                             self.config.focus_temperature, stats)
         hits = _finite_hits(_hits(snapshot, ranking, labels, focus))
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
@@ -1687,32 +1687,32 @@ def _unscaled(hits: tuple[SearchHit, ...], scales: np.ndarray) -> tuple[SearchHi
         for hit in hits)
 
 
-def _focus_boxes(store: Any, ranking: Ranking, vectors: np.ndarray, levels: tuple[Level, ...],
+def _focus_boxes(store: Any, snapshot: Snapshot, ranking: Ranking, vectors: np.ndarray, levels: tuple[Level, ...],
                  temperature: float, stats: SearchStats) -> np.ndarray:
     """(s, n, 4) reported boxes of the ranked images: each image's focus box per query vector over its
-    regions at ``levels`` (:func:`~himir_rag.hierarchy.focus_boxes`), read from the image ``store``
-    (in memory: the snapshot itself; Qdrant: one fetch of the ranked images); the best region's box
-    where the temperature is 0 or the store no longer holds the image.
+    regions at ``levels`` (:func:`~himir_rag.hierarchy.focus_boxes`), read from ``snapshot`` when the
+    image ``store`` is in memory, else fetched from it (Qdrant: one fetch of the ranked images); the
+    best region's box where the temperature is 0 or the store no longer holds the image.
     Their dot products (rows x queries of the ranked images only) go to ``stats.extra["focus_dot_products"]``,
     not ``dot_products``: they locate the match after the ranking and cost the same in every mode."""
     focus = ranking.boxes.copy()
     if temperature <= 0 or not len(ranking.image_ids):
         return focus
-    snapshot = store.vectors(ranking.image_ids).snapshot
+    if not store.in_memory:
+        snapshot = store.vectors(ranking.image_ids).snapshot
     positions = snapshot.positions_of(ranking.image_ids)
-    known = np.flatnonzero(positions >= 0)
-    rows = snapshot.rows_of(positions[known])
-    rows = rows[np.isin(snapshot.levels[rows], np.array([int(lv) for lv in levels], np.int8))]
+    rows = snapshot.rows_of(positions[positions >= 0])
+    matched = np.zeros(len(Level), bool)
+    matched[[int(level) for level in levels]] = True
+    rows = rows[matched[snapshot.levels[rows]]]
     if not len(rows):
         return focus
     sims = snapshot.region_vectors(rows) @ np.asarray(vectors, np.float32).T  # (rows, s)
     owner = np.searchsorted(snapshot.image_starts, rows, side="right") - 1
     starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    ends = np.r_[starts[1:], len(rows)]
     column = {int(p): i for i, p in enumerate(positions.tolist()) if p >= 0}
-    boxes = snapshot.boxes[rows]
-    for start, end in zip(starts.tolist(), ends.tolist()):
-        focus[:, column[int(owner[start])]] = focus_boxes(sims[start:end], boxes[start:end], temperature)
+    columns = [column[int(p)] for p in owner[starts].tolist()]
+    focus[:, columns] = grouped_focus_boxes(sims, snapshot.boxes[rows], starts, temperature).transpose(1, 0, 2)
     stats.extra["focus_dot_products"] = int(sims.size)
     return focus
 

@@ -273,6 +273,33 @@ def test_focus_boxes_weigh_region_boxes_by_their_similarity():
     assert focus_boxes(sims[:1], boxes[:1], 0.4).tolist() == [[0, 0, 100, 100], [0, 0, 100, 100]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.4, 2.0])
+def test_grouped_focus_boxes_equal_the_formula_one_photo_at_a_time(temperature):
+    from himir_rag.hierarchy import grouped_focus_boxes
+
+    def reference(sims, boxes):  # the docstring's formula, one photo, one query at a time
+        out = []
+        for s in sims.T:
+            if temperature == 0:
+                out.append(boxes[int(np.argmax(s))])
+                continue
+            w = np.exp((s - s.max()) / (temperature * max(s.std(), 1e-6)))
+            out.append(np.rint((w[:, None] * boxes).sum(axis=0) / w.sum()))
+        return np.array(out)
+
+    rng = np.random.default_rng(3)
+    counts = [21, 1, 5, 17]  # photos of unequal sizes (pruned segments), one of a single region
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    sims = rng.normal(size=(sum(counts), 3))
+    corner = rng.integers(0, 50, size=(sum(counts), 2))
+    boxes = np.c_[corner, corner + rng.integers(1, 50, size=(sum(counts), 2))]
+    together = grouped_focus_boxes(sims, boxes, starts, temperature)
+    for photo, (start, count) in enumerate(zip(starts, counts)):
+        alone = reference(sims[start:start + count], boxes[start:start + count])
+        assert (together[photo] == alone).all()
+    assert (together[1] == boxes[starts[1]]).all()  # one region: its own box at any temperature
+
+
 @pytest.mark.parametrize("mode", ["himir-full", "mvr", "himir", "single"])
 def test_search_reports_focus_boxes_over_the_modes_levels(index, mode):
     from himir_rag.hierarchy import focus_boxes

@@ -221,11 +221,13 @@ def _grounding_section(report: Mapping[str, Any]) -> list[str]:
                     + [grounding["reachable_rate"][n] for n in names])
     rows += [[label, bucket["n"]] + [bucket.get(n) for n in names] for label, bucket in grounding["by_size"].items()]
     share = grounding.get("himir_full_level_share", {})
-    return [f"## Region grounding (best region of the source scene, IoU >= {grounding['threshold']})\n",
+    return [f"## Region grounding (reported box on the source scene, IoU >= {grounding['threshold']})\n",
             "Each sub-query matched to an object name of the query's source scene (oracle: exact names; "
             "other decomposers: string containment) is scored against every stored region of that scene; "
-            "a hit is when the best region of the level (or of the levels a mode matches) overlaps the "
-            "object's ground-truth box with IoU >= the threshold.\n",
+            "a hit is when the box overlaps the object's ground-truth box with IoU >= the threshold: for a "
+            "level, its best region; for a mode (mvr, himir-full), the focus box a search reports "
+            "(RegionMatch.bbox) over the levels it matches; 'himir-full region' is himir-full's best "
+            "region's own box (RegionMatch.region_bbox). The ceiling counts stored regions only.\n",
             _table(["objects", "n", *names], rows), "",
             "Level himir-full picks: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()) + "\n"]
 
