@@ -20,7 +20,7 @@ __all__ = ["HiMIRConfig", "Layout", "parse_layout", "REGION_ENCODINGS"]
 
 REGION_ENCODINGS = ("crops", "roi")
 # what an index saved before a field existed did, whatever today's default is
-_BEFORE_THE_FIELD = {"region_encoding": "crops", "segment_work_size": 256}
+_BEFORE_THE_FIELD = {"decomposer": "grid", "region_encoding": "crops", "segment_work_size": 256}
 
 _LAYOUT_RE = re.compile(r"^\s*1\s*\+\s*(\d+)\s*\+\s*(\d+)\s*$")
 
@@ -97,8 +97,10 @@ class HiMIRConfig:
     layout : str
         ``"1+M+N"`` hierarchy layout.
     decomposer : str
-        Image decomposer: ``"grid"``, ``"segments"`` or ``"objects"`` (see
-        :func:`himir_rag.hierarchy.get_decomposer`).
+        Image decomposer: ``"objects"`` (object-following regions over the grid's fine cells;
+        the default), ``"grid"`` or ``"segments"`` (see :func:`himir_rag.hierarchy.get_decomposer`;
+        benchmarks/README.md, "Focus boxes"). Indexes saved before the field existed load as
+        ``"grid"``.
     region_overlap : float
         Fraction by which grid regions grow beyond their cell (0 = no overlap).
     segment_work_size : int
@@ -174,7 +176,7 @@ class HiMIRConfig:
     """
 
     layout: str = "1+4+16"
-    decomposer: str = "grid"
+    decomposer: str = "objects"
     region_overlap: float = 0.15
     segment_work_size: int = 128
     max_image_pixels: int = 50_000_000

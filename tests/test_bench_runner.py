@@ -217,7 +217,8 @@ def test_the_image_decomposer_of_a_new_index_is_chosen_and_checked_on_reuse(tiny
     assert built["config"]["image_decomposer"] == "objects"
     assert HiMIRIndex.read_manifest(target)["config"]["decomposer"] == "objects"
     with pytest.raises(ConfigError, match="built with image decomposer 'objects', asked for 'grid'"):
-        _quick_run(tiny_bench, index_dir=target)
+        _quick_run(tiny_bench, index_dir=target, image_decomposer="grid")
+    assert _quick_run(tiny_bench, index_dir=target)["config"]["image_decomposer"] == "objects"  # the default
     assert built["config"]["segment_work_size"] == 128
     with pytest.raises(ConfigError, match="segments photos at 128 pixels, asked for 64"):
         _quick_run(tiny_bench, index_dir=target, image_decomposer="objects", segment_work_size=64)

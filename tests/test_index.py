@@ -119,7 +119,8 @@ def test_reindex_only_new_or_changed(scene_dir, color_encoder):
     report = index.add(scene_dir, progress=False)
     assert (report.added, report.updated, report.unchanged) == (0, 1, 5)
     assert len(index) == 6
-    assert names(index.search("green", k=1)) == ["all_red.png"]
+    # its whole-photo view is green now (a region of red_green.png is as green: objects bound the square)
+    assert names(index.search("green", k=1, mode="single")) == ["all_red.png"]
 
 
 def test_bad_files_skipped_rest_indexed(scene_dir, color_encoder):
@@ -351,3 +352,10 @@ def test_focus_temperature_survives_save_and_load(scene_dir, color_encoder, tmp_
     assert loaded.config.focus_temperature == 0.7
     # an index saved before the field existed loads with the default (a query-time setting)
     assert HiMIRConfig.from_dict({"layout": "1+4+16"}).focus_temperature == 0.4
+
+
+def test_new_indexes_cut_objects_and_old_manifests_keep_the_grid(index):
+    assert HiMIRConfig().decomposer == "objects"
+    assert index.config.decomposer == "objects"
+    assert HiMIRConfig.from_dict({"layout": "1+4+16"}).decomposer == "grid"  # saved before the field: the grid
+    assert HiMIRConfig.from_dict(HiMIRConfig(decomposer="grid").to_dict()).decomposer == "grid"

@@ -88,8 +88,9 @@ def run_command(
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     decomposer: str = typer.Option("rule", help="rule | oracle (ground-truth object names) | llm (HIMIR_LLM) | none"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N (when the index is built)."),
-    image_decomposer: str = typer.Option("grid", "--image-decomposer",
-                                         help="grid | segments | objects: how a new index cuts photos into regions."),
+    image_decomposer: str = typer.Option("objects", "--image-decomposer",
+                                         help="objects | grid | segments: how a new index cuts photos into regions "
+                                         "(a reused index must match: grid for one saved before objects was the default)."),
     segment_work_size: int = typer.Option(128, "--segment-work-size", min=16,
                                           help="Longest side segments/objects segment a new index's photos at."),
     k: int = typer.Option(10, min=1, help="Hits per query (at least 10 are retrieved for Recall@10)."),

@@ -567,7 +567,7 @@ def _encoder_matches(manifest: Mapping[str, Any], encoder: Encoder | str) -> boo
 
 def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device: str, batch_size: int,
                 index_dir: Path | None, progress: bool, region_encoding: str = "crops",
-                image_decomposer: str = "grid",
+                image_decomposer: str = "objects",
                 segment_work_size: int = HiMIRConfig.segment_work_size) -> tuple[HiMIRIndex, dict[str, Any], Path]:
     """Load a matching index (``index_dir``, or the encoding's default folder under ``bench_dir``), or
     build and save one there (``index_dir`` is built only when it holds no index yet)."""
@@ -820,7 +820,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
                   progress: bool = True,
                   region_encodings: str | Iterable[str] = "crops", stages: bool = False,
-                  image_decomposer: str = "grid",
+                  image_decomposer: str = "objects",
                   segment_work_size: int = HiMIRConfig.segment_work_size) -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
@@ -862,8 +862,9 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
         first region encoding's index: each pruning stage switched off (or on) in turn, with
         its savings and its Recall@10 cost.
     image_decomposer : str
-        How a new index cuts photos into regions: ``"grid"`` (default), ``"segments"`` or
-        ``"objects"`` (:func:`himir_rag.hierarchy.get_decomposer`); a reused index must match.
+        How a new index cuts photos into regions: ``"objects"`` (default, as ``HiMIRConfig``),
+        ``"grid"`` or ``"segments"`` (:func:`himir_rag.hierarchy.get_decomposer`); a reused index
+        must match (an index a bench run saved before ``objects`` was the default is ``"grid"``).
     segment_work_size : int
         The longest side ``segments`` and ``objects`` segment a new index's photos at
         (``HiMIRConfig.segment_work_size``); a reused one must match.
