@@ -69,7 +69,7 @@ def index_command(
     index_dir: Path = typer.Option(..., "--index", help="Index directory (created, or updated when it exists)."),
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N."),
-    decomposer: str = typer.Option("objects", help="Image decomposer: objects (object regions over grid segments; the default) | grid | segments."),
+    decomposer: str = typer.Option(HiMIRConfig.decomposer, help="Image decomposer: objects (object regions over grid segments) | grid | segments."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Crops per encoder batch (2: fastest on CPU)."),
     segment_work_size: Optional[int] = typer.Option(
         None, "--segment-work-size", min=16, help="Longest side, in pixels, segments/objects segment a photo at "

@@ -1701,18 +1701,18 @@ def _focus_boxes(store: Any, snapshot: Snapshot, ranking: Ranking, vectors: np.n
     if not store.in_memory:
         snapshot = store.vectors(ranking.image_ids).snapshot
     positions = snapshot.positions_of(ranking.image_ids)
-    rows = snapshot.rows_of(positions[positions >= 0])
+    known = np.flatnonzero(positions >= 0)  # columns of the ranking the snapshot holds
+    rows = snapshot.rows_of(positions[known])  # their rows, image after image in ranking order
+    column = np.repeat(known, np.diff(snapshot.image_starts)[positions[known]])
     matched = np.zeros(len(Level), bool)
     matched[[int(level) for level in levels]] = True
-    rows = rows[matched[snapshot.levels[rows]]]
+    keep = matched[snapshot.levels[rows]]
+    rows, column = rows[keep], column[keep]
     if not len(rows):
         return focus
     sims = snapshot.region_vectors(rows) @ np.asarray(vectors, np.float32).T  # (rows, s)
-    owner = np.searchsorted(snapshot.image_starts, rows, side="right") - 1
-    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    column = {int(p): i for i, p in enumerate(positions.tolist()) if p >= 0}
-    columns = [column[int(p)] for p in owner[starts].tolist()]
-    focus[:, columns] = grouped_focus_boxes(sims, snapshot.boxes[rows], starts, temperature).transpose(1, 0, 2)
+    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
+    focus[:, column[starts]] = grouped_focus_boxes(sims, snapshot.boxes[rows], starts, temperature).transpose(1, 0, 2)
     stats.extra["focus_dot_products"] = int(sims.size)
     return focus
 

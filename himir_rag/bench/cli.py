@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from himir_rag.config import HiMIRConfig
 from himir_rag.errors import HiMIRError
 from himir_rag.modes import mode_names
 
@@ -88,7 +89,7 @@ def run_command(
     encoder: str = typer.Option("offline", help="offline | offline:lite2 | clip | clip:MODEL_OR_PATH"),
     decomposer: str = typer.Option("rule", help="rule | oracle (ground-truth object names) | llm (HIMIR_LLM) | none"),
     layout: str = typer.Option("1+4+16", help="Hierarchy 1+M+N (when the index is built)."),
-    image_decomposer: str = typer.Option("objects", "--image-decomposer",
+    image_decomposer: str = typer.Option(HiMIRConfig.decomposer, "--image-decomposer",
                                          help="objects | grid | segments: how a new index cuts photos into regions "
                                          "(a reused index must match: grid for one saved before objects was the default)."),
     segment_work_size: int = typer.Option(128, "--segment-work-size", min=16,

@@ -567,7 +567,7 @@ def _encoder_matches(manifest: Mapping[str, Any], encoder: Encoder | str) -> boo
 
 def _open_index(bench_dir: Path, *, encoder: Encoder | str, layout: str, device: str, batch_size: int,
                 index_dir: Path | None, progress: bool, region_encoding: str = "crops",
-                image_decomposer: str = "objects",
+                image_decomposer: str = HiMIRConfig.decomposer,
                 segment_work_size: int = HiMIRConfig.segment_work_size) -> tuple[HiMIRIndex, dict[str, Any], Path]:
     """Load a matching index (``index_dir``, or the encoding's default folder under ``bench_dir``), or
     build and save one there (``index_dir`` is built only when it holds no index yet)."""
@@ -820,7 +820,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   scheduler: Mapping[str, Any] | None = None, torch_threads: int | None = None,
                   progress: bool = True,
                   region_encodings: str | Iterable[str] = "crops", stages: bool = False,
-                  image_decomposer: str = "objects",
+                  image_decomposer: str = HiMIRConfig.decomposer,
                   segment_work_size: int = HiMIRConfig.segment_work_size) -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
