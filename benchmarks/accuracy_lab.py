@@ -182,11 +182,16 @@ class Lab:
             ground.extend(self._grounding(q, subs, vectors, scale, shift))
         result = {m: {k: float(np.mean([r[k] for r in rs])) for k in ("recall@1", "recall@5", "recall@10", "ndcg@10")}
                   for m, rs in rows.items()}
-        result["grounding"] = {"himir-full": float(np.mean(ground)) if ground else float("nan"), "n": len(ground)}
+        hit = np.array([h for h, _ in ground], bool)
+        area = np.array([a for _, a in ground], float)
+        result["grounding"] = {"himir-full": float(hit.mean()) if ground else float("nan"), "n": len(ground)}
+        for name, (low, high) in SIZE_BUCKETS.items():  # the bench runner's buckets
+            chosen = (area >= low) & (area < high)
+            result["grounding"][name] = float(hit[chosen].mean()) if chosen.any() else float("nan")
         return result
 
     def _grounding(self, query: dict, subs: list[str], vectors: np.ndarray, scale: np.ndarray,
-                   shift: np.ndarray) -> list[bool]:
+                   shift: np.ndarray) -> list[tuple[bool, float]]:
         scene = self.scenes[query["scene_id"]]
         image = self.scene_ids.index(query["scene_id"])
         rows = np.flatnonzero(self.owners == image)
@@ -195,16 +200,21 @@ class Lab:
         for sub, name in match_objects(subs, query["objects"]):
             sims = vectors[rows] @ self.text_vector[sub] * scale[self.levels[rows]] + shift[self.levels[rows]]
             box = refine_box(sims, self.boxes[rows], self.levels[rows], self.box_rule)
-            hits.append(box_iou(box.tolist(), by_name[name]["bbox"]) >= 0.3)
+            hits.append((box_iou(box.tolist(), by_name[name]["bbox"]) >= 0.3, by_name[name]["area_frac"]))
         return hits
+
+
+SIZE_BUCKETS = {"small": (0.0, 0.05), "medium": (0.05, 0.2), "large": (0.2, 1.01)}  # of the frame's area
 
 
 def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: str | None) -> np.ndarray:
     """The box reported for one sub-query in one photo, from its similarities to the photo's regions.
 
-    ``None``: the best region's box (``RegionMatch.region_bbox``). ``softz:T``: the library's focus
+    ``None``: the best region's box (``RegionMatch.region_bbox``). ``softz:T/k``: the library's focus
     box (:func:`himir_rag.hierarchy.focus_boxes`, what ``RegionMatch.bbox`` reports at
-    ``focus_temperature=T``). ``union:D``: the bounding box of
+    ``focus_temperature=T``, ``focus_spread=k``); ``gsoftz:T/k``: the same with the geometric mean of
+    the regions' sizes; ``cover:T/theta``: the bounding box of where the regions' weighted coverage is
+    at least ``theta`` of its maximum (nested boxes shrink to their core, adjacent ones join). ``union:D``: the bounding box of
     the regions of the best region's level that score within ``D`` of it and are connected to it
     through touching or overlapping boxes. ``soft:T``: the mean of all boxes weighted by
     ``exp((s - s_max) / T)``.
@@ -213,15 +223,36 @@ def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: st
     if rule is None:
         return boxes[best]
     kind, value = rule.split(":")
-    if kind == "softz":  # the temperature in units of the spread of this photo's similarities
-        return focus_boxes(sims[:, None], boxes, float(value))[0]
+    if kind == "softz":  # softz:T[/k]: the library's focus box at temperature T, spread k (default 0)
+        temperature, spread = (value.split("/") + ["0"])[:2]
+        return focus_boxes(sims[:, None], boxes, float(temperature), float(spread))[0]
+    if kind == "cover":  # cover:T/theta: bounding box of where the weighted coverage >= theta x its maximum
+        temperature, theta = value.split("/")
+        w = np.exp((sims - sims[best]) / (float(temperature) * max(float(sims.std()), 1e-12)))
+        xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])  # the cells the box edges cut
+        cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
+        inx = (boxes[:, 0, None] <= cx) & (cx <= boxes[:, 2, None])  # (regions, cells in x)
+        iny = (boxes[:, 1, None] <= cy) & (cy <= boxes[:, 3, None])
+        cover = np.einsum("r,rx,ry->xy", w, inx.astype(float), iny.astype(float))
+        keep = cover >= float(theta) * cover.max()
+        ix, iy = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+        return np.array([xs[ix[0]], ys[iy[0]], xs[ix[-1] + 1], ys[iy[-1] + 1]])
+    if kind == "gsoftz":  # gsoftz:T/k: softz with the geometric instead of the quadratic mean of the sizes
+        temperature, spread = value.split("/")
+        w = np.exp((sims - sims[best]) / (float(temperature) * max(float(sims.std()), 1e-12)))
+        w /= w.sum()
+        b = boxes.astype(np.float64)
+        centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2
+        mean = w @ centre
+        size = np.sqrt(np.exp(2 * (w @ np.log(np.maximum(half, 0.5)))) + float(spread) * (w @ (centre - mean) ** 2))
+        return np.concatenate([np.maximum(mean - size, b[:, :2].min(axis=0)), np.minimum(mean + size, b[:, 2:].max(axis=0))])
     if kind in ("soft", "softlocal"):  # softlocal: the global view's box left out (unless it is the best)
         w = np.exp((sims - sims[best]) / float(value))
         if kind == "softlocal" and levels[best] != 0:
             w = np.where(levels == 0, 0.0, w)
         return (w[:, None] * boxes).sum(axis=0) / w.sum()
     if kind != "union":
-        raise SystemExit(f"unknown box rule {rule!r} (union:D or soft:T)")
+        raise SystemExit(f"unknown box rule {rule!r} (union:D, soft:T, softlocal:T, softz:T/k, gsoftz:T/k or cover:T/theta)")
     near = np.flatnonzero((levels == levels[best]) & (sims >= sims[best] - float(value)))
     member, frontier = {best}, [best]
     while frontier:
@@ -294,13 +325,13 @@ def probe_texts(encoder: OfflineEncoder, n: int, seed: int) -> np.ndarray:
 
 def sweep(lab: Lab, variants: list[str]) -> None:
     """One row per variant: ``emb=prompt|synonyms|templates|both``, ``top=N``, ``t=T``,
-    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T`` (the reported box, see
+    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T/k|gsoftz:T/k|cover:T/theta`` (the reported box, see
     :func:`refine_box`; ``softz`` is the library's focus box) joined by ``+`` (e.g.
     ``emb=both+top=10+cal=probe``)."""
     header = ("| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding | "
-              "regions a photo | himir-full dots a query |")
+              "small | medium | large | regions a photo | himir-full dots a query |")
     print(header)
-    print("|---" * 10 + "|")
+    print("|---" * 13 + "|")
     per_photo = len(lab.levels) / lab.n_images
     mean_subs = float(np.mean([len(subs) for subs in lab.subqueries]))
     cache: dict[str, np.ndarray] = {}
@@ -327,10 +358,11 @@ def sweep(lab: Lab, variants: list[str]) -> None:
         if "fuse" in opts:  # fuse=a:b:c weights of the global, region, segment maxima (summed)
             fuse = np.array([float(w) for w in opts["fuse"].split(":")], np.float32)
         r = lab.evaluate(vectors, scale=scale, shift=shift, fuse=fuse)
-        f = r["himir-full"]
+        f, g = r["himir-full"], r["grounding"]
         print(f"| {variant or 'baseline'} | {r['single']['recall@10']:.3f} | {r['mvr']['recall@10']:.3f} | "
               f"{f['recall@1']:.3f} | {f['recall@5']:.3f} | {f['recall@10']:.3f} | {f['ndcg@10']:.3f} | "
-              f"{r['grounding']['himir-full']:.3f} | {per_photo:.1f} | {per_photo * mean_subs * lab.n_images:,.0f} |",
+              f"{r['grounding']['himir-full']:.3f} | {g['small']:.3f} | {g['medium']:.3f} | {g['large']:.3f} | "
+              f"{per_photo:.1f} | {per_photo * mean_subs * lab.n_images:,.0f} |",
               flush=True)
 
 

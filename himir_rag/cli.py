@@ -251,8 +251,11 @@ def search_command(
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
     decomposer: str = typer.Option("rule", help="Query decomposer: rule | llm | none"),
     focus_temperature: Optional[float] = typer.Option(
-        None, "--focus-temperature", help="How each match's box is reported: the region boxes averaged by "
-        "similarity at this temperature (0: the best region's own box) [default: the index's, 0.4]."),
+        None, "--focus-temperature", help="How each match's box is reported: the box of the regions weighted "
+        "by similarity at this temperature (0: the best region's own box) [default: the index's, 0.3]."),
+    focus_spread: Optional[float] = typer.Option(
+        None, "--focus-spread", help="How much that box grows with the distance between the weighted regions "
+        "(0: their weighted mean box) [default: the index's, 0.5]."),
     device: str = _DEVICE,
     offline: bool = _OFFLINE,
     verbose: bool = _VERBOSE,
@@ -266,8 +269,10 @@ def search_command(
         _fail("give either a QUERY argument, --image PHOTO or --queries FILE.jsonl")
     try:
         index = HiMIRIndex.load(index_dir, device=device)
-        if focus_temperature is not None:  # query time only: nothing is saved
-            index.config = index.config.replace(focus_temperature=focus_temperature)
+        focus = {name: value for name, value in (("focus_temperature", focus_temperature),
+                                                  ("focus_spread", focus_spread)) if value is not None}
+        if focus:  # query time only: nothing is saved
+            index.config = index.config.replace(**focus)
         splitter = _get_decomposer(decomposer)
         if queries is None:
             photo = {} if image is None else {"image": image, "image_weight": image_weight}

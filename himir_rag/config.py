@@ -166,13 +166,17 @@ class HiMIRConfig:
         Longest sub-query, in characters: a longer explicit one raises ``ValueError``, a
         longer one from a decomposer is cut with a logged warning.
     focus_temperature : float
-        How each hit reports where a sub-query matched (``RegionMatch.bbox``): the photo's
-        region boxes averaged with weights ``exp((s - s_best) / (T * spread))`` over their
-        similarities to the sub-query, at the levels the mode matches
+        How each hit reports where a sub-query matched (``RegionMatch.bbox``): the box of the
+        photo's regions at the levels the mode matches, weighted by
+        ``exp((s - s_best) / (T * std(s)))`` over their similarities to the sub-query
         (:func:`himir_rag.hierarchy.focus_boxes`); 0 = the best region's own box
         (``RegionMatch.region_bbox`` always holds it). Query-time only: changing it needs no
-        re-indexing. 0.4 was chosen on the composite tuning set (benchmarks/README.md,
-        "Focus boxes").
+        re-indexing.
+    focus_spread : float
+        How much that box grows with the distance between the weighted regions (0: about
+        their weighted mean box; larger: a large object whose pieces all score well is
+        reported whole). Query-time only. 0.3 and 0.5 were chosen together on the composite
+        tuning set (benchmarks/README.md, "Focus boxes").
     """
 
     layout: str = "1+4+16"
@@ -198,7 +202,8 @@ class HiMIRConfig:
     max_query_chars: int = 2048
     max_subqueries: int = 16
     max_subquery_chars: int = 512
-    focus_temperature: float = 0.4
+    focus_temperature: float = 0.3
+    focus_spread: float = 0.5
 
     def __post_init__(self) -> None:
         from himir_rag.modes import parse_mode
@@ -218,10 +223,11 @@ class HiMIRConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        if (isinstance(self.focus_temperature, bool) or not isinstance(self.focus_temperature, (int, float))
-                or not math.isfinite(self.focus_temperature) or self.focus_temperature < 0):
-            raise ConfigError(f"focus_temperature must be a finite number >= 0 (0: the best region's box), "
-                              f"got {self.focus_temperature!r}")
+        for name, meaning in (("focus_temperature", "0: the best region's box"),
+                              ("focus_spread", "0: the weighted mean box")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0 ({meaning}), got {value!r}")
         if (isinstance(self.segment_work_size, bool) or not isinstance(self.segment_work_size, int)
                 or self.segment_work_size < 16):
             raise ConfigError(f"segment_work_size must be an int >= 16 (pixels), got {self.segment_work_size!r}")

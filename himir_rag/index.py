@@ -87,7 +87,8 @@ class RegionMatch:
 
     ``level`` and ``score`` are the best region's (the MaxSim the ranking used); ``bbox`` is
     where the match is reported: the focus box of the regions' similarities
-    (:func:`himir_rag.hierarchy.focus_boxes`, ``HiMIRConfig.focus_temperature``), and
+    (:func:`himir_rag.hierarchy.focus_boxes`, ``HiMIRConfig.focus_temperature`` and
+    ``focus_spread``), and
     ``region_bbox`` the best region's own box (``bbox`` equals it at temperature 0).
     """
 
@@ -1064,8 +1065,7 @@ class HiMIRIndex:
         ranking = rank(self.image_store, vectors, mode=mode, k=k, params=self.config.scheduler_params, stats=stats,
                        allowed=allowed, filters=filters if isinstance(filters, Mapping) else None)
         # an external store may hold photos another process added since this catalog was read: not shown
-        focus = _focus_boxes(self.image_store, snapshot, ranking, vectors, MODES[mode].levels,
-                             self.config.focus_temperature, stats)
+        focus = _focus_boxes(self.image_store, snapshot, ranking, vectors, MODES[mode].levels, self.config, stats)
         hits = _finite_hits(_hits(snapshot, ranking, labels, focus))
         stats.latency_ms["search"] = (time.perf_counter() - tick) * 1000
         stats.latency_ms["total"] = (time.perf_counter() - started) * 1000
@@ -1688,15 +1688,16 @@ def _unscaled(hits: tuple[SearchHit, ...], scales: np.ndarray) -> tuple[SearchHi
 
 
 def _focus_boxes(store: Any, snapshot: Snapshot, ranking: Ranking, vectors: np.ndarray, levels: tuple[Level, ...],
-                 temperature: float, stats: SearchStats) -> np.ndarray:
+                 config: HiMIRConfig, stats: SearchStats) -> np.ndarray:
     """(s, n, 4) reported boxes of the ranked images: each image's focus box per query vector over its
-    regions at ``levels`` (:func:`~himir_rag.hierarchy.focus_boxes`), read from ``snapshot`` when the
+    regions at ``levels`` (:func:`~himir_rag.hierarchy.focus_boxes` at the config's ``focus_temperature``
+    and ``focus_spread``), read from ``snapshot`` when the
     image ``store`` is in memory, else fetched from it (Qdrant: one fetch of the ranked images); the
     best region's box where the temperature is 0 or the store no longer holds the image.
     Their dot products (rows x queries of the ranked images only) go to ``stats.extra["focus_dot_products"]``,
     not ``dot_products``: they locate the match after the ranking and cost the same in every mode."""
     focus = ranking.boxes.copy()
-    if temperature <= 0 or not len(ranking.image_ids):
+    if config.focus_temperature <= 0 or not len(ranking.image_ids):
         return focus
     if not store.in_memory:
         snapshot = store.vectors(ranking.image_ids).snapshot
@@ -1712,7 +1713,8 @@ def _focus_boxes(store: Any, snapshot: Snapshot, ranking: Ranking, vectors: np.n
         return focus
     sims = snapshot.region_vectors(rows) @ np.asarray(vectors, np.float32).T  # (rows, s)
     starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
-    focus[:, column[starts]] = grouped_focus_boxes(sims, snapshot.boxes[rows], starts, temperature).transpose(1, 0, 2)
+    focus[:, column[starts]] = grouped_focus_boxes(sims, snapshot.boxes[rows], starts, config.focus_temperature,
+                                                   config.focus_spread).transpose(1, 0, 2)
     stats.extra["focus_dot_products"] = int(sims.size)
     return focus
 

@@ -423,6 +423,29 @@ def test_scale_benchmark_stage_table(tmp_path):
     assert "## Pruning stages of himir" in (tmp_path / "scale" / "report.md").read_text()
 
 
+def test_focus_settings_apply_to_this_run_only(tiny_bench):
+    from himir_rag.index import HiMIRIndex
+
+    modes = "mvr,himir-full"
+    region = _quick_run(tiny_bench, modes=modes, decomposer="oracle", focus={"focus_temperature": 0})
+    focus = _quick_run(tiny_bench, modes=modes, decomposer="oracle", focus={"focus_temperature": 0.3,
+                                                                            "focus_spread": 3.0})
+    mean_box = _quick_run(tiny_bench, modes=modes, decomposer="oracle", focus={"focus_temperature": 0.3,
+                                                                               "focus_spread": 0})
+    assert (region["config"]["focus_temperature"], focus["config"]["focus_spread"]) == (0, 3.0)
+    # at temperature 0 a mode reports its best region's box: himir-full's grounding is its region column's
+    assert region["grounding"]["hit_rate"]["himir-full"] == region["grounding"]["hit_rate"]["himir-full region"]
+    assert focus["grounding"]["hit_rate"]["himir-full region"] == region["grounding"]["hit_rate"]["himir-full region"]
+    ious = [[r["iou"]["himir-full"] for r in run["grounding_rows"]] for run in (region, focus, mean_box)]
+    assert ious[0] != ious[1] != ious[2]  # the temperature and the spread both move the scored boxes
+    saved = HiMIRIndex.read_manifest(tiny_bench / "index")["config"]
+    assert (saved["focus_temperature"], saved["focus_spread"]) == (0.3, 0.5)  # the saved index keeps its own
+    with pytest.raises(ConfigError, match="focus takes focus_temperature and focus_spread"):
+        _quick_run(tiny_bench, focus={"temperature": 0.3})
+    with pytest.raises(ConfigError, match="focus_spread must be a finite number"):
+        _quick_run(tiny_bench, focus={"focus_spread": -1})
+
+
 def test_scale_rejects_too_small_collection():
     with pytest.raises(ConfigError, match="too small"):
         build_synthetic_collection(images=50, dim=16, queries=10, progress=False)

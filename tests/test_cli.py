@@ -72,7 +72,7 @@ def test_search_focus_temperature_reports_focus_or_region_boxes(index_dir):
         assert result.exit_code == 0, result.output
         payload = json.loads(result.stdout)
         # the focus box's dot products are counted apart (none at temperature 0)
-        if extra:
+        if "--focus-temperature" in extra:
             assert "focus_dot_products" not in payload["stats"]
         else:
             assert payload["stats"]["focus_dot_products"] > 0
@@ -82,8 +82,13 @@ def test_search_focus_temperature_reports_focus_or_region_boxes(index_dir):
     assert all(r["bbox"] == r["region_bbox"] for r in region_boxes)
     assert [r["region_bbox"] for r in default] == [r["region_bbox"] for r in region_boxes]  # the same ranking
     assert any(r["bbox"] != r["region_bbox"] for r in default)
-    bad = runner.invoke(app, ["search", str(index_dir), "a cat", "--focus-temperature", "-1"])
-    assert bad.exit_code == 1 and "focus_temperature must be a finite number >= 0" in bad.stderr
+    # --focus-spread: the same centres, boxes at least as large as the mean boxes of spread 0
+    mean_boxes, grown = regions("--focus-spread", "0"), regions("--focus-spread", "3")
+    area = lambda r: (r["bbox"][2] - r["bbox"][0]) * (r["bbox"][3] - r["bbox"][1])  # noqa: E731
+    assert all(area(g) >= area(m) for g, m in zip(grown, mean_boxes)) and any(g != m for g, m in zip(grown, mean_boxes))
+    for option in ("--focus-temperature", "--focus-spread"):
+        bad = runner.invoke(app, ["search", str(index_dir), "a cat", option, "-1"])
+        assert bad.exit_code == 1 and f"{option[2:].replace('-', '_')} must be a finite number >= 0" in bad.stderr
 
 
 def test_search_readable_output(index_dir):

@@ -266,16 +266,36 @@ def test_focus_boxes_weigh_region_boxes_by_their_similarity():
     assert sharp[0].tolist() == [25, 0, 75, 50]
     # one cell far above the rest: its own box
     assert focus_boxes(np.array([[0.0], [0.0], [0.0], [1.0]]), boxes, 0.2).tolist() == [[0, 50, 50, 100]]
-    # a very high temperature gives the mean of all boxes; every box stays inside the photo
-    assert np.abs(wide[0] - boxes.mean(axis=0)).max() <= 0.5 + 1e-9
+    # a very high temperature: centred on the boxes' mean centre, half-widths their root mean square
+    centres, halves = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2
+    rms = np.sqrt((halves ** 2).mean(axis=0))
+    expected = np.r_[centres.mean(axis=0) - rms, centres.mean(axis=0) + rms]
+    assert np.abs(wide[0] - expected).max() <= 0.5 + 1e-9
     assert ((wide >= 0) & (wide <= 100)).all() and (wide[:, :2] < wide[:, 2:]).all()
     # the temperature is in units of the similarities' spread: any positive affine map of them keeps the box
     assert (focus_boxes(3 * sims + 7, boxes, 0.2) == sharp).all()
     assert focus_boxes(sims[:1], boxes[:1], 0.4).tolist() == [[0, 0, 100, 100], [0, 0, 100, 100]]
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.4, 2.0])
-def test_grouped_focus_boxes_equal_the_formula_one_photo_at_a_time(temperature):
+def test_focus_spread_grows_the_box_over_regions_apart_and_keeps_it_in_the_photo():
+    from himir_rag.hierarchy import focus_boxes
+
+    boxes = np.array([[0, 0, 100, 100], [0, 0, 50, 50], [50, 0, 100, 50], [0, 50, 50, 100]])
+    pair = np.array([[0.2], [0.9], [0.9], [0.1]])  # an object across the two top cells
+    # spread 3 matches the mixture's second moment: two equal adjacent cells give exactly their union
+    assert focus_boxes(pair, boxes, 0.2, 3).tolist() == [[0, 0, 100, 50]]
+    widths = [np.diff(focus_boxes(pair, boxes, 0.2, k)[0, [0, 2]])[0] for k in (0, 0.5, 1, 3)]
+    assert widths == sorted(widths) and widths[0] == 50 and widths[-1] == 100
+    # nested boxes with one clear best: the spread moves nothing (its weight is almost all on one box)
+    alone = np.array([[0.0], [0.0], [0.0], [1.0]])
+    assert focus_boxes(alone, boxes, 0.2, 3).tolist() == [[0, 50, 50, 100]]
+    # however wide, the box stays within the photo's regions
+    wide = focus_boxes(np.ones((4, 1)), boxes, 0.3, 50)
+    assert wide.tolist() == [[0, 0, 100, 100]]
+
+
+@pytest.mark.parametrize("temperature, spread", [(0.0, 0.5), (0.4, 0.0), (0.3, 0.5), (2.0, 3.0)])
+def test_grouped_focus_boxes_equal_the_formula_one_photo_at_a_time(temperature, spread):
     from himir_rag.hierarchy import grouped_focus_boxes
 
     def reference(sims, boxes):  # the docstring's formula, one photo, one query at a time
@@ -285,7 +305,12 @@ def test_grouped_focus_boxes_equal_the_formula_one_photo_at_a_time(temperature):
                 out.append(boxes[int(np.argmax(s))])
                 continue
             w = np.exp((s - s.max()) / (temperature * max(s.std(), 1e-6)))
-            out.append(np.rint((w[:, None] * boxes).sum(axis=0) / w.sum()))
+            w /= w.sum()
+            centres, halves = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2
+            centre = w @ centres
+            half = np.sqrt(w @ halves ** 2 + spread * (w @ (centres - centre) ** 2))
+            low, high = boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)
+            out.append(np.rint(np.r_[np.maximum(centre - half, low), np.minimum(centre + half, high)]))
         return np.array(out)
 
     rng = np.random.default_rng(3)
@@ -294,7 +319,7 @@ def test_grouped_focus_boxes_equal_the_formula_one_photo_at_a_time(temperature):
     sims = rng.normal(size=(sum(counts), 3))
     corner = rng.integers(0, 50, size=(sum(counts), 2))
     boxes = np.c_[corner, corner + rng.integers(1, 50, size=(sum(counts), 2))]
-    together = grouped_focus_boxes(sims, boxes, starts, temperature)
+    together = grouped_focus_boxes(sims, boxes, starts, temperature, spread)
     for photo, (start, count) in enumerate(zip(starts, counts)):
         alone = reference(sims[start:start + count], boxes[start:start + count])
         assert (together[photo] == alone).all()
@@ -308,8 +333,8 @@ def test_search_reports_focus_boxes_over_the_modes_levels(index, mode):
 
     query = "a red square and a blue square"
     result = index.search(query, k=3, mode=mode)
-    snap, temperature = index.snapshot, index.config.focus_temperature
-    assert temperature == 0.4
+    snap, temperature, spread = index.snapshot, index.config.focus_temperature, index.config.focus_spread
+    assert (temperature, spread) == (0.3, 0.5)
     labels = list(result.subqueries) if MODES[mode].subqueries else [query]
     vectors = index.encoder.embed_texts(labels)
     levels = [int(level) for level in MODES[mode].levels]
@@ -317,7 +342,7 @@ def test_search_reports_focus_boxes_over_the_modes_levels(index, mode):
         rows = snap.image_rows(hit.image_id)
         rows = rows[np.isin(snap.levels[rows], levels)]
         sims = snap.region_vectors(rows) @ vectors.T
-        expected = focus_boxes(sims, snap.boxes[rows], temperature)
+        expected = focus_boxes(sims, snap.boxes[rows], temperature, spread)
         assert [list(m.bbox) for m in hit.regions] == expected.tolist()
         for col, match in enumerate(hit.regions):  # region_bbox: the stored best region the score came from
             best = rows[int(np.argmax(sims[:, col]))]
@@ -336,22 +361,24 @@ def test_focus_temperature_zero_reports_the_best_regions_box(scene_dir, color_en
     assert "focus_dot_products" not in result.stats.extra
 
 
+@pytest.mark.parametrize("name", ["focus_temperature", "focus_spread"])
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.4"])
-def test_focus_temperature_is_validated(bad):
+def test_focus_settings_are_validated(name, bad):
     from himir_rag.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="focus_temperature"):
-        HiMIRConfig(focus_temperature=bad)
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number >= 0"):
+        HiMIRConfig(**{name: bad})
 
 
-def test_focus_temperature_survives_save_and_load(scene_dir, color_encoder, tmp_path):
-    index = HiMIRIndex.build(scene_dir, encoder=color_encoder, config=HiMIRConfig(focus_temperature=0.7),
-                             progress=False)
+def test_focus_settings_survive_save_and_load(scene_dir, color_encoder, tmp_path):
+    index = HiMIRIndex.build(scene_dir, encoder=color_encoder,
+                             config=HiMIRConfig(focus_temperature=0.7, focus_spread=2.0), progress=False)
     index.save(tmp_path / "idx")
     loaded = HiMIRIndex.load(tmp_path / "idx", encoder=color_encoder)
-    assert loaded.config.focus_temperature == 0.7
-    # an index saved before the field existed loads with the default (a query-time setting)
-    assert HiMIRConfig.from_dict({"layout": "1+4+16"}).focus_temperature == 0.4
+    assert (loaded.config.focus_temperature, loaded.config.focus_spread) == (0.7, 2.0)
+    # an index saved before the fields existed loads with the defaults (query-time settings)
+    old = HiMIRConfig.from_dict({"layout": "1+4+16"})
+    assert (old.focus_temperature, old.focus_spread) == (0.3, 0.5)
 
 
 def test_new_indexes_cut_objects_and_old_manifests_keep_the_grid(index):

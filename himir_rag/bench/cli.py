@@ -111,6 +111,11 @@ def run_command(
                                                      "count when OMP_NUM_THREADS is set)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
                                             help='Scheduler parameters of mode himir as JSON, e.g. \'{"probe_share": 0.2}\'.'),
+    focus_temperature: Optional[float] = typer.Option(
+        None, "--focus-temperature", help="Temperature of the reported boxes grounding scores, for this run "
+        "[default: the index's]."),
+    focus_spread: Optional[float] = typer.Option(
+        None, "--focus-spread", help="Spread of the reported boxes grounding scores, for this run [default: the index's]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     stages: bool = typer.Option(False, "--stages", help="Add the per-stage table of the scheduled pass (each "
                                 "pruning stage switched off or on in turn: its savings and its Recall@10 cost)."),
@@ -126,7 +131,10 @@ def run_command(
                                throughput_images=throughput_images, plots=plots, report_dir=report_dir,
                                scheduler=_parse_scheduler(scheduler), torch_threads=torch_threads,
                                progress=progress, region_encodings=region_encoding, stages=stages,
-                               image_decomposer=image_decomposer, segment_work_size=segment_work_size)
+                               image_decomposer=image_decomposer, segment_work_size=segment_work_size,
+                               focus={name: value for name, value in (("focus_temperature", focus_temperature),
+                                                                      ("focus_spread", focus_spread))
+                                      if value is not None})
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
         return

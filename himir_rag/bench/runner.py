@@ -469,14 +469,14 @@ def grounding_rows(index: HiMIRIndex, queries: Sequence[_Query], subqueries: Map
         boxes_by_name = {obj["name"]: obj for obj in scene["objects"]}
         for (sub, name), sim in zip(pairs, sims):
             rows.append(_ground_one(query, sub, boxes_by_name[name], sim, snapshot.levels[region_rows],
-                                    snapshot.boxes[region_rows], index.config.focus_temperature))
+                                    snapshot.boxes[region_rows], index.config))
     return rows
 
 
 def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, levels: np.ndarray,
-                boxes: np.ndarray, focus_temperature: float) -> dict[str, Any]:
+                boxes: np.ndarray, config: HiMIRConfig) -> dict[str, Any]:
     """One sub-query's IoUs: per level of the best region there; per exhaustive mode (mvr, himir-full)
-    of the box a search reports (the focus box at ``focus_temperature``), and for the reference
+    of the box a search reports (the focus box at the ``config``'s temperature and spread), and for the reference
     mode also of its best region's own box (``"<mode> region"``)."""
     iou: dict[str, float | None] = {}
     ceiling: dict[str, float | None] = {}
@@ -493,7 +493,8 @@ def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, l
         best = candidates[int(np.argmax(sim[candidates]))]
         iou[name], ceiling[name] = float(overlaps[best]), float(overlaps[candidates].max())
         if name in modes:
-            focus = focus_boxes(sim[candidates, None], boxes[candidates], focus_temperature)[0]
+            focus = focus_boxes(sim[candidates, None], boxes[candidates], config.focus_temperature,
+                                config.focus_spread)[0]
             if name == reference_mode().value:
                 chosen_level = _LEVEL_NAMES[int(levels[best])]
                 iou[f"{name} region"], ceiling[f"{name} region"] = iou[name], ceiling[name]
@@ -784,7 +785,7 @@ def _run_encoding(bench_dir: Path, queries: list[Any], scenes: Mapping[str, dict
                   mode_list: list[RetrievalMode], decomposer_obj: Any, *, encoder: Encoder | str, layout: str,
                   device: str, batch_size: int, index_dir: Path | None, progress: bool, region_encoding: str, k: int,
                   scheduler: Mapping[str, Any] | None, throughput_images: int,
-                  image_decomposer: str, segment_work_size: int) -> _EncodingRun:
+                  image_decomposer: str, segment_work_size: int, focus: Mapping[str, float] | None) -> _EncodingRun:
     """Open or build the index of one region encoding and run every mode's queries on it."""
     index, indexing, used_index_dir = _open_index(
         bench_dir, encoder=encoder, layout=layout, device=device, batch_size=batch_size,
@@ -792,6 +793,8 @@ def _run_encoding(bench_dir: Path, queries: list[Any], scenes: Mapping[str, dict
         segment_work_size=segment_work_size)
     if scheduler is not None:
         index.set_config(index.config.replace(scheduler=dict(scheduler)))
+    if focus:  # query time only, like the scheduler: not saved
+        index.set_config(index.config.replace(**focus))
     scene_of_path, image_ids = _scene_ids_by_image(index, bench_dir, scenes)
     missing = [q.scene_id for q in queries if q.scene_id not in image_ids]
     if missing:
@@ -821,7 +824,8 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                   progress: bool = True,
                   region_encodings: str | Iterable[str] = "crops", stages: bool = False,
                   image_decomposer: str = HiMIRConfig.decomposer,
-                  segment_work_size: int = HiMIRConfig.segment_work_size) -> dict[str, Any]:
+                  segment_work_size: int = HiMIRConfig.segment_work_size,
+                  focus: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Run every mode on a composite benchmark and write its report (see module docstring).
 
     Parameters
@@ -868,6 +872,10 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
     segment_work_size : int
         The longest side ``segments`` and ``objects`` segment a new index's photos at
         (``HiMIRConfig.segment_work_size``); a reused one must match.
+    focus : dict, optional
+        ``focus_temperature`` and/or ``focus_spread`` (``HiMIRConfig``) for this run: how the
+        reported boxes that grounding scores are drawn (query time; a reused index otherwise
+        keeps the values it was saved with, the saved index is not changed).
     region_encodings : str or list of str
         ``"crops"``, ``"roi"`` or both (``"crops,roi"``): one index per encoding, the same
         queries on each; the report's main sections are the first encoding's, and
@@ -887,6 +895,11 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
     """
     bench_dir = Path(bench_dir)
     mode_list = parse_modes(modes)
+    unknown = sorted(set(focus or {}) - {"focus_temperature", "focus_spread"})
+    if unknown:
+        raise ConfigError(f"focus takes focus_temperature and focus_spread, got {', '.join(unknown)}")
+    if focus:
+        HiMIRConfig(**focus)  # validated before any index is opened
     if torch_threads is not None:
         _set_torch_threads(torch_threads)
     queries, scenes = _load_benchmark(bench_dir, limit_queries)
@@ -899,7 +912,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
             bench_dir, queries, scenes, mode_list, decomposer_obj, encoder=encoder, layout=layout, device=device,
             batch_size=batch_size, index_dir=directory, progress=progress, region_encoding=encoding, k=k,
             scheduler=scheduler, throughput_images=throughput_images if number == 0 else 0,
-            image_decomposer=image_decomposer, segment_work_size=segment_work_size)
+            image_decomposer=image_decomposer, segment_work_size=segment_work_size, focus=focus)
     first = runs_by_encoding[encodings[0]]
     index, indexing, used_index_dir, runs, grounding = (first.index, first.indexing, first.index_dir, first.runs,
                                                          first.grounding)
@@ -914,6 +927,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                    "image_decomposer": index.config.decomposer, "layout": index.config.layout,
                    "segment_work_size": index.config.segment_work_size,
                    "k": k, "search_k": search_k, "scheduler": index.config.scheduler.overrides(),
+                   "focus_temperature": index.config.focus_temperature, "focus_spread": index.config.focus_spread,
                    "torch_threads": torch_threads, "region_encoding": index.config.region_encoding,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
         "skipped_modes": runs.skipped, **summarize_run(runs.per_query, mode_list, runs.skipped),
