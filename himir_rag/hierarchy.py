@@ -170,12 +170,13 @@ def focus_boxes(sims: np.ndarray, boxes: np.ndarray, temperature: float, spread:
     the larger region around it that scores almost as well. With ``spread > 0`` the box also
     grows with how far apart the near-best regions lie, so a large object whose pieces all
     score well is reported whole (``spread = 3`` matches the second moment of the weighted
-    mixture of the boxes exactly). The temperature is in units of the spread (standard
-    deviation) of the photo's similarities, so it means the same for encoders whose
-    similarities lie on different scales. On the composite benchmark's tuning set the share
-    of sub-queries whose reported box overlaps the named object at IoU >= 0.3 is 0.311 for the
-    best region, 0.385 for the mean box at temperature 0.4 and 0.422 at temperature 0.3,
-    spread 0.5 (benchmarks/README.md, "Focus boxes").
+    mixture of the boxes exactly). The temperature is in units of the standard deviation of
+    the photo's similarities, so it means the same for encoders whose similarities lie on
+    different scales. On the composite benchmark's tuning set the share of sub-queries whose
+    reported box overlaps the named object at IoU >= 0.3 is 0.311 for the best region, 0.385
+    for the weighted mean of the boxes' corners at temperature 0.4 (the rule before
+    ``spread``) and 0.422 at temperature 0.3, spread 0.5 (benchmarks/README.md, "Focus boxes
+    that grow").
 
     Parameters
     ----------
@@ -226,7 +227,10 @@ def grouped_focus_boxes(sims: np.ndarray, boxes: np.ndarray, starts: np.ndarray,
     weights = np.exp((sims - best[owner]) / (temperature * np.maximum(std, 1e-6)[owner]))  # (rows, queries)
     weights /= np.add.reduceat(weights, starts, axis=0)[owner]
     centres, halves = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2  # (rows, 2) as x, y
-    weighted = lambda values: np.add.reduceat(weights[:, :, None] * values, starts, axis=0)  # noqa: E731
+
+    def weighted(values: np.ndarray) -> np.ndarray:  # (rows, 1 or queries, 2) -> (photos, queries, 2)
+        return np.add.reduceat(weights[:, :, None] * values, starts, axis=0)
+
     centre = weighted(centres[:, None, :])  # (photos, queries, 2)
     half = weighted(halves[:, None, :] ** 2)
     if spread > 0:
