@@ -214,8 +214,9 @@ def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: st
     box (:func:`himir_rag.hierarchy.focus_boxes`, what ``RegionMatch.bbox`` reports at
     ``focus_temperature=T``, ``focus_spread=k``); ``gsoftz:T/k``: the same with the geometric mean of
     the regions' sizes; ``cover:T/theta``: the bounding box of where the regions' weighted coverage is
-    at least ``theta`` of its maximum (nested boxes shrink to their core, adjacent ones join). ``union:D``: the bounding box of
-    the regions of the best region's level that score within ``D`` of it and are connected to it
+    at least ``theta`` of its maximum (nested boxes shrink to their core, adjacent ones join).
+    ``union:D``: the bounding box of the regions of the best region's level that score within ``D``
+    of it and are connected to it
     through touching or overlapping boxes. ``soft:T``: the mean of all boxes weighted by
     ``exp((s - s_max) / T)``.
     """
@@ -244,15 +245,18 @@ def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: st
         b = boxes.astype(np.float64)
         centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2
         mean = w @ centre
-        size = np.sqrt(np.exp(2 * (w @ np.log(np.maximum(half, 0.5)))) + float(spread) * (w @ (centre - mean) ** 2))
-        return np.concatenate([np.maximum(mean - size, b[:, :2].min(axis=0)), np.minimum(mean + size, b[:, 2:].max(axis=0))])
+        sizes = np.exp(2 * (w @ np.log(np.maximum(half, 0.5))))
+        size = np.sqrt(sizes + float(spread) * (w @ (centre - mean) ** 2))
+        return np.concatenate([np.maximum(mean - size, b[:, :2].min(axis=0)),
+                               np.minimum(mean + size, b[:, 2:].max(axis=0))])
     if kind in ("soft", "softlocal"):  # softlocal: the global view's box left out (unless it is the best)
         w = np.exp((sims - sims[best]) / float(value))
         if kind == "softlocal" and levels[best] != 0:
             w = np.where(levels == 0, 0.0, w)
         return (w[:, None] * boxes).sum(axis=0) / w.sum()
     if kind != "union":
-        raise SystemExit(f"unknown box rule {rule!r} (union:D, soft:T, softlocal:T, softz:T/k, gsoftz:T/k or cover:T/theta)")
+        raise SystemExit(f"unknown box rule {rule!r} "
+                         "(union:D, soft:T, softlocal:T, softz:T/k, gsoftz:T/k or cover:T/theta)")
     near = np.flatnonzero((levels == levels[best]) & (sims >= sims[best] - float(value)))
     member, frontier = {best}, [best]
     while frontier:
@@ -325,8 +329,8 @@ def probe_texts(encoder: OfflineEncoder, n: int, seed: int) -> np.ndarray:
 
 def sweep(lab: Lab, variants: list[str]) -> None:
     """One row per variant: ``emb=prompt|synonyms|templates|both``, ``top=N``, ``t=T``,
-    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T/k|gsoftz:T/k|cover:T/theta`` (the reported box, see
-    :func:`refine_box`; ``softz`` is the library's focus box) joined by ``+`` (e.g.
+    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T/k|gsoftz:T/k|cover:T/theta``
+    (the reported box, see :func:`refine_box`; ``softz`` is the library's focus box) joined by ``+`` (e.g.
     ``emb=both+top=10+cal=probe``)."""
     header = ("| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding | "
               "small | medium | large | regions a photo | himir-full dots a query |")
