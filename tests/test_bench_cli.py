@@ -89,6 +89,10 @@ def test_bench_scale_scheduler_option(tmp_path):
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "report.json").read_text())["config"]["scheduler"] == {"candidate_k": -1}
+    result = runner.invoke(app, ["bench", "scale", "--images", "400", "--dim", "16", "--queries", "5", "--modes",
+                                 "himir", "--reuse", "--warm-pass", "--out", str(out), "--no-plots", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["config"]["warm_pass"] is True
     result = runner.invoke(app, ["bench", "scale", "--scheduler", "nprobe=3", "--out", str(out)])
     assert result.exit_code == 2 and "not JSON" in result.output
     result = runner.invoke(app, ["bench", "scale", "--images", "400", "--dim", "16", "--queries", "5", "--modes",

@@ -413,6 +413,24 @@ def test_scale_benchmark_finds_planted_targets(tmp_path):
     assert "encode" not in report["modes"]["mvr"]["latency_ms"]
 
 
+def test_scale_warm_pass_runs_every_query_once_more_untimed(tmp_path, monkeypatch):
+    import himir_rag.bench.scale as scale
+
+    calls = []
+    search = scale._search
+    monkeypatch.setattr(scale, "_search", lambda index, mode, query, k: calls.append(mode) or search(index, mode,
+                                                                                                     query, k))
+    options = {"images": 400, "dim": 16, "queries": 6, "modes": "mvr,himir", "plots": False, "progress": False}
+    cold = run_scale_benchmark(tmp_path / "scale", **options)
+    cold_calls, calls[:] = len(calls), []
+    warm = run_scale_benchmark(tmp_path / "scale", reuse=True, warm_pass=True, **options)
+    assert len(calls) - cold_calls == 2 * 6  # two modes x six queries, before the timed pass
+    assert (cold["config"]["warm_pass"], warm["config"]["warm_pass"]) == (False, True)
+    # the timed pass is the same work: the same rankings and dot products
+    assert [r["dot_products"] for r in warm["per_query"]] == [r["dot_products"] for r in cold["per_query"]]
+    assert "after an untimed warm pass" in (tmp_path / "scale" / "report.md").read_text()
+
+
 def test_scale_benchmark_stage_table(tmp_path):
     report = run_scale_benchmark(tmp_path / "scale", images=400, dim=32, queries=6, seed=1, signal=3.0,
                                  distractors=5, modes="himir-full,himir", plots=False, progress=False, stages=True)

@@ -77,7 +77,9 @@ def summary_tables(report: Mapping[str, Any]) -> str:
                     [[m, s["dot_products"]["median"], s["dot_products"]["mean"], s["images_scored"],
                       (mvr_mean / s["dot_products"]["mean"]) if mvr_mean and s["dot_products"]["mean"] else None]
                      for m, s in modes.items()]),
-             "\nLatency per query, ms (p50 / p95)\n",
+             "\nLatency per query, ms (p50 / p95"
+             + (", after an untimed warm pass over the same queries)\n" if report.get("config", {}).get("warm_pass")
+                else ")\n"),
              _table(["mode"] + list(_STAGES) + ["first query (warm-up)"],
                     [[m] + [_pair(s["latency_ms"].get(stage)) for stage in _STAGES]
                      + [_fmt(report.get("first_query_ms", {}).get(m), 1)] for m, s in modes.items()])]
