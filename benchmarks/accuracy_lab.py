@@ -213,7 +213,8 @@ def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: st
     ``None``: the best region's box (``RegionMatch.region_bbox``). ``softz:T/k``: the library's focus
     box (:func:`himir_rag.hierarchy.focus_boxes`, what ``RegionMatch.bbox`` reports at
     ``focus_temperature=T``, ``focus_spread=k``); ``gsoftz:T/k``: the same with the geometric mean of
-    the regions' sizes; ``cover:T/theta``: the bounding box of where the regions' weighted coverage is
+    the regions' sizes; ``csoftz:T/k``: ``softz`` whose growth leaves out the regions that contain the
+    best one; ``cover:T/theta``: the bounding box of where the regions' weighted coverage is
     at least ``theta`` of its maximum (nested boxes shrink to their core, adjacent ones join).
     ``union:D``: the bounding box of the regions of the best region's level that score within ``D``
     of it and are connected to it
@@ -238,6 +239,18 @@ def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: st
         keep = cover >= float(theta) * cover.max()
         ix, iy = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
         return np.array([xs[ix[0]], ys[iy[0]], xs[ix[-1] + 1], ys[iy[-1] + 1]])
+    if kind == "csoftz":  # csoftz:T/k: softz whose growth term leaves out the regions containing the best one
+        temperature, spread = value.split("/")
+        w = np.exp((sims - sims[best]) / (float(temperature) * max(float(sims.std()), 1e-12)))
+        w /= w.sum()
+        b = boxes.astype(np.float64)
+        centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2
+        mean = w @ centre
+        contains = (b[:, 0] <= b[best, 0]) & (b[:, 1] <= b[best, 1]) & (b[:, 2] >= b[best, 2]) & (b[:, 3] >= b[best, 3])
+        apart = np.where(contains, 0.0, w)
+        size = np.sqrt(w @ half ** 2 + float(spread) * (apart @ (centre - mean) ** 2))
+        return np.concatenate([np.maximum(mean - size, b[:, :2].min(axis=0)),
+                               np.minimum(mean + size, b[:, 2:].max(axis=0))])
     if kind == "gsoftz":  # gsoftz:T/k: softz with the geometric instead of the quadratic mean of the sizes
         temperature, spread = value.split("/")
         w = np.exp((sims - sims[best]) / (float(temperature) * max(float(sims.std()), 1e-12)))
@@ -256,7 +269,7 @@ def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: st
         return (w[:, None] * boxes).sum(axis=0) / w.sum()
     if kind != "union":
         raise SystemExit(f"unknown box rule {rule!r} "
-                         "(union:D, soft:T, softlocal:T, softz:T/k, gsoftz:T/k or cover:T/theta)")
+                         "(union:D, soft:T, softlocal:T, softz:T/k, gsoftz:T/k, csoftz:T/k or cover:T/theta)")
     near = np.flatnonzero((levels == levels[best]) & (sims >= sims[best] - float(value)))
     member, frontier = {best}, [best]
     while frontier:
@@ -329,7 +342,7 @@ def probe_texts(encoder: OfflineEncoder, n: int, seed: int) -> np.ndarray:
 
 def sweep(lab: Lab, variants: list[str]) -> None:
     """One row per variant: ``emb=prompt|synonyms|templates|both``, ``top=N``, ``t=T``,
-    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T/k|gsoftz:T/k|cover:T/theta``
+    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T/k|gsoftz:T/k|csoftz:T/k|cover:T/theta``
     (the reported box, see :func:`refine_box`; ``softz`` is the library's focus box) joined by ``+`` (e.g.
     ``emb=both+top=10+cal=probe``)."""
     header = ("| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding | "
