@@ -228,38 +228,29 @@ def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: st
     if kind == "softz":  # softz:T[/k]: the library's focus box at temperature T, spread k (default 0)
         temperature, spread = (value.split("/") + ["0"])[:2]
         return focus_boxes(sims[:, None], boxes, float(temperature), float(spread))[0]
-    if kind == "cover":  # cover:T/theta: bounding box of where the weighted coverage >= theta x its maximum
-        temperature, theta = value.split("/")
+    if kind in ("cover", "csoftz", "gsoftz"):  # softz's weights, another box
+        temperature, other = value.split("/")
         w = np.exp((sims - sims[best]) / (float(temperature) * max(float(sims.std()), 1e-12)))
-        xs, ys = np.unique(boxes[:, [0, 2]]), np.unique(boxes[:, [1, 3]])  # the cells the box edges cut
+        w /= w.sum()
+        b = boxes.astype(np.float64)
+    if kind == "cover":  # cover:T/theta: bounding box of where the weighted coverage >= theta x its maximum
+        xs, ys = np.unique(b[:, [0, 2]]), np.unique(b[:, [1, 3]])  # the cells the box edges cut
         cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
-        inx = (boxes[:, 0, None] <= cx) & (cx <= boxes[:, 2, None])  # (regions, cells in x)
-        iny = (boxes[:, 1, None] <= cy) & (cy <= boxes[:, 3, None])
+        inx = (b[:, 0, None] <= cx) & (cx <= b[:, 2, None])  # (regions, cells in x)
+        iny = (b[:, 1, None] <= cy) & (cy <= b[:, 3, None])
         cover = np.einsum("r,rx,ry->xy", w, inx.astype(float), iny.astype(float))
-        keep = cover >= float(theta) * cover.max()
+        keep = cover >= float(other) * cover.max()
         ix, iy = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
         return np.array([xs[ix[0]], ys[iy[0]], xs[ix[-1] + 1], ys[iy[-1] + 1]])
-    if kind == "csoftz":  # csoftz:T/k: softz whose growth term leaves out the regions containing the best one
-        temperature, spread = value.split("/")
-        w = np.exp((sims - sims[best]) / (float(temperature) * max(float(sims.std()), 1e-12)))
-        w /= w.sum()
-        b = boxes.astype(np.float64)
-        centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2
+    if kind in ("csoftz", "gsoftz"):  # csoftz:T/k: growth without the regions containing the best one;
+        centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2  # gsoftz:T/k: geometric mean size
         mean = w @ centre
-        contains = (b[:, 0] <= b[best, 0]) & (b[:, 1] <= b[best, 1]) & (b[:, 2] >= b[best, 2]) & (b[:, 3] >= b[best, 3])
-        apart = np.where(contains, 0.0, w)
-        size = np.sqrt(w @ half ** 2 + float(spread) * (apart @ (centre - mean) ** 2))
-        return np.concatenate([np.maximum(mean - size, b[:, :2].min(axis=0)),
-                               np.minimum(mean + size, b[:, 2:].max(axis=0))])
-    if kind == "gsoftz":  # gsoftz:T/k: softz with the geometric instead of the quadratic mean of the sizes
-        temperature, spread = value.split("/")
-        w = np.exp((sims - sims[best]) / (float(temperature) * max(float(sims.std()), 1e-12)))
-        w /= w.sum()
-        b = boxes.astype(np.float64)
-        centre, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2
-        mean = w @ centre
-        sizes = np.exp(2 * (w @ np.log(np.maximum(half, 0.5))))
-        size = np.sqrt(sizes + float(spread) * (w @ (centre - mean) ** 2))
+        growth = w
+        if kind == "csoftz":
+            contains = (b[:, :2] <= b[best, :2]).all(axis=1) & (b[:, 2:] >= b[best, 2:]).all(axis=1)
+            growth = np.where(contains, 0.0, w)
+        sizes = w @ half ** 2 if kind == "csoftz" else np.exp(2 * (w @ np.log(np.maximum(half, 0.5))))
+        size = np.sqrt(sizes + float(other) * (growth @ (centre - mean) ** 2))
         return np.concatenate([np.maximum(mean - size, b[:, :2].min(axis=0)),
                                np.minimum(mean + size, b[:, 2:].max(axis=0))])
     if kind in ("soft", "softlocal"):  # softlocal: the global view's box left out (unless it is the best)
