@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from himir_rag.config import HiMIRConfig
+from himir_rag.config import HiMIRConfig, focus_overrides
 from himir_rag.errors import HiMIRError
 from himir_rag.index import HiMIRIndex, SearchResult
 from himir_rag.locking import DEFAULT_LOCK_TIMEOUT, lock_index
@@ -269,8 +269,7 @@ def search_command(
         _fail("give either a QUERY argument, --image PHOTO or --queries FILE.jsonl")
     try:
         index = HiMIRIndex.load(index_dir, device=device)
-        focus = {name: value for name, value in (("focus_temperature", focus_temperature),
-                                                  ("focus_spread", focus_spread)) if value is not None}
+        focus = focus_overrides(focus_temperature, focus_spread)
         if focus:  # query time only: nothing is saved
             index.config = index.config.replace(**focus)
         splitter = _get_decomposer(decomposer)

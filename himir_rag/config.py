@@ -288,6 +288,14 @@ class HiMIRConfig:
         return dataclasses.replace(self, **changes)
 
 
+FOCUS_FIELDS = ("focus_temperature", "focus_spread")  # how a match's box is reported: query time only
+
+
+def focus_overrides(temperature: float | None, spread: float | None) -> dict[str, float]:
+    """The :data:`FOCUS_FIELDS` a caller set (None: keep the index's), for ``HiMIRConfig.replace``."""
+    return {name: value for name, value in zip(FOCUS_FIELDS, (temperature, spread)) if value is not None}
+
+
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")

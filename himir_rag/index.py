@@ -1719,12 +1719,12 @@ def _focus_boxes(store: Any, snapshot: Snapshot, ranking: Ranking, vectors: np.n
     return focus
 
 
-def _hits(snapshot: Snapshot, ranking: Ranking, labels: list[str], focus: np.ndarray | None = None) -> list[SearchHit]:
+def _hits(snapshot: Snapshot, ranking: Ranking, labels: list[str], focus: np.ndarray) -> list[SearchHit]:
     """The hits of ``ranking`` whose image ``snapshot`` holds, best first (arrays read as Python lists once);
-    ``focus``: the (s, n, 4) boxes reported as each match's ``bbox`` (default: the best regions')."""
+    ``focus``: the (s, n, 4) boxes reported as each match's ``bbox`` (:func:`_focus_boxes`)."""
     levels = [[Level(v).name.lower() for v in row] for row in ranking.levels.T.tolist()]
     boxes, best, scores = ranking.boxes.transpose(1, 0, 2).tolist(), ranking.best.T.tolist(), ranking.scores.tolist()
-    shown = boxes if focus is None else focus.transpose(1, 0, 2).tolist()
+    shown = focus.transpose(1, 0, 2).tolist()
     hits = []
     for pos, image_id in enumerate(ranking.image_ids.tolist()):
         record = snapshot.images.get(image_id)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from himir_rag.config import HiMIRConfig
+from himir_rag.config import HiMIRConfig, focus_overrides
 from himir_rag.errors import HiMIRError
 from himir_rag.modes import mode_names
 
@@ -132,9 +132,7 @@ def run_command(
                                scheduler=_parse_scheduler(scheduler), torch_threads=torch_threads,
                                progress=progress, region_encodings=region_encoding, stages=stages,
                                image_decomposer=image_decomposer, segment_work_size=segment_work_size,
-                               focus={name: value for name, value in (("focus_temperature", focus_temperature),
-                                                                      ("focus_spread", focus_spread))
-                                      if value is not None})
+                               focus=focus_overrides(focus_temperature, focus_spread))
     except (HiMIRError, ValueError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
         return

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from himir_rag.bench.metrics import box_iou, mrr, ndcg_at_k, percentile, recall_at_k
 from himir_rag.bench.scenes import read_jsonl
-from himir_rag.config import HiMIRConfig
+from himir_rag.config import FOCUS_FIELDS, HiMIRConfig
 from himir_rag.encoders import Encoder, RegionEncoder, get_encoder, set_inference_threads
 from himir_rag.errors import ConfigError, HiMIRError
 from himir_rag.hierarchy import Level, focus_boxes
@@ -895,9 +895,9 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
     """
     bench_dir = Path(bench_dir)
     mode_list = parse_modes(modes)
-    unknown = sorted(set(focus or {}) - {"focus_temperature", "focus_spread"})
+    unknown = sorted(set(focus or {}) - set(FOCUS_FIELDS))
     if unknown:
-        raise ConfigError(f"focus takes focus_temperature and focus_spread, got {', '.join(unknown)}")
+        raise ConfigError(f"focus takes {' and '.join(FOCUS_FIELDS)}, got {', '.join(unknown)}")
     if focus:
         HiMIRConfig(**focus)  # validated before any index is opened
     if torch_threads is not None:
