@@ -77,6 +77,10 @@ STAGES = ("decompose", "encode", "search", "total")
 # not yet in scheduler.py): the mode is skipped, never faked.
 UNAVAILABLE_MODE_ERRORS = (ImportError, AttributeError, NotImplementedError)
 _LEVEL_NAMES = tuple(level.name.lower() for level in Level)
+# what grounding scores: each level's best region, and the box each exhaustive mode (mvr, himir-full) reports
+_GROUNDED_MODES = {spec.name: tuple(int(level) for level in spec.levels) for spec in MODES.values()
+                   if spec.subqueries and spec.scorer is Scorer.EXHAUSTIVE}
+_GROUNDED = {**{name: (int(level),) for name, level in zip(_LEVEL_NAMES, Level)}, **_GROUNDED_MODES}
 _CROP_MAX_SIDE = 1024  # index.py cuts crops from a copy at most this large
 
 
@@ -480,19 +484,16 @@ def _ground_one(query: _Query, sub: str, obj: dict[str, Any], sim: np.ndarray, l
     mode also of its best region's own box (``"<mode> region"``)."""
     iou: dict[str, float | None] = {}
     ceiling: dict[str, float | None] = {}
-    modes = {spec.name: tuple(int(level) for level in spec.levels) for spec in MODES.values()
-             if spec.subqueries and spec.scorer is Scorer.EXHAUSTIVE}  # mvr, himir-full
-    choices = {**{name: (int(level),) for name, level in zip(_LEVEL_NAMES, Level)}, **modes}
     overlaps = np.array([box_iou(box.tolist(), obj["bbox"]) for box in boxes])
     chosen_level = None
-    for name, allowed in choices.items():
+    for name, allowed in _GROUNDED.items():
         candidates = np.flatnonzero(np.isin(levels, allowed))
         if not len(candidates):
             iou[name] = ceiling[name] = None
             continue
         best = candidates[int(np.argmax(sim[candidates]))]
         iou[name], ceiling[name] = float(overlaps[best]), float(overlaps[candidates].max())
-        if name in modes:
+        if name in _GROUNDED_MODES:
             focus = focus_boxes(sim[candidates, None], boxes[candidates], config.focus_temperature,
                                 config.focus_spread)[0]
             if name == reference_mode().value:
