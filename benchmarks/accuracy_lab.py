@@ -14,10 +14,11 @@ Usage::
     python benchmarks/accuracy_lab.py cache /tmp/bench --pad 0.15 --out /tmp/bench/logits-pad15.npz
     # 2. score variants (one table: Recall@1/5/10, nDCG@10, grounding per mode)
     python benchmarks/accuracy_lab.py score /tmp/bench --logits /tmp/bench/logits.npz
+    # 3. the ceiling of any level choice: every level subset, per-query oracles, by object size
+    python benchmarks/accuracy_lab.py oracle /tmp/bench --logits /tmp/bench/logits.npz
 
 Variants are chosen on the tuning set (``/tmp/bench-tune``, seed 1) and only then read on the
-evaluation set; the script never fits anything to the set it scores unless told to
-(``--fit-from`` names the set whose queries fit per-level weights).
+evaluation set; the script fits nothing to the set it scores.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from himir_rag.bench.metrics import box_iou
 from himir_rag.bench.runner import match_objects, ranking_metrics
 from himir_rag.config import HiMIRConfig
 from himir_rag.decompose import get_decomposer
-from himir_rag.hierarchy import focus_boxes
+from himir_rag.hierarchy import focus_boxes, intersection_areas
 from himir_rag.encoders.offline import (CLASS_TEMPLATES, OfflineEncoder, imagenet_class_lemmas, imagenet_class_names,
                                         sentence_model_key, to_pixels)
 from himir_rag.encoders.prompt_cache import cached_sentence_embeddings
@@ -152,31 +153,62 @@ class Lab:
             out[:, level, level_owner[order][starts]] = np.maximum.reduceat(level_sims[:, order], starts, axis=1)
         return out
 
+    def parents(self) -> np.ndarray:
+        """Each row's parent row: a segment's region of largest overlap (as ``build_tree``), a region's
+        and the global view's own photo's global view."""
+        parent = np.arange(len(self.levels))
+        for image in range(self.n_images):
+            rows = np.flatnonzero(self.owners == image)
+            top, regions, segments = (rows[self.levels[rows] == level] for level in range(3))
+            parent[regions] = parent[top] = top[0]
+            if len(regions) and len(segments):
+                parent[segments] = regions[intersection_areas(self.boxes[segments], self.boxes[regions]).argmax(axis=1)]
+        return parent
+
+    def per_row_max(self, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(n_texts, n_images) best of ``sims`` (n_texts, n_rows) over each photo's ``rows``."""
+        out = np.full((len(sims), self.n_images), -np.inf, dtype=np.float32)
+        for text in range(len(sims)):
+            np.maximum.at(out[text], self.owners[rows], sims[text, rows])
+        return out
+
     def evaluate(self, vectors: np.ndarray, *, scale: np.ndarray | None = None, shift: np.ndarray | None = None,
-                 fuse: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+                 fuse: np.ndarray | None = None, agg: str = "mean", path: float = 0.0) -> dict[str, dict[str, float]]:
         """Mean ranking metrics per mode and grounding (IoU >= 0.3) of himir-full's best region.
 
         A per-level affine map ``s * scale[level] + shift[level]`` is applied to every
-        similarity before the max (monotone per level, so bounds stay valid).
+        similarity before the max (monotone per level, so bounds stay valid). ``agg``: how a
+        photo's per-sub-query scores become one (``mean``, the engine's; ``z``: each sub-query's
+        scores z-scored over the collection first; ``zlevel``: each level's maxima z-scored
+        over the collection before the max over levels; ``min``). ``path`` > 0: himir-full
+        scores each row as (own + path x parent's similarity) / (1 + path), a segment
+        supported by its region (the other modes unchanged).
         """
         scale = np.ones(3, np.float32) if scale is None else scale
         shift = np.zeros(3, np.float32) if shift is None else shift
         modes = {"single": (0,), "mvr": (0, 2), "himir-full": (0, 1, 2)}
         rows: dict[str, list[dict]] = {m: [] for m in modes}
+        parent = self.parents() if path > 0 else None
         ground = []
         for q, subs in zip(self.queries, self.subqueries):
             if self.include_full_query and q["query"] not in subs:
                 subs = [*subs, q["query"]]
             sub_vec = np.stack([self.text_vector[s] for s in subs])
             best = self.per_level_max(vectors, sub_vec) * scale[None, :, None] + shift[None, :, None]
+            if agg == "zlevel":
+                best = (best - best.mean(axis=2, keepdims=True)) / (best.std(axis=2, keepdims=True) + 1e-9)
             for mode, allowed in modes.items():
                 if mode == "single":
                     full = self.per_level_max(vectors, self.text_vector[q["query"]][None])[0, 0]
                     scores = full
                 elif mode == "himir-full" and fuse is not None:  # weighted sum of the per-level maxima
                     scores = np.tensordot(fuse, best, axes=([0], [1])).mean(axis=0)
+                elif mode == "himir-full" and path > 0:
+                    sims = sub_vec @ vectors.T
+                    scores = self.per_row_max((sims + path * sims[:, parent]) / (1 + path),
+                                              np.arange(len(self.levels))).mean(axis=0)
                 else:
-                    scores = best[:, list(allowed), :].max(axis=1).mean(axis=0)
+                    scores = _aggregate(best[:, list(allowed), :].max(axis=1), agg)
                 ranked = [self.scene_ids[i] for i in np.argsort(-scores, kind="stable")[:10]]
                 rows[mode].append(ranking_metrics(ranked, self.qrels[q["id"]]))
             ground.extend(self._grounding(q, subs, vectors, scale, shift))
@@ -205,6 +237,49 @@ class Lab:
 
 
 SIZE_BUCKETS = {"small": (0.0, 0.05), "medium": (0.05, 0.2), "large": (0.2, 1.01)}  # of the frame's area
+
+
+def _aggregate(per_subquery: np.ndarray, agg: str) -> np.ndarray:
+    """(s, n) per-sub-query photo scores -> (n,) (see :meth:`Lab.evaluate`'s ``agg``)."""
+    if agg == "z":
+        mean, std = per_subquery.mean(axis=1, keepdims=True), per_subquery.std(axis=1, keepdims=True)
+        return ((per_subquery - mean) / (std + 1e-9)).mean(axis=0)
+    if agg == "min":
+        return per_subquery.min(axis=0)
+    return per_subquery.mean(axis=0)  # mean (the engine's), and zlevel (normalised before the max)
+
+
+LEVEL_SETS = {"global": (0,), "regions": (1,), "segments": (2,), "global+regions": (0, 1),
+              "global+segments (mvr)": (0, 2), "regions+segments": (1, 2), "all (himir-full)": (0, 1, 2)}
+
+
+def oracle(lab: Lab) -> None:
+    """How much any choice of levels could gain over mvr: Recall@10 of each level subset's max, of a
+    per-query oracle picking the better of mvr's and himir-full's rankings, of a per-query oracle
+    over every subset, and mvr / himir-full by the size of the query's named objects (mean area)."""
+    vectors = lab.region_vectors(class_embeddings(lab.encoder, "both"), top=20, temperature=1.0)
+    recall = {name: [] for name in LEVEL_SETS}
+    sizes = []
+    for q, subs in zip(lab.queries, lab.subqueries):
+        best = lab.per_level_max(vectors, np.stack([lab.text_vector[s] for s in subs]))
+        for name, levels in LEVEL_SETS.items():
+            ranked = [lab.scene_ids[i] for i in np.argsort(-best[:, list(levels), :].max(axis=1).mean(axis=0),
+                                                           kind="stable")[:10]]
+            recall[name].append(ranking_metrics(ranked, lab.qrels[q["id"]])["recall@10"])
+        by_name = {o["name"]: o["area_frac"] for o in lab.scenes[q["scene_id"]]["objects"]}
+        sizes.append(np.mean([by_name[n] for n in q["objects"] if n in by_name] or [np.nan]))
+    table = {name: np.array(values) for name, values in recall.items()}
+    mvr, full = table["global+segments (mvr)"], table["all (himir-full)"]
+    print("| levels | Recall@10 |\n|---|---|")
+    for name, values in table.items():
+        print(f"| {name} | {values.mean():.3f} |")
+    print(f"| per-query oracle: the better of mvr and himir-full | {np.maximum(mvr, full).mean():.3f} |")
+    print(f"| per-query oracle over every subset above | {np.max(np.stack(list(table.values())), axis=0).mean():.3f} |")
+    sizes = np.array(sizes)
+    print("\n| named objects' mean size | queries | mvr | himir-full |\n|---|---|---|---|")
+    for name, (low, high) in SIZE_BUCKETS.items():
+        chosen = (sizes >= low) & (sizes < high)
+        print(f"| {name} | {int(chosen.sum())} | {mvr[chosen].mean():.3f} | {full[chosen].mean():.3f} |")
 
 
 def refine_box(sims: np.ndarray, boxes: np.ndarray, levels: np.ndarray, rule: str | None) -> np.ndarray:
@@ -314,6 +389,9 @@ def main() -> None:
     s.add_argument("bench", type=Path)
     s.add_argument("--logits", type=Path, required=True)
     s.add_argument("--variants", default="", help="comma-separated variants (see sweep)")
+    o = sub.add_parser("oracle", help="Recall@10 of every level subset and per-query oracles (see oracle)")
+    o.add_argument("bench", type=Path)
+    o.add_argument("--logits", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "cache":
         cache_logits(args.bench, args.out, pad=args.pad, batch=args.batch, layout=args.layout,
@@ -321,6 +399,9 @@ def main() -> None:
                      work_size=args.work_size)
         return
     lab = Lab(args.bench, args.logits)
+    if args.command == "oracle":
+        oracle(lab)
+        return
     sweep(lab, args.variants.split(","))
 
 
@@ -333,7 +414,7 @@ def probe_texts(encoder: OfflineEncoder, n: int, seed: int) -> np.ndarray:
 
 def sweep(lab: Lab, variants: list[str]) -> None:
     """One row per variant: ``emb=prompt|synonyms|templates|both``, ``top=N``, ``t=T``,
-    ``cal=none|probe``, ``box=union:D|soft:T|softlocal:T|softz:T/k|gsoftz:T/k|csoftz:T/k|cover:T/theta``
+    ``cal=none|probe|shift:R:S``, ``fuse=a:b:c``, ``agg=mean|z|zlevel|min``, ``path=L``, ``box=union:D|soft:T|softlocal:T|softz:T/k|gsoftz:T/k|csoftz:T/k|cover:T/theta``
     (the reported box, see :func:`refine_box`; ``softz`` is the library's focus box) joined by ``+`` (e.g.
     ``emb=both+top=10+cal=probe``)."""
     header = ("| variant | single R@10 | mvr R@10 | himir-full R@1 | R@5 | R@10 | nDCG@10 | grounding | "
@@ -365,7 +446,8 @@ def sweep(lab: Lab, variants: list[str]) -> None:
         fuse = None
         if "fuse" in opts:  # fuse=a:b:c weights of the global, region, segment maxima (summed)
             fuse = np.array([float(w) for w in opts["fuse"].split(":")], np.float32)
-        r = lab.evaluate(vectors, scale=scale, shift=shift, fuse=fuse)
+        r = lab.evaluate(vectors, scale=scale, shift=shift, fuse=fuse, agg=opts.get("agg", "mean"),
+                         path=float(opts.get("path", 0)))
         f, g = r["himir-full"], r["grounding"]
         print(f"| {variant or 'baseline'} | {r['single']['recall@10']:.3f} | {r['mvr']['recall@10']:.3f} | "
               f"{f['recall@1']:.3f} | {f['recall@5']:.3f} | {f['recall@10']:.3f} | {f['ndcg@10']:.3f} | "
