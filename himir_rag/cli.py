@@ -94,8 +94,8 @@ def index_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     auto_tune: Optional[bool] = typer.Option(None, "--auto-tune/--no-auto-tune",
                                              help="Tune the scheduler on probes drawn from the collection when "
-                                                  "indexing finishes (>= 300 photos; again after 2x growth; "
-                                                  "experimental) [default: off, or as the index was built]."),
+                                                  "indexing finishes (300 to 200,000 photos; again after 2x "
+                                                  "growth) [default: on, or as the index was built]."),
     follow_symlinks: Optional[bool] = typer.Option(
         None, "--follow-symlinks/--no-follow-symlinks",
         help="Also index (and show) photos whose real path is outside the folder [default: no; kept per index]."),

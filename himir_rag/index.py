@@ -561,9 +561,10 @@ class HiMIRIndex:
     def _auto_tune_if_due(self) -> bool:
         """Label-free tuning of the scheduler (see :func:`himir_rag.autoconfig.auto_tune`) when the
         collection reached ``auto_tune_min_images`` or grew ``auto_tune_growth`` x since the last
-        one; never over parameters the user set or tuned with ``himir tune``."""
+        one, up to ``auto_tune_max_images``; never over parameters the user set or tuned with ``himir tune``."""
         config, record = self.config, self.autoconfig
-        if not config.auto_tune or self.store is not None or len(self) < config.auto_tune_min_images:
+        if not config.auto_tune or self.store is not None or not (
+                config.auto_tune_min_images <= len(self) <= config.auto_tune_max_images):
             return False
         if record is None and config.scheduler.overrides():
             return False  # hand-set parameters

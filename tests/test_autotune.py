@@ -257,7 +257,7 @@ def test_no_automatic_tuning_over_hand_set_or_user_tuned_parameters(tmp_path, co
                                   scheduler={"candidate_k": 8}))
     assert not hand.add(_photos(tmp_path / "a", 6), progress=False).auto_tuned
     assert hand.autoconfig is None and hand.config.scheduler.overrides() == {"candidate_k": 8}
-    off = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24))
+    off = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune=False, auto_tune_min_images=4, auto_tune_probes=24))
     assert not off.add(_photos(tmp_path / "b", 6), progress=False).auto_tuned
     tuned = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune=True, auto_tune_min_images=100, auto_tune_probes=24))
     tuned.add(_photos(tmp_path / "c", 6), progress=False)
@@ -268,9 +268,22 @@ def test_no_automatic_tuning_over_hand_set_or_user_tuned_parameters(tmp_path, co
     assert tuned.autoconfig["source"] == "tune"
 
 
+def test_index_time_tuning_is_on_by_default_within_its_size_range(tmp_path, color_encoder):
+    assert HiMIRConfig().auto_tune and HiMIRConfig().auto_tune_min_images <= HiMIRConfig().auto_tune_max_images
+    default = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_probes=24))
+    assert default.add(_photos(tmp_path / "a", 6), progress=False).auto_tuned
+    assert default.autoconfig["source"] == "auto" and default.autoconfig["images"] == 6
+    # above auto_tune_max_images the probes' exhaustive reference costs too much: the defaults stay
+    large = HiMIRIndex(color_encoder, HiMIRConfig(auto_tune_min_images=4, auto_tune_max_images=5, auto_tune_probes=24))
+    assert not large.add(_photos(tmp_path / "b", 6), progress=False).auto_tuned
+    assert large.autoconfig is None and large.config.scheduler.overrides() == {}
+
+
 def test_auto_tune_settings_are_validated():
     with pytest.raises(ConfigError, match="auto_tune_growth"):
         HiMIRConfig(auto_tune_growth=1.0)
+    with pytest.raises(ConfigError, match="auto_tune_max_images"):
+        HiMIRConfig(auto_tune_min_images=500, auto_tune_max_images=400)
     with pytest.raises(ConfigError, match="auto_tune_probes"):
         HiMIRConfig(auto_tune_probes=0)
     with pytest.raises(ConfigError, match="auto_tune must be"):
