@@ -11,7 +11,7 @@ from typing import Any
 
 from himir_rag import manifest as manifest_schema
 
-__all__ = ["describe_index", "format_info"]
+__all__ = ["describe_index", "describe_autoconfig", "format_info"]
 
 
 def describe_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -62,10 +62,15 @@ def format_info(info: dict[str, Any]) -> str:
         f"size       {_mib(info['bytes_on_disk']['live_version'])} live version, "
         f"{_mib(info['bytes_on_disk']['directory'])} directory",
     ]
-    record = info.get("autoconfig")
+    lines.append("autoconfig " + describe_autoconfig(info.get("autoconfig")))
+    return "\n".join(lines)
+
+
+def describe_autoconfig(record: dict[str, Any] | None) -> str:
+    """One line on how the scheduler parameters were chosen: an ``auto_tune`` or ``himir tune`` record, or none."""
     if not record:
-        lines.append("autoconfig none (defaults, or set by hand)")
-    elif record.get("source") == "auto":
+        return "none (defaults, or set by hand)"
+    if record.get("source") == "auto":
         before, full = record.get("before", {}), record.get("himir_full", {})
         floors = f"tolerance {record.get('tolerance')}"  # records of older versions lack the agreement floor
         reference_floor = full.get("recall", 0) - record.get("tolerance", 0)
@@ -76,17 +81,14 @@ def format_info(info: dict[str, Any]) -> str:
                    and record["agreement_floor"] != record.get("min_agreement") else "")
         ranks = f", words of rank <= {record['probe_ranks']}" if record.get("probe_ranks", 1) > 1 else ""
         agreement = f", agreement {record['agreement']:.3f}" if record.get("agreement") is not None else ""
-        lines.append(f"autoconfig auto-tuned {record.get('tuned_at')} at {record.get('images')} images on "
-                     f"{record.get('probes')} {record.get('probe_kind', 'vectors')} probes (seed {record.get('seed')}{ranks}, "
-                     f"{floors}): {json.dumps(record.get('params'))}, probe Recall@{record.get('k')} "
-                     f"{record.get('recall', 0):.3f}{agreement} at {record.get('dot_products', 0):.0f} dot products "
-                     f"(before: {before.get('recall', 0):.3f} at {before.get('dot_products', 0):.0f}; "
-                     f"himir-full: {full.get('recall', 0):.3f} at {full.get('dot_products', 0):.0f})")
-    else:
-        lines.append(f"autoconfig himir tune {record.get('tuned_at')} on {record.get('queries')} queries: "
-                     f"{record.get('target')} {record.get('accuracy', 0):.3f}, "
-                     f"{record.get('dot_products', 0):.0f} dot products")
-    return "\n".join(lines)
+        return (f"auto-tuned {record.get('tuned_at')} at {record.get('images')} images on "
+                f"{record.get('probes')} {record.get('probe_kind', 'vectors')} probes (seed {record.get('seed')}{ranks}, "
+                f"{floors}): {json.dumps(record.get('params'))}, probe Recall@{record.get('k')} "
+                f"{record.get('recall', 0):.3f}{agreement} at {record.get('dot_products', 0):.0f} dot products "
+                f"(before: {before.get('recall', 0):.3f} at {before.get('dot_products', 0):.0f}; "
+                f"himir-full: {full.get('recall', 0):.3f} at {full.get('dot_products', 0):.0f})")
+    return (f"himir tune {record.get('tuned_at')} on {record.get('queries')} queries: "
+            f"{record.get('target')} {record.get('accuracy', 0):.3f}, {record.get('dot_products', 0):.0f} dot products")
 
 
 def _plain(value: Any) -> Any:

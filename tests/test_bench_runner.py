@@ -129,6 +129,23 @@ def test_markdown_and_plots(tiny_report):
         assert report["plots"][name] == path.name
 
 
+def test_report_says_how_the_scheduler_parameters_were_chosen(tiny_report):
+    from himir_rag.bench.report import render_markdown
+
+    bench, report = tiny_report  # 10 photos: below auto_tune_min_images, the defaults
+    assert report["autoconfig"] is None
+    assert "- scheduler parameters: none (defaults, or set by hand)" in (bench / "report.md").read_text()
+    record = {"source": "auto", "tuned_at": "2026-12-03T00:00:00Z", "images": 400, "probes": 200, "probe_kind": "text",
+              "seed": 0, "k": 10, "tolerance": 0.005, "params": {"candidate_k": 16}, "recall": 0.765,
+              "dot_products": 3606.0, "before": {"recall": 0.765, "dot_products": 3826.0},
+              "himir_full": {"recall": 0.78, "dot_products": 16800.0}}
+    text = render_markdown({**report, "autoconfig": record})
+    line = next(row for row in text.splitlines() if row.startswith("- scheduler parameters: "))
+    assert "auto-tuned" in line and '{"candidate_k": 16}' in line and "3606 dot products" in line
+    assert "before: 0.765 at 3826" in line and "scheduler parameters" not in render_markdown(
+        {k: v for k, v in report.items() if k != "autoconfig"})  # reports of older versions: no line
+
+
 def test_oracle_grounding_covers_every_named_object(tiny_report):
     _, report = tiny_report
     grounding = report["grounding"]

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from himir_rag.info import describe_autoconfig
+
 __all__ = ["write_report", "render_markdown", "summary_tables", "plot_report"]
 
 _QUALITY = ("recall@1", "recall@5", "recall@10", "ndcg@10", "mrr")
@@ -159,6 +161,8 @@ def _header(report: Mapping[str, Any]) -> str:
                 if machine.get("load_average") else "")]
     lines.append("- benchmark: " + ", ".join(f"{k}={v}" for k, v in bench.items() if v is not None))
     lines.append("- config: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None))
+    if "autoconfig" in report:  # composite reports since auto-tuning is on by default
+        lines.append("- scheduler parameters: " + describe_autoconfig(report["autoconfig"]))
     return "\n".join(lines) + "\n"
 
 

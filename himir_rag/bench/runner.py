@@ -931,6 +931,7 @@ def run_benchmark(bench_dir: str | os.PathLike[str], *, modes: str | Iterable[st
                    "focus_temperature": index.config.focus_temperature, "focus_spread": index.config.focus_spread,
                    "torch_threads": torch_threads, "region_encoding": index.config.region_encoding,
                    "limit_queries": limit_queries, "index_dir": str(used_index_dir), "device": device},
+        "autoconfig": index.autoconfig,  # how the scheduler parameters above were chosen (auto_tune), or None
         "skipped_modes": runs.skipped, **summarize_run(runs.per_query, mode_list, runs.skipped),
         "first_query_ms": runs.first_query_ms,
         "indexing": indexing, "encoder_throughput": throughput,
