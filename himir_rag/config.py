@@ -144,7 +144,7 @@ class HiMIRConfig:
     auto_tune : bool
         Tune the scheduler without labels when ``add`` finishes (probes drawn from the
         collection, ``himir-full`` as the reference; see :func:`himir_rag.autoconfig.auto_tune`).
-        On by default: on four composite collections it kept the defaults or chose a setting
+        On by default: on five composite collections it kept the defaults or chose a setting
         with the same Recall@10 on real queries at 6-8% fewer dot products, at 100k synthetic
         images it kept the defaults (``benchmarks/README.md``, "Auto-tuning on by default").
         It costs about 1-2 minutes at 400 photos and 5 at 100k on 2 cores.
