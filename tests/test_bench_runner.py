@@ -448,6 +448,25 @@ def test_scale_warm_pass_runs_every_query_once_more_untimed(tmp_path, monkeypatc
     assert "after an untimed warm pass" in (tmp_path / "scale" / "report.md").read_text()
 
 
+def test_scale_auto_tune_tunes_the_loaded_collection_before_the_timed_pass(tmp_path, monkeypatch):
+    import himir_rag.autoconfig as autoconfig
+
+    options = {"images": 400, "dim": 16, "queries": 6, "modes": "himir", "plots": False, "progress": False}
+    plain = run_scale_benchmark(tmp_path / "scale", **options)
+    assert plain["autoconfig"] is None and plain["config"]["auto_tune"] is False
+    chosen = {"candidate_k": 12}  # the record auto_tune returns, whatever the probes would pick
+    monkeypatch.setattr(autoconfig, "auto_tune", lambda index, probes: {"source": "auto", "params": chosen,
+                                                                         "probes": probes, "images": len(index)})
+    tuned = run_scale_benchmark(tmp_path / "scale", reuse=True, auto_tune=True, **options)
+    assert tuned["autoconfig"] == {"source": "auto", "params": chosen, "probes": 200, "images": 400}
+    assert tuned["config"]["scheduler"] == chosen and tuned["config"]["scheduler_params"]["candidate_k"] == 12
+    assert "- scheduler parameters: auto-tuned" in (tmp_path / "scale" / "report.md").read_text()
+    saved = HiMIRIndex.load(tmp_path / "scale" / "index")  # the saved index keeps its own parameters
+    assert saved.autoconfig is None and saved.config.scheduler.overrides() == {}
+    with pytest.raises(ConfigError, match="not both"):
+        run_scale_benchmark(tmp_path / "scale", reuse=True, auto_tune=True, scheduler={"candidate_k": 8}, **options)
+
+
 def test_scale_benchmark_stage_table(tmp_path):
     report = run_scale_benchmark(tmp_path / "scale", images=400, dim=32, queries=6, seed=1, signal=3.0,
                                  distractors=5, modes="himir-full,himir", plots=False, progress=False, stages=True)

@@ -164,6 +164,8 @@ def scale_command(
     stages: bool = typer.Option(False, "--stages", help="Add the per-stage table of the scheduled pass."),
     warm_pass: bool = typer.Option(False, "--warm-pass", help="Run every query once, untimed, in each mode before "
                                    "the timed pass (latency with the index's pages already in the page cache)."),
+    auto_tune: bool = typer.Option(False, "--auto-tune", help="Tune the scheduler on probes drawn from the "
+                                   "collection before the timed pass, as indexing does (not with --scheduler)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Matching engine at scale: synthetic vectors with planted multi-object targets (no encoder)."""
@@ -175,7 +177,7 @@ def scale_command(
                                      modes=modes, k=k, signal=signal, distractors=distractors, plots=plots,
                                      scheduler=_parse_scheduler(scheduler), precision=precision, save=save,
                                      reuse=reuse, query_range=_parse_range(query_range), progress=progress,
-                                     stages=stages, warm_pass=warm_pass)
+                                     stages=stages, warm_pass=warm_pass, auto_tune=auto_tune)
     except (HiMIRError, ValueError, MemoryError) as exc:
         _fail(str(exc))
         return

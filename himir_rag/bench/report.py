@@ -161,7 +161,7 @@ def _header(report: Mapping[str, Any]) -> str:
                 if machine.get("load_average") else "")]
     lines.append("- benchmark: " + ", ".join(f"{k}={v}" for k, v in bench.items() if v is not None))
     lines.append("- config: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None))
-    if "autoconfig" in report:  # composite reports since auto-tuning is on by default
+    if "autoconfig" in report:  # reports since auto-tuning is on by default
         lines.append("- scheduler parameters: " + describe_autoconfig(report["autoconfig"]))
     return "\n".join(lines) + "\n"
 

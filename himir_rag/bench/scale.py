@@ -289,7 +289,8 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
                         signal: float = 2.0, distractors: int = 30, scheduler: dict[str, Any] | None = None,
                         precision: str = "float32", save: bool = True, reuse: bool = False,
                         query_range: tuple[int, int] | None = None, plots: bool = True,
-                        progress: bool = True, stages: bool = False, warm_pass: bool = False) -> dict[str, Any]:
+                        progress: bool = True, stages: bool = False, warm_pass: bool = False,
+                        auto_tune: bool = False) -> dict[str, Any]:
     """Build a synthetic collection, save and reload it, run every mode on its queries, write the report.
 
     Same report fields as the composite benchmark without encoding: quality against the
@@ -306,6 +307,10 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     ``warm_pass`` runs every evaluated query once, untimed, in each mode before the timed
     pass: the latency is then that of a service whose memory-mapped vectors and candidate
     lists are already in the page cache, not of one reading them from disk for the first time.
+    ``auto_tune`` tunes the scheduler on probes drawn from the collection
+    (:func:`himir_rag.autoconfig.auto_tune`, as ``add`` does at index time; a synthetic
+    collection is built without ``add``) after the first query and before the timed pass;
+    the record is the report's ``autoconfig``, the saved index is not changed.
 
     Returns
     -------
@@ -319,6 +324,8 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
     1.0
     """
     mode_list = parse_modes(modes)
+    if auto_tune and scheduler:
+        raise ConfigError("give scheduler parameters or auto_tune, not both")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -340,6 +347,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
         tick = time.perf_counter()
         _search(index, RetrievalMode(index.config.default_mode), evaluated[0], search_k)
         persisted["first_query_after_load_ms"] = (time.perf_counter() - tick) * 1000
+        autoconfig = _auto_tune(index) if auto_tune else None
         if warm_pass:
             _warm(index, mode_list, evaluated, search_k, progress=progress)
         runs = run_modes(
@@ -360,7 +368,9 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
         "config": {"modes": [m.value for m in mode_list], "k": k, "search_k": search_k,
                    "scheduler": index.config.scheduler.overrides(),
                    "scheduler_params": dataclasses.asdict(index.config.scheduler_params),
-                   "search_api": "HiMIRIndex.search_vectors (explicit vectors)", "warm_pass": warm_pass},
+                   "search_api": "HiMIRIndex.search_vectors (explicit vectors)", "warm_pass": warm_pass,
+                   "auto_tune": auto_tune},
+        "autoconfig": autoconfig,
         "skipped_modes": runs.skipped, **summary,
         "first_query_ms": runs.first_query_ms,
         "collection": persisted,
@@ -381,6 +391,15 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
 
     write_report(report, out_dir, plots=plots)
     return report
+
+
+def _auto_tune(index: HiMIRIndex) -> dict[str, Any]:
+    """The index's scheduler tuned on probes drawn from it, in memory; the autoconfig record."""
+    from himir_rag.autoconfig import apply_record, auto_tune
+
+    record = auto_tune(index, probes=index.config.auto_tune_probes)
+    apply_record(index, record)
+    return record
 
 
 def _scale_stages(index: HiMIRIndex, evaluated: list[PlantedQuery], per_query: list[dict[str, Any]], *,
