@@ -36,7 +36,7 @@ from himir_rag.bench.metrics import box_iou
 from himir_rag.bench.runner import match_objects, ranking_metrics
 from himir_rag.config import HiMIRConfig
 from himir_rag.decompose import get_decomposer
-from himir_rag.hierarchy import focus_boxes, intersection_areas
+from himir_rag.hierarchy import build_tree, focus_boxes
 from himir_rag.encoders.offline import (CLASS_TEMPLATES, OfflineEncoder, imagenet_class_lemmas, imagenet_class_names,
                                         sentence_model_key, to_pixels)
 from himir_rag.encoders.prompt_cache import cached_sentence_embeddings
@@ -153,23 +153,26 @@ class Lab:
             out[:, level, level_owner[order][starts]] = np.maximum.reduceat(level_sims[:, order], starts, axis=1)
         return out
 
+    def _photo_starts(self) -> np.ndarray:
+        """First row of each photo (the cache holds each photo's rows together, in its tree's order)."""
+        return np.flatnonzero(np.r_[True, np.diff(self.owners) != 0])
+
     def parents(self) -> np.ndarray:
-        """Each row's parent row: a segment's region of largest overlap (as ``build_tree``), a region's
-        and the global view's own photo's global view."""
+        """Each row's parent row, by :func:`build_tree`'s rule (a segment's region of largest overlap, a
+        region's the global view); the global view is its own."""
         parent = np.arange(len(self.levels))
-        for image in range(self.n_images):
-            rows = np.flatnonzero(self.owners == image)
-            top, regions, segments = (rows[self.levels[rows] == level] for level in range(3))
-            parent[regions] = parent[top] = top[0]
-            if len(regions) and len(segments):
-                parent[segments] = regions[intersection_areas(self.boxes[segments], self.boxes[regions]).argmax(axis=1)]
+        starts = self._photo_starts()
+        for start, end in zip(starts, np.r_[starts[1:], len(self.levels)]):
+            levels, boxes = self.levels[start:end], self.boxes[start:end]
+            tree = build_tree(int(boxes[0, 2]), int(boxes[0, 3]), boxes[levels == 1], boxes[levels == 2])
+            parent[start:end] = np.where(tree.parents >= 0, start + tree.parents, parent[start:end])
         return parent
 
-    def per_row_max(self, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """(n_texts, n_images) best of ``sims`` (n_texts, n_rows) over each photo's ``rows``."""
+    def per_photo_max(self, sims: np.ndarray) -> np.ndarray:
+        """(n_texts, n_images) best of ``sims`` (n_texts, n_rows) over each photo's rows."""
+        starts = self._photo_starts()
         out = np.full((len(sims), self.n_images), -np.inf, dtype=np.float32)
-        for text in range(len(sims)):
-            np.maximum.at(out[text], self.owners[rows], sims[text, rows])
+        out[:, self.owners[starts]] = np.maximum.reduceat(sims, starts, axis=1)
         return out
 
     def evaluate(self, vectors: np.ndarray, *, scale: np.ndarray | None = None, shift: np.ndarray | None = None,
@@ -205,8 +208,7 @@ class Lab:
                     scores = np.tensordot(fuse, best, axes=([0], [1])).mean(axis=0)
                 elif mode == "himir-full" and path > 0:
                     sims = sub_vec @ vectors.T
-                    scores = self.per_row_max((sims + path * sims[:, parent]) / (1 + path),
-                                              np.arange(len(self.levels))).mean(axis=0)
+                    scores = self.per_photo_max((sims + path * sims[:, parent]) / (1 + path)).mean(axis=0)
                 else:
                     scores = _aggregate(best[:, list(allowed), :].max(axis=1), agg)
                 ranked = [self.scene_ids[i] for i in np.argsort(-scores, kind="stable")[:10]]
