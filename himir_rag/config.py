@@ -147,7 +147,7 @@ class HiMIRConfig:
         On by default: on five composite collections it kept the defaults or chose a setting
         with the same Recall@10 on real queries at 6-8% fewer dot products, at 100k synthetic
         images it kept the defaults (``benchmarks/README.md``, "Auto-tuning on by default").
-        It costs about 1-2 minutes at 400 photos and 5 at 100k on 2 cores.
+        It costs about 1-2 minutes at 400 photos and 3-5 at 100k on 2 cores.
     auto_tune_min_images : int
         Smallest collection tuned automatically (below it the defaults are used).
     auto_tune_max_images : int
