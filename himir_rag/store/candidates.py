@@ -90,7 +90,7 @@ class CandidateStores:
 
     def estimate_cost(self, kind: str, n_level: int, *, probe_share: float, nprobe: int = 0) -> float:
         """Inner products one sub-query costs at a level of ``n_level`` vectors (before it is built)."""
-        nlist = ivf_nlist(n_level)
+        nlist = ivf_nlist(n_level, kind)
         return search_cost(kind, n_level, dim=self.dim, nlist=nlist,
                            nprobe=self.nprobe_for(nlist, probe_share=probe_share, nprobe=nprobe),
                            subquantizers=pq_subquantizers(self.dim, n_level))
@@ -147,7 +147,7 @@ class CandidateStores:
         store = FaissStore(self.dim, kind=kind, threads=self.threads,
                            subquantizers=pq_subquantizers(self.dim, len(rows_all)) if kind == "ivfpq" else None)
         if kind != "flat" and len(rows_all):
-            store.nlist = ivf_nlist(len(rows_all))
+            store.nlist = ivf_nlist(len(rows_all), kind)
             # sample the rows first: only the training sample is converted to float32
             store.train(snapshot.region_vectors(rows_all[training_rows(len(rows_all), store.nlist)]))
         for start in range(0, len(rows_all), _ADD_BLOCK):

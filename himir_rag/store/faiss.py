@@ -62,9 +62,25 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def ivf_nlist(n_vectors: int) -> int:
-    """IVF list count for ``n_vectors``: ~2 sqrt(n), at most 4096, at least 39 training points per list."""
-    return max(1, min(4096, int(2 * math.sqrt(max(n_vectors, 1))), n_vectors // 39))
+_IVF_FLAT_MIN_POINTS = 10  # training points a list of an IVF-Flat store needs at least
+
+
+def ivf_nlist(n_vectors: int, kind: str) -> int:
+    """IVF list count for ``n_vectors`` in a store of ``kind``, at most 4096.
+
+    IVF-PQ (``"ivfpq"``): ~2 sqrt(n), at least 39 training points a list (FAISS's k-means
+    minimum); at 100k images twice the lists did not help (benchmarks/README.md, "Candidate
+    codes"). IVF-Flat (``"ivf"``, levels below :data:`PQ_MIN`): ~3 sqrt(n), at least
+    :data:`_IVF_FLAT_MIN_POINTS` a list. Text sub-queries' best regions lie spread over many
+    lists, so finer lists probed at a smaller share find more of them for the same scan: on
+    the seed-1 composite tuning set (1,600 / 6,400 vectors a level) 120 / 240 lists probed at
+    5% kept 0.958 of himir-full's top-10 at 4,447 dot products a query, where 41 / 160 lists at
+    6% kept 0.944 at 4,566.
+    """
+    n = max(n_vectors, 1)
+    if kind == "ivf":
+        return max(1, min(4096, int(3 * math.sqrt(n)), n_vectors // _IVF_FLAT_MIN_POINTS))
+    return max(1, min(4096, int(2 * math.sqrt(n)), n_vectors // 39))
 
 
 _PQ_MIN_SUBQUANTIZERS = 32  # below this many codes a vector is ranked too coarsely
@@ -168,9 +184,11 @@ class FaissStore:
         faiss = import_faiss()
         if self.kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        nlist = self.nlist or ivf_nlist(n_train)
+        nlist = self.nlist or ivf_nlist(n_train, self.kind)
         if self.kind == "ivf":
-            return faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.min_points_per_centroid = _IVF_FLAT_MIN_POINTS  # ivf_nlist's own minimum: no k-means warning
+            return index
         return faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(self.dim), self.dim, nlist,
                                         self.subquantizers or pq_subquantizers(self.dim), 4,
                                         faiss.METRIC_INNER_PRODUCT)
