@@ -422,7 +422,8 @@ def compact_command(
     wait: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--wait", min=0, help=_WAIT_HELP),
     verbose: bool = _VERBOSE,
 ) -> None:
-    """Rewrite an index as one fresh version: drops deleted photos' rows (saves append; see README)."""
+    """Rewrite an index as one fresh version: drops deleted photos' rows (saves append; see README) and
+    retrains candidate stores an older version built otherwise."""
     _setup_logging(verbose)
     try:
         index = HiMIRIndex.load(index_dir)

@@ -259,7 +259,8 @@ class HiMIRIndex:
     def sync_candidate_stores(self, *, retrain_codes: bool = False) -> None:
         """Bring the candidate stores up to date with the collection (incremental; done after add/delete).
 
-        ``retrain_codes``: also rebuild IVF-PQ stores built with other codes than this version's (compact does).
+        ``retrain_codes``: also rebuild IVF stores built otherwise than this version builds them (IVF-PQ
+        codes, IVF-Flat list counts; compact does).
         """
         if self.store is not None or self._snapshot is None:
             return
@@ -1218,8 +1219,8 @@ class HiMIRIndex:
                 lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> CompactReport:
         """Rewrite ``directory`` as one fresh full version: rows of deleted images and replaced
         records are dropped, the append-only files start anew (see :mod:`himir_rag.appendlog`),
-        and IVF-PQ candidate stores built with other codes than this version builds (an index
-        saved by an older version) are retrained.
+        and IVF candidate stores built otherwise than this version builds them (IVF-PQ codes,
+        IVF-Flat list counts: an index saved by an older version) are retrained.
 
         Parameters
         ----------

@@ -136,6 +136,43 @@ def test_candidate_stores_survive_save_and_load(planted, tmp_path):
     assert isinstance(loaded.snapshot.vectors, np.memmap)  # memory-mapped, not read into RAM
 
 
+def test_compact_retrains_ivf_flat_stores_saved_with_other_list_counts(planted, tmp_path, monkeypatch):
+    """An IVF-Flat store saved with another list count (an older version's rule) is kept on load and
+    retrained by compact to today's count; the compacted index then ranks as a freshly built one."""
+    import himir_rag.store.candidates as candidate_module
+    import himir_rag.store.faiss as faiss_store
+
+    snapshot, queries, _, _ = planted
+    config = F32.replace(scheduler={"index_kind": "ivf"})
+    n_segments = snapshot.level_counts()["segment"]
+    with monkeypatch.context() as patch:  # the "older version": a quarter of today's lists
+        today = faiss_store.ivf_nlist
+        old_rule = lambda n, kind: max(1, today(n, kind) // 4)  # noqa: E731
+        for module in (faiss_store, candidate_module):
+            patch.setattr(module, "ivf_nlist", old_rule)
+        old = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=config)
+        old.sync_candidate_stores()
+        old.save(tmp_path / "idx")
+    loaded = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
+    stale = loaded.candidate_stores.store(Level.SEGMENT)
+    assert stale.lists == max(1, faiss_store.ivf_nlist(n_segments, "ivf") // 4) < faiss_store.ivf_nlist(n_segments, "ivf")
+    assert not stale.is_current(n_segments)
+    loaded.search_vectors(queries[0], k=5)
+    assert loaded.candidate_stores.store(Level.SEGMENT) is stale  # a search never retrains
+
+    loaded.compact()
+    compacted = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
+    for level in (Level.REGION, Level.SEGMENT):
+        store = compacted.candidate_stores.store(level)
+        n_level = snapshot.level_counts()[level.name.lower()]
+        assert store.lists == faiss_store.ivf_nlist(n_level, "ivf") and store.is_current(n_level)
+    fresh = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=config)
+    for q in queries:
+        a, b = compacted.search_vectors(q, k=5), fresh.search_vectors(q, k=5)
+        assert [h.image_id for h in a.hits] == [h.image_id for h in b.hits]
+        assert a.stats.dot_products == b.stats.dot_products
+
+
 def test_compact_retrains_pq_stores_saved_with_other_codes(planted, tmp_path, monkeypatch):
     """An index saved by a version that built other PQ codes keeps its stores on load (no retraining
     at query time); compact retrains them, and they then rank as freshly built ones."""
@@ -153,7 +190,7 @@ def test_compact_retrains_pq_stores_saved_with_other_codes(planted, tmp_path, mo
         old.save(tmp_path / "idx")
     loaded = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
     stale = loaded.candidate_stores.store(Level.SEGMENT)
-    assert stale._index.M == DIM // 8 != current and not stale.current_codes(len(stale))
+    assert stale._index.M == DIM // 8 != current and not stale.is_current(len(stale))
     loaded.search_vectors(queries[0], k=5)  # searches keep the stores they were given
     assert loaded.candidate_stores.store(Level.SEGMENT) is stale
 
@@ -161,7 +198,7 @@ def test_compact_retrains_pq_stores_saved_with_other_codes(planted, tmp_path, mo
     compacted = HiMIRIndex.load(tmp_path / "idx", encoder=_NoEncoder())
     for level in (Level.REGION, Level.SEGMENT):
         store = compacted.candidate_stores.store(level)
-        assert store._index.M == current and store.current_codes(len(store))
+        assert store._index.M == current and store.is_current(len(store))
         assert len(store) == snapshot.level_counts()[level.name.lower()]
     fresh = HiMIRIndex.from_snapshot(snapshot, encoder=_NoEncoder(), config=config)
     for q in queries:

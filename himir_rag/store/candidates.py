@@ -110,9 +110,10 @@ class CandidateStores:
              pq_min: int = PQ_MIN, retrain_codes: bool = False) -> None:
         """Make the stores of ``levels`` (and every store already built) hold exactly ``snapshot``'s images.
 
-        ``retrain_codes`` also rebuilds IVF-PQ stores whose codes differ from what this version
-        builds (:func:`~himir_rag.store.faiss.pq_subquantizers`; e.g. stores saved by an older
-        version): ``HiMIRIndex.compact`` asks for it, a search never does (it would retrain at query time).
+        ``retrain_codes`` also rebuilds IVF stores this version would build otherwise
+        (:meth:`~himir_rag.store.faiss.FaissStore.is_current`: IVF-PQ codes, IVF-Flat list counts; e.g.
+        stores saved by an older version, or an IVF-Flat level grown since training):
+        ``HiMIRIndex.compact`` asks for it, a search never does (it would retrain at query time).
         """
         levels = {Level(lv) for lv in levels}
         counts = snapshot.level_counts()
@@ -130,7 +131,7 @@ class CandidateStores:
                 n_level = counts[level.name.lower()]
                 store = self._stores.get(level)
                 if store is None or store.kind != kind or self._outgrown(level, n_level) or \
-                        (retrain_codes and not store.current_codes(n_level)):
+                        (retrain_codes and not store.is_current(n_level)):
                     self._build(snapshot, level, kind)
                 else:
                     store.remove(self._keys_of(removed))

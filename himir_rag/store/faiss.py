@@ -70,7 +70,7 @@ def ivf_nlist(n_vectors: int, kind: str) -> int:
 
     IVF-PQ (``"ivfpq"``): ~2 sqrt(n), at least 39 training points a list (FAISS's k-means
     minimum); at 100k images twice the lists did not help (benchmarks/README.md, "Candidate
-    codes"). IVF-Flat (``"ivf"``, levels below :data:`PQ_MIN`): ~3 sqrt(n), at least
+    codes"). IVF-Flat (``"ivf"``, the automatic kind below :data:`PQ_MIN`): ~3 sqrt(n), at least
     :data:`_IVF_FLAT_MIN_POINTS` a list. Text sub-queries' best regions lie spread over many
     lists, so finer lists probed at a smaller share find more of them for the same scan: on
     the seed-1 composite tuning set (1,600 / 6,400 vectors a level) 120 / 240 lists probed at
@@ -196,9 +196,14 @@ class FaissStore:
     def __len__(self) -> int:
         return 0 if self._index is None else int(self._index.ntotal)
 
-    def current_codes(self, n_level: int) -> bool:
-        """False for an IVF-PQ store whose codes are not those :func:`pq_subquantizers` gives a level of ``n_level``."""
-        return self.kind != "ivfpq" or self._index is None or int(self._index.M) == pq_subquantizers(self.dim, n_level)
+    def is_current(self, n_level: int) -> bool:
+        """False for a store this version would build otherwise for a level of ``n_level`` vectors: IVF-PQ
+        codes other than :func:`pq_subquantizers` gives, or IVF-Flat lists other than :func:`ivf_nlist` gives."""
+        if self._index is None or self.kind == "flat":
+            return True
+        if self.kind == "ivf":
+            return self.lists == ivf_nlist(n_level, "ivf")
+        return int(self._index.M) == pq_subquantizers(self.dim, n_level)
 
     @property
     def lists(self) -> int:
