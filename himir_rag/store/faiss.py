@@ -63,13 +63,14 @@ def faiss_gpu_available() -> bool:
 
 
 _IVF_FLAT_MIN_POINTS = 10  # training points a list of an IVF-Flat store needs at least
+_IVF_PQ_MIN_POINTS = 39  # FAISS's k-means minimum, kept by IVF-PQ stores
 
 
 def ivf_nlist(n_vectors: int, kind: str) -> int:
     """IVF list count for ``n_vectors`` in a store of ``kind``, at most 4096.
 
-    IVF-PQ (``"ivfpq"``): ~2 sqrt(n), at least 39 training points a list (FAISS's k-means
-    minimum); at 100k images twice the lists did not help (benchmarks/README.md, "Candidate
+    IVF-PQ (``"ivfpq"``): ~2 sqrt(n), at least :data:`_IVF_PQ_MIN_POINTS` training points a list
+    (FAISS's k-means minimum); at 100k images twice the lists did not help (benchmarks/README.md, "Candidate
     codes"). IVF-Flat (``"ivf"``, the automatic kind below :data:`PQ_MIN`): ~3 sqrt(n), at least
     :data:`_IVF_FLAT_MIN_POINTS` a list. Text sub-queries' best regions lie spread over many
     lists, so finer lists probed at a smaller share find more of them for the same scan: on
@@ -77,10 +78,8 @@ def ivf_nlist(n_vectors: int, kind: str) -> int:
     5% kept 0.958 of himir-full's top-10 at 4,447 dot products a query, where 41 / 160 lists at
     6% kept 0.944 at 4,566.
     """
-    n = max(n_vectors, 1)
-    if kind == "ivf":
-        return max(1, min(4096, int(3 * math.sqrt(n)), n_vectors // _IVF_FLAT_MIN_POINTS))
-    return max(1, min(4096, int(2 * math.sqrt(n)), n_vectors // 39))
+    factor, min_points = (3, _IVF_FLAT_MIN_POINTS) if kind == "ivf" else (2, _IVF_PQ_MIN_POINTS)
+    return max(1, min(4096, int(factor * math.sqrt(max(n_vectors, 1))), n_vectors // min_points))
 
 
 _PQ_MIN_SUBQUANTIZERS = 32  # below this many codes a vector is ranked too coarsely
