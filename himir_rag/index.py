@@ -559,6 +559,17 @@ class HiMIRIndex:
             logger.warning("skipped %s: %s", path, reason)
         return report
 
+    def auto_tune_now(self) -> dict[str, Any]:
+        """Tune the scheduler now on ``config.auto_tune_probes`` probes drawn from the collection
+        (:func:`himir_rag.autoconfig.auto_tune`), whatever its size, growth or parameters, and keep
+        the choice and its record (:attr:`autoconfig`, saved with the index); returns the record.
+        ``add`` calls it when tuning is due (see ``HiMIRConfig.auto_tune``)."""
+        from himir_rag.autoconfig import apply_record, auto_tune
+
+        record = auto_tune(self, probes=self.config.auto_tune_probes)
+        apply_record(self, record)
+        return record
+
     def _auto_tune_if_due(self) -> bool:
         """Label-free tuning of the scheduler (see :func:`himir_rag.autoconfig.auto_tune`) when the
         collection reached ``auto_tune_min_images`` or grew ``auto_tune_growth`` x since the last
@@ -573,11 +584,8 @@ class HiMIRIndex:
                                    or not _tuned_params_in_use(config, record.get("params"))
                                    or len(self) < config.auto_tune_growth * int(record.get("images", 0))):
             return False
-        from himir_rag.autoconfig import apply_record, auto_tune
-
         logger.info("auto-tuning the scheduler on probes drawn from %d photos", len(self))
-        record = auto_tune(self, probes=config.auto_tune_probes)
-        apply_record(self, record)
+        record = self.auto_tune_now()
         logger.info("auto-tuned in %.1fs: %s (probe Recall@%d %.3f, himir-full %.3f; %.0f dot products)",
                     record["seconds"], record["params"], record["k"], record["recall"],
                     record["himir_full"]["recall"], record["dot_products"])

@@ -347,7 +347,7 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
         tick = time.perf_counter()
         _search(index, RetrievalMode(index.config.default_mode), evaluated[0], search_k)
         persisted["first_query_after_load_ms"] = (time.perf_counter() - tick) * 1000
-        autoconfig = _auto_tune(index) if auto_tune else None
+        autoconfig = index.auto_tune_now() if auto_tune else None
         if warm_pass:
             _warm(index, mode_list, evaluated, search_k, progress=progress)
         runs = run_modes(
@@ -391,15 +391,6 @@ def run_scale_benchmark(out_dir: str | Path, *, images: int = 100_000, dim: int 
 
     write_report(report, out_dir, plots=plots)
     return report
-
-
-def _auto_tune(index: HiMIRIndex) -> dict[str, Any]:
-    """The index's scheduler tuned on probes drawn from it, in memory; the autoconfig record."""
-    from himir_rag.autoconfig import apply_record, auto_tune
-
-    record = auto_tune(index, probes=index.config.auto_tune_probes)
-    apply_record(index, record)
-    return record
 
 
 def _scale_stages(index: HiMIRIndex, evaluated: list[PlantedQuery], per_query: list[dict[str, Any]], *,
