@@ -153,6 +153,11 @@ class Lab:
             out[:, level, level_owner[order][starts]] = np.maximum.reduceat(level_sims[:, order], starts, axis=1)
         return out
 
+    def metrics(self, scores: np.ndarray, query_id: str) -> dict[str, float]:
+        """Ranking metrics of the top 10 photos by ``scores`` (n_images,) against the query's qrels."""
+        ranked = [self.scene_ids[i] for i in np.argsort(-scores, kind="stable")[:10]]
+        return ranking_metrics(ranked, self.qrels[query_id])
+
     def _photo_starts(self) -> np.ndarray:
         """First row of each photo (the cache holds each photo's rows together, in its tree's order)."""
         return np.flatnonzero(np.r_[True, np.diff(self.owners) != 0])
@@ -211,8 +216,7 @@ class Lab:
                     scores = self.per_photo_max((sims + path * sims[:, parent]) / (1 + path)).mean(axis=0)
                 else:
                     scores = _aggregate(best[:, list(allowed), :].max(axis=1), agg)
-                ranked = [self.scene_ids[i] for i in np.argsort(-scores, kind="stable")[:10]]
-                rows[mode].append(ranking_metrics(ranked, self.qrels[q["id"]]))
+                rows[mode].append(self.metrics(scores, q["id"]))
             ground.extend(self._grounding(q, subs, vectors, scale, shift))
         result = {m: {k: float(np.mean([r[k] for r in rs])) for k in ("recall@1", "recall@5", "recall@10", "ndcg@10")}
                   for m, rs in rows.items()}
@@ -265,9 +269,7 @@ def oracle(lab: Lab) -> None:
     for q, subs in zip(lab.queries, lab.subqueries):
         best = lab.per_level_max(vectors, np.stack([lab.text_vector[s] for s in subs]))
         for name, levels in LEVEL_SETS.items():
-            ranked = [lab.scene_ids[i] for i in np.argsort(-best[:, list(levels), :].max(axis=1).mean(axis=0),
-                                                           kind="stable")[:10]]
-            recall[name].append(ranking_metrics(ranked, lab.qrels[q["id"]])["recall@10"])
+            recall[name].append(lab.metrics(best[:, list(levels), :].max(axis=1).mean(axis=0), q["id"])["recall@10"])
         by_name = {o["name"]: o["area_frac"] for o in lab.scenes[q["scene_id"]]["objects"]}
         sizes.append(np.mean([by_name[n] for n in q["objects"] if n in by_name] or [np.nan]))
     table = {name: np.array(values) for name, values in recall.items()}
