@@ -292,3 +292,57 @@ def test_an_ivf_flat_store_trains_its_lists_without_a_faiss_warning(capfd):
     assert "WARNING" not in capfd.readouterr().err
     scores, ids = store.search(vectors[:2], 1)
     np.testing.assert_array_equal(ids[:, 0], [0, 1])  # a stored vector finds itself in its own list
+
+
+def _near_subspace(n: int, dim: int, rank: int, seed: int) -> np.ndarray:
+    """Unit vectors lying close to a ``rank``-dimensional subspace of ``dim`` dimensions (as encoder embeddings do)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0].T
+    vectors = rng.normal(size=(n, rank)) @ basis + 0.02 * rng.normal(size=(n, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ivf_lists_are_ranked_through_a_projection_where_the_centroids_allow_it():
+    from himir_rag.store.faiss import ListRanking, search_cost
+
+    vectors, queries = _near_subspace(4000, 128, 24, seed=3), _near_subspace(40, 128, 24, seed=3)[::-1].copy()
+    projected = FaissStore(128, kind="ivf", nprobe=10)
+    projected.add(np.arange(4000), vectors)
+    exact = projected.empty_copy()
+    exact.list_ranking = "exact"
+    exact.add(np.arange(4000), vectors)  # the same lists
+    ranking = projected._list_ranking()
+    assert isinstance(ranking, ListRanking) and ranking.dims == 32 and exact._list_ranking() is None
+    scores, lists, spent = ranking.probed(queries, 10)
+    want_scores, want_lists = projected._index.quantizer.search(queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(lists, want_lists)]) >= 0.95
+    np.testing.assert_array_equal(np.diff(scores, axis=1) <= 1e-6, True)  # best first, exact scores
+    assert spent == 32 + projected.lists * 32 / 128 + 20  # the projection, every centroid in 32 dims, 2 x 10 re-ranked
+    found, expected = projected.search(queries, 5)[1], exact.search(queries, 5)[1]
+    assert (found == expected).all(axis=1).mean() >= 0.9
+    scanned = int(projected._sizes()[lists].sum())
+    assert projected.distance_computations == int(np.ceil(search_cost(
+        "ivf", 4000, dim=128, nlist=projected.lists, nprobe=10, n_queries=40, scanned=scanned, centroid_dots=spent)))
+    assert exact.distance_computations - projected.distance_computations >= 0.9 * 40 * (projected.lists - spent)
+    projected.nprobe = projected.lists  # every list probed: nothing to rank
+    before = projected.distance_computations
+    projected.search(queries[:1], 5)
+    assert projected.distance_computations - before == projected.lists + 4000
+    projected.train(vectors)  # new centroids: the ranking is built again from them
+    assert projected._ranking is False
+
+
+def test_isotropic_centroids_keep_every_centroid_scored():
+    vectors = np.random.default_rng(4).normal(size=(4000, 128)).astype(np.float32)
+    store = FaissStore(128, kind="ivf", nprobe=10)
+    store.add(np.arange(4000), vectors)
+    assert store._list_ranking() is None  # no 32 or 64 dimensions hold 97% of their energy
+    store.search(vectors[:3], 5)
+    assert store.distance_computations >= 3 * store.lists
+    with pytest.raises(ConfigError, match="list_ranking"):
+        FaissStore(128, kind="ivf", list_ranking="approx")
+    from himir_rag.scheduler import SchedulerParams
+
+    with pytest.raises(ConfigError, match="list_ranking"):
+        SchedulerParams.from_dict({"list_ranking": "approx"})
+    assert SchedulerParams.from_dict({"list_ranking": "exact"}).overrides() == {"list_ranking": "exact"}

@@ -159,9 +159,10 @@ class CandidateStores:
         self._trained_size[level] = len(rows_all)
 
     def search(self, level: Level, queries: np.ndarray, k: int, *, probe_share: float = 1.0,
-               nprobe: int = 0) -> tuple[np.ndarray, np.ndarray, int, bool]:
+               nprobe: int = 0, list_ranking: str = "auto") -> tuple[np.ndarray, np.ndarray, int, bool]:
         """The top-``k`` regions of ``level`` per query, probing ``probe_share`` of the store's own lists
-        (a store trained at a smaller size keeps its list count until it is retrained).
+        (a store trained at a smaller size keeps its list count until it is retrained), picked by
+        ``list_ranking`` (:attr:`FaissStore.list_ranking <himir_rag.store.faiss.FaissStore>`).
 
         Returns
         -------
@@ -174,7 +175,7 @@ class CandidateStores:
         """
         store = self._stores[Level(level)]
         store.nprobe = self.nprobe_for(store.lists, probe_share=probe_share, nprobe=nprobe)
-        store.scan_workers = self.scan_workers
+        store.scan_workers, store.list_ranking = self.scan_workers, list_ranking
         before = store.distance_computations
         scores, ids = store.search(queries, k)
         return scores, ids, store.distance_computations - before, store.kind in ("flat", "ivf")

@@ -112,7 +112,8 @@ class MemoryStore:
                     pq_min=params.pq_min)
         wanted = min(k * (params.pq_refine if kind == "ivfpq" else 1), max(n_level, 1))
         scores, keys, cost, exact = stores.search(level, queries, wanted,
-                                                  probe_share=params.probe_share_for(n_level, kind), nprobe=params.nprobe)
+                                                  probe_share=params.probe_share_for(n_level, kind), nprobe=params.nprobe,
+                                                  list_ranking=params.list_ranking)
         return Candidates(scores, keys, int(cost), exact=exact)
 
     def vectors(self, image_ids: np.ndarray) -> RegionView:
