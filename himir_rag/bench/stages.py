@@ -1,7 +1,8 @@
 """Per-stage accounting of the scheduled pass: what each pruning stage saves and what it costs.
 
-Each stage of ``himir`` (candidate generation, ANN caps on the segment bounds, the segment
-bounds with image pruning, cross-hierarchy consistency, hierarchy sparsity) is switched off,
+Each stage of ``himir`` (candidate generation with its upper-bound pick and projected list
+ranking, ANN caps on the segment bounds, the segment bounds with image pruning,
+cross-hierarchy consistency, hierarchy sparsity) is switched off,
 or on for the ones off by default, one at a time, against the index's own settings; every
 setting runs the same queries through :meth:`HiMIRIndex.search_vectors`. A row reports its
 Recall@k, its agreement with the reference mode's top-k, mean dot products, median search
@@ -32,6 +33,7 @@ STAGES: dict[str, dict[str, Any]] = {
     "index settings": {},
     "no candidate generation (every image scored)": {"candidate_k": -1},
     "no upper-bound pick of candidates": {"candidate_pool": 1},
+    "no projected list ranking (every centroid scored)": {"list_ranking": "exact"},
     "no ANN caps on segment bounds": {"ann_bound": False},
     "ANN caps of segment bounds on": {"ann_bound": True},
     "no segment bounds, no image pruning": {"ann_bound": False, "bound_scale": 1e6},
