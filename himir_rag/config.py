@@ -144,10 +144,10 @@ class HiMIRConfig:
     auto_tune : bool
         Tune the scheduler without labels when ``add`` finishes (probes drawn from the
         collection, ``himir-full`` as the reference; see :func:`himir_rag.autoconfig.auto_tune`).
-        On by default: on four of five composite collections it chose a setting with 9-17% fewer
+        On by default: on four of five composite collections it chose a setting with 9-19% fewer
         dot products and Recall@10 on real queries within 0.3 points of the defaults' (+0.3 to
         -0.3), on the fifth and at 100k synthetic images it kept the defaults
-        (``benchmarks/README.md``, "Finer IVF-Flat lists").
+        (``benchmarks/README.md``, "Projected list ranking").
         It costs about 1-2 minutes at 400 photos and 3-5 at 100k on 2 cores.
     auto_tune_min_images : int
         Smallest collection tuned automatically (below it the defaults are used).
