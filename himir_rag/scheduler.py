@@ -29,7 +29,7 @@ from himir_rag.errors import ConfigError
 from himir_rag.hierarchy import Level
 from himir_rag.modes import MODE_LEVELS, MODES, ModeSpec, RetrievalMode, Scorer, parse_mode
 from himir_rag.store.base import KEY_SHIFT, Candidates, ImageStore, RegionView, locate
-from himir_rag.store.faiss import FLAT_MAX, LARGE_LEVEL, PQ_MIN, auto_index_kind
+from himir_rag.store.faiss import FLAT_MAX, LARGE_LEVEL, LIST_RANKINGS, PQ_MIN, auto_index_kind
 
 __all__ = [
     "RetrievalMode", "MaxSimScores", "SearchStats", "SchedulerParams", "maxsim", "segment_max", "score_exhaustive",
@@ -444,8 +444,8 @@ class SchedulerParams:
             raise ConfigError("bound_scale and nprobe must be >= 0, pq_refine and candidate_pool >= 1")
         if not 0 <= self.pq_error_quantile <= 1:
             raise ConfigError(f"pq_error_quantile must be in [0, 1], got {self.pq_error_quantile}")
-        if self.list_ranking not in ("auto", "exact"):
-            raise ConfigError(f"list_ranking {self.list_ranking!r} is unknown; use auto or exact")
+        if self.list_ranking not in LIST_RANKINGS:
+            raise ConfigError(f"list_ranking {self.list_ranking!r} is unknown; use one of {LIST_RANKINGS}")
         if self.probe_share is not None and not 0 < self.probe_share <= 1:
             raise ConfigError(f"probe_share must be in (0, 1] (a share of the IVF lists), got {self.probe_share}")
 

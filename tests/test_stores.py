@@ -313,7 +313,8 @@ def test_ivf_lists_are_ranked_through_a_projection_where_the_centroids_allow_it(
     exact.add(np.arange(4000), vectors)  # the same lists
     ranking = projected._list_ranking()
     assert isinstance(ranking, ListRanking) and ranking.dims == 32 and exact._list_ranking() is None
-    scores, lists, spent = ranking.probed(queries, 10)
+    scores, lists = ranking.probed(queries, 10)
+    spent = ranking.cost(10)
     want_scores, want_lists = projected._index.quantizer.search(queries, 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(lists, want_lists)]) >= 0.95
     np.testing.assert_array_equal(np.diff(scores, axis=1) <= 1e-6, True)  # best first, exact scores
@@ -324,10 +325,12 @@ def test_ivf_lists_are_ranked_through_a_projection_where_the_centroids_allow_it(
     assert projected.distance_computations == int(np.ceil(search_cost(
         "ivf", 4000, dim=128, nlist=projected.lists, nprobe=10, n_queries=40, scanned=scanned, centroid_dots=spent)))
     assert exact.distance_computations - projected.distance_computations >= 0.9 * 40 * (projected.lists - spent)
-    projected.nprobe = projected.lists  # every list probed: nothing to rank
-    before = projected.distance_computations
-    projected.search(queries[:1], 5)
-    assert projected.distance_computations - before == projected.lists + 4000
+    for nprobe in (projected.lists, int(0.5 * projected.lists)):  # all or most lists: ranking them saves nothing
+        assert nprobe == projected.lists or ranking.cost(nprobe) >= projected.lists
+        projected.nprobe, exact.nprobe = nprobe, nprobe
+        before, exact_before = projected.distance_computations, exact.distance_computations
+        np.testing.assert_array_equal(projected.search(queries[:2], 5)[1], exact.search(queries[:2], 5)[1])
+        assert projected.distance_computations - before == exact.distance_computations - exact_before
     projected.train(vectors)  # new centroids: the ranking is built again from them
     assert projected._ranking is False
 

@@ -173,18 +173,21 @@ class ListRanking:
     def dims(self) -> int:
         return int(self.basis.shape[0])
 
-    def probed(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """(q, nprobe) exact centroid scores and lists, best first, and the dot products a query spent."""
-        nlist = len(self.centroids)
-        keep = min(nlist, _RANKING_RERANK * nprobe)
+    def cost(self, nprobe: int) -> float:
+        """Dot products a query spends picking ``nprobe`` lists: the projection, every centroid in
+        :attr:`dims` dimensions, the kept lists re-scored (more than ``nlist`` when most lists are probed)."""
+        nlist, dim = self.centroids.shape
+        return self.dims + nlist * self.dims / dim + min(nlist, _RANKING_RERANK * nprobe)
+
+    def probed(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, nprobe) exact centroid scores and lists, best first (``nprobe`` < ``nlist``), for :meth:`cost`."""
+        keep = min(len(self.centroids), _RANKING_RERANK * nprobe)
         approx = (queries @ self.basis.T) @ self.projected.T
-        kept = np.argpartition(-approx, keep - 1, axis=1)[:, :keep] if keep < nlist else \
-            np.broadcast_to(np.arange(nlist), (len(queries), nlist))
+        kept = np.argpartition(-approx, keep - 1, axis=1)[:, :keep]
         exact = np.einsum("qd,qmd->qm", queries, self.centroids[kept])
         best = np.argsort(-exact, axis=1, kind="stable")[:, :nprobe]
-        lists = np.take_along_axis(kept, best, axis=1).astype(np.int64)
-        scores = np.take_along_axis(exact, best, axis=1).astype(np.float32)
-        return scores, lists, self.dims + nlist * self.dims / self.centroids.shape[1] + keep
+        return (np.take_along_axis(exact, best, axis=1).astype(np.float32),
+                np.take_along_axis(kept, best, axis=1).astype(np.int64))
 
 
 def auto_index_kind(n_vectors: int, *, dim: int = 384, flat_max: int = FLAT_MAX, pq_min: int = PQ_MIN) -> str:
@@ -360,12 +363,13 @@ class FaissStore:
         safe under concurrent searches).
         """
         nprobe = min(self.nprobe, self.lists)
-        ranking = self._list_ranking() if nprobe < self.lists else None
-        if ranking is None:
+        ranking = self._list_ranking()
+        if ranking is not None and ranking.cost(nprobe) < self.lists:
+            centroid_scores, lists = ranking.probed(queries, nprobe)
+            centroid_dots = ranking.cost(nprobe)
+        else:  # every centroid scored: no projection, or one that saves nothing at this many lists probed
             centroid_scores, lists = self._index.quantizer.search(queries, nprobe)
             centroid_dots = float(self.lists)
-        else:
-            centroid_scores, lists, centroid_dots = ranking.probed(queries, nprobe)
         scanned = int(self._sizes()[lists[lists >= 0]].sum())
         workers = min(self.scan_workers, nprobe) if scanned >= SPLIT_MIN_SCAN else 1
         if workers <= 1:
