@@ -162,11 +162,15 @@ class ListRanking:
         dims = [r for r in _RANKING_DIMS if r <= dim // 4 and r < nlist]
         if not dims:
             return None
-        _, singular, vt = np.linalg.svd(centroids.astype(np.float64), full_matrices=False)
-        energy = np.cumsum(singular**2) / max(float(np.sum(singular**2)), 1e-30)
+        # the centroids' right singular vectors from their (dim, dim) Gram matrix: 15-20 ms at up to 4,096
+        # lists where their SVD takes 110-170 ms (paid on a store's first search, e.g. the first after load)
+        centroids = np.asarray(centroids, np.float32)
+        values, vectors = np.linalg.eigh((centroids.T @ centroids).astype(np.float64))
+        values, vectors = values[::-1].clip(min=0.0), vectors[:, ::-1]  # largest first
+        energy = np.cumsum(values) / max(float(values.sum()), 1e-30)
         for r in dims:
             if energy[r - 1] >= _RANKING_ENERGY:
-                return cls(centroids, vt[:r])
+                return cls(centroids, vectors[:, :r].T)
         return None
 
     @property
