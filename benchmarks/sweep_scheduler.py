@@ -27,8 +27,11 @@ search time of a setting: indicative, one process).
 of ``himir bench run --index-dir``). ``--dims-per-code D`` rebuilds the loaded index's
 candidate stores first with one 4-bit PQ sub-quantizer per D dimensions in every IVF-PQ level
 (the library picks 4 or 8 by the level's size, see ``himir_rag.store.faiss.pq_subquantizers``;
-this overrides that rule for the sweep only; nothing is saved). ``--no-reference`` (scale
-directories) skips himir-full's top-k and reports Recall@10 against the planted targets only::
+this overrides that rule for the sweep only; nothing is saved). ``--list-ranking R:X`` ranks every IVF store's lists
+in ``R`` dimensions with ``X`` x nprobe re-scored, whatever the centroids' energy (the rule in
+``himir_rag.store.faiss.ListRanking`` picks 32 or 64 with 2; overridden for the sweep only).
+``--no-reference`` (scale directories) skips himir-full's top-k and reports Recall@10 against
+the planted targets only::
 
     python benchmarks/sweep_scheduler.py /tmp/s100k-tune --range 0:200 --dims-per-code 4 '{}' '{"probe_share": 0.1}'
     python benchmarks/sweep_scheduler.py /tmp/bench-tune --index index-416 --dims-per-code 8 '{}'
@@ -160,6 +163,14 @@ if __name__ == "__main__":
         args = [a for a in args if a != "--stages"] + list(STAGES)
     index_name, args = _option(args, "--index", "index")
     dims, args = _option(args, "--dims-per-code", "0")
+    ranking, args = _option(args, "--list-ranking", "")
+    if ranking:  # R:X = lists ranked in R dimensions, X x nprobe re-scored, whatever the centroids' energy
+        import himir_rag.store.faiss as faiss_store
+
+        ranking_dims, rerank = ranking.split(":")
+        faiss_store._RANKING_DIMS, faiss_store._RANKING_RERANK = (int(ranking_dims),), int(rerank)
+        faiss_store._RANKING_ENERGY = 0.0
+        print(f"IVF lists ranked in {ranking_dims} dimensions, {rerank} x nprobe re-scored")
     if (Path(sys.argv[1]) / "collection.json").is_file():
         chosen, args = _option(args, "--range", "0:100")
         reference = "--no-reference" not in args
