@@ -368,12 +368,11 @@ class FaissStore:
         """
         nprobe = min(self.nprobe, self.lists)
         ranking = self._list_ranking()
-        if ranking is not None and ranking.cost(nprobe) < self.lists:
+        centroid_dots = float(self.lists) if ranking is None else min(ranking.cost(nprobe), float(self.lists))
+        if centroid_dots < self.lists:
             centroid_scores, lists = ranking.probed(queries, nprobe)
-            centroid_dots = ranking.cost(nprobe)
         else:  # every centroid scored: no projection, or one that saves nothing at this many lists probed
             centroid_scores, lists = self._index.quantizer.search(queries, nprobe)
-            centroid_dots = float(self.lists)
         scanned = int(self._sizes()[lists[lists >= 0]].sum())
         workers = min(self.scan_workers, nprobe) if scanned >= SPLIT_MIN_SCAN else 1
         if workers <= 1:
